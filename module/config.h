@@ -1,0 +1,169 @@
+/* Configuration: YAML (libyaml) read into a tree that keeps file and line,
+ * bound into struct emx_config through option tables (the same mechanism
+ * plugins use), with the ThingWorx Connection Server's property names as
+ * aliases. Every error is reported as "file:line: key: what is wrong". */
+#ifndef EMX_CONFIG_H
+#define EMX_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "edgemux/option.h"
+
+/* ---- errors ---- */
+
+/* A list of messages, each "file:line: key: what is wrong". */
+struct emx_errors {
+    size_t count;
+    char **msgs;
+};
+void emx_errors_add(struct emx_errors *e, const char *file, int line, const char *key,
+                    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+void emx_errors_free(struct emx_errors *e);
+
+/* ---- the YAML tree ---- */
+
+enum emx_node_kind {
+    EMX_NODE_SCALAR = 1,
+    EMX_NODE_MAP,
+    EMX_NODE_SEQ,
+};
+
+struct emx_node {
+    enum emx_node_kind kind;
+    const char *file; /* shared by all nodes of one document */
+    int line;         /* 1-based */
+    char *value;      /* SCALAR: the text; MAP entries: NULL */
+    char *key;        /* set when this node is a value in a MAP */
+    int key_line;
+    bool used;        /* set by binding; leftovers are "unknown key" */
+    struct emx_node *children; /* MAP: values (each with .key); SEQ: items */
+    size_t count;
+};
+
+/* Parse a YAML document; duplicate keys in one map are errors. Anchors and
+ * aliases are refused (a config is data, not a graph). */
+int emx_yaml_parse(const char *file, const char *text, size_t len, struct emx_node **out,
+                   struct emx_errors *errs);
+void emx_node_free(struct emx_node *n);
+/* The value under `key` in a MAP node, or NULL. */
+struct emx_node *emx_node_get(const struct emx_node *map, const char *key);
+
+/* ---- values ---- */
+
+/* "64k" "64K" "64KiB" "64kb" → 65536 (k/K/KiB/kB are all 1024: this is a
+ * buffer size, not a disk); "1MiB"/"1m"; "1GiB"/"1g"; a bare integer is bytes. */
+int emx_parse_size(const char *text, uint64_t *out);
+/* "250ms" "30s" "5m" "1h" "1.5s" → milliseconds; "0" → 0; other bare
+ * numbers are refused (ambiguous). */
+int emx_parse_duration(const char *text, uint64_t *out);
+int emx_parse_bool(const char *text, bool *out);
+
+/* Bind the keys of `map` (may be NULL: defaults only) into `out` through
+ * `table`. Keys are matched by name or alias. Keys named in `skip` (NULL-
+ * terminated, may be NULL) are left alone. Marks bound nodes used. Strings
+ * point into the tree (borrowed: valid while the tree lives), or at static
+ * defaults. Returns the number of errors added. */
+int emx_options_bind(const struct emx_option *table, const struct emx_node *map,
+                     const char *section, const char *const *skip, void *out,
+                     struct emx_errors *errs);
+/* Apply top-level flat alias keys ("cx-server.x.y: v") that name an option of
+ * `table`; an alias already set inside the section too is an error. */
+int emx_options_bind_aliases(const struct emx_option *table, struct emx_node *root,
+                             void *out, struct emx_errors *errs);
+
+/* ---- the core's settings ---- */
+
+struct emx_config {
+    struct emx_node *root; /* owns every string below */
+    char *file;
+
+    struct {
+        const char *name; /* required; alias cx-server.thing.name */
+        int64_t workers;
+        const char *user;
+    } server;
+    struct {
+        const char *dir;
+    } plugins;
+    struct {
+        const char *level;
+        const char *format;
+    } log;
+    struct {
+        const char *address;
+        int64_t port; /* alias cx-server.protocol.port */
+        const char *path;
+        const char *tls_cert;
+        const char *tls_key;
+        const char *tls_ca;
+        bool tls_client_cert;
+        uint64_t max_message_size;
+        uint64_t auth_timeout;
+        uint64_t idle_timeout;
+        uint64_t request_timeout; /* platform → edge requests */
+        int64_t max_pending;
+        uint64_t max_queued;
+        int64_t max_connections;
+        bool deflate;
+    } edge;
+    struct {
+        const char *path;
+        const char *app_key; /* secret */
+        const char *app_key_file;
+        int64_t pipes_per_instance;
+        uint64_t high_watermark;
+        uint64_t low_watermark;
+        uint64_t ping_interval;
+        uint64_t idle_read_timeout;
+        uint64_t connect_timeout;
+        uint64_t request_timeout; /* edge → platform requests */
+        uint64_t stall_after;
+        uint64_t multipart_pin_wait;
+        uint64_t all_down_grace;
+        uint64_t close_spread;
+        uint64_t sndbuf;
+        uint64_t reconnect_min;
+        uint64_t reconnect_max;
+        const char *tls_ca;
+        const char *tls_cert;
+        const char *tls_key;
+        bool tls_verify;
+    } platform;
+    struct {
+        const char *plugin;
+        uint64_t empty_confirm;
+        struct emx_node *node; /* the section, for the plugin's own options */
+    } discovery;
+    struct {
+        const char *plugin;
+        struct emx_node *node;
+    } transport;
+    struct {
+        const char *listen;
+        const char *agent_listen;
+    } admin;
+};
+
+/* Read and bind a config file (or text, for tests and fuzzing). Every error
+ * found is added to errs; returns 0 only when there are none. Plugin options
+ * are bound later by emx_config_bind_plugin, once the plugin is loaded. */
+int emx_config_load(const char *path, struct emx_config **out, struct emx_errors *errs);
+int emx_config_load_string(const char *file, const char *text, size_t len,
+                           struct emx_config **out, struct emx_errors *errs);
+void emx_config_free(struct emx_config *cfg);
+
+/* Bind a plugin's options from its section ("discovery" or "transport") and
+ * from top-level aliases into `out` (config_size bytes, zeroed by caller). */
+int emx_config_bind_plugin(struct emx_config *cfg, const char *section,
+                           const struct emx_option *table, void *out, struct emx_errors *errs);
+/* After every binding: report each key nobody used as unknown. */
+int emx_config_check_unused(struct emx_config *cfg, struct emx_errors *errs);
+
+/* The core option tables, for --help and docs. */
+extern const struct emx_option emx_core_options_server[];
+extern const struct emx_option emx_core_options_edge[];
+extern const struct emx_option emx_core_options_platform[];
+
+#endif

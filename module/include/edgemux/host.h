@@ -1,0 +1,89 @@
+/* edgemux plugin SDK: the host table the core hands to each plugin instance.
+ *
+ * Plugins link against nothing of the executable: everything they need from
+ * the core comes through this table. It is versioned like the descriptors:
+ * fields are only appended, and struct_size tells a plugin which ones exist.
+ * The table and every string in it stay valid until the instance is destroyed.
+ *
+ * Threading: every function here must be called on the loop thread, except
+ * post(), which may be called from any thread.
+ */
+#ifndef EDGEMUX_HOST_H
+#define EDGEMUX_HOST_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "edgemux/option.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct uv_loop_s; /* libuv's loop; plugins that use it include <uv.h> themselves */
+
+enum emx_log_level {
+    EMX_LOG_ERROR = 0,
+    EMX_LOG_WARN = 1,
+    EMX_LOG_INFO = 2,
+    EMX_LOG_DEBUG = 3,
+};
+
+/* One platform instance as a discovery plugin reports it. */
+struct emx_instance_info {
+    const char *id;       /* stable identity; NULL: the core uses "host:port" */
+    const char *host;     /* address or DNS name */
+    uint16_t port;
+    bool tls;             /* wss to this instance */
+    uint32_t weight;      /* relative share within its priority tier; 0: only when no other */
+    uint32_t priority;    /* lower is preferred */
+    const char *metadata; /* free text shown by the admin API, or NULL */
+};
+
+struct emx_host {
+    uint32_t struct_size; /* sizeof(struct emx_host) the core was built with */
+    uint16_t abi_major;
+    uint16_t abi_minor;
+    const char *tag;         /* the instance's log tag, e.g. "discovery:consul.0" */
+    struct uv_loop_s *loop;  /* the loop this instance runs on */
+    void *core;              /* opaque; pass back unchanged */
+
+    /* Log one line tagged with this instance. Never pass secrets. */
+    void (*log)(const struct emx_host *host, enum emx_log_level level, const char *fmt, ...)
+        __attribute__((format(printf, 3, 4)));
+    bool (*log_enabled)(const struct emx_host *host, enum emx_log_level level);
+
+    /* Run fn(arg) on the loop thread soon. The only call that is safe from
+     * any thread. Returns 0, or -ENOMEM / -ESHUTDOWN (fn will not run; the
+     * caller still owns arg). */
+    int (*post)(const struct emx_host *host, void (*fn)(void *arg), void *arg);
+
+    /* Monotonic milliseconds of the loop. */
+    uint64_t (*now_ms)(const struct emx_host *host);
+
+    /* Parse a size ("64KiB") or a duration ("250ms") written as in the config.
+     * Return 0, or -EINVAL with *out untouched. */
+    int (*parse_size)(const char *text, uint64_t *out);
+    int (*parse_duration)(const char *text, uint64_t *out);
+
+    /* Discovery plugins only: report the whole current set of instances.
+     * The core copies the set and every string in it during the call.
+     * An empty set from a working source is an answer (applied after the
+     * core's empty_confirm). */
+    void (*discovery_update)(const struct emx_host *host, const struct emx_instance_info *set,
+                             size_t count);
+    /* Discovery plugins only: the source failed (timeout, refused, HTTP error,
+     * session loss). The core keeps the last good set, logs `reason` and
+     * counts it. `reason` is borrowed for the call and must hold no secret. */
+    void (*discovery_failed)(const struct emx_host *host, const char *reason);
+};
+
+#define EMX_HOST_HAS(host_, field_)                                                          \
+    ((host_)->struct_size >= offsetof(struct emx_host, field_) + sizeof((host_)->field_))
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,114 @@
+/* edgemux plugin SDK: transport plugins.
+ *
+ * A transport carries whole AlwaysOn messages over connections: edges
+ * accepted on a listener, pipes connected to platform instances. One call of
+ * on_message is one WebSocket message. The core counts the bytes it queued;
+ * buffered() adds what the transport still holds (its own queue and the
+ * kernel's unsent bytes), which drives the watermarks.
+ *
+ * Every function and callback runs on the loop thread.
+ */
+#ifndef EDGEMUX_TRANSPORT_H
+#define EDGEMUX_TRANSPORT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "edgemux/host.h"
+#include "edgemux/option.h"
+#include "edgemux/plugin.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct emx_conn;     /* one connection, owned by the transport */
+struct emx_listener; /* one listening endpoint, owned by the transport */
+
+/* What the transport learned about an accepted or connected peer. Borrowed
+ * for the duration of the callback. */
+struct emx_conn_info {
+    const char *peer;           /* "ip:port" of the socket peer */
+    const char *forwarded_for;  /* X-Forwarded-For as received, or NULL */
+    const char *app_key;        /* appKey header, or NULL; a secret: never log it */
+    uint32_t max_frame_size;    /* Max-Frame-Size the peer announced; 0: none */
+    bool deflate;               /* permessage-deflate negotiated */
+    bool tls;
+};
+
+struct emx_conn_callbacks {
+    /* Listener only: a peer finished its upgrade. Return the per-connection
+     * user pointer for the callbacks below, or NULL to refuse (the transport
+     * closes the connection). */
+    void *(*on_accept)(void *listener_user, struct emx_conn *conn, const struct emx_conn_info *info);
+    /* Connect only: the connection is open (upgrade done). */
+    void (*on_open)(void *user, struct emx_conn *conn, const struct emx_conn_info *info);
+    /* One whole binary message. `data` is borrowed for the call; the core may
+     * modify it in place. */
+    void (*on_message)(void *user, uint8_t *data, size_t len);
+    /* Buffered bytes fell; the core may send more. */
+    void (*on_writable)(void *user);
+    /* The connection is gone (or a connect failed). No callback for this
+     * connection follows; `conn` must not be used after this returns. */
+    void (*on_close)(void *user, uint16_t code, const char *reason);
+};
+
+struct emx_listen_spec {
+    const char *address;   /* "0.0.0.0:8080", "[::]:8443" */
+    const char *path;      /* accepted upgrade path; others get 404 */
+    const char *tls_cert;  /* PEM paths; NULL: plain ws */
+    const char *tls_key;
+    const char *tls_ca;           /* for client certificates; NULL: none asked */
+    bool tls_require_client_cert;
+    size_t max_message_size;      /* one WebSocket message over this closes 1009 */
+};
+
+struct emx_connect_spec {
+    const char *host;
+    uint16_t port;
+    const char *path;
+    bool tls;
+    const char *tls_ca;           /* NULL: system store */
+    const char *tls_cert;         /* client certificate, or NULL */
+    const char *tls_key;
+    bool tls_verify;              /* verify chain and host name / IP SAN */
+    const char *const *headers;   /* "Name: value" strings; borrowed for the call */
+    size_t header_count;
+    size_t max_message_size;
+    uint32_t sndbuf;              /* SO_SNDBUF; 0: kernel default */
+};
+
+struct emx_transport_plugin {
+    struct emx_plugin_header hdr; /* kind EMX_PLUGIN_TRANSPORT */
+
+    const struct emx_option *options; /* terminated by EMX_OPTION_END; may be NULL */
+    size_t config_size;
+
+    int (*create)(const struct emx_host *host, const void *config, void **instance);
+    int (*start)(void *instance);
+    void (*stop)(void *instance);
+    void (*destroy)(void *instance);
+
+    /* Open a listener. `cb` and `user` are borrowed until the listener closes. */
+    int (*listen)(void *instance, const struct emx_listen_spec *spec,
+                  const struct emx_conn_callbacks *cb, void *user, struct emx_listener **out);
+    void (*unlisten)(struct emx_listener *listener);
+    /* Start a connection; on_open or on_close follows. */
+    int (*connect)(void *instance, const struct emx_connect_spec *spec,
+                   const struct emx_conn_callbacks *cb, void *user, struct emx_conn **out);
+    /* Queue one whole message. The bytes are borrowed for the call: the
+     * transport copies what it cannot write at once. Returns 0 or -errno. */
+    int (*send)(struct emx_conn *conn, const uint8_t *data, size_t len);
+    /* Bytes accepted by send() and not yet handed to the peer (own queue plus
+     * the kernel's unsent bytes). */
+    size_t (*buffered)(struct emx_conn *conn);
+    int (*pause_read)(struct emx_conn *conn, bool pause);
+    /* Close with a WebSocket close code; on_close follows. */
+    void (*close)(struct emx_conn *conn, uint16_t code, const char *reason);
+};
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,38 @@
+/* The plugin loader (DESIGN §2): opens a plugin named in the config from
+ * plugins.dir, checks the file and its descriptor, and only then hands the
+ * descriptor to the core. No plugin function is called here. */
+#ifndef EMX_LOADER_H
+#define EMX_LOADER_H
+
+#include <stddef.h>
+
+#include "edgemux/discovery.h"
+#include "edgemux/plugin.h"
+#include "edgemux/transport.h"
+
+struct emx_plugin {
+    void *dl;                 /* dlopen handle */
+    char *path;               /* the file as named, for messages */
+    enum emx_plugin_kind kind;
+    const struct emx_plugin_header *hdr;
+    union {
+        const struct emx_transport_plugin *transport;
+        const struct emx_discovery_plugin *discovery;
+    } u;
+};
+
+/* "discovery", "transport". */
+const char *emx_plugin_kind_name(enum emx_plugin_kind kind);
+
+/* Resolve `name` (letters, digits, '-', '_') to <dir>/emx-<kind>-<name>.so
+ * and load it. On failure returns a negative errno and writes into err one
+ * line naming the file and, for a descriptor check, the expected and found
+ * values. */
+int emx_plugin_load(const char *dir, const char *name, enum emx_plugin_kind kind,
+                    struct emx_plugin **out, char *err, size_t errlen);
+/* Load a plugin from an explicit path (same checks). */
+int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx_plugin **out,
+                         char *err, size_t errlen);
+void emx_plugin_unload(struct emx_plugin *p);
+
+#endif

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building and testing edgemux needs (Debian 12, as root).
+# Safe to run again: apt-get skips what is present.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config clang libclang-rt-14-dev
+  libuv1-dev libyaml-dev libcmocka-dev uthash-dev libssl-dev
+  libwebsockets-dev libwebsockets-evlib-uv
+  haproxy python3 procps iproute2 curl valgrind
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: missing packages: ${missing[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
