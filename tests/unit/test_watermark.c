@@ -1,0 +1,196 @@
+/* Per-pipe writability (DESIGN §4 rule 2): watermark hysteresis and the
+ * stall signal of a pipe that has requests pending but receives nothing. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include "watermark.h"
+
+#define LOW  100
+#define HIGH 200
+
+static void wm_starts_writable(void **state)
+{
+    (void)state;
+    struct emx_watermark wm;
+    emx_wm_init(&wm, LOW, HIGH);
+    assert_true(wm.writable);
+    assert_int_equal(wm.queued, 0);
+}
+
+static void wm_crossing_high_fires_once(void **state)
+{
+    (void)state;
+    struct emx_watermark wm;
+    emx_wm_init(&wm, LOW, HIGH);
+    assert_false(emx_wm_set_queued(&wm, HIGH)); /* at high: not over it */
+    assert_true(wm.writable);
+    assert_true(emx_wm_set_queued(&wm, HIGH + 1));
+    assert_false(wm.writable);
+    assert_false(emx_wm_set_queued(&wm, HIGH + 2));
+    assert_false(emx_wm_set_queued(&wm, HIGH * 10));
+    assert_false(wm.writable);
+}
+
+static void wm_falling_to_low_reenables(void **state)
+{
+    (void)state;
+    struct emx_watermark wm;
+    emx_wm_init(&wm, LOW, HIGH);
+    assert_true(emx_wm_set_queued(&wm, HIGH + 1));
+    /* Between the marks, and at low + 1: still unwritable. */
+    assert_false(emx_wm_set_queued(&wm, HIGH));
+    assert_false(emx_wm_set_queued(&wm, (LOW + HIGH) / 2));
+    assert_false(emx_wm_set_queued(&wm, LOW + 1));
+    assert_false(wm.writable);
+    assert_true(emx_wm_set_queued(&wm, LOW));
+    assert_true(wm.writable);
+    assert_false(emx_wm_set_queued(&wm, 0));
+    assert_true(wm.writable);
+    /* Rising again between the marks does not turn it off. */
+    assert_false(emx_wm_set_queued(&wm, HIGH));
+    assert_true(wm.writable);
+}
+
+static void wm_draining_without_crossing_fires_nothing(void **state)
+{
+    (void)state;
+    struct emx_watermark wm;
+    emx_wm_init(&wm, LOW, HIGH);
+    for (uint64_t q = 0; q <= HIGH; q += 10)
+        assert_false(emx_wm_set_queued(&wm, q));
+    for (uint64_t q = HIGH; q > 0; q -= 10)
+        assert_false(emx_wm_set_queued(&wm, q));
+    assert_false(emx_wm_set_queued(&wm, 0));
+    assert_true(wm.writable);
+}
+
+static void wm_moving_marks_down_reevaluates(void **state)
+{
+    (void)state;
+    struct emx_watermark wm;
+    emx_wm_init(&wm, LOW, HIGH);
+    assert_false(emx_wm_set_queued(&wm, 150));
+    assert_true(wm.writable);
+    /* 150 is now over the new high: off at once. */
+    assert_true(emx_wm_set_marks(&wm, 50, 100));
+    assert_false(wm.writable);
+    assert_false(emx_wm_set_marks(&wm, 60, 120)); /* still over */
+    assert_false(wm.writable);
+}
+
+static void wm_moving_marks_up_reevaluates(void **state)
+{
+    (void)state;
+    struct emx_watermark wm;
+    emx_wm_init(&wm, LOW, HIGH);
+    assert_true(emx_wm_set_queued(&wm, 300));
+    assert_false(wm.writable);
+    /* Raising high above the queue is not enough: hysteresis wants low. */
+    assert_false(emx_wm_set_marks(&wm, 200, 400));
+    assert_false(wm.writable);
+    /* 300 is at or below the new low: on at once. */
+    assert_true(emx_wm_set_marks(&wm, 300, 600));
+    assert_true(wm.writable);
+    assert_int_equal(wm.low, 300);
+    assert_int_equal(wm.high, 600);
+}
+
+static void stall_idle_pipe_never_stalls(void **state)
+{
+    (void)state;
+    struct emx_stall s;
+    emx_stall_init(&s, 1000);
+    emx_stall_received(&s, 2000);
+    assert_false(emx_stall_is_stalled(&s, 2000, 500));
+    assert_false(emx_stall_is_stalled(&s, 100000, 500));
+    assert_false(emx_stall_is_stalled(&s, UINT64_MAX / 2, 1));
+}
+
+static void stall_pending_and_silent_stalls(void **state)
+{
+    (void)state;
+    struct emx_stall s;
+    emx_stall_init(&s, 0);
+    emx_stall_request_sent(&s, 1000);
+    assert_false(emx_stall_is_stalled(&s, 1000, 2000));
+    assert_false(emx_stall_is_stalled(&s, 2999, 2000));
+    assert_true(emx_stall_is_stalled(&s, 3000, 2000));
+    assert_true(emx_stall_is_stalled(&s, 9000, 2000));
+}
+
+static void stall_receive_clears(void **state)
+{
+    (void)state;
+    struct emx_stall s;
+    emx_stall_init(&s, 0);
+    emx_stall_request_sent(&s, 0);
+    assert_true(emx_stall_is_stalled(&s, 5000, 2000));
+    emx_stall_received(&s, 5000);
+    assert_false(emx_stall_is_stalled(&s, 5000, 2000));
+    assert_false(emx_stall_is_stalled(&s, 6999, 2000));
+    /* Still pending: silence again stalls it again. */
+    assert_true(emx_stall_is_stalled(&s, 7000, 2000));
+}
+
+static void stall_answered_requests_unstall(void **state)
+{
+    (void)state;
+    struct emx_stall s;
+    emx_stall_init(&s, 0);
+    emx_stall_request_sent(&s, 0);
+    emx_stall_request_sent(&s, 10);
+    emx_stall_request_done(&s);
+    assert_true(emx_stall_is_stalled(&s, 5000, 2000));
+    emx_stall_request_done(&s);
+    assert_false(emx_stall_is_stalled(&s, 5000, 2000));
+    /* More done than sent does not underflow into "pending". */
+    emx_stall_request_done(&s);
+    assert_false(emx_stall_is_stalled(&s, 50000, 2000));
+}
+
+static void stall_after_zero_never_stalls(void **state)
+{
+    (void)state;
+    struct emx_stall s;
+    emx_stall_init(&s, 0);
+    emx_stall_request_sent(&s, 0);
+    assert_false(emx_stall_is_stalled(&s, 0, 0));
+    assert_false(emx_stall_is_stalled(&s, 1000000, 0));
+}
+
+static void stall_clock_starts_at_first_pending_request(void **state)
+{
+    (void)state;
+    struct emx_stall s;
+    emx_stall_init(&s, 0);
+    emx_stall_received(&s, 1000); /* last receive long ago */
+    emx_stall_request_sent(&s, 50000);
+    assert_false(emx_stall_is_stalled(&s, 50000, 2000));
+    assert_false(emx_stall_is_stalled(&s, 51999, 2000));
+    /* A second request does not restart the clock. */
+    emx_stall_request_sent(&s, 51000);
+    assert_true(emx_stall_is_stalled(&s, 52000, 2000));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(wm_starts_writable),
+        cmocka_unit_test(wm_crossing_high_fires_once),
+        cmocka_unit_test(wm_falling_to_low_reenables),
+        cmocka_unit_test(wm_draining_without_crossing_fires_nothing),
+        cmocka_unit_test(wm_moving_marks_down_reevaluates),
+        cmocka_unit_test(wm_moving_marks_up_reevaluates),
+        cmocka_unit_test(stall_idle_pipe_never_stalls),
+        cmocka_unit_test(stall_pending_and_silent_stalls),
+        cmocka_unit_test(stall_receive_clears),
+        cmocka_unit_test(stall_answered_requests_unstall),
+        cmocka_unit_test(stall_after_zero_never_stalls),
+        cmocka_unit_test(stall_clock_starts_at_first_pending_request),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
