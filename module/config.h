@@ -13,11 +13,14 @@
 
 /* ---- errors ---- */
 
-/* A list of messages, each "file:line: key: what is wrong". */
+/* A list of messages, each "file:line: key: what is wrong". Start zeroed. */
 struct emx_errors {
     size_t count;
     char **msgs;
+    size_t dropped; /* messages not stored: out of memory, or past EMX_ERRORS_MAX */
 };
+#define EMX_ERRORS_MAX 200
+/* key may be NULL ("file:line: what"); line <= 0 leaves the line out. */
 void emx_errors_add(struct emx_errors *e, const char *file, int line, const char *key,
                     const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 void emx_errors_free(struct emx_errors *e);
@@ -38,8 +41,11 @@ struct emx_node {
     char *key;        /* set when this node is a value in a MAP */
     int key_line;
     bool used;        /* set by binding; leftovers are "unknown key" */
+    bool is_null;     /* SCALAR: plain "", "~" or "null": binds as absent */
     struct emx_node *children; /* MAP: values (each with .key); SEQ: items */
     size_t count;
+    const char **strs; /* owned: items of an EMX_OPT_STRING_LIST bound here */
+    char *file_owned;  /* root only: the storage `file` points at */
 };
 
 /* Parse a YAML document; duplicate keys in one map are errors. Anchors and
@@ -69,9 +75,16 @@ int emx_options_bind(const struct emx_option *table, const struct emx_node *map,
                      const char *section, const char *const *skip, void *out,
                      struct emx_errors *errs);
 /* Apply top-level flat alias keys ("cx-server.x.y: v") that name an option of
- * `table`; an alias already set inside the section too is an error. */
+ * `table`, and nothing else (no defaults). It cannot see the section, so use
+ * emx_options_bind_section to catch an alias also set inside the section. */
 int emx_options_bind_aliases(const struct emx_option *table, struct emx_node *root,
                              void *out, struct emx_errors *errs);
+/* Both at once: keys of `map` (may be NULL), flat aliases of `root` (may be
+ * NULL), defaults, required keys; the same option set twice is an error.
+ * Returns the number of errors added. */
+int emx_options_bind_section(const struct emx_option *table, const struct emx_node *map,
+                             struct emx_node *root, const char *section,
+                             const char *const *skip, void *out, struct emx_errors *errs);
 
 /* ---- the core's settings ---- */
 
@@ -144,21 +157,30 @@ struct emx_config {
         const char *listen;
         const char *agent_listen;
     } admin;
+
+    struct emx_config_priv *priv; /* which tables bound which maps, for "did you mean" */
 };
 
-/* Read and bind a config file (or text, for tests and fuzzing). Every error
- * found is added to errs; returns 0 only when there are none. Plugin options
- * are bound later by emx_config_bind_plugin, once the plugin is loaded. */
+/* Read and bind a config file (or text, for tests and fuzzing; at most
+ * 1 MiB either way). Every error found is added to errs; returns 0 only when
+ * there are none (-EINVAL, -ENOMEM, or -errno of reading the file), and then
+ * *out is NULL. Plugin options are bound later by emx_config_bind_plugin,
+ * once the plugin is loaded. Unknown keys of the core's own sections are
+ * reported here; those of discovery:, transport: and top-level dotted keys
+ * (plugin aliases) by emx_config_check_unused. */
 int emx_config_load(const char *path, struct emx_config **out, struct emx_errors *errs);
 int emx_config_load_string(const char *file, const char *text, size_t len,
                            struct emx_config **out, struct emx_errors *errs);
 void emx_config_free(struct emx_config *cfg);
 
 /* Bind a plugin's options from its section ("discovery" or "transport") and
- * from top-level aliases into `out` (config_size bytes, zeroed by caller). */
+ * from top-level aliases into `out` (config_size bytes, zeroed by caller).
+ * The section's "plugin" and "empty_confirm" keys are the core's. `table`
+ * must stay valid until emx_config_check_unused. Returns 0 or -EINVAL. */
 int emx_config_bind_plugin(struct emx_config *cfg, const char *section,
                            const struct emx_option *table, void *out, struct emx_errors *errs);
-/* After every binding: report each key nobody used as unknown. */
+/* After every binding: report each key nobody used as unknown (with "did
+ * you mean" for a near miss). Returns 0 or -EINVAL. */
 int emx_config_check_unused(struct emx_config *cfg, struct emx_errors *errs);
 
 /* The core option tables, for --help and docs. */
