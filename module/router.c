@@ -1,0 +1,1831 @@
+/* The router (DESIGN §4, outcomes of §3). See router.h for the contract and
+ * docs/protocol.md for the behaviour at every edge case. */
+#include "router.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "alloc.h"
+#include "codec.h"
+
+#define TAG "router"
+
+enum req_state {
+    REQ_SENDING = 1, /* multipart: chunks still coming from the edge */
+    REQ_WAITING,     /* sent whole; waiting for the platform's answer */
+    REQ_TOMBSTONE,   /* answered by edgemux; later chunks are discarded */
+};
+
+enum req_flags {
+    REQ_F_AUTH = 1u << 0,      /* an edge's AUTH */
+    REQ_F_BIND = 1u << 1,
+    REQ_F_UNBIND = 1u << 2,
+    REQ_F_PIPE_AUTH = 1u << 3, /* edgemux's own AUTH on a pipe */
+    REQ_F_LEAVE = 1u << 4,     /* edgemux's UNBIND for an edge that left */
+};
+#define REQ_F_SYSTEM (REQ_F_PIPE_AUTH | REQ_F_LEAVE)
+
+/* A chunk held back while its pinned pipe is not writable. */
+struct held {
+    struct held *next;
+    size_t len;
+    uint8_t data[];
+};
+
+/* One request in flight from an edge (or from edgemux itself) to a pipe. */
+struct emx_req {
+    uint64_t key; /* endpointId << 32 | requestId */
+    UT_hash_handle hh;
+    struct emx_edge *edge; /* NULL for edgemux's own requests */
+    struct emx_pipe *pipe; /* NULL once tombstoned */
+    uint32_t orig_endpoint_id;
+    uint32_t session_id;
+    uint8_t code;
+    uint8_t state;
+    uint8_t flags;
+    uint8_t entity_type;
+    uint16_t chunk_count;
+    uint16_t next_chunk;
+    uint64_t entity_hash;
+    uint64_t total;    /* AlwaysOn bytes received so far (multipart) */
+    uint64_t deadline; /* in r->t_requests */
+    uint64_t wait_deadline;
+    struct emx_list edge_link;
+    struct emx_list pipe_link;
+    struct emx_list timer_link;
+    struct emx_list block_link; /* in pipe->blocked while chunks are held */
+    struct emx_list wait_link;  /* in r->t_pin while chunks are held */
+    struct held *held, **held_tail;
+    uint8_t *names; /* BIND/UNBIND: the names as on the wire */
+    size_t names_len;
+    uint16_t nnames;
+};
+
+/* One platform request in flight to an edge. */
+struct emx_inbound {
+    uint32_t local_id;
+    UT_hash_handle hh;
+    struct emx_edge *edge;
+    struct emx_pipe *pipe; /* NULL once that pipe closed */
+    uint32_t orig_request_id;
+    uint32_t endpoint_id; /* as the platform sent it */
+    bool receiving;       /* more chunks of it to come from the platform */
+    uint64_t deadline;
+    struct emx_list pipe_link;
+    struct emx_list timer_link;
+};
+
+struct emx_thing {
+    UT_hash_handle hh;
+    uint64_t inst_serial; /* the instance that took the BIND */
+    char *name;           /* NUL-terminated, allocated with the struct */
+};
+
+struct quarantined {
+    uint32_t id;
+    UT_hash_handle hh;
+    uint64_t until;
+    struct emx_list link;
+};
+
+struct emx_router {
+    struct emx_router_config cfg;
+    char *app_key;
+    size_t app_key_len;
+    struct emx_router_io io;
+    struct emx_router_stats stats;
+
+    struct emx_edge *edges; /* by id */
+    size_t nedges;
+    struct emx_req *reqs; /* by key */
+    struct emx_list instances;
+    uint64_t next_serial;
+    unsigned pipes_up;
+    uint32_t next_seq;
+    uint32_t next_own;
+
+    /* FIFOs: every entry of one list was armed with the same duration, so
+     * each list is in deadline order and timers cost O(1). */
+    struct emx_list t_requests;
+    struct emx_list t_pin;
+    struct emx_list t_inbound;
+    struct emx_list t_auth;
+    struct emx_list t_quarantine;
+    struct quarantined *quarantine;
+
+    /* Rule 8 */
+    bool down;
+    bool down_handled;
+    uint64_t down_since;
+    uint32_t *closing;
+    size_t nclosing;
+    size_t closing_idx;
+    uint64_t closing_start;
+
+    /* Rule 9 */
+    bool empty_pending;
+    uint64_t empty_since;
+    bool reap_needed;
+};
+
+static inline uint64_t req_key(uint32_t endpoint_id, uint32_t request_id)
+{
+    return ((uint64_t)endpoint_id << 32) | request_id;
+}
+
+static const char *const answer_names[EMX_ANS__COUNT] = {
+    [EMX_ANS_NO_INSTANCE] = "no_instance",
+    [EMX_ANS_PIPE_LOST] = "pipe_lost",
+    [EMX_ANS_TIMEOUT] = "timeout",
+    [EMX_ANS_TOO_LARGE] = "too_large",
+    [EMX_ANS_TOO_MANY_PENDING] = "too_many_pending",
+    [EMX_ANS_BAD_REQUEST] = "bad_request",
+    [EMX_ANS_KEEP_ALIVE] = "keep_alive",
+    [EMX_ANS_PIN_LOST] = "pin_lost",
+    [EMX_ANS_ENDPOINT_GONE] = "endpoint_gone",
+    [EMX_ANS_EDGE_TIMEOUT] = "edge_timeout",
+    [EMX_ANS_EDGE_LEFT] = "edge_left",
+};
+
+const char *emx_answer_reason_name(enum emx_answer_reason r)
+{
+    return (unsigned)r < EMX_ANS__COUNT ? answer_names[r] : "unknown";
+}
+
+#define rlog(r, lvl, ...) emx_logf((r)->io.log, (lvl), TAG, __VA_ARGS__)
+
+/* ------------------------------------------------------------------ */
+/* sending */
+
+static void close_edge(struct emx_router *r, struct emx_edge *e, uint16_t code, const char *reason)
+{
+    if (e->state == EMX_EDGE_CLOSING)
+        return;
+    e->state = EMX_EDGE_CLOSING;
+    emx_list_unlink(&e->auth_link);
+    r->io.edge_close(r->io.ctx, e, code, reason);
+}
+
+static void send_edge(struct emx_router *r, struct emx_edge *e, const uint8_t *buf, size_t len)
+{
+    if (e->state == EMX_EDGE_CLOSING)
+        return;
+    int rc = r->io.edge_send(r->io.ctx, e, buf, len);
+    if (rc == -ENOBUFS) {
+        r->stats.slow_consumer_closes++;
+        rlog(r, EMX_LOG_INFO, "edge %08" PRIx32 ": slow consumer, closing", e->id);
+        close_edge(r, e, 1008, "slow consumer");
+        return;
+    }
+    if (rc == 0) {
+        r->stats.edge_msgs_out++;
+        r->stats.edge_bytes_out += len;
+        e->msgs_out++;
+    }
+}
+
+static int send_pipe(struct emx_router *r, struct emx_pipe *p, const uint8_t *buf, size_t len)
+{
+    int rc = r->io.pipe_send(r->io.ctx, p, buf, len);
+    if (rc == 0) {
+        p->msgs_out++;
+        p->bytes_out += len;
+    }
+    return rc;
+}
+
+static void answer_edge(struct emx_router *r, struct emx_edge *e, uint8_t code, uint32_t request_id,
+                        uint32_t endpoint_id, uint32_t session_id, const char *reason,
+                        enum emx_answer_reason why)
+{
+    uint8_t buf[160];
+    size_t n = emx_ao_build_response(buf, sizeof(buf), code, request_id, endpoint_id, session_id,
+                                     reason);
+    r->stats.answers[why]++;
+    if (n)
+        send_edge(r, e, buf, n);
+}
+
+static void answer_pipe(struct emx_router *r, struct emx_pipe *p, uint8_t code, uint32_t request_id,
+                        uint32_t endpoint_id, uint32_t session_id, const char *reason,
+                        enum emx_answer_reason why)
+{
+    uint8_t buf[160];
+    size_t n = emx_ao_build_response(buf, sizeof(buf), code, request_id, endpoint_id, session_id,
+                                     reason);
+    r->stats.answers[why]++;
+    if (n && p->state == EMX_PIPE_UP)
+        send_pipe(r, p, buf, n);
+}
+
+static uint32_t next_own_request_id(struct emx_router *r)
+{
+    return EMX_OWN_REQUEST_ID_BASE | (r->next_own++ & ~EMX_OWN_REQUEST_ID_BASE);
+}
+
+/* ------------------------------------------------------------------ */
+/* eligibility (rules 1-3) */
+
+static bool pipe_ok(const struct emx_router *r, const struct emx_pipe *p, uint64_t now)
+{
+    return p->state == EMX_PIPE_UP && p->wm.writable &&
+           !emx_stall_is_stalled(&p->stall, now, r->cfg.stall_after);
+}
+
+bool emx_pipe_is_writable(const struct emx_router *r, const struct emx_pipe *p, uint64_t now)
+{
+    return pipe_ok(r, p, now);
+}
+
+static bool inst_routable(const struct emx_instance *inst)
+{
+    return inst->state == EMX_INSTANCE_ACTIVE && !inst->maintenance;
+}
+
+bool emx_instance_is_eligible(const struct emx_router *r, const struct emx_instance *inst,
+                              uint64_t now)
+{
+    if (!inst_routable(inst) || inst->up_pipes == 0)
+        return false;
+    for (unsigned i = 0; i < inst->npipes; i++)
+        if (pipe_ok(r, &inst->pipes[i], now))
+            return true;
+    return false;
+}
+
+/* The connected, writable pipe with the fewest queued bytes; ties rotate. */
+static struct emx_pipe *pick_pipe(const struct emx_router *r, struct emx_instance *inst,
+                                  uint64_t now)
+{
+    struct emx_pipe *best = NULL;
+    for (unsigned k = 0; k < inst->npipes; k++) {
+        struct emx_pipe *p = &inst->pipes[(inst->pipe_cursor + k) % inst->npipes];
+        if (pipe_ok(r, p, now) && (!best || p->wm.queued < best->wm.queued))
+            best = p;
+    }
+    if (best)
+        inst->pipe_cursor = (best->index + 1) % inst->npipes;
+    return best;
+}
+
+static struct emx_pipe *route(struct emx_router *r, uint64_t now)
+{
+    /* The tier is the best priority with a connected instance, writable or
+     * not: a busy preferred tier answers 0xA0 rather than spill (rule 3). */
+    bool have_tier = false;
+    uint32_t tier = 0;
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &r->instances)
+    {
+        struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+        if (inst_routable(inst) && inst->up_pipes > 0 && (!have_tier || inst->priority < tier)) {
+            tier = inst->priority;
+            have_tier = true;
+        }
+    }
+    if (!have_tier)
+        return NULL;
+
+    /* Smooth weighted round robin over the eligible instances of the tier;
+     * only eligible ones earn credit. Weight-0 instances take part (as
+     * weight 1 among themselves) only when no weighted one is eligible. */
+    for (int zero_pass = 0; zero_pass < 2; zero_pass++) {
+        struct emx_instance *best = NULL;
+        int64_t total = 0;
+        emx_list_for_each_safe(it, tmp, &r->instances)
+        {
+            struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+            if (inst->priority != tier || (inst->weight == 0) != (zero_pass == 1))
+                continue;
+            if (!emx_instance_is_eligible(r, inst, now))
+                continue;
+            int64_t w = zero_pass ? 1 : (int64_t)inst->weight;
+            inst->swrr_current += w;
+            total += w;
+            if (!best || inst->swrr_current > best->swrr_current)
+                best = inst;
+        }
+        if (best) {
+            best->swrr_current -= total;
+            best->requests++;
+            return pick_pipe(r, best, now);
+        }
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* requests */
+
+static void inst_pending_dec(struct emx_router *r, struct emx_instance *inst)
+{
+    if (inst->pending > 0)
+        inst->pending--;
+    if (inst->pending == 0 && inst->state == EMX_INSTANCE_DRAINING)
+        r->reap_needed = true;
+}
+
+static void edge_pause(struct emx_router *r, struct emx_edge *e)
+{
+    if (e->paused++ == 0 && e->state != EMX_EDGE_CLOSING)
+        r->io.edge_pause(r->io.ctx, e, true);
+}
+
+static void edge_resume(struct emx_router *r, struct emx_edge *e)
+{
+    if (e->paused > 0 && --e->paused == 0 && e->state != EMX_EDGE_CLOSING)
+        r->io.edge_pause(r->io.ctx, e, false);
+}
+
+static void free_held(struct emx_req *q)
+{
+    while (q->held) {
+        struct held *h = q->held;
+        q->held = h->next;
+        emx_free(h);
+    }
+    q->held_tail = &q->held;
+}
+
+/* Stop waiting for the pinned pipe: drop held chunks, resume the edge. */
+static void unblock(struct emx_router *r, struct emx_req *q)
+{
+    if (!emx_list_linked(&q->block_link))
+        return;
+    emx_list_unlink(&q->block_link);
+    emx_list_unlink(&q->wait_link);
+    free_held(q);
+    if (q->edge)
+        edge_resume(r, q->edge);
+}
+
+/* Take a request off its pipe (answer received, or edgemux answered). */
+static void detach_from_pipe(struct emx_router *r, struct emx_req *q)
+{
+    if (!q->pipe)
+        return;
+    unblock(r, q);
+    emx_list_unlink(&q->pipe_link);
+    emx_stall_request_done(&q->pipe->stall);
+    inst_pending_dec(r, q->pipe->inst);
+    q->pipe = NULL;
+}
+
+static void req_free(struct emx_router *r, struct emx_req *q)
+{
+    detach_from_pipe(r, q);
+    unblock(r, q);
+    HASH_DEL(r->reqs, q);
+    emx_list_unlink(&q->edge_link);
+    emx_list_unlink(&q->timer_link);
+    if (q->edge && q->state != REQ_TOMBSTONE && q->edge->npending > 0)
+        q->edge->npending--;
+    emx_free(q->names);
+    emx_free(q);
+}
+
+static void arm_request_timer(struct emx_router *r, struct emx_req *q, uint64_t now)
+{
+    emx_list_unlink(&q->timer_link);
+    q->deadline = now + r->cfg.request_timeout;
+    emx_list_push_back(&r->t_requests, &q->timer_link);
+}
+
+/* Edgemux answered a multipart message itself: remember its requestId so
+ * later chunks are discarded, until its last chunk or request_timeout. */
+static void tombstone(struct emx_router *r, struct emx_req *q, uint64_t now)
+{
+    detach_from_pipe(r, q);
+    if (q->edge && q->state != REQ_TOMBSTONE && q->edge->npending > 0)
+        q->edge->npending--;
+    q->state = REQ_TOMBSTONE;
+    emx_free_ptr(&q->names);
+    arm_request_timer(r, q, now);
+}
+
+static struct emx_req *req_new(struct emx_router *r, struct emx_edge *e, uint64_t key)
+{
+    struct emx_req *q = emx_calloc(1, sizeof(*q));
+    if (!q)
+        return NULL;
+    q->key = key;
+    q->edge = e;
+    emx_list_init(&q->edge_link);
+    emx_list_init(&q->pipe_link);
+    emx_list_init(&q->timer_link);
+    emx_list_init(&q->block_link);
+    emx_list_init(&q->wait_link);
+    q->held_tail = &q->held;
+    HASH_ADD(hh, r->reqs, key, sizeof(q->key), q);
+    if (e)
+        emx_list_push_back(&e->reqs, &q->edge_link);
+    return q;
+}
+
+static void attach_to_pipe(struct emx_router *r, struct emx_req *q, struct emx_pipe *p,
+                           uint64_t now)
+{
+    (void)r;
+    q->pipe = p;
+    emx_list_push_back(&p->reqs, &q->pipe_link);
+    emx_stall_request_sent(&p->stall, now);
+    p->inst->pending++;
+}
+
+static uint64_t hash_bytes(const uint8_t *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a: only compares chunks of one message */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+/* Validate a request body (single message or first chunk). */
+static int check_body(const struct emx_ao_header *h, const uint8_t *body, size_t len,
+                      struct emx_ao_bind *bind, uint8_t *entity_type, uint64_t *entity_hash)
+{
+    if (h->multipart) {
+        struct emx_ao_str name;
+        size_t off;
+        int rc = emx_ao_multipart_prefix_parse(body, len, entity_type, &name, &off);
+        if (rc == 0)
+            *entity_hash = hash_bytes(name.ptr, name.len);
+        return rc;
+    }
+    switch (h->code) {
+    case EMX_AO_AUTH: {
+        uint8_t claims;
+        return emx_ao_auth_parse(body, len, &claims);
+    }
+    case EMX_AO_BIND:
+    case EMX_AO_UNBIND:
+        return emx_ao_bind_parse(body, len, bind);
+    default: {
+        struct emx_ao_request req;
+        return emx_ao_request_parse(body, len, &req);
+    }
+    }
+}
+
+static void edge_request(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
+                         uint8_t *data, size_t len, size_t body_off, uint64_t now)
+{
+    uint64_t key = req_key(e->id, h->request_id);
+    struct emx_req *q;
+    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    if (q) {
+        if (q->state != REQ_TOMBSTONE) {
+            answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
+                        "requestId already pending", EMX_ANS_BAD_REQUEST);
+            return;
+        }
+        req_free(r, q); /* the edge moved on: forget the old message */
+    }
+    if (e->npending >= r->cfg.max_pending) {
+        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
+                    h->session_id, "too many pending", EMX_ANS_TOO_MANY_PENDING);
+        return;
+    }
+    struct emx_ao_bind bind = {0};
+    uint8_t entity_type = 0;
+    uint64_t entity_hash = 0;
+    if (check_body(h, data + body_off, len - body_off, &bind, &entity_type, &entity_hash) != 0) {
+        answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
+                    "Message Type not supported", EMX_ANS_BAD_REQUEST);
+        return;
+    }
+    struct emx_pipe *p = route(r, now);
+    if (!p) {
+        answer_edge(r, e, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
+                    "no platform instance available", EMX_ANS_NO_INSTANCE);
+        return;
+    }
+    uint8_t *names = NULL;
+    if (!h->multipart && (h->code == EMX_AO_BIND || h->code == EMX_AO_UNBIND) && bind.count) {
+        names = emx_malloc(bind.names_len);
+        if (!names)
+            goto no_memory;
+        memcpy(names, bind.names, bind.names_len);
+    }
+    q = req_new(r, e, key);
+    if (!q) {
+        emx_free(names);
+        goto no_memory;
+    }
+    q->orig_endpoint_id = h->endpoint_id;
+    q->session_id = h->session_id;
+    q->code = h->code;
+    q->names = names;
+    q->names_len = bind.names_len;
+    q->nnames = names ? bind.count : 0;
+    if (h->code == EMX_AO_AUTH)
+        q->flags |= REQ_F_AUTH;
+    else if (h->code == EMX_AO_BIND)
+        q->flags |= REQ_F_BIND;
+    else if (h->code == EMX_AO_UNBIND)
+        q->flags |= REQ_F_UNBIND;
+
+    emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, e->id);
+    if (send_pipe(r, p, data, len) != 0) {
+        HASH_DEL(r->reqs, q);
+        emx_list_unlink(&q->edge_link);
+        emx_free(q->names);
+        emx_free(q);
+        answer_edge(r, e, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
+                    "no platform instance available", EMX_ANS_NO_INSTANCE);
+        return;
+    }
+    e->npending++;
+    attach_to_pipe(r, q, p, now);
+    if (h->multipart && h->chunk_count > 1) {
+        q->state = REQ_SENDING;
+        q->chunk_count = h->chunk_count;
+        q->next_chunk = 2;
+        q->total = len;
+        q->entity_type = entity_type;
+        q->entity_hash = entity_hash;
+    } else {
+        q->state = REQ_WAITING;
+    }
+    arm_request_timer(r, q, now);
+    if (q->flags & REQ_F_AUTH)
+        e->state = EMX_EDGE_AUTHING;
+    return;
+
+no_memory:
+    rlog(r, EMX_LOG_WARN, "edge %08" PRIx32 ": out of memory routing a request", e->id);
+    answer_edge(r, e, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
+                "out of memory", EMX_ANS_NO_INSTANCE);
+}
+
+/* Forward one chunk on the request's pinned pipe, or hold it. */
+static void forward_chunk(struct emx_router *r, struct emx_req *q, const uint8_t *data, size_t len,
+                          bool last, uint64_t now)
+{
+    struct emx_pipe *p = q->pipe;
+    if (!q->held && pipe_ok(r, p, now)) {
+        if (send_pipe(r, p, data, len) != 0) {
+            answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
+                        q->session_id, "platform connection lost", EMX_ANS_PIN_LOST);
+            tombstone(r, q, now);
+            return;
+        }
+        if (last)
+            q->state = REQ_WAITING;
+        arm_request_timer(r, q, now); /* the timeout starts at the last chunk */
+        return;
+    }
+    if (r->cfg.multipart_pin_wait == 0) {
+        /* The CX server's behaviour: no waiting for a busy pinned pipe. */
+        answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
+                    q->session_id, "platform connection busy", EMX_ANS_PIN_LOST);
+        tombstone(r, q, now);
+        return;
+    }
+    struct held *hd = emx_malloc(sizeof(*hd) + len);
+    if (!hd) {
+        answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
+                    q->session_id, "out of memory", EMX_ANS_PIN_LOST);
+        tombstone(r, q, now);
+        return;
+    }
+    hd->next = NULL;
+    hd->len = len;
+    memcpy(hd->data, data, len);
+    *q->held_tail = hd;
+    q->held_tail = &hd->next;
+    if (!emx_list_linked(&q->block_link)) {
+        emx_list_push_back(&p->blocked, &q->block_link);
+        q->wait_deadline = now + r->cfg.multipart_pin_wait;
+        emx_list_push_back(&r->t_pin, &q->wait_link);
+        edge_pause(r, q->edge);
+    }
+    if (last)
+        q->state = REQ_WAITING; /* nothing more to come; the held chunks finish it */
+}
+
+/* The pinned pipe is writable again: send what was held. */
+static void flush_blocked(struct emx_router *r, struct emx_pipe *p, uint64_t now)
+{
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &p->blocked)
+    {
+        struct emx_req *q = emx_container_of(it, struct emx_req, block_link);
+        while (q->held && pipe_ok(r, p, now)) {
+            struct held *hd = q->held;
+            if (send_pipe(r, p, hd->data, hd->len) != 0)
+                break;
+            q->held = hd->next;
+            if (!q->held)
+                q->held_tail = &q->held;
+            emx_free(hd);
+            arm_request_timer(r, q, now);
+        }
+        if (!q->held)
+            unblock(r, q);
+        if (!pipe_ok(r, p, now))
+            break;
+    }
+}
+
+static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
+                       uint8_t *data, size_t len, size_t body_off, uint64_t now)
+{
+    uint64_t key = req_key(e->id, h->request_id);
+    bool last = h->chunk_id == h->chunk_count;
+    struct emx_req *q;
+    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    if (!q) {
+        /* A continuation without its first chunk: one 0x80, then silence. */
+        r->stats.chunks_discarded++;
+        answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
+                    "Message Type not supported", EMX_ANS_BAD_REQUEST);
+        if (!last && (q = req_new(r, e, key)) != NULL) {
+            q->state = REQ_TOMBSTONE;
+            q->orig_endpoint_id = h->endpoint_id;
+            q->session_id = h->session_id;
+            arm_request_timer(r, q, now);
+        }
+        return;
+    }
+    if (q->state == REQ_TOMBSTONE) {
+        r->stats.chunks_discarded++;
+        if (last)
+            req_free(r, q);
+        return;
+    }
+    if (q->state != REQ_SENDING) {
+        /* The message it belongs to was complete: this chunk is stray. */
+        r->stats.chunks_discarded++;
+        return;
+    }
+    uint8_t et;
+    struct emx_ao_str name;
+    size_t off;
+    if (h->chunk_id != q->next_chunk || h->chunk_count != q->chunk_count ||
+        emx_ao_multipart_prefix_parse(data + body_off, len - body_off, &et, &name, &off) != 0 ||
+        et != q->entity_type || hash_bytes(name.ptr, name.len) != q->entity_hash) {
+        r->stats.chunks_discarded++;
+        answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, q->orig_endpoint_id, h->session_id,
+                    "bad multipart sequence", EMX_ANS_BAD_REQUEST);
+        if (last)
+            req_free(r, q);
+        else
+            tombstone(r, q, now);
+        return;
+    }
+    if (q->total + len > r->cfg.max_message_size) {
+        r->stats.chunks_discarded++;
+        answer_edge(r, e, EMX_AO_ENTITY_TOO_LARGE, h->request_id, q->orig_endpoint_id,
+                    h->session_id, "message too large", EMX_ANS_TOO_LARGE);
+        if (last)
+            req_free(r, q);
+        else
+            tombstone(r, q, now);
+        return;
+    }
+    q->total += len;
+    q->next_chunk++;
+    emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, e->id);
+    forward_chunk(r, q, data, len, last, now);
+}
+
+/* An edge answers a platform request (rule 5). */
+static void edge_response(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
+                          uint8_t *data, size_t len)
+{
+    struct emx_inbound *in;
+    uint32_t id = h->request_id;
+    HASH_FIND(hh, e->inbound, &id, sizeof(id), in);
+    if (!in) {
+        r->stats.late_edge_answers++;
+        return;
+    }
+    bool final = !h->multipart || h->chunk_id == h->chunk_count;
+    struct emx_pipe *p = in->pipe;
+    if (!p || p->state != EMX_PIPE_UP) {
+        r->stats.edge_answers_pipe_gone++;
+    } else {
+        emx_ao_put_u32(data + EMX_AO_OFF_REQUEST_ID, in->orig_request_id);
+        emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, in->endpoint_id);
+        send_pipe(r, p, data, len);
+    }
+    if (final) {
+        if (in->pipe) {
+            emx_list_unlink(&in->pipe_link);
+            inst_pending_dec(r, in->pipe->inst);
+        }
+        emx_list_unlink(&in->timer_link);
+        HASH_DEL(e->inbound, in);
+        e->ninbound--;
+        emx_free(in);
+    }
+}
+
+void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *data, size_t len,
+                             uint64_t now)
+{
+    if (e->state == EMX_EDGE_CLOSING)
+        return;
+    r->stats.edge_msgs_in++;
+    r->stats.edge_bytes_in += len;
+    e->msgs_in++;
+    if (len > r->cfg.max_message_size) {
+        close_edge(r, e, 1009, "message too big");
+        goto out;
+    }
+    struct emx_ao_header h;
+    size_t body_off;
+    if (emx_ao_header_parse(data, len, &h, &body_off) != 0) {
+        close_edge(r, e, 1007, "invalid AlwaysOn header");
+        goto out;
+    }
+    if (e->state != EMX_EDGE_AUTHED) {
+        if (h.code != EMX_AO_AUTH || e->state == EMX_EDGE_AUTHING || h.multipart) {
+            close_edge(r, e, 1008, "AUTH must come first");
+            goto out;
+        }
+    } else if (h.code != EMX_AO_AUTH) {
+        e->session_id = h.session_id;
+    }
+
+    if (emx_ao_is_response(h.code)) {
+        edge_response(r, e, &h, data, len);
+    } else if (h.code == EMX_AO_KEEP_ALIVE) {
+        answer_edge(r, e, EMX_AO_SUCCESS, h.request_id, h.endpoint_id, h.session_id, NULL,
+                    EMX_ANS_KEEP_ALIVE);
+    } else if (!emx_ao_is_known_request(h.code)) {
+        answer_edge(r, e, EMX_AO_BAD_REQUEST, h.request_id, h.endpoint_id, h.session_id,
+                    "Message Type not supported", EMX_ANS_BAD_REQUEST);
+    } else if (h.multipart && h.chunk_id > 1) {
+        edge_chunk(r, e, &h, data, len, body_off, now);
+    } else {
+        edge_request(r, e, &h, data, len, body_off, now);
+    }
+out:
+    if (r->reap_needed)
+        emx_router_tick(r, now);
+}
+
+/* ------------------------------------------------------------------ */
+/* binds */
+
+static void things_apply(struct emx_router *r, struct emx_edge *e, const struct emx_req *q,
+                         uint64_t serial)
+{
+    struct emx_ao_bind b = {.count = q->nnames, .names = q->names, .names_len = q->names_len};
+    size_t cursor = 0;
+    struct emx_ao_str s;
+    while (emx_ao_bind_next_name(&b, &cursor, &s) == EMX_AO_OK) {
+        struct emx_thing *t;
+        HASH_FIND(hh, e->things, s.ptr, s.len, t);
+        if (q->flags & REQ_F_UNBIND) {
+            if (t) {
+                HASH_DEL(e->things, t);
+                e->nthings--;
+                emx_free(t);
+            }
+            continue;
+        }
+        if (t) {
+            t->inst_serial = serial;
+            continue;
+        }
+        t = emx_malloc(sizeof(*t) + s.len + 1);
+        if (!t) {
+            rlog(r, EMX_LOG_WARN, "edge %08" PRIx32 ": out of memory recording a bind", e->id);
+            return;
+        }
+        t->inst_serial = serial;
+        t->name = (char *)(t + 1);
+        memcpy(t->name, s.ptr, s.len);
+        t->name[s.len] = '\0';
+        HASH_ADD_KEYPTR(hh, e->things, t->name, s.len, t);
+        e->nthings++;
+    }
+}
+
+bool emx_edge_has_thing(const struct emx_edge *e, const char *name)
+{
+    struct emx_thing *t;
+    HASH_FIND(hh, e->things, name, strlen(name), t);
+    return t != NULL;
+}
+
+static struct emx_instance *instance_by_serial(struct emx_router *r, uint64_t serial)
+{
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &r->instances)
+    {
+        struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+        if (inst->serial == serial)
+            return inst;
+    }
+    return NULL;
+}
+
+static struct emx_pipe *any_up_pipe(const struct emx_router *r, struct emx_instance *inst,
+                                    uint64_t now)
+{
+    struct emx_pipe *p = pick_pipe(r, inst, now);
+    for (unsigned i = 0; !p && i < inst->npipes; i++)
+        if (inst->pipes[i].state == EMX_PIPE_UP)
+            p = &inst->pipes[i];
+    return p;
+}
+
+/* The edge left: one UNBIND per instance that took its BINDs, to that
+ * instance if still connected, else to the next connected one. */
+static void unbind_on_leave(struct emx_router *r, struct emx_edge *e, uint64_t now)
+{
+    while (e->things) {
+        uint64_t serial = e->things->inst_serial;
+        size_t count = 0, bytes = 0;
+        struct emx_thing *t, *tmp;
+        HASH_ITER(hh, e->things, t, tmp)
+        {
+            if (t->inst_serial == serial && count < UINT16_MAX) {
+                count++;
+                bytes += emx_ao_str_size(strlen(t->name));
+            }
+        }
+        struct emx_ao_str *names = emx_calloc(count, sizeof(*names));
+        size_t cap = EMX_AO_HEADER_SIZE + 3 + bytes;
+        uint8_t *buf = emx_malloc(cap);
+        size_t n = 0, len = 0;
+        HASH_ITER(hh, e->things, t, tmp)
+        {
+            if (t->inst_serial == serial && n < count && names) {
+                names[n].ptr = (const uint8_t *)t->name;
+                names[n].len = (uint32_t)strlen(t->name);
+                n++;
+            }
+        }
+        struct emx_instance *inst = instance_by_serial(r, serial);
+        struct emx_pipe *p = NULL;
+        if (inst && inst->state == EMX_INSTANCE_ACTIVE && inst->up_pipes > 0)
+            p = any_up_pipe(r, inst, now);
+        if (!p)
+            p = route(r, now);
+        uint32_t rid = next_own_request_id(r);
+        if (names && buf)
+            len = emx_ao_build_bind(buf, cap, EMX_AO_UNBIND, rid, e->id, e->session_id, names,
+                                    count);
+        if (p && len && send_pipe(r, p, buf, len) == 0) {
+            struct emx_req *q = req_new(r, NULL, req_key(e->id, rid));
+            if (q) {
+                q->flags = REQ_F_LEAVE;
+                q->state = REQ_WAITING;
+                q->code = EMX_AO_UNBIND;
+                attach_to_pipe(r, q, p, now);
+                arm_request_timer(r, q, now);
+            }
+            r->stats.unbinds_sent++;
+        } else {
+            rlog(r, EMX_LOG_INFO,
+                 "edge %08" PRIx32 ": no connected instance to UNBIND %zu Thing(s) on leave", e->id,
+                 count);
+        }
+        emx_free(names);
+        emx_free(buf);
+        /* Forget this group whatever happened: the platform cleans up the
+         * rest with the (server, boot, endpointId) it keyed them on. */
+        HASH_ITER(hh, e->things, t, tmp)
+        {
+            if (t->inst_serial == serial) {
+                HASH_DEL(e->things, t);
+                e->nthings--;
+                emx_free(t);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* platform side */
+
+static void pipe_auth_answer(struct emx_router *r, struct emx_pipe *p,
+                             const struct emx_ao_header *h, uint64_t now)
+{
+    uint64_t key = req_key(h->endpoint_id, h->request_id);
+    struct emx_req *q;
+    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    if (!q || !(q->flags & REQ_F_PIPE_AUTH) || q->pipe != p || !emx_ao_is_response(h->code)) {
+        r->stats.pipe_garbage++;
+        return;
+    }
+    req_free(r, q);
+    if (h->code != EMX_AO_SUCCESS) {
+        r->stats.pipe_auth_failures++;
+        rlog(r, EMX_LOG_WARN, "instance %s pipe %u: AUTH refused (%s 0x%02x)", p->inst->id,
+             p->index, emx_ao_code_name(h->code), h->code);
+        r->io.pipe_close(r->io.ctx, p, "AUTH refused");
+        return;
+    }
+    p->state = EMX_PIPE_UP;
+    p->inst->up_pipes++;
+    if (r->pipes_up++ == 0) {
+        if (r->down)
+            rlog(r, EMX_LOG_INFO, "a platform pipe is connected again");
+        r->down = false;
+        r->down_handled = false;
+        emx_free_ptr(&r->closing);
+        r->nclosing = r->closing_idx = 0;
+    }
+    emx_stall_init(&p->stall, now);
+    rlog(r, EMX_LOG_DEBUG, "instance %s pipe %u connected", p->inst->id, p->index);
+}
+
+static void platform_response(struct emx_router *r, struct emx_pipe *p,
+                              const struct emx_ao_header *h, uint8_t *data, size_t len,
+                              uint64_t now)
+{
+    uint64_t key = req_key(h->endpoint_id, h->request_id);
+    struct emx_req *q;
+    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    if (!q || q->state == REQ_TOMBSTONE) {
+        r->stats.late_platform_answers++;
+        return;
+    }
+    bool final = !h->multipart || h->chunk_id == h->chunk_count;
+    if (q->flags & REQ_F_SYSTEM) {
+        if (final) {
+            if (q->flags & REQ_F_LEAVE)
+                r->stats.unbind_answers++;
+            req_free(r, q);
+        }
+        return;
+    }
+    struct emx_edge *e = q->edge;
+    emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, q->orig_endpoint_id);
+    send_edge(r, e, data, len);
+    if (!final)
+        return;
+    if (q->flags & REQ_F_AUTH) {
+        if (h->code == EMX_AO_SUCCESS) {
+            r->stats.auth_ok++;
+            if (e->state == EMX_EDGE_AUTHING || e->state == EMX_EDGE_NEW) {
+                e->state = EMX_EDGE_AUTHED;
+                emx_list_unlink(&e->auth_link);
+            }
+        } else {
+            r->stats.auth_failed++;
+            rlog(r, EMX_LOG_INFO, "edge %08" PRIx32 ": AUTH refused by platform (0x%02x)", e->id,
+                 h->code);
+            close_edge(r, e, 1008, "authentication failed");
+        }
+    } else if ((q->flags & (REQ_F_BIND | REQ_F_UNBIND)) && h->code == EMX_AO_SUCCESS) {
+        things_apply(r, e, q, p->inst->serial);
+    }
+    if (q->state == REQ_SENDING)
+        tombstone(r, q, now); /* answered early: discard the chunks still coming */
+    else
+        req_free(r, q);
+}
+
+static void platform_request(struct emx_router *r, struct emx_pipe *p,
+                             const struct emx_ao_header *h, uint8_t *data, size_t len,
+                             uint64_t now)
+{
+    struct emx_edge *e = emx_router_edge_find(r, h->endpoint_id);
+    bool first = !h->multipart || h->chunk_id == 1;
+    bool last = !h->multipart || h->chunk_id == h->chunk_count;
+    if (!first) {
+        struct emx_inbound *in, *tmp;
+        if (e) {
+            HASH_ITER(hh, e->inbound, in, tmp)
+            {
+                if (in->pipe == p && in->orig_request_id == h->request_id && in->receiving) {
+                    emx_ao_put_u32(data + EMX_AO_OFF_REQUEST_ID, in->local_id);
+                    if (last)
+                        in->receiving = false;
+                    send_edge(r, e, data, len);
+                    return;
+                }
+            }
+        }
+        r->stats.pipe_garbage++; /* a continuation of nothing we delivered */
+        return;
+    }
+    if (!e || e->state == EMX_EDGE_CLOSING || e->state != EMX_EDGE_AUTHED) {
+        answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
+                    h->session_id, "endpoint not connected", EMX_ANS_ENDPOINT_GONE);
+        return;
+    }
+    if (h->code == EMX_AO_KEEP_ALIVE) {
+        answer_pipe(r, p, EMX_AO_SUCCESS, h->request_id, h->endpoint_id, h->session_id, NULL,
+                    EMX_ANS_KEEP_ALIVE);
+        return;
+    }
+    if (!emx_ao_is_known_request(h->code)) {
+        answer_pipe(r, p, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
+                    "Message Type not supported", EMX_ANS_BAD_REQUEST);
+        return;
+    }
+    if (e->ninbound >= r->cfg.max_pending) {
+        answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
+                    h->session_id, "too many pending", EMX_ANS_TOO_MANY_PENDING);
+        return;
+    }
+    struct emx_inbound *in = emx_calloc(1, sizeof(*in));
+    if (!in) {
+        answer_pipe(r, p, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
+                    "out of memory", EMX_ANS_NO_INSTANCE);
+        return;
+    }
+    /* A requestId unique among this edge's pending inbound requests. */
+    struct emx_inbound *clash;
+    do {
+        in->local_id = ++e->next_inbound_id;
+        if (in->local_id == 0 || in->local_id >= EMX_OWN_REQUEST_ID_BASE)
+            in->local_id = e->next_inbound_id = 1;
+        HASH_FIND(hh, e->inbound, &in->local_id, sizeof(in->local_id), clash);
+    } while (clash);
+    in->edge = e;
+    in->pipe = p;
+    in->orig_request_id = h->request_id;
+    in->endpoint_id = h->endpoint_id;
+    in->receiving = !last;
+    in->deadline = now + r->cfg.edge_request_timeout;
+    emx_list_init(&in->pipe_link);
+    emx_list_push_back(&p->inbound, &in->pipe_link);
+    emx_list_push_back(&r->t_inbound, &in->timer_link);
+    HASH_ADD(hh, e->inbound, local_id, sizeof(in->local_id), in);
+    e->ninbound++;
+    p->inst->pending++;
+    emx_ao_put_u32(data + EMX_AO_OFF_REQUEST_ID, in->local_id);
+    send_edge(r, e, data, len);
+}
+
+void emx_router_pipe_message(struct emx_router *r, struct emx_pipe *p, uint8_t *data, size_t len,
+                             uint64_t now)
+{
+    p->msgs_in++;
+    p->bytes_in += len;
+    bool was_ok = pipe_ok(r, p, now);
+    emx_stall_received(&p->stall, now);
+    struct emx_ao_header h;
+    size_t body_off;
+    if (emx_ao_header_parse(data, len, &h, &body_off) != 0) {
+        r->stats.pipe_garbage++;
+        rlog(r, EMX_LOG_DEBUG, "instance %s pipe %u: unparseable message (%zu bytes) dropped",
+             p->inst->id, p->index, len);
+        goto out;
+    }
+    if (p->state == EMX_PIPE_AUTHING) {
+        pipe_auth_answer(r, p, &h, now);
+        goto out;
+    }
+    if (p->state != EMX_PIPE_UP) {
+        r->stats.pipe_garbage++;
+        goto out;
+    }
+    if (emx_ao_is_response(h.code))
+        platform_response(r, p, &h, data, len, now);
+    else
+        platform_request(r, p, &h, data, len, now);
+    if (!was_ok && pipe_ok(r, p, now))
+        flush_blocked(r, p, now); /* a stalled pipe came back */
+out:
+    if (r->reap_needed)
+        emx_router_tick(r, now);
+}
+
+void emx_router_pipe_opened(struct emx_router *r, struct emx_pipe *p, uint64_t now)
+{
+    if (p->state != EMX_PIPE_DOWN)
+        return;
+    uint32_t rid = next_own_request_id(r);
+    size_t cap = EMX_AO_HEADER_SIZE + 16 + r->app_key_len;
+    uint8_t *buf = emx_malloc(cap);
+    size_t len = buf ? emx_ao_build_auth(buf, cap, rid, 0, r->app_key, r->app_key_len) : 0;
+    struct emx_req *q = len ? req_new(r, NULL, req_key(0, rid)) : NULL;
+    if (!q) {
+        emx_free(buf);
+        r->io.pipe_close(r->io.ctx, p, "cannot build AUTH");
+        return;
+    }
+    p->state = EMX_PIPE_AUTHING;
+    p->auth_request_id = rid;
+    emx_wm_init(&p->wm, r->cfg.low_watermark, r->cfg.high_watermark);
+    q->flags = REQ_F_PIPE_AUTH;
+    q->state = REQ_WAITING;
+    q->code = EMX_AO_AUTH;
+    attach_to_pipe(r, q, p, now);
+    arm_request_timer(r, q, now);
+    int rc = send_pipe(r, p, buf, len);
+    emx_free(buf);
+    if (rc != 0) {
+        req_free(r, q);
+        r->io.pipe_close(r->io.ctx, p, "cannot send AUTH");
+    }
+}
+
+void emx_router_pipe_queued(struct emx_router *r, struct emx_pipe *p, uint64_t queued,
+                            uint64_t now)
+{
+    if (emx_wm_set_queued(&p->wm, queued) && p->wm.writable && pipe_ok(r, p, now))
+        flush_blocked(r, p, now);
+}
+
+/* Everything that was riding on a pipe learns it is gone. */
+static void pipe_down(struct emx_router *r, struct emx_pipe *p, uint64_t now)
+{
+    if (p->state == EMX_PIPE_UP) {
+        p->inst->up_pipes--;
+        if (--r->pipes_up == 0) {
+            r->down = true;
+            r->down_handled = false;
+            r->down_since = now;
+            rlog(r, EMX_LOG_WARN, "no platform pipe connected");
+        }
+    }
+    p->state = EMX_PIPE_DOWN;
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &p->reqs)
+    {
+        struct emx_req *q = emx_container_of(it, struct emx_req, pipe_link);
+        if (q->flags & REQ_F_SYSTEM) {
+            req_free(r, q);
+        } else if (q->state == REQ_SENDING ||
+                   (q->state == REQ_WAITING && q->held)) {
+            /* The pin is lost midway: one 0xA0, the rest discarded. */
+            answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
+                        q->session_id, "platform connection lost", EMX_ANS_PIN_LOST);
+            if (q->state == REQ_SENDING)
+                tombstone(r, q, now);
+            else
+                req_free(r, q);
+        } else {
+            struct emx_edge *e = q->edge;
+            answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, (uint32_t)q->key, q->orig_endpoint_id,
+                        q->session_id, "platform connection lost", EMX_ANS_PIPE_LOST);
+            if ((q->flags & REQ_F_AUTH) && e->state == EMX_EDGE_AUTHING)
+                e->state = EMX_EDGE_NEW;
+            req_free(r, q);
+        }
+    }
+    emx_list_for_each_safe(it, tmp, &p->inbound)
+    {
+        struct emx_inbound *in = emx_container_of(it, struct emx_inbound, pipe_link);
+        emx_list_unlink(&in->pipe_link);
+        in->pipe = NULL;
+        inst_pending_dec(r, p->inst);
+    }
+    emx_wm_init(&p->wm, r->cfg.low_watermark, r->cfg.high_watermark);
+    emx_stall_init(&p->stall, now);
+}
+
+void emx_router_pipe_closed(struct emx_router *r, struct emx_pipe *p, uint64_t now)
+{
+    pipe_down(r, p, now);
+    emx_router_tick(r, now); /* all_down_grace 0 acts at once; drained instances go */
+}
+
+unsigned emx_router_pipes_up(const struct emx_router *r)
+{
+    return r->pipes_up;
+}
+
+/* ------------------------------------------------------------------ */
+/* edges */
+
+static bool id_in_use(struct emx_router *r, uint32_t id)
+{
+    struct emx_edge *e;
+    struct quarantined *qq;
+    HASH_FIND(hh, r->edges, &id, sizeof(id), e);
+    if (e)
+        return true;
+    HASH_FIND(hh, r->quarantine, &id, sizeof(id), qq);
+    return qq != NULL;
+}
+
+static uint32_t alloc_endpoint_id(struct emx_router *r)
+{
+    for (uint32_t tries = 0; tries <= EMX_ENDPOINT_SEQ_MASK; tries++) {
+        uint32_t seq = r->next_seq++ & EMX_ENDPOINT_SEQ_MASK;
+        if (seq == 0)
+            continue;
+        uint32_t id = ((uint32_t)r->cfg.worker << EMX_WORKER_SHIFT) | seq;
+        if (!id_in_use(r, id))
+            return id;
+    }
+    return 0;
+}
+
+struct emx_edge *emx_router_edge_open(struct emx_router *r, void *conn, uint64_t now)
+{
+    uint32_t id = alloc_endpoint_id(r);
+    if (id == 0)
+        return NULL;
+    struct emx_edge *e = emx_calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    e->id = id;
+    e->conn = conn;
+    e->state = EMX_EDGE_NEW;
+    e->opened_at = now;
+    emx_list_init(&e->reqs);
+    emx_list_init(&e->auth_link);
+    emx_list_push_back(&r->t_auth, &e->auth_link);
+    HASH_ADD(hh, r->edges, id, sizeof(e->id), e);
+    r->nedges++;
+    r->stats.edges_opened++;
+    return e;
+}
+
+void emx_router_edge_closed(struct emx_router *r, struct emx_edge *e, uint64_t now)
+{
+    emx_list_unlink(&e->auth_link);
+    HASH_DEL(r->edges, e);
+    r->nedges--;
+    r->stats.edges_closed++;
+
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &e->reqs)
+    {
+        struct emx_req *q = emx_container_of(it, struct emx_req, edge_link);
+        q->edge = NULL; /* nothing left to answer; late answers are counted */
+        if (q->state != REQ_TOMBSTONE && e->npending > 0)
+            e->npending--;
+        q->state = REQ_TOMBSTONE; /* keeps req_free from touching the edge */
+        req_free(r, q);
+    }
+    struct emx_inbound *in, *itmp;
+    HASH_ITER(hh, e->inbound, in, itmp)
+    {
+        if (in->pipe) {
+            answer_pipe(r, in->pipe, EMX_AO_SERVICE_UNAVAILABLE, in->orig_request_id,
+                        in->endpoint_id, e->session_id, "endpoint disconnected",
+                        EMX_ANS_EDGE_LEFT);
+            emx_list_unlink(&in->pipe_link);
+            inst_pending_dec(r, in->pipe->inst);
+        }
+        emx_list_unlink(&in->timer_link);
+        HASH_DEL(e->inbound, in);
+        emx_free(in);
+    }
+    if (e->things)
+        unbind_on_leave(r, e, now);
+
+    /* Keep the id out of use while anything for it can still arrive. */
+    uint64_t hold = r->cfg.request_timeout > r->cfg.edge_request_timeout
+                        ? r->cfg.request_timeout
+                        : r->cfg.edge_request_timeout;
+    struct quarantined *qq = hold ? emx_malloc(sizeof(*qq)) : NULL;
+    if (qq) {
+        qq->id = e->id;
+        qq->until = now + 2 * hold;
+        HASH_ADD(hh, r->quarantine, id, sizeof(qq->id), qq);
+        emx_list_push_back(&r->t_quarantine, &qq->link);
+    }
+    emx_free(e);
+    if (r->reap_needed)
+        emx_router_tick(r, now);
+}
+
+struct emx_edge *emx_router_edge_find(struct emx_router *r, uint32_t endpoint_id)
+{
+    struct emx_edge *e;
+    HASH_FIND(hh, r->edges, &endpoint_id, sizeof(endpoint_id), e);
+    return e;
+}
+
+size_t emx_router_edge_count(const struct emx_router *r)
+{
+    return r->nedges;
+}
+
+struct emx_edge *emx_router_edge_next(struct emx_router *r, struct emx_edge *prev)
+{
+    return prev ? (struct emx_edge *)prev->hh.next : r->edges;
+}
+
+/* ------------------------------------------------------------------ */
+/* instances and discovery (rule 9) */
+
+static void instance_free(struct emx_instance *inst)
+{
+    emx_free(inst->pipes);
+    emx_free(inst->id);
+    emx_free(inst->host);
+    emx_free(inst->metadata);
+    emx_free(inst);
+}
+
+static void instance_remove(struct emx_router *r, struct emx_instance *inst, uint64_t now)
+{
+    for (unsigned i = 0; i < inst->npipes; i++)
+        pipe_down(r, &inst->pipes[i], now);
+    rlog(r, EMX_LOG_INFO, "instance %s (%s:%u) drained and removed", inst->id, inst->host,
+         inst->port);
+    r->io.instance_removed(r->io.ctx, inst);
+    emx_list_unlink(&inst->link);
+    instance_free(inst);
+}
+
+static void instance_drain(struct emx_router *r, struct emx_instance *inst)
+{
+    if (inst->state == EMX_INSTANCE_DRAINING)
+        return;
+    inst->state = EMX_INSTANCE_DRAINING;
+    r->reap_needed = true;
+    rlog(r, EMX_LOG_INFO, "instance %s (%s:%u) left discovery: draining %" PRIu32 " request(s)",
+         inst->id, inst->host, inst->port, inst->pending);
+}
+
+static struct emx_instance *instance_new(struct emx_router *r, const char *id,
+                                         const struct emx_instance_info *info, uint64_t now)
+{
+    struct emx_instance *inst = emx_calloc(1, sizeof(*inst));
+    if (!inst)
+        return NULL;
+    inst->id = emx_strdup(id);
+    inst->host = emx_strdup(info->host);
+    inst->metadata = info->metadata ? emx_strdup(info->metadata) : NULL;
+    inst->npipes = r->cfg.pipes_per_instance ? r->cfg.pipes_per_instance : 1;
+    inst->pipes = emx_calloc(inst->npipes, sizeof(*inst->pipes));
+    if (!inst->id || !inst->host || !inst->pipes || (info->metadata && !inst->metadata)) {
+        instance_free(inst);
+        return NULL;
+    }
+    inst->port = info->port;
+    inst->tls = info->tls;
+    inst->weight = info->weight;
+    inst->priority = info->priority;
+    inst->serial = ++r->next_serial;
+    for (unsigned i = 0; i < inst->npipes; i++) {
+        struct emx_pipe *p = &inst->pipes[i];
+        p->inst = inst;
+        p->index = i;
+        emx_wm_init(&p->wm, r->cfg.low_watermark, r->cfg.high_watermark);
+        emx_stall_init(&p->stall, now);
+        emx_list_init(&p->reqs);
+        emx_list_init(&p->inbound);
+        emx_list_init(&p->blocked);
+    }
+    emx_list_push_back(&r->instances, &inst->link);
+    return inst;
+}
+
+static struct emx_instance *find_instance(struct emx_router *r, const char *id, bool draining)
+{
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &r->instances)
+    {
+        struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+        if ((inst->state == EMX_INSTANCE_DRAINING) == draining && strcmp(inst->id, id) == 0)
+            return inst;
+    }
+    return NULL;
+}
+
+static bool same_address(const struct emx_instance *inst, const struct emx_instance_info *info)
+{
+    return inst->port == info->port && inst->tls == info->tls &&
+           strcmp(inst->host, info->host) == 0;
+}
+
+static void apply_set(struct emx_router *r, const struct emx_instance_info *set, size_t count,
+                      uint64_t now)
+{
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &r->instances)
+        emx_container_of(it, struct emx_instance, link)->seen = false;
+
+    for (size_t i = 0; i < count; i++) {
+        const struct emx_instance_info *info = &set[i];
+        if (!info->host || !info->host[0] || info->port == 0) {
+            rlog(r, EMX_LOG_WARN, "discovery: entry %zu ignored: no host or port", i);
+            continue;
+        }
+        char idbuf[300];
+        const char *id = info->id;
+        if (!id || !id[0]) {
+            snprintf(idbuf, sizeof(idbuf), "%s:%u", info->host, info->port);
+            id = idbuf;
+        }
+        struct emx_instance *inst = find_instance(r, id, false);
+        if (inst && inst->seen) {
+            rlog(r, EMX_LOG_WARN, "discovery: duplicate instance %s ignored", id);
+            continue;
+        }
+        if (inst && !same_address(inst, info)) {
+            instance_drain(r, inst); /* same name, new place: a new instance */
+            inst = NULL;
+        }
+        if (!inst) {
+            inst = find_instance(r, id, true);
+            if (inst && same_address(inst, info)) {
+                inst->state = EMX_INSTANCE_ACTIVE;
+                rlog(r, EMX_LOG_INFO, "instance %s is back in discovery", id);
+            } else {
+                inst = NULL;
+            }
+        }
+        if (inst) {
+            if (inst->weight != info->weight || inst->priority != info->priority)
+                rlog(r, EMX_LOG_INFO, "instance %s: weight %u→%u, priority %u→%u", id,
+                     inst->weight, info->weight, inst->priority, info->priority);
+            inst->weight = info->weight;
+            inst->priority = info->priority;
+            if (info->metadata && (!inst->metadata || strcmp(inst->metadata, info->metadata))) {
+                char *m = emx_strdup(info->metadata);
+                if (m) {
+                    emx_free(inst->metadata);
+                    inst->metadata = m;
+                }
+            }
+            inst->seen = true;
+            continue;
+        }
+        inst = instance_new(r, id, info, now);
+        if (!inst) {
+            rlog(r, EMX_LOG_ERROR, "discovery: out of memory adding instance %s", id);
+            continue;
+        }
+        inst->seen = true;
+        rlog(r, EMX_LOG_INFO, "instance %s added (%s:%u%s, weight %u, priority %u)", id,
+             info->host, info->port, info->tls ? " tls" : "", info->weight, info->priority);
+        r->io.instance_added(r->io.ctx, inst);
+    }
+    emx_list_for_each_safe(it, tmp, &r->instances)
+    {
+        struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+        if (inst->state == EMX_INSTANCE_ACTIVE && !inst->seen)
+            instance_drain(r, inst);
+    }
+}
+
+static size_t active_instances(const struct emx_router *r)
+{
+    size_t n = 0;
+    const struct emx_list *it;
+    for (it = r->instances.next; it != &r->instances; it = it->next)
+        n += emx_container_of(it, struct emx_instance, link)->state == EMX_INSTANCE_ACTIVE;
+    return n;
+}
+
+void emx_router_discovery_update(struct emx_router *r, const struct emx_instance_info *set,
+                                 size_t count, uint64_t now)
+{
+    r->stats.discovery_updates++;
+    r->stats.discovery_last_good_ms = now;
+    if (count == 0) {
+        if (active_instances(r) == 0) {
+            r->empty_pending = false;
+        } else if (!r->empty_pending) {
+            r->empty_pending = true;
+            r->empty_since = now;
+            rlog(r, EMX_LOG_WARN,
+                 "discovery reports no instances; applied only if that holds for %" PRIu64 " ms",
+                 r->cfg.empty_confirm);
+        }
+    } else {
+        if (r->empty_pending)
+            rlog(r, EMX_LOG_INFO, "discovery reports instances again; empty answer dropped");
+        r->empty_pending = false;
+        apply_set(r, set, count, now);
+    }
+    emx_router_tick(r, now);
+}
+
+void emx_router_discovery_failed(struct emx_router *r, const char *reason, uint64_t now)
+{
+    (void)now;
+    r->stats.discovery_failures++;
+    rlog(r, EMX_LOG_WARN, "discovery source failed (%s); keeping the last good set",
+         reason ? reason : "unknown");
+}
+
+struct emx_instance *emx_router_instance_find(struct emx_router *r, const char *id)
+{
+    struct emx_instance *inst = find_instance(r, id, false);
+    return inst ? inst : find_instance(r, id, true);
+}
+
+struct emx_instance *emx_router_instance_next(struct emx_router *r, struct emx_instance *prev)
+{
+    struct emx_list *next = prev ? prev->link.next : r->instances.next;
+    return next == &r->instances ? NULL : emx_container_of(next, struct emx_instance, link);
+}
+
+int emx_router_instance_maintenance(struct emx_router *r, const char *id, bool on, uint64_t now)
+{
+    (void)now;
+    struct emx_instance *inst = emx_router_instance_find(r, id);
+    if (!inst)
+        return -ENOENT;
+    if (inst->maintenance != on)
+        rlog(r, EMX_LOG_INFO, "instance %s: maintenance %s", id, on ? "on" : "off");
+    inst->maintenance = on;
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* timers */
+
+static void expire_request(struct emx_router *r, struct emx_req *q, uint64_t now)
+{
+    if (q->flags & REQ_F_PIPE_AUTH) {
+        struct emx_pipe *p = q->pipe;
+        req_free(r, q);
+        if (p) {
+            rlog(r, EMX_LOG_WARN, "instance %s pipe %u: AUTH not answered", p->inst->id, p->index);
+            r->io.pipe_close(r->io.ctx, p, "AUTH timeout");
+        }
+        return;
+    }
+    if ((q->flags & REQ_F_LEAVE) || q->state == REQ_TOMBSTONE || !q->edge) {
+        req_free(r, q);
+        return;
+    }
+    struct emx_edge *e = q->edge;
+    answer_edge(r, e, EMX_AO_GATEWAY_TIMEOUT, (uint32_t)q->key, q->orig_endpoint_id,
+                q->session_id, "request timed out", EMX_ANS_TIMEOUT);
+    if ((q->flags & REQ_F_AUTH) && e->state == EMX_EDGE_AUTHING)
+        e->state = EMX_EDGE_NEW;
+    if (q->state == REQ_SENDING && q->next_chunk <= q->chunk_count)
+        tombstone(r, q, now);
+    else
+        req_free(r, q);
+}
+
+static uint64_t min_u64(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+static void run_all_down(struct emx_router *r, uint64_t now)
+{
+    if (!r->down || r->pipes_up > 0)
+        return;
+    if (!r->down_handled && !r->closing && now - r->down_since >= r->cfg.all_down_grace) {
+        r->down_handled = true;
+        size_t n = 0;
+        for (struct emx_edge *e = r->edges; e; e = e->hh.next)
+            n += e->state != EMX_EDGE_CLOSING;
+        rlog(r, EMX_LOG_WARN,
+             "no platform pipe for %" PRIu64 " ms: closing %zu edge(s) over %" PRIu64 " ms",
+             now - r->down_since, n, r->cfg.close_spread);
+        if (n == 0)
+            return;
+        r->closing = emx_calloc(n, sizeof(*r->closing));
+        if (!r->closing)
+            return;
+        n = 0;
+        for (struct emx_edge *e = r->edges; e; e = e->hh.next)
+            if (e->state != EMX_EDGE_CLOSING)
+                r->closing[n++] = e->id;
+        r->nclosing = n;
+        r->closing_idx = 0;
+        r->closing_start = now;
+    }
+    if (!r->closing)
+        return;
+    size_t due = r->nclosing;
+    if (r->cfg.close_spread > 0 && now - r->closing_start < r->cfg.close_spread)
+        due = (size_t)((double)r->nclosing * (double)(now - r->closing_start) /
+                       (double)r->cfg.close_spread);
+    while (r->closing_idx < due) {
+        struct emx_edge *e = emx_router_edge_find(r, r->closing[r->closing_idx++]);
+        if (e && e->state != EMX_EDGE_CLOSING) {
+            r->stats.all_down_closes++;
+            close_edge(r, e, 1013, "no platform instance");
+        }
+    }
+    if (r->closing_idx >= r->nclosing) {
+        emx_free_ptr(&r->closing);
+        r->nclosing = r->closing_idx = 0;
+    }
+}
+
+uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
+{
+    struct emx_list *it;
+    while ((it = r->t_requests.next) != &r->t_requests) {
+        struct emx_req *q = emx_container_of(it, struct emx_req, timer_link);
+        if (q->deadline > now)
+            break;
+        expire_request(r, q, now);
+    }
+    while ((it = r->t_pin.next) != &r->t_pin) {
+        struct emx_req *q = emx_container_of(it, struct emx_req, wait_link);
+        if (q->wait_deadline > now)
+            break;
+        /* The pinned pipe stayed busy past multipart_pin_wait: one 0xA0. */
+        answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
+                    q->session_id, "platform connection busy", EMX_ANS_PIN_LOST);
+        if (q->state == REQ_SENDING)
+            tombstone(r, q, now);
+        else
+            req_free(r, q);
+    }
+    while ((it = r->t_inbound.next) != &r->t_inbound) {
+        struct emx_inbound *in = emx_container_of(it, struct emx_inbound, timer_link);
+        if (in->deadline > now)
+            break;
+        struct emx_edge *e = in->edge;
+        if (in->pipe) {
+            answer_pipe(r, in->pipe, EMX_AO_GATEWAY_TIMEOUT, in->orig_request_id,
+                        in->endpoint_id, e->session_id, "endpoint did not answer",
+                        EMX_ANS_EDGE_TIMEOUT);
+            emx_list_unlink(&in->pipe_link);
+            inst_pending_dec(r, in->pipe->inst);
+        }
+        emx_list_unlink(&in->timer_link);
+        HASH_DEL(e->inbound, in);
+        e->ninbound--;
+        emx_free(in);
+    }
+    while ((it = r->t_auth.next) != &r->t_auth) {
+        struct emx_edge *e = emx_container_of(it, struct emx_edge, auth_link);
+        if (e->opened_at + r->cfg.auth_timeout > now)
+            break;
+        r->stats.auth_timeouts++;
+        close_edge(r, e, 1008, "no AUTH in time"); /* unlinks it */
+    }
+    while ((it = r->t_quarantine.next) != &r->t_quarantine) {
+        struct quarantined *qq = emx_container_of(it, struct quarantined, link);
+        if (qq->until > now)
+            break;
+        emx_list_unlink(&qq->link);
+        HASH_DEL(r->quarantine, qq);
+        emx_free(qq);
+    }
+    run_all_down(r, now);
+    if (r->empty_pending && now - r->empty_since >= r->cfg.empty_confirm) {
+        r->empty_pending = false;
+        rlog(r, EMX_LOG_WARN, "discovery has reported no instances for %" PRIu64
+                              " ms: draining all", now - r->empty_since);
+        apply_set(r, NULL, 0, now);
+    }
+    if (r->reap_needed) {
+        r->reap_needed = false;
+        struct emx_list *tmp;
+        emx_list_for_each_safe(it, tmp, &r->instances)
+        {
+            struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+            if (inst->state == EMX_INSTANCE_DRAINING && inst->pending == 0)
+                instance_remove(r, inst, now);
+        }
+    }
+
+    /* The next deadline. */
+    uint64_t next = UINT64_MAX;
+    if (!emx_list_empty(&r->t_requests))
+        next = min_u64(next, emx_list_first(&r->t_requests, struct emx_req, timer_link)->deadline);
+    if (!emx_list_empty(&r->t_pin))
+        next = min_u64(next, emx_list_first(&r->t_pin, struct emx_req, wait_link)->wait_deadline);
+    if (!emx_list_empty(&r->t_inbound))
+        next = min_u64(next,
+                       emx_list_first(&r->t_inbound, struct emx_inbound, timer_link)->deadline);
+    if (!emx_list_empty(&r->t_auth))
+        next = min_u64(next, emx_list_first(&r->t_auth, struct emx_edge, auth_link)->opened_at +
+                                 r->cfg.auth_timeout);
+    if (!emx_list_empty(&r->t_quarantine))
+        next = min_u64(next,
+                       emx_list_first(&r->t_quarantine, struct quarantined, link)->until);
+    if (r->down && !r->down_handled)
+        next = min_u64(next, r->down_since + r->cfg.all_down_grace);
+    if (r->closing && r->nclosing) {
+        uint64_t step = r->cfg.close_spread / r->nclosing;
+        next = min_u64(next, now + (step ? step : 1));
+    }
+    if (r->empty_pending)
+        next = min_u64(next, r->empty_since + r->cfg.empty_confirm);
+    return next;
+}
+
+/* ------------------------------------------------------------------ */
+/* life */
+
+static int copy_config(struct emx_router *r, const struct emx_router_config *cfg)
+{
+    char *key = NULL;
+    size_t key_len = 0;
+    if (cfg->app_key) {
+        key_len = strlen(cfg->app_key);
+        key = emx_strdup(cfg->app_key);
+        if (!key)
+            return -ENOMEM;
+    }
+    if (r->app_key) {
+        explicit_bzero(r->app_key, r->app_key_len);
+        emx_free(r->app_key);
+    }
+    r->cfg = *cfg;
+    r->cfg.app_key = NULL; /* only r->app_key holds it */
+    r->app_key = key;
+    r->app_key_len = key_len;
+    if (r->cfg.worker >= (1u << EMX_WORKER_BITS))
+        r->cfg.worker = 0;
+    if (r->cfg.max_pending == 0)
+        r->cfg.max_pending = 1;
+    return 0;
+}
+
+struct emx_router *emx_router_new(const struct emx_router_config *cfg,
+                                  const struct emx_router_io *io, uint64_t now)
+{
+    struct emx_router *r = emx_calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    if (copy_config(r, cfg) != 0) {
+        emx_free(r);
+        return NULL;
+    }
+    r->io = *io;
+    emx_list_init(&r->instances);
+    emx_list_init(&r->t_requests);
+    emx_list_init(&r->t_pin);
+    emx_list_init(&r->t_inbound);
+    emx_list_init(&r->t_auth);
+    emx_list_init(&r->t_quarantine);
+    r->next_seq = 1;
+    /* Until a pipe connects, edgemux is "down" (rule 8 applies from start). */
+    r->down = true;
+    r->down_since = now;
+    return r;
+}
+
+int emx_router_set_config(struct emx_router *r, const struct emx_router_config *cfg, uint64_t now)
+{
+    unsigned worker = r->cfg.worker;
+    int rc = copy_config(r, cfg);
+    if (rc)
+        return rc;
+    r->cfg.worker = worker; /* endpointIds already handed out keep their bits */
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &r->instances)
+    {
+        struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+        for (unsigned i = 0; i < inst->npipes; i++) {
+            struct emx_pipe *p = &inst->pipes[i];
+            if (emx_wm_set_marks(&p->wm, cfg->low_watermark, cfg->high_watermark) &&
+                pipe_ok(r, p, now))
+                flush_blocked(r, p, now);
+        }
+    }
+    return 0;
+}
+
+const struct emx_router_config *emx_router_config(const struct emx_router *r)
+{
+    return &r->cfg;
+}
+
+const struct emx_router_stats *emx_router_stats(const struct emx_router *r)
+{
+    return &r->stats;
+}
+
+void emx_router_free(struct emx_router *r)
+{
+    if (!r)
+        return;
+    struct emx_edge *e, *etmp;
+    HASH_ITER(hh, r->edges, e, etmp)
+    {
+        struct emx_inbound *in, *itmp;
+        HASH_ITER(hh, e->inbound, in, itmp)
+        {
+            HASH_DEL(e->inbound, in);
+            emx_free(in);
+        }
+        struct emx_thing *t, *ttmp;
+        HASH_ITER(hh, e->things, t, ttmp)
+        {
+            HASH_DEL(e->things, t);
+            emx_free(t);
+        }
+        HASH_DEL(r->edges, e);
+        emx_free(e);
+    }
+    struct emx_req *q, *qtmp;
+    HASH_ITER(hh, r->reqs, q, qtmp)
+    {
+        HASH_DEL(r->reqs, q);
+        free_held(q);
+        emx_free(q->names);
+        emx_free(q);
+    }
+    struct quarantined *qq, *qqtmp;
+    HASH_ITER(hh, r->quarantine, qq, qqtmp)
+    {
+        HASH_DEL(r->quarantine, qq);
+        emx_free(qq);
+    }
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &r->instances)
+        instance_free(emx_container_of(it, struct emx_instance, link));
+    emx_free(r->closing);
+    if (r->app_key) {
+        explicit_bzero(r->app_key, r->app_key_len);
+        emx_free(r->app_key);
+    }
+    emx_free(r);
+}

@@ -1,0 +1,249 @@
+/* The router: every rule of DESIGN §4 and every row of the outcomes table of
+ * §3 that needs no socket, as plain code over in-memory edges, instances and
+ * pipes. It never touches a socket or a clock: the server feeds it events
+ * with the loop's monotonic time in milliseconds, calls emx_router_tick()
+ * from a timer, and carries out what the router asks through emx_router_io.
+ *
+ * One router per worker loop; nothing here is thread-safe.
+ *
+ * Lifetimes: edges are created by emx_router_edge_open() and freed by
+ * emx_router_edge_closed() (after the transport reports the close, whoever
+ * started it). Instances and their pipes are created from discovery sets and
+ * freed after io->instance_removed() returns; the server must not use them
+ * afterwards.
+ */
+#ifndef EMX_ROUTER_H
+#define EMX_ROUTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uthash.h>
+
+#include "edgemux/host.h"
+#include "list.h"
+#include "log.h"
+#include "watermark.h"
+
+#define EMX_WORKER_BITS 4
+#define EMX_WORKER_SHIFT (32 - EMX_WORKER_BITS)
+#define EMX_ENDPOINT_SEQ_MASK ((1u << EMX_WORKER_SHIFT) - 1)
+#define EMX_OWN_REQUEST_ID_BASE 0x80000000u /* edgemux's own requests on pipes */
+
+struct emx_router;
+struct emx_req;
+
+enum emx_pipe_state {
+    EMX_PIPE_DOWN = 0, /* no connection (connecting or waiting to retry) */
+    EMX_PIPE_AUTHING,  /* WebSocket open, pipe AUTH sent */
+    EMX_PIPE_UP,       /* AUTH succeeded: counts for routing, readiness, rule 8 */
+};
+
+enum emx_instance_state {
+    EMX_INSTANCE_ACTIVE = 0,
+    EMX_INSTANCE_DRAINING, /* gone from discovery: no new requests; freed when idle */
+};
+
+struct emx_pipe {
+    struct emx_instance *inst;
+    unsigned index;
+    enum emx_pipe_state state;
+    void *conn;                 /* the server's handle; the router never reads it */
+    struct emx_watermark wm;
+    struct emx_stall stall;
+    uint32_t auth_request_id;
+    struct emx_list reqs;       /* outbound requests sent on this pipe (emx_req.pipe_link) */
+    struct emx_list inbound;    /* platform requests taken from this pipe (emx_inbound.pipe_link) */
+    struct emx_list blocked;    /* multipart pins waiting for this pipe (emx_req.block_link) */
+    uint64_t msgs_out, msgs_in, bytes_out, bytes_in;
+};
+
+struct emx_instance {
+    char *id;
+    char *host;
+    uint16_t port;
+    bool tls;
+    uint32_t weight;
+    uint32_t priority;
+    char *metadata;
+    uint64_t serial; /* unique for the router's life; binds refer to it */
+    enum emx_instance_state state;
+    bool maintenance;
+    int64_t swrr_current;
+    unsigned pipe_cursor;
+    struct emx_pipe *pipes;
+    unsigned npipes;
+    unsigned up_pipes;
+    uint32_t pending; /* requests in flight on its pipes, inbound included */
+    void *user;       /* the server's per-instance data */
+    bool seen;        /* scratch for applying a discovery set */
+    struct emx_list link;
+    uint64_t requests; /* requests routed to it */
+};
+
+enum emx_edge_state {
+    EMX_EDGE_NEW = 0,  /* must send AUTH first */
+    EMX_EDGE_AUTHING,  /* AUTH forwarded, answer pending */
+    EMX_EDGE_AUTHED,
+    EMX_EDGE_CLOSING,  /* the router asked the transport to close it */
+};
+
+struct emx_thing;
+struct emx_inbound;
+
+struct emx_edge {
+    uint32_t id;
+    UT_hash_handle hh;
+    void *conn; /* the server's handle */
+    enum emx_edge_state state;
+    uint64_t opened_at;
+    uint32_t session_id;      /* last seen from the edge */
+    struct emx_list auth_link; /* in the router's auth-timeout FIFO until AUTHED */
+    struct emx_list reqs;      /* its outbound requests and tombstones (emx_req.edge_link) */
+    uint32_t npending;         /* outbound requests counted against max_pending */
+    struct emx_inbound *inbound; /* platform requests in flight to it, by local requestId */
+    uint32_t ninbound;
+    uint32_t next_inbound_id;
+    struct emx_thing *things; /* bound Things */
+    uint32_t nthings;
+    unsigned paused;          /* multipart pins holding its reads */
+    uint64_t msgs_in, msgs_out;
+};
+
+struct emx_router_config {
+    unsigned worker;             /* 0..15: the top 4 bits of every endpointId */
+    unsigned pipes_per_instance;
+    uint64_t high_watermark, low_watermark;
+    uint64_t stall_after;        /* ms; 0: off */
+    uint64_t request_timeout;    /* edge → platform, ms */
+    uint64_t edge_request_timeout; /* platform → edge, ms */
+    uint64_t auth_timeout;
+    uint64_t multipart_pin_wait;
+    uint64_t all_down_grace;
+    uint64_t close_spread;
+    uint64_t empty_confirm;
+    uint64_t max_message_size;   /* AlwaysOn bytes of one message, all chunks */
+    uint32_t max_pending;        /* requests in flight per edge, each direction */
+    const char *app_key;         /* pipe AUTH; copied by the router; never logged */
+};
+
+/* What the router asks of the server. Buffers are borrowed for the call. */
+struct emx_router_io {
+    void *ctx;
+    const struct emx_log *log;
+    /* Queue one message to an edge. Return -ENOBUFS when the edge is over its
+     * queue limit: the router then closes it 1008 "slow consumer". */
+    int (*edge_send)(void *ctx, struct emx_edge *e, const uint8_t *buf, size_t len);
+    /* Start closing an edge; emx_router_edge_closed() follows later. */
+    void (*edge_close)(void *ctx, struct emx_edge *e, uint16_t code, const char *reason);
+    void (*edge_pause)(void *ctx, struct emx_edge *e, bool pause);
+    int (*pipe_send)(void *ctx, struct emx_pipe *p, const uint8_t *buf, size_t len);
+    /* Close a pipe's connection and reconnect it later (AUTH failed or timed
+     * out). emx_router_pipe_closed() follows when it is down. */
+    void (*pipe_close)(void *ctx, struct emx_pipe *p, const char *reason);
+    /* A new instance: open its pipes. */
+    void (*instance_added)(void *ctx, struct emx_instance *inst);
+    /* A drained instance is being freed: close its pipes' connections without
+     * calling back into the router for them. */
+    void (*instance_removed)(void *ctx, struct emx_instance *inst);
+};
+
+/* Answers edgemux gave on its own, by reason (metrics). */
+enum emx_answer_reason {
+    EMX_ANS_NO_INSTANCE = 0, /* 0xA0: nothing eligible */
+    EMX_ANS_PIPE_LOST,       /* 0xA3: pipe closed before the answer */
+    EMX_ANS_TIMEOUT,         /* 0xA4: request_timeout */
+    EMX_ANS_TOO_LARGE,       /* 0x8D */
+    EMX_ANS_TOO_MANY_PENDING, /* 0xA3 */
+    EMX_ANS_BAD_REQUEST,     /* 0x80 */
+    EMX_ANS_KEEP_ALIVE,      /* 0x40 */
+    EMX_ANS_PIN_LOST,        /* 0xA0: multipart pin lost or waited too long */
+    EMX_ANS_ENDPOINT_GONE,   /* 0xA3 to a platform: endpointId unknown */
+    EMX_ANS_EDGE_TIMEOUT,    /* 0xA4 to a platform: edge did not answer */
+    EMX_ANS_EDGE_LEFT,       /* 0xA3 to a platform: edge left with the request */
+    EMX_ANS__COUNT
+};
+const char *emx_answer_reason_name(enum emx_answer_reason r);
+
+struct emx_router_stats {
+    uint64_t answers[EMX_ANS__COUNT];
+    uint64_t edges_opened, edges_closed;
+    uint64_t auth_ok, auth_failed, auth_timeouts;
+    uint64_t edge_msgs_in, edge_bytes_in, edge_msgs_out, edge_bytes_out;
+    uint64_t late_platform_answers;  /* platform answers matching nothing pending */
+    uint64_t late_edge_answers;      /* edge answers matching nothing pending */
+    uint64_t edge_answers_pipe_gone; /* edge answers whose pipe closed (rule 5) */
+    uint64_t chunks_discarded;       /* chunks of tombstoned multipart messages */
+    uint64_t unbinds_sent, unbind_answers;
+    uint64_t pipe_garbage;           /* unparseable messages from platforms */
+    uint64_t pipe_auth_failures;
+    uint64_t all_down_closes;        /* edges closed 1013 */
+    uint64_t slow_consumer_closes;
+    uint64_t discovery_updates, discovery_failures;
+    uint64_t discovery_last_good_ms; /* loop time of the last good set */
+};
+
+struct emx_router *emx_router_new(const struct emx_router_config *cfg,
+                                  const struct emx_router_io *io, uint64_t now);
+void emx_router_free(struct emx_router *r);
+/* Reload: new limits, timeouts and marks apply at once (marks re-evaluate
+ * every pipe). pipes_per_instance and worker apply to new instances only. */
+int emx_router_set_config(struct emx_router *r, const struct emx_router_config *cfg,
+                          uint64_t now);
+const struct emx_router_config *emx_router_config(const struct emx_router *r);
+const struct emx_router_stats *emx_router_stats(const struct emx_router *r);
+
+/* ---- edges ---- */
+
+/* A new edge connection. Returns NULL when no endpointId is free or memory
+ * ran out (the server refuses the connection). */
+struct emx_edge *emx_router_edge_open(struct emx_router *r, void *conn, uint64_t now);
+/* One whole WebSocket message from an edge; `data` may be modified. */
+void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *data, size_t len,
+                             uint64_t now);
+/* The edge's connection is gone: UNBIND its Things, answer platform requests
+ * it held with 0xA3, free it. `e` is invalid afterwards. */
+void emx_router_edge_closed(struct emx_router *r, struct emx_edge *e, uint64_t now);
+struct emx_edge *emx_router_edge_find(struct emx_router *r, uint32_t endpoint_id);
+size_t emx_router_edge_count(const struct emx_router *r);
+/* Iterate edges: first with NULL; returns NULL at the end. */
+struct emx_edge *emx_router_edge_next(struct emx_router *r, struct emx_edge *prev);
+bool emx_edge_has_thing(const struct emx_edge *e, const char *name);
+
+/* ---- pipes ---- */
+
+/* The pipe's WebSocket is open: the router sends the pipe AUTH. */
+void emx_router_pipe_opened(struct emx_router *r, struct emx_pipe *p, uint64_t now);
+/* One whole message from a platform. */
+void emx_router_pipe_message(struct emx_router *r, struct emx_pipe *p, uint8_t *data, size_t len,
+                             uint64_t now);
+/* Bytes queued to the pipe (own queue + kernel's unsent), absolute. */
+void emx_router_pipe_queued(struct emx_router *r, struct emx_pipe *p, uint64_t queued,
+                            uint64_t now);
+/* The pipe's connection is gone (or a connect failed). */
+void emx_router_pipe_closed(struct emx_router *r, struct emx_pipe *p, uint64_t now);
+bool emx_pipe_is_writable(const struct emx_router *r, const struct emx_pipe *p, uint64_t now);
+unsigned emx_router_pipes_up(const struct emx_router *r);
+
+/* ---- instances and discovery ---- */
+
+/* A whole set from discovery; copied. */
+void emx_router_discovery_update(struct emx_router *r, const struct emx_instance_info *set,
+                                 size_t count, uint64_t now);
+/* The source failed: keep the last good set; count and log `reason`. */
+void emx_router_discovery_failed(struct emx_router *r, const char *reason, uint64_t now);
+struct emx_instance *emx_router_instance_find(struct emx_router *r, const char *id);
+/* Iterate instances (draining ones included): first with NULL. */
+struct emx_instance *emx_router_instance_next(struct emx_router *r, struct emx_instance *prev);
+int emx_router_instance_maintenance(struct emx_router *r, const char *id, bool on, uint64_t now);
+bool emx_instance_is_eligible(const struct emx_router *r, const struct emx_instance *inst,
+                              uint64_t now);
+
+/* ---- time ---- */
+
+/* Run every timer due at `now`. Returns the loop time of the next deadline,
+ * or UINT64_MAX when none is pending. */
+uint64_t emx_router_tick(struct emx_router *r, uint64_t now);
+
+#endif
