@@ -27,7 +27,14 @@ const char *emx_plugin_kind_name(enum emx_plugin_kind kind);
 /* Resolve `name` (letters, digits, '-', '_') to <dir>/emx-<kind>-<name>.so
  * and load it. On failure returns a negative errno and writes into err one
  * line naming the file and, for a descriptor check, the expected and found
- * values. */
+ * values; *out is then NULL. err may be NULL; errlen bounds it.
+ *
+ * Errors: -EINVAL bad name, kind or arguments; -ENAMETOOLONG; the open's
+ * errno (-ENOENT …); -EPERM the file is not a regular file, is group or
+ * world writable, or is owned by neither root nor the running user;
+ * -ELIBBAD dlopen failed; -ENOTSUP ABI version mismatch; -ENOEXEC any other
+ * descriptor fault (symbol, magic, kind, size, name, callbacks, options);
+ * -ENOMEM. */
 int emx_plugin_load(const char *dir, const char *name, enum emx_plugin_kind kind,
                     struct emx_plugin **out, char *err, size_t errlen);
 /* Load a plugin from an explicit path (same checks). */

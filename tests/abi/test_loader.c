@@ -198,6 +198,14 @@ static void test_object_smaller_than_header(void **state)
     expect_refused(EMX_PLUGIN_DISCOVERY, "tiny", -ENOEXEC, want);
 }
 
+/* struct_size may not claim more than the exported object holds. */
+static void test_struct_size_beyond_object(void **state)
+{
+    (void)state;
+    expect_refused(EMX_PLUGIN_DISCOVERY, "big", -ENOEXEC,
+                   "descriptor larger than its symbol: struct_size 4096, symbol ");
+}
+
 static void test_no_name(void **state)
 {
     (void)state;
@@ -451,6 +459,24 @@ static void test_not_regular_refused(void **state)
     expect_copy_refused(s, "dir", -EPERM, "not a regular file");
 }
 
+static void test_not_elf_refused(void **state)
+{
+    struct scratch *s = *state;
+    scratch_name(s, "text");
+    FILE *f = fopen(s->path, "w");
+    assert_non_null(f);
+    fputs("not a shared object\n", f);
+    assert_int_equal(fclose(f), 0);
+    assert_int_equal(chmod(s->path, 0644), 0);
+    expect_copy_refused(s, "text", -ELIBBAD, "dlopen failed: ");
+}
+
+static void test_unload_null(void **state)
+{
+    (void)state;
+    emx_plugin_unload(NULL);
+}
+
 static void test_symlink_checks_target(void **state)
 {
     struct scratch *s = *state;
@@ -474,6 +500,7 @@ int main(void)
         cmocka_unit_test(test_newer_minor),
         cmocka_unit_test(test_short_struct),
         cmocka_unit_test(test_object_smaller_than_header),
+        cmocka_unit_test(test_struct_size_beyond_object),
         cmocka_unit_test(test_no_name),
         cmocka_unit_test(test_wrong_kind_descriptor),
         cmocka_unit_test(test_transport_in_discovery_slot),
@@ -492,6 +519,8 @@ int main(void)
                                         scratch_teardown),
         cmocka_unit_test_setup_teardown(test_other_owner_refused, scratch_setup, scratch_teardown),
         cmocka_unit_test_setup_teardown(test_not_regular_refused, scratch_setup, scratch_teardown),
+        cmocka_unit_test_setup_teardown(test_not_elf_refused, scratch_setup, scratch_teardown),
+        cmocka_unit_test(test_unload_null),
         cmocka_unit_test_setup_teardown(test_symlink_checks_target, scratch_setup,
                                         scratch_teardown),
     };
