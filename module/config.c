@@ -471,7 +471,7 @@ static int parse_doc(struct yparse *y, struct emx_node *root)
         return -EINVAL;
     }
     if (root->kind == EMX_NODE_SCALAR && root->is_null) {
-        yerr(y, root->line, NULL, "empty configuration: expected a map of sections");
+        yerr(y, 1, NULL, "empty configuration: expected a map of sections");
         return -EINVAL;
     }
     if (root->kind != EMX_NODE_MAP) {
@@ -929,6 +929,11 @@ static void bind_table(struct binder *b, const struct emx_option *table, const s
         for (int i = 0; i < n; i++)
             mark_used(hits[i].node);
         if (n > 1) {
+            if (hits[1].node->key_line < hits[0].node->key_line) { /* tell in file order */
+                struct hit t = hits[0];
+                hits[0] = hits[1];
+                hits[1] = t;
+            }
             key_name(kb, sizeof(kb), section, o->name);
             berr(b, hits[1].node->file, hits[1].node->key_line, kb,
                  "set twice: as '%s' (line %d) and as '%s' (line %d); keep one", hits[0].key,
@@ -1273,10 +1278,11 @@ static void unused_top(struct binder *b, const struct emx_config *cfg, bool all)
 /* ---- checks after binding ---- */
 
 /* The node that set option `name` of `sec`, for a message's file:line and
- * key; falls back to the section, then the top of the file. */
+ * key; falls back to the section, then the top of the file (*set false). */
 static const struct emx_node *locate(const struct emx_config *cfg, const struct section *sec,
-                                     const char *name, char *kb, size_t cap)
+                                     const char *name, char *kb, size_t cap, bool *set)
 {
+    *set = false;
     const struct emx_node *map = emx_node_get(cfg->root, sec->name);
     for (const struct emx_option *o = sec->table; o->name; o++) {
         if (strcmp(o->name, name) != 0)
@@ -1284,6 +1290,7 @@ static const struct emx_node *locate(const struct emx_config *cfg, const struct 
         struct hit hits[3];
         if (find_option(o, map && map->kind == EMX_NODE_MAP ? map : NULL, cfg->root, hits)) {
             key_name(kb, cap, sec->name, hits[0].key);
+            *set = true;
             return hits[0].node;
         }
         break;
@@ -1299,7 +1306,8 @@ static void check(struct binder *b, const struct emx_config *cfg, int si, const 
                   const char *fmt, ...)
 {
     char kb[256];
-    const struct emx_node *n = locate(cfg, &sections[si], name, kb, sizeof(kb));
+    bool set;
+    const struct emx_node *n = locate(cfg, &sections[si], name, kb, sizeof(kb), &set);
     va_list ap;
     va_start(ap, fmt);
     errors_vadd(b->errs, n->file, n->key_line ? n->key_line : n->line, kb, fmt, ap);
@@ -1363,10 +1371,20 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
 #define p (&cfg->platform)
     check_path(b, cfg, S_PLATFORM, "path", p->path);
     check_range(b, cfg, S_PLATFORM, "pipes_per_instance", p->pipes_per_instance, 1, 64);
-    if (p->low_watermark >= p->high_watermark)
-        check(b, cfg, S_PLATFORM, "low_watermark",
-              "must be below high_watermark (%llu >= %llu bytes)",
-              (unsigned long long)p->low_watermark, (unsigned long long)p->high_watermark);
+    if (p->low_watermark >= p->high_watermark) {
+        /* Blame the one the operator wrote: low if set, else high. */
+        char kb[64];
+        bool low_set;
+        locate(cfg, &sections[S_PLATFORM], "low_watermark", kb, sizeof(kb), &low_set);
+        if (low_set)
+            check(b, cfg, S_PLATFORM, "low_watermark",
+                  "must be below high_watermark (%llu >= %llu bytes)",
+                  (unsigned long long)p->low_watermark, (unsigned long long)p->high_watermark);
+        else
+            check(b, cfg, S_PLATFORM, "high_watermark",
+                  "must be above low_watermark (%llu <= %llu bytes)",
+                  (unsigned long long)p->high_watermark, (unsigned long long)p->low_watermark);
+    }
     if (p->app_key && p->app_key_file) /* names only: the key itself is never shown */
         check(b, cfg, S_PLATFORM, "app_key_file", "set together with app_key; keep one");
     if (p->reconnect_min > p->reconnect_max)
