@@ -588,8 +588,8 @@ static void test_err_secret_never_shown(void **state)
     const char *want[] = {
         "t.yaml:4: platform.app_key_file: set together with app_key; keep one",
         "t.yaml:3: platform.app_key: expected a string, got a list",
-        "t.yaml:4: platform.app_key: set twice: as 'cx-server.transport.websockets.app-key' "
-        "(line 2) and as 'app_key' (line 4); keep one",
+        ("t.yaml:4: platform.app_key: set twice: as 'cx-server.transport.websockets.app-key' "
+         "(line 2) and as 'app_key' (line 4); keep one"),
     };
     for (size_t i = 0; i < 3; i++) {
         struct emx_errors e = {0};
