@@ -40,8 +40,8 @@ struct emx_node {
     char *value;      /* SCALAR: the text; MAP entries: NULL */
     char *key;        /* set when this node is a value in a MAP */
     int key_line;
-    bool used;        /* set by binding; leftovers are "unknown key" */
-    bool is_null;     /* SCALAR: plain "", "~" or "null": binds as absent */
+    bool used;                 /* set by binding; leftovers are "unknown key" */
+    bool is_null;              /* SCALAR: plain "", "~" or "null": binds as absent */
     struct emx_node *children; /* MAP: values (each with .key); SEQ: items */
     size_t count;
     const char **strs; /* owned: items of an EMX_OPT_STRING_LIST bound here */
@@ -77,14 +77,14 @@ int emx_options_bind(const struct emx_option *table, const struct emx_node *map,
 /* Apply top-level flat alias keys ("cx-server.x.y: v") that name an option of
  * `table`, and nothing else (no defaults). It cannot see the section, so use
  * emx_options_bind_section to catch an alias also set inside the section. */
-int emx_options_bind_aliases(const struct emx_option *table, struct emx_node *root,
-                             void *out, struct emx_errors *errs);
+int emx_options_bind_aliases(const struct emx_option *table, struct emx_node *root, void *out,
+                             struct emx_errors *errs);
 /* Both at once: keys of `map` (may be NULL), flat aliases of `root` (may be
  * NULL), defaults, required keys; the same option set twice is an error.
  * Returns the number of errors added. */
 int emx_options_bind_section(const struct emx_option *table, const struct emx_node *map,
-                             struct emx_node *root, const char *section,
-                             const char *const *skip, void *out, struct emx_errors *errs);
+                             struct emx_node *root, const char *section, const char *const *skip,
+                             void *out, struct emx_errors *errs);
 
 /* ---- the core's settings ---- */
 
@@ -169,8 +169,8 @@ struct emx_config {
  * reported here; those of discovery:, transport: and top-level dotted keys
  * (plugin aliases) by emx_config_check_unused. */
 int emx_config_load(const char *path, struct emx_config **out, struct emx_errors *errs);
-int emx_config_load_string(const char *file, const char *text, size_t len,
-                           struct emx_config **out, struct emx_errors *errs);
+int emx_config_load_string(const char *file, const char *text, size_t len, struct emx_config **out,
+                           struct emx_errors *errs);
 void emx_config_free(struct emx_config *cfg);
 
 /* Bind a plugin's options from its section ("discovery" or "transport") and
