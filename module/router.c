@@ -1225,6 +1225,7 @@ struct emx_edge *emx_router_edge_open(struct emx_router *r, void *conn, uint64_t
     if (!e)
         return NULL;
     e->id = id;
+    e->router = r;
     e->conn = conn;
     e->state = EMX_EDGE_NEW;
     e->opened_at = now;
@@ -1781,6 +1782,11 @@ const struct emx_router_config *emx_router_config(const struct emx_router *r)
 const struct emx_router_stats *emx_router_stats(const struct emx_router *r)
 {
     return &r->stats;
+}
+
+void *emx_router_io_ctx(const struct emx_router *r)
+{
+    return r->io.ctx;
 }
 
 void emx_router_free(struct emx_router *r)

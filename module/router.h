@@ -95,6 +95,7 @@ struct emx_inbound;
 struct emx_edge {
     uint32_t id;
     UT_hash_handle hh;
+    struct emx_router *router; /* lets transport callbacks find their router */
     void *conn; /* the server's handle */
     enum emx_edge_state state;
     uint64_t opened_at;
@@ -193,6 +194,8 @@ int emx_router_set_config(struct emx_router *r, const struct emx_router_config *
                           uint64_t now);
 const struct emx_router_config *emx_router_config(const struct emx_router *r);
 const struct emx_router_stats *emx_router_stats(const struct emx_router *r);
+/* io.ctx as given to emx_router_new. */
+void *emx_router_io_ctx(const struct emx_router *r);
 
 /* ---- edges ---- */
 

@@ -1,0 +1,157 @@
+#include "setup.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "alloc.h"
+
+#define APP_KEY_MAX 4096
+
+/* Read a secret file: refuse one that others can read, strip one trailing
+ * newline. The key itself never appears in a message. */
+static int read_key_file(const char *path, char **out, char *why, size_t whylen)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(why, whylen, "cannot open '%s': %s", path, strerror(errno));
+        return -errno;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        snprintf(why, whylen, "'%s' is not a regular file", path);
+        return -EINVAL;
+    }
+    if (st.st_mode & S_IROTH) {
+        close(fd);
+        snprintf(why, whylen, "'%s' is readable by everyone (mode %04o); chmod o-r it", path,
+                 (unsigned)(st.st_mode & 07777));
+        return -EPERM;
+    }
+    char *buf = emx_malloc(APP_KEY_MAX + 1);
+    if (!buf) {
+        close(fd);
+        return -ENOMEM;
+    }
+    ssize_t n = read(fd, buf, APP_KEY_MAX + 1);
+    close(fd);
+    if (n < 0 || n > APP_KEY_MAX) {
+        snprintf(why, whylen, "'%s': %s", path, n < 0 ? strerror(errno) : "longer than 4096 bytes");
+        emx_free(buf);
+        return -EINVAL;
+    }
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+        n--;
+    buf[n] = '\0';
+    if (n == 0) {
+        snprintf(why, whylen, "'%s' is empty", path);
+        emx_free(buf);
+        return -EINVAL;
+    }
+    *out = buf;
+    return 0;
+}
+
+static int node_line(const struct emx_config *cfg, const char *section, const char *key)
+{
+    struct emx_node *s = cfg->root ? emx_node_get(cfg->root, section) : NULL;
+    struct emx_node *k = s && key ? emx_node_get(s, key) : NULL;
+    return k ? k->line : s ? s->line : 1;
+}
+
+static int load_plugin(struct emx_setup *s, const char *dir, const char *section,
+                       const char *name, enum emx_plugin_kind kind, struct emx_plugin **plugin,
+                       void **config, struct emx_errors *errs)
+{
+    char err[512];
+    int rc = emx_plugin_load(dir, name, kind, plugin, err, sizeof(err));
+    if (rc != 0) {
+        emx_errors_add(errs, s->cfg->file, node_line(s->cfg, section, "plugin"),
+                       section, "%s", err);
+        return rc;
+    }
+    const struct emx_option *table;
+    size_t size;
+    if (kind == EMX_PLUGIN_TRANSPORT) {
+        table = (*plugin)->u.transport->options;
+        size = (*plugin)->u.transport->config_size;
+    } else {
+        table = (*plugin)->u.discovery->options;
+        size = (*plugin)->u.discovery->config_size;
+    }
+    *config = emx_calloc(1, size ? size : 1);
+    if (!*config)
+        return -ENOMEM;
+    if (table)
+        return emx_config_bind_plugin(s->cfg, section, table, *config, errs);
+    return 0;
+}
+
+int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_setup *out,
+                   struct emx_errors *errs)
+{
+    memset(out, 0, sizeof(*out));
+    int rc = emx_config_load(config_path, &out->cfg, errs);
+    if (rc != 0)
+        return rc;
+    struct emx_config *cfg = out->cfg;
+    out->plugins_dir = plugins_dir ? plugins_dir : cfg->plugins.dir;
+
+    int bad = 0;
+    bad |= load_plugin(out, out->plugins_dir, "transport", cfg->transport.plugin,
+                       EMX_PLUGIN_TRANSPORT, &out->transport, &out->transport_config, errs);
+    bad |= load_plugin(out, out->plugins_dir, "discovery", cfg->discovery.plugin,
+                       EMX_PLUGIN_DISCOVERY, &out->discovery, &out->discovery_config, errs);
+    /* Unknown keys can be told apart only once both plugins bound theirs. */
+    if (!bad)
+        bad |= emx_config_check_unused(cfg, errs);
+
+    /* The platform app key: inline, from a file, or from the environment. */
+    char why[600];
+    if (cfg->platform.app_key && cfg->platform.app_key[0]) {
+        out->app_key = emx_strdup(cfg->platform.app_key);
+        if (!out->app_key)
+            bad = -ENOMEM;
+    } else if (cfg->platform.app_key_file) {
+        if (read_key_file(cfg->platform.app_key_file, &out->app_key, why, sizeof(why)) != 0) {
+            emx_errors_add(errs, cfg->file, node_line(cfg, "platform", "app_key_file"),
+                           "platform.app_key_file", "%s", why);
+            bad = -EINVAL;
+        }
+    } else if (getenv("EDGEMUX_APP_KEY") && getenv("EDGEMUX_APP_KEY")[0]) {
+        out->app_key = emx_strdup(getenv("EDGEMUX_APP_KEY"));
+        if (!out->app_key)
+            bad = -ENOMEM;
+    } else {
+        emx_errors_add(errs, cfg->file, node_line(cfg, "platform", NULL), "platform.app_key",
+                       "no platform app key: set platform.app_key_file (or platform.app_key, "
+                       "or EDGEMUX_APP_KEY in the environment)");
+        bad = -EINVAL;
+    }
+    if (bad || errs->count) {
+        emx_setup_free(out);
+        return bad ? (bad < 0 ? bad : -EINVAL) : -EINVAL;
+    }
+    return 0;
+}
+
+void emx_setup_free(struct emx_setup *s)
+{
+    if (s->app_key) {
+        explicit_bzero(s->app_key, strlen(s->app_key));
+        emx_free_ptr(&s->app_key);
+    }
+    if (s->transport)
+        emx_plugin_unload(s->transport);
+    if (s->discovery)
+        emx_plugin_unload(s->discovery);
+    emx_free(s->transport_config);
+    emx_free(s->discovery_config);
+    emx_config_free(s->cfg);
+    memset(s, 0, sizeof(*s));
+}

@@ -1,0 +1,28 @@
+/* Everything `edgemux -t` checks and a running server needs before it opens
+ * a socket: the config, the plugins it names (loaded and checked), their
+ * options bound, and the platform app key read. Shared by the check mode and
+ * the server so both judge a config the same way. */
+#ifndef EMX_SETUP_H
+#define EMX_SETUP_H
+
+#include "config.h"
+#include "loader.h"
+
+struct emx_setup {
+    struct emx_config *cfg;
+    struct emx_plugin *transport;
+    void *transport_config; /* bound options, transport->config_size bytes */
+    struct emx_plugin *discovery;
+    void *discovery_config;
+    char *app_key;           /* from platform.app_key, app_key_file or EDGEMUX_APP_KEY */
+    const char *plugins_dir; /* the directory the plugins came from */
+};
+
+/* Load and check everything. `plugins_dir` overrides plugins.dir when not
+ * NULL. Every problem found is added to errs ("file:line: key: what");
+ * returns 0 only when there is none. */
+int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_setup *out,
+                   struct emx_errors *errs);
+void emx_setup_free(struct emx_setup *s);
+
+#endif
