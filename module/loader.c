@@ -371,8 +371,9 @@ int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx
         rc = refuse(&c, -ELIBBAD, "dlopen failed: %s", why ? why : "unknown error");
         goto out_close;
     }
-    close(fd);
-    fd = -1;
+    /* The fd stays open while the plugin is loaded: glibc finds loaded
+     * objects by name first, and "/proc/self/fd/N" of a closed fd would be
+     * the name of the next plugin opened on the same number. */
 
     rc = find_descriptor(&c, dl, kind, &h, &sym_size);
     if (rc < 0)
@@ -392,6 +393,7 @@ int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx
         goto out_free;
     }
     p->dl = dl;
+    p->fd = fd;
     p->kind = kind;
     p->hdr = h;
     if (kind == EMX_PLUGIN_TRANSPORT)
@@ -446,6 +448,8 @@ void emx_plugin_unload(struct emx_plugin *p)
         return;
     if (p->dl)
         dlclose(p->dl);
+    if (p->fd >= 0)
+        close(p->fd);
     emx_free_ptr(&p->path);
     emx_free(p);
 }

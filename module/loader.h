@@ -12,6 +12,7 @@
 
 struct emx_plugin {
     void *dl;                 /* dlopen handle */
+    int fd;                   /* the checked file, open while loaded (see loader.c) */
     char *path;               /* the file as named, for messages */
     enum emx_plugin_kind kind;
     const struct emx_plugin_header *hdr;
