@@ -1368,10 +1368,9 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
               (long long)cfg->edge.max_connections);
     check_pair(b, cfg, S_EDGE, cfg->edge.tls_cert, cfg->edge.tls_key);
 
-#define p (&cfg->platform)
-    check_path(b, cfg, S_PLATFORM, "path", p->path);
-    check_range(b, cfg, S_PLATFORM, "pipes_per_instance", p->pipes_per_instance, 1, 64);
-    if (p->low_watermark >= p->high_watermark) {
+    check_path(b, cfg, S_PLATFORM, "path", cfg->platform.path);
+    check_range(b, cfg, S_PLATFORM, "pipes_per_instance", cfg->platform.pipes_per_instance, 1, 64);
+    if (cfg->platform.low_watermark >= cfg->platform.high_watermark) {
         /* Blame the one the operator wrote: low if set, else high. */
         char kb[64];
         bool low_set;
@@ -1379,18 +1378,20 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
         if (low_set)
             check(b, cfg, S_PLATFORM, "low_watermark",
                   "must be below high_watermark (%llu >= %llu bytes)",
-                  (unsigned long long)p->low_watermark, (unsigned long long)p->high_watermark);
+                  (unsigned long long)cfg->platform.low_watermark,
+                  (unsigned long long)cfg->platform.high_watermark);
         else
             check(b, cfg, S_PLATFORM, "high_watermark",
                   "must be above low_watermark (%llu <= %llu bytes)",
-                  (unsigned long long)p->high_watermark, (unsigned long long)p->low_watermark);
+                  (unsigned long long)cfg->platform.high_watermark,
+                  (unsigned long long)cfg->platform.low_watermark);
     }
-    if (p->app_key && p->app_key_file) /* names only: the key itself is never shown */
+    if (cfg->platform.app_key &&
+        cfg->platform.app_key_file) /* names only: the key itself is never shown */
         check(b, cfg, S_PLATFORM, "app_key_file", "set together with app_key; keep one");
-    if (p->reconnect_min > p->reconnect_max)
+    if (cfg->platform.reconnect_min > cfg->platform.reconnect_max)
         check(b, cfg, S_PLATFORM, "reconnect_min", "must not exceed reconnect_max");
-    check_pair(b, cfg, S_PLATFORM, p->tls_cert, p->tls_key);
-#undef p
+    check_pair(b, cfg, S_PLATFORM, cfg->platform.tls_cert, cfg->platform.tls_key);
 }
 
 /* ---- load, bind plugins, check ---- */
