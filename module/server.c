@@ -734,6 +734,16 @@ int emx_server_run(struct emx_setup *setup)
                  strerror(-rc));
         goto out_transport;
     }
+    /* Settings this version reads but does not act on yet: say so. */
+    if (s->cfg->server.workers != 1)
+        emx_logf(&s->log, EMX_LOG_WARN, "server",
+                 "server.workers %" PRId64 ": this version runs one worker loop", s->cfg->server.workers);
+    if (s->cfg->server.user)
+        emx_logf(&s->log, EMX_LOG_WARN, "server",
+                 "server.user is not applied by this version; running as started");
+    if (s->cfg->admin.agent_listen && s->cfg->admin.agent_listen[0])
+        emx_logf(&s->log, EMX_LOG_WARN, "server",
+                 "admin.agent_listen: the HAProxy agent port is not in this version");
     emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: edges on %s%s, boot %s",
              s->cfg->server.name, listen_addr, s->cfg->edge.path, s->boot_hex);
 
