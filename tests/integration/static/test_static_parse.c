@@ -320,6 +320,26 @@ static void test_read_file(void **state)
     rmdir(d);
 }
 
+/* The sample shipped in conf/ is valid. */
+static void test_sample_file(void **state)
+{
+    (void)state;
+    char *text = NULL;
+    size_t len = 0;
+    struct errs e = {.count = 0};
+    struct static_set set;
+    assert_int_equal(static_read_file(EMX_SOURCE_DIR "/conf/instances.yaml", 1 << 20, &text, &len),
+                     0);
+    int rc = static_parse("instances.yaml", text, len, &set, collect, &e);
+    dump(&e);
+    assert_int_equal(rc, 0);
+    assert_int_equal(set.count, 3);
+    for (size_t i = 0; i < set.count; i++)
+        assert_int_equal(set.items[i].port, 9001 + i);
+    static_set_free(&set);
+    free(text);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -335,6 +355,7 @@ int main(void)
         cmocka_unit_test(test_long_value_is_bounded),
         cmocka_unit_test(test_set_equal),
         cmocka_unit_test(test_read_file),
+        cmocka_unit_test(test_sample_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
