@@ -696,6 +696,16 @@ static void test_create_errors(void **state)
     assert_int_equal(fx->d->reconfigure ? 1 : 0, 1);
 }
 
+/* destroy without start frees at once: nothing was given to libuv. */
+static void test_destroy_without_start(void **state)
+{
+    struct fx *fx = *state;
+    void *inst = NULL;
+    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), 0);
+    fx->d->destroy(inst);
+    assert_false(uv_loop_alive(&fx->loop));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -711,6 +721,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_stop_while_reading, setup, teardown),
         cmocka_unit_test_setup_teardown(test_destroy_before_close, setup, teardown),
         cmocka_unit_test_setup_teardown(test_create_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_destroy_without_start, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
