@@ -1,0 +1,1607 @@
+/* emx-transport-ws: WebSocket edges (listen) and pipes (connect) over
+ * libwebsockets 4.1 running on the host's libuv loop as a foreign loop.
+ *
+ * Ownership and lifetime:
+ * - struct emx_conn is ours. It is attached to its lws wsi (as the wsi user
+ *   pointer) until lws closes the wsi; then it is detached, put on a reap
+ *   list and on_close is delivered from a uv_idle callback, so on_close never
+ *   runs inside a send()/close()/connect() made by the core, and exactly once.
+ * - Bytes given to send() are borrowed: written at once when nothing is
+ *   queued and lws holds no partial frame, otherwise copied into the
+ *   connection's queue (with LWS_PRE headroom, so lws_write needs no copy).
+ * - Frames to a peer never exceed the Max-Frame-Size it announced: without
+ *   permessage-deflate we fragment by hand; with it, lws emits compressed
+ *   frames of at most 1 << tx_buf_size bytes, and tx_buf_size is set per
+ *   connection to the largest power of two <= the announced size.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <arpa/inet.h>
+#include <linux/sockios.h>
+
+#include <libwebsockets.h>
+#include <uv.h>
+
+#include <edgemux/host.h>
+#include <edgemux/option.h>
+#include <edgemux/plugin.h>
+#include <edgemux/transport.h>
+
+#define WS_DEFAULT_FRAME 8192u
+#define WS_MAX_FRAME     65535u /* above this a frame needs a 64-bit length */
+#define WS_MIN_FRAME     64u
+#define WS_REASON_MAX    123 /* close payload is at most 125 bytes with the code */
+
+struct ws_config {
+    bool deflate;
+    bool pipe_deflate;
+    int64_t deflate_window_bits;
+    int64_t deflate_mem_level;
+    uint64_t edge_idle_timeout;
+    uint64_t idle_sweep_period;
+    uint64_t tcp_keepalive_idle;
+    uint64_t tcp_keepalive_interval;
+    int64_t tcp_keepalive_count;
+    uint64_t tcp_user_timeout;
+    uint64_t rx_buffer_size;
+    uint64_t default_max_frame_size;
+    uint64_t ping_interval;
+    uint64_t idle_read_timeout;
+    uint64_t handshake_timeout;
+    uint64_t close_timeout;
+    int64_t max_http_header_pool;
+};
+
+#define OPT(name_, type_, def_, field_, help_)                                                     \
+    {                                                                                              \
+        (name_), NULL, (type_), (def_), false, offsetof(struct ws_config, field_), (help_)         \
+    }
+
+static const struct emx_option ws_options[] = {
+    OPT("deflate", EMX_OPT_BOOL, "true", deflate,
+        "accept permessage-deflate from edges (bounded memory: see deflate_window_bits)"),
+    OPT("pipe_deflate", EMX_OPT_BOOL, "false", pipe_deflate,
+        "offer permessage-deflate on pipes to platform instances"),
+    OPT("deflate_window_bits", EMX_OPT_INT, "10", deflate_window_bits,
+        "zlib window (9..15) edgemux compresses with; inflating always uses 15"),
+    OPT("deflate_mem_level", EMX_OPT_INT, "4", deflate_mem_level,
+        "zlib memLevel (1..9) of each connection's compressor"),
+    OPT("edge_idle_timeout", EMX_OPT_DURATION, "120s", edge_idle_timeout,
+        "drop an edge that sent nothing (data or ping) for this long; 0 disables"),
+    OPT("idle_sweep_period", EMX_OPT_DURATION, "10s", idle_sweep_period,
+        "every edge's socket is checked for idleness once per this period"),
+    OPT("tcp_keepalive_idle", EMX_OPT_DURATION, "30s", tcp_keepalive_idle,
+        "TCP keepalive idle time on accepted sockets; 0 disables keepalive"),
+    OPT("tcp_keepalive_interval", EMX_OPT_DURATION, "10s", tcp_keepalive_interval,
+        "interval between TCP keepalive probes"),
+    OPT("tcp_keepalive_count", EMX_OPT_INT, "3", tcp_keepalive_count,
+        "unanswered keepalive probes before the kernel drops the socket"),
+    OPT("tcp_user_timeout", EMX_OPT_DURATION, "30s", tcp_user_timeout,
+        "TCP_USER_TIMEOUT: drop a socket whose sent data stays unacknowledged this long"),
+    OPT("rx_buffer_size", EMX_OPT_SIZE, "2KiB", rx_buffer_size,
+        "libwebsockets receive buffer per protocol (memory per idle edge)"),
+    OPT("default_max_frame_size", EMX_OPT_SIZE, "8192", default_max_frame_size,
+        "largest frame sent to an edge that announced no Max-Frame-Size"),
+    OPT("ping_interval", EMX_OPT_DURATION, "30s", ping_interval,
+        "pipes: send a ping after this long without traffic"),
+    OPT("idle_read_timeout", EMX_OPT_DURATION, "60s", idle_read_timeout,
+        "pipes: close a pipe that received nothing (not even a pong) for this long"),
+    OPT("handshake_timeout", EMX_OPT_DURATION, "10s", handshake_timeout,
+        "time allowed for a TCP/TLS/HTTP upgrade handshake"),
+    OPT("close_timeout", EMX_OPT_DURATION, "5s", close_timeout,
+        "time allowed to flush queued data and the close frame before dropping"),
+    OPT("max_http_header_pool", EMX_OPT_INT, "256", max_http_header_pool,
+        "concurrent handshakes in progress (header buffers); bounds reconnect storms"),
+    EMX_OPTION_END,
+};
+
+struct ws_qmsg {
+    struct ws_qmsg *next;
+    size_t len;    /* payload bytes */
+    size_t off;    /* payload bytes already handed to lws */
+    bool inflight; /* deflate: lws may still read this buffer */
+    uint8_t buf[]; /* LWS_PRE headroom, then the payload */
+};
+
+enum ws_conn_state { CONN_CONNECTING, CONN_OPEN, CONN_GONE };
+
+struct ws_listener;
+struct ws_instance;
+
+struct emx_conn {
+    struct ws_instance *inst;
+    struct lws *wsi;
+    struct ws_listener *lst; /* NULL for pipes */
+    const struct emx_conn_callbacks *cb;
+    void *user;
+    struct emx_conn *prev, *next; /* instance's list of attached connections */
+    struct emx_conn *reap_next;
+    enum ws_conn_state state;
+    bool reported; /* the core knows this connection (accepted or connect returned) */
+    bool closing;  /* close() was called: flush, then close with close_code */
+    bool deflate;
+    bool rx_in_msg; /* inside a fragmented message */
+    bool rx_drop;   /* closing on this message (oversize or text) */
+    bool was_queued;
+    bool linked; /* on the instance's list */
+    uint32_t max_frame;
+    size_t max_msg;
+    uint8_t *rx;
+    size_t rx_len, rx_cap;
+    struct ws_qmsg *qh, *qt;
+    size_t qbytes;
+    uint16_t close_code;
+    char close_reason[WS_REASON_MAX + 1];
+    /* pipes */
+    char *hdrs; /* "Name: value\r\n"... */
+    size_t hdrs_len;
+    uint32_t sndbuf;
+};
+
+struct ws_listener {
+    struct ws_listener *next;
+    struct ws_instance *inst;
+    struct lws_vhost *vh;
+    struct emx_conn_callbacks cb;
+    void *user;
+    char *path;
+    size_t max_msg;
+    bool tls;
+    bool closed;
+};
+
+struct ws_client_vhost {
+    struct ws_client_vhost *next;
+    struct lws_vhost *vh;
+    char *ca, *cert, *key;
+};
+
+enum ws_inst_state { INST_CREATED, INST_RUNNING, INST_STOPPING, INST_STOPPED };
+
+struct ws_instance {
+    const struct emx_host *host;
+    struct ws_config cfg;
+    uv_loop_t *loop;
+    void *loops[1];
+    struct lws_context *ctx;
+    enum ws_inst_state state;
+    bool lws_first_destroyed;
+    unsigned teardown_ticks;
+    int handles_open;
+    uv_check_t check;
+    uv_idle_t reap;
+    uv_timer_t sweep;
+    uv_timer_t teardown;
+    struct emx_conn *conns; /* attached connections */
+    struct emx_conn *sweep_cursor;
+    size_t conn_count;
+    struct emx_conn *reap_head, *reap_tail;
+    struct ws_listener *listeners;
+    struct ws_client_vhost *cvhosts;
+    unsigned vhost_seq;
+    struct lws *pmd_wsi; /* wsi whose permessage-deflate was just constructed */
+    struct lws_protocols edge_protocols[2];
+    struct lws_protocols pipe_protocols[2];
+    struct lws_extension edge_exts[2];
+    struct lws_extension pipe_exts[2];
+    lws_retry_bo_t edge_retry;
+    lws_retry_bo_t pipe_retry;
+    uint8_t *scratch; /* LWS_PRE + WS_MAX_FRAME: direct writes of borrowed bytes */
+};
+
+/* lws logs through one process-wide hook; it goes to the first host. */
+static const struct emx_host *log_host;
+
+#define LOG(inst_, lvl_, ...) (inst_)->host->log((inst_)->host, (lvl_), __VA_ARGS__)
+
+static void lws_log_emit(int level, const char *line)
+{
+    const struct emx_host *h = log_host;
+    size_t n = strlen(line);
+
+    while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        n--;
+    if (!h)
+        return;
+    h->log(h, level == LLL_ERR ? EMX_LOG_ERROR : EMX_LOG_WARN, "lws: %.*s", (int)n, line);
+}
+
+static void *ws_zalloc(size_t n)
+{
+    return calloc(1, n);
+}
+
+static char *ws_strdup(const char *s)
+{
+    size_t n;
+    char *d;
+
+    if (!s)
+        return NULL;
+    n = strlen(s) + 1;
+    d = malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+static unsigned secs_of(uint64_t ms)
+{
+    uint64_t s = (ms + 999) / 1000;
+
+    return s > 65535 ? 65535 : (unsigned)s;
+}
+
+/* ---- connection list and reaping ---------------------------------------- */
+
+static void conn_link(struct ws_instance *inst, struct emx_conn *c)
+{
+    c->linked = true;
+    c->prev = NULL;
+    c->next = inst->conns;
+    if (inst->conns)
+        inst->conns->prev = c;
+    inst->conns = c;
+    inst->conn_count++;
+}
+
+static void conn_unlink(struct ws_instance *inst, struct emx_conn *c)
+{
+    if (!c->linked)
+        return;
+    c->linked = false;
+    if (inst->sweep_cursor == c)
+        inst->sweep_cursor = c->next;
+    if (c->prev)
+        c->prev->next = c->next;
+    else if (inst->conns == c)
+        inst->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    inst->conn_count--;
+}
+
+static void queue_free(struct emx_conn *c)
+{
+    while (c->qh) {
+        struct ws_qmsg *m = c->qh;
+
+        c->qh = m->next;
+        free(m);
+    }
+    c->qt = NULL;
+    c->qbytes = 0;
+}
+
+static void conn_free(struct emx_conn *c)
+{
+    queue_free(c);
+    free(c->rx);
+    free(c->hdrs);
+    free(c);
+}
+
+static void reap_flush(struct ws_instance *inst)
+{
+    while (inst->reap_head) {
+        struct emx_conn *c = inst->reap_head;
+
+        inst->reap_head = c->reap_next;
+        if (!inst->reap_head)
+            inst->reap_tail = NULL;
+        if (c->cb->on_close)
+            c->cb->on_close(c->user, c->close_code ? c->close_code : 1006,
+                            c->close_reason[0] ? c->close_reason : "");
+        conn_free(c);
+    }
+}
+
+static void reap_cb(uv_idle_t *h)
+{
+    struct ws_instance *inst = h->data;
+
+    uv_idle_stop(h);
+    reap_flush(inst);
+}
+
+static void reap_arm(struct ws_instance *inst)
+{
+    if (inst->reap_head && inst->state < INST_STOPPED && inst->handles_open)
+        uv_idle_start(&inst->reap, reap_cb);
+}
+
+/* lws is done with the wsi: detach and hand on_close to the reap idle. */
+static void conn_gone(struct emx_conn *c, uint16_t code, const char *reason)
+{
+    struct ws_instance *inst = c->inst;
+
+    if (c->state == CONN_GONE)
+        return;
+    if (c->wsi)
+        lws_set_wsi_user(c->wsi, NULL);
+    conn_unlink(inst, c);
+    c->wsi = NULL;
+    c->state = CONN_GONE;
+    if (!c->close_code)
+        c->close_code = code;
+    if (reason && !c->close_reason[0])
+        snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    queue_free(c);
+    free(c->rx);
+    c->rx = NULL;
+    c->rx_len = c->rx_cap = 0;
+    if (!c->reported) {
+        /* on_accept refused it, or connect() failed before returning */
+        if (!c->lst) {
+            c->reap_next = NULL;
+            return; /* connect() frees it */
+        }
+        conn_free(c);
+        return;
+    }
+    c->reap_next = NULL;
+    if (inst->reap_tail)
+        inst->reap_tail->reap_next = c;
+    else
+        inst->reap_head = c;
+    inst->reap_tail = c;
+    reap_arm(inst);
+}
+
+/* ---- socket helpers ------------------------------------------------------- */
+
+static void set_int_opt(int fd, int level, int name, int v)
+{
+    /* Best effort: a failure only weakens dead-peer detection. */
+    (void)setsockopt(fd, level, name, &v, sizeof(v));
+}
+
+static void tune_edge_socket(struct ws_instance *inst, int fd)
+{
+    const struct ws_config *cfg = &inst->cfg;
+
+    if (fd < 0)
+        return;
+    if (cfg->tcp_keepalive_idle) {
+        set_int_opt(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
+        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPIDLE, (int)secs_of(cfg->tcp_keepalive_idle));
+        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPINTVL, (int)secs_of(cfg->tcp_keepalive_interval));
+        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPCNT,
+                    cfg->tcp_keepalive_count > 0 ? (int)cfg->tcp_keepalive_count : 1);
+    }
+    if (cfg->tcp_user_timeout)
+        set_int_opt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT,
+                    cfg->tcp_user_timeout > INT_MAX ? INT_MAX : (int)cfg->tcp_user_timeout);
+}
+
+static void peer_string(int fd, char *out, size_t outlen)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    char ip[INET6_ADDRSTRLEN];
+
+    out[0] = '\0';
+    if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &sl) != 0)
+        return;
+    if (ss.ss_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)&ss;
+
+        if (inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip)))
+            snprintf(out, outlen, "%s:%u", ip, (unsigned)ntohs(s4->sin_port));
+    } else if (ss.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&ss;
+
+        /* a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d */
+        if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
+            if (inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], ip, sizeof(ip)))
+                snprintf(out, outlen, "%s:%u", ip, (unsigned)ntohs(s6->sin6_port));
+        } else if (inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip))) {
+            snprintf(out, outlen, "[%s]:%u", ip, (unsigned)ntohs(s6->sin6_port));
+        }
+    }
+}
+
+/* ---- closing -------------------------------------------------------------- */
+
+/* Close from outside an lws callback: lws closes the wsi on its next
+ * service, and on_close follows through the reap list. */
+static void conn_kill(struct emx_conn *c, uint16_t code, const char *reason)
+{
+    if (c->state == CONN_GONE || !c->wsi)
+        return;
+    if (!c->close_code)
+        c->close_code = code;
+    if (reason && !c->close_reason[0])
+        snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    lws_set_timeout(c->wsi, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_ASYNC);
+}
+
+/* Inside an lws callback for this wsi: set the close frame, caller returns -1. */
+static int conn_close_now(struct emx_conn *c, uint16_t code, const char *reason)
+{
+    if (!c->close_code)
+        c->close_code = code;
+    if (reason && !c->close_reason[0])
+        snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    if (c->wsi)
+        lws_close_reason(c->wsi, (enum lws_close_status)c->close_code,
+                         (unsigned char *)c->close_reason, strlen(c->close_reason));
+    return -1;
+}
+
+/* ---- sending -------------------------------------------------------------- */
+
+static int queue_push(struct emx_conn *c, const uint8_t *data, size_t len, size_t off)
+{
+    struct ws_qmsg *m;
+
+    if (len > SIZE_MAX - sizeof(*m) - LWS_PRE)
+        return -EMSGSIZE;
+    m = malloc(sizeof(*m) + LWS_PRE + len);
+    if (!m)
+        return -ENOMEM;
+    m->next = NULL;
+    m->len = len;
+    m->off = off;
+    m->inflight = false;
+    memcpy(m->buf + LWS_PRE, data, len);
+    if (c->qt)
+        c->qt->next = m;
+    else
+        c->qh = m;
+    c->qt = m;
+    c->qbytes += len - off;
+    c->was_queued = true;
+    return 0;
+}
+
+static void queue_pop(struct emx_conn *c)
+{
+    struct ws_qmsg *m = c->qh;
+
+    c->qh = m->next;
+    if (!c->qh)
+        c->qt = NULL;
+    c->qbytes -= m->len - m->off;
+    free(m);
+}
+
+/* Write the next fragment of `m`; the bytes before m's payload position are
+ * headroom lws may overwrite (already sent, or the LWS_PRE reserve). */
+static int write_fragment(struct emx_conn *c, uint8_t *payload, size_t len, size_t *off)
+{
+    size_t frag = len - *off;
+    int flags;
+
+    if (frag > c->max_frame)
+        frag = c->max_frame;
+    flags = lws_write_ws_flags(LWS_WRITE_BINARY, *off == 0, *off + frag == len);
+    if (lws_write(c->wsi, payload + *off, frag, (enum lws_write_protocol)flags) < 0)
+        return -EIO;
+    *off += frag;
+    return 0;
+}
+
+/* Drain the queue while lws holds nothing back. Returns 0 or -EIO. */
+static int queue_drain(struct emx_conn *c)
+{
+    while (c->qh) {
+        struct ws_qmsg *m = c->qh;
+
+        if (c->deflate) {
+            if (m->inflight) {
+                /* lws calls us back only once its deflate drain is over */
+                queue_pop(c);
+                continue;
+            }
+            if (lws_write(c->wsi, m->buf + LWS_PRE, m->len, LWS_WRITE_BINARY) < 0)
+                return -EIO;
+            m->inflight = true;
+            if (lws_send_pipe_choked(c->wsi))
+                return 0;
+            queue_pop(c);
+            continue;
+        }
+        {
+            size_t before = m->off;
+            int rc;
+
+            do {
+                rc = write_fragment(c, m->buf + LWS_PRE, m->len, &m->off);
+                if (rc)
+                    return rc;
+            } while (m->off < m->len && !lws_partial_buffered(c->wsi));
+            c->qbytes -= m->off - before;
+            if (m->off < m->len)
+                return 0;
+            c->qbytes += m->len - m->off; /* queue_pop subtracts the rest (0) */
+            queue_pop(c);
+            if (lws_partial_buffered(c->wsi))
+                return 0;
+        }
+    }
+    return 0;
+}
+
+static int ws_send(struct emx_conn *c, const uint8_t *data, size_t len)
+{
+    size_t off = 0;
+    int rc;
+
+    if (!c || c->state != CONN_OPEN || c->closing || !c->wsi)
+        return -EPIPE;
+    if (!data && len)
+        return -EINVAL;
+    if (c->deflate || c->qh || lws_partial_buffered(c->wsi)) {
+        bool idle = !c->qh && !lws_partial_buffered(c->wsi);
+
+        rc = queue_push(c, data ? data : (const uint8_t *)"", len, 0);
+        if (rc)
+            return rc;
+        if (idle && c->deflate) {
+            if (queue_drain(c)) {
+                conn_kill(c, 1006, "write failed");
+                return -EIO;
+            }
+        }
+        if (c->qh)
+            lws_callback_on_writable(c->wsi);
+        return 0;
+    }
+    /* Nothing queued: write from the caller's bytes now (one copy into the
+     * scratch frame; asking for a writeable callback per message halves
+     * throughput on libuv). */
+    do {
+        size_t frag = len - off;
+        int flags;
+
+        if (frag > c->max_frame)
+            frag = c->max_frame;
+        if (frag)
+            memcpy(c->inst->scratch + LWS_PRE, data + off, frag);
+        flags = lws_write_ws_flags(LWS_WRITE_BINARY, off == 0, off + frag == len);
+        if (lws_write(c->wsi, c->inst->scratch + LWS_PRE, frag, (enum lws_write_protocol)flags) <
+            0) {
+            conn_kill(c, 1006, "write failed");
+            return -EIO;
+        }
+        off += frag;
+    } while (off < len && !lws_partial_buffered(c->wsi));
+    if (off < len) {
+        rc = queue_push(c, data, len, off);
+        if (rc) {
+            /* half a message is on the wire: the stream cannot continue */
+            conn_kill(c, 1011, "out of memory");
+            return rc;
+        }
+        lws_callback_on_writable(c->wsi);
+    }
+    return 0;
+}
+
+static size_t ws_buffered(struct emx_conn *c)
+{
+    size_t n;
+    int q = 0;
+    int fd;
+
+    if (!c || c->state == CONN_GONE || !c->wsi)
+        return 0;
+    n = c->qbytes;
+    fd = (int)lws_get_socket_fd(c->wsi);
+    if (fd >= 0 && ioctl(fd, SIOCOUTQ, &q) == 0 && q > 0)
+        n += (size_t)q;
+    return n;
+}
+
+static int ws_pause_read(struct emx_conn *c, bool pause)
+{
+    if (!c || c->state == CONN_GONE || !c->wsi)
+        return -ENOTCONN;
+    return lws_rx_flow_control(c->wsi, pause ? 0 : 1) < 0 ? -EIO : 0;
+}
+
+static void ws_close(struct emx_conn *c, uint16_t code, const char *reason)
+{
+    if (!c || c->state == CONN_GONE || c->closing || !c->wsi)
+        return;
+    c->closing = true;
+    c->close_code = code ? code : 1000;
+    snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason ? reason : "");
+    if (c->state == CONN_CONNECTING) {
+        lws_set_timeout(c->wsi, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_ASYNC);
+        return;
+    }
+    /* Flush what is queued, then send the close frame from the writeable
+     * callback; the timeout bounds a peer that stopped reading. */
+    lws_set_timeout(c->wsi, PENDING_TIMEOUT_CLOSE_SEND, (int)secs_of(c->inst->cfg.close_timeout));
+    lws_callback_on_writable(c->wsi);
+}
+
+/* ---- receiving ------------------------------------------------------------ */
+
+static int rx_append(struct emx_conn *c, const uint8_t *in, size_t len)
+{
+    if (len > c->max_msg - c->rx_len)
+        return -EMSGSIZE;
+    if (c->rx_len + len > c->rx_cap) {
+        size_t cap = c->rx_cap ? c->rx_cap : 4096;
+        uint8_t *p;
+
+        while (cap < c->rx_len + len)
+            cap = cap > SIZE_MAX / 2 ? SIZE_MAX : cap * 2;
+        if (cap > c->max_msg)
+            cap = c->max_msg;
+        p = realloc(c->rx, cap);
+        if (!p)
+            return -ENOMEM;
+        c->rx = p;
+        c->rx_cap = cap;
+    }
+    memcpy(c->rx + c->rx_len, in, len);
+    c->rx_len += len;
+    return 0;
+}
+
+static int handle_rx(struct emx_conn *c, struct lws *wsi, uint8_t *in, size_t len)
+{
+    bool final = lws_is_final_fragment(wsi) != 0;
+    int rc;
+
+    if (c->state != CONN_OPEN || c->rx_drop)
+        return 0;
+    if (!c->rx_in_msg && !lws_frame_is_binary(wsi)) {
+        c->rx_drop = true;
+        return conn_close_now(c, 1003, "text frames are not accepted");
+    }
+    if (!c->rx_in_msg && final) {
+        /* the common case: one frame, one buffer, no copy */
+        if (len > c->max_msg) {
+            c->rx_drop = true;
+            return conn_close_now(c, 1009, "message too big");
+        }
+        c->cb->on_message(c->user, in, len);
+        return 0;
+    }
+    c->rx_in_msg = true;
+    rc = rx_append(c, in, len);
+    if (rc) {
+        c->rx_drop = true;
+        return conn_close_now(c, rc == -EMSGSIZE ? 1009 : 1011,
+                              rc == -EMSGSIZE ? "message too big" : "out of memory");
+    }
+    if (!final)
+        return 0;
+    c->rx_in_msg = false;
+    c->cb->on_message(c->user, c->rx, c->rx_len);
+    c->rx_len = 0;
+    /* keep small buffers, give big ones back (idle edges must stay cheap) */
+    if (c->rx_cap > 16384) {
+        free(c->rx);
+        c->rx = NULL;
+        c->rx_cap = 0;
+    }
+    return 0;
+}
+
+/* ---- writeable ------------------------------------------------------------ */
+
+static int handle_writeable(struct emx_conn *c)
+{
+    if (c->state != CONN_OPEN)
+        return 0;
+    if (queue_drain(c))
+        return conn_close_now(c, 1006, "write failed");
+    if (c->qh) {
+        lws_callback_on_writable(c->wsi);
+        return 0;
+    }
+    if (c->closing) {
+        if (lws_partial_buffered(c->wsi)) {
+            lws_callback_on_writable(c->wsi);
+            return 0;
+        }
+        return conn_close_now(c, c->close_code, c->close_reason);
+    }
+    if (c->was_queued) {
+        c->was_queued = false;
+        if (c->cb->on_writable)
+            c->cb->on_writable(c->user);
+    }
+    return 0;
+}
+
+/* ---- permessage-deflate with bounded memory ------------------------------ */
+
+static void pmd_set(struct lws_context *ctx, const struct lws_extension *ext, struct lws *wsi,
+                    void *priv, const char *name, const char *value)
+{
+    struct lws_ext_option_arg oa = {.option_name = name, .start = value, .len = (int)strlen(value)};
+
+    lws_extension_callback_pm_deflate(ctx, ext, wsi, LWS_EXT_CB_NAMED_OPTION_SET, priv, &oa, 0);
+}
+
+/* lws inflates with server_max_window_bits too, so shrinking it for memory
+ * breaks clients that compress with a 15-bit window. Keep it at 15 for
+ * inflate and lower it only around deflate calls (the deflate stream is
+ * created on the first TX call and keeps its window). */
+static int pmd_wrapper(struct lws_context *ctx, const struct lws_extension *ext, struct lws *wsi,
+                       enum lws_extension_callback_reasons reason, void *user, void *in, size_t len)
+{
+    struct ws_instance *inst = lws_context_user(ctx);
+    char bits[8];
+    int rc;
+
+    if (reason == LWS_EXT_CB_PAYLOAD_TX) {
+        snprintf(bits, sizeof(bits), "%d", (int)inst->cfg.deflate_window_bits);
+        pmd_set(ctx, ext, wsi, user, "server_max_window_bits", bits);
+        pmd_set(ctx, ext, wsi, user, "client_max_window_bits", bits);
+        rc = lws_extension_callback_pm_deflate(ctx, ext, wsi, reason, user, in, len);
+        pmd_set(ctx, ext, wsi, user, "server_max_window_bits", "15");
+        return rc;
+    }
+    rc = lws_extension_callback_pm_deflate(ctx, ext, wsi, reason, user, in, len);
+    if (rc)
+        return rc;
+    switch (reason) {
+    case LWS_EXT_CB_CONSTRUCT:
+    case LWS_EXT_CB_CLIENT_CONSTRUCT: {
+        void *priv = *(void **)user;
+
+        snprintf(bits, sizeof(bits), "%d", (int)inst->cfg.deflate_mem_level);
+        pmd_set(ctx, ext, wsi, priv, "mem_level", bits);
+        inst->pmd_wsi = wsi;
+        break;
+    }
+    case LWS_EXT_CB_OPTION_CONFIRM:
+        pmd_set(ctx, ext, wsi, user, "server_max_window_bits", "15");
+        break;
+    default:
+        break;
+    }
+    return 0;
+}
+
+/* Compressed frames are at most 1 << tx_buf_size: pick the largest power of
+ * two that fits the peer's limit. Called before the first send. */
+static void pmd_fit_frames(struct emx_conn *c)
+{
+    char v[8];
+    int p = 6;
+
+    while (p < 15 && (1u << (p + 1)) <= c->max_frame)
+        p++;
+    snprintf(v, sizeof(v), "%d", p);
+    lws_set_extension_option(c->wsi, "permessage-deflate", "tx_buf_size", v);
+}
+
+/* ---- lws protocol callback ------------------------------------------------ */
+
+static struct emx_conn *conn_new(struct ws_instance *inst)
+{
+    struct emx_conn *c = ws_zalloc(sizeof(*c));
+
+    if (c)
+        c->inst = inst;
+    return c;
+}
+
+static int on_established(struct ws_instance *inst, struct lws *wsi)
+{
+    struct ws_listener *l = lws_get_vhost_user(lws_get_vhost(wsi));
+    char peer[64], xff[256], frame[24], key[256];
+    struct emx_conn_info info = {0};
+    struct emx_conn *c;
+    int fd = (int)lws_get_socket_fd(wsi);
+    bool deflate = inst->pmd_wsi == wsi;
+    void *user;
+
+    inst->pmd_wsi = NULL;
+    if (!l || l->closed || inst->state != INST_RUNNING)
+        return -1;
+    c = conn_new(inst);
+    if (!c)
+        return -1;
+    c->lst = l;
+    c->cb = &l->cb;
+    c->max_msg = l->max_msg;
+    c->deflate = deflate;
+    c->max_frame = (uint32_t)inst->cfg.default_max_frame_size;
+    if (lws_hdr_custom_copy(wsi, frame, sizeof(frame), "max-frame-size:", 15) > 0) {
+        char *end;
+        unsigned long v = strtoul(frame, &end, 10);
+
+        if (end != frame && *end == '\0' && v > 0) {
+            info.max_frame_size = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
+            c->max_frame = info.max_frame_size;
+        }
+    }
+    if (c->max_frame > WS_MAX_FRAME)
+        c->max_frame = WS_MAX_FRAME;
+    if (c->max_frame < WS_MIN_FRAME)
+        c->max_frame = WS_MIN_FRAME;
+    peer_string(fd, peer, sizeof(peer));
+    info.peer = peer;
+    if (lws_hdr_copy(wsi, xff, sizeof(xff), WSI_TOKEN_X_FORWARDED_FOR) > 0)
+        info.forwarded_for = xff;
+    if (lws_hdr_custom_copy(wsi, key, sizeof(key), "appkey:", 7) > 0)
+        info.app_key = key;
+    info.deflate = deflate;
+    info.tls = l->tls;
+
+    c->wsi = wsi;
+    c->state = CONN_OPEN;
+    lws_set_wsi_user(wsi, c);
+    conn_link(inst, c);
+    if (deflate)
+        pmd_fit_frames(c);
+    if (!inst->sweep_cursor)
+        inst->sweep_cursor = c;
+
+    user = l->cb.on_accept ? l->cb.on_accept(l->user, c, &info) : NULL;
+    memset(key, 0, sizeof(key));
+    if (c->state == CONN_GONE) /* cannot happen from inside a callback; be safe */
+        return -1;
+    if (!user) {
+        lws_set_wsi_user(wsi, NULL);
+        conn_unlink(inst, c);
+        conn_free(c);
+        return -1;
+    }
+    c->user = user;
+    c->reported = true;
+    return 0;
+}
+
+static void on_client_established(struct ws_instance *inst, struct emx_conn *c, struct lws *wsi)
+{
+    struct emx_conn_info info = {0};
+    char peer[64];
+    int fd = (int)lws_get_socket_fd(wsi);
+
+    c->deflate = inst->pmd_wsi == wsi;
+    inst->pmd_wsi = NULL;
+    c->state = CONN_OPEN;
+    c->max_frame = WS_MAX_FRAME; /* platforms take any frame; stay under 64-bit lengths */
+    if (c->sndbuf && fd >= 0)
+        set_int_opt(fd, SOL_SOCKET, SO_SNDBUF, (int)c->sndbuf);
+    peer_string(fd, peer, sizeof(peer));
+    info.peer = peer;
+    info.deflate = c->deflate;
+    info.tls = lws_is_ssl(wsi) != 0;
+    if (c->deflate)
+        pmd_fit_frames(c);
+    if (c->cb->on_open)
+        c->cb->on_open(c->user, c, &info);
+}
+
+static bool path_matches(struct lws *wsi, const char *want)
+{
+    char uri[512];
+    int n = lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI);
+
+    if (n <= 0)
+        return false;
+    /* ignore a query string */
+    {
+        char *q = strchr(uri, '?');
+
+        if (q)
+            *q = '\0';
+    }
+    return strcmp(uri, want) == 0;
+}
+
+static int http_404(struct lws *wsi)
+{
+    if (lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, NULL))
+        return -1;
+    return lws_http_transaction_completed(wsi) ? -1 : 0;
+}
+
+static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
+                       size_t len)
+{
+    struct lws_context *ctx = wsi ? lws_get_context(wsi) : NULL;
+    struct ws_instance *inst = ctx ? lws_context_user(ctx) : NULL;
+    struct emx_conn *c;
+
+    (void)user;
+    if (!inst)
+        return 0;
+    switch (reason) {
+    case LWS_CALLBACK_FILTER_NETWORK_CONNECTION: {
+        struct lws_filter_network_conn_args *a = user;
+
+        if (a)
+            tune_edge_socket(inst, (int)a->accept_fd);
+        return 0;
+    }
+    case LWS_CALLBACK_HTTP:
+        return http_404(wsi);
+    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE: {
+        struct ws_listener *l = lws_get_vhost_user(lws_get_vhost(wsi));
+
+        if (l && !l->closed && path_matches(wsi, l->path))
+            return 0;
+        /* answered here: lws completes the transaction and hangs up */
+        return lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, NULL) ? -1 : 1;
+    }
+    case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION: {
+        struct ws_listener *l = lws_get_vhost_user(lws_get_vhost(wsi));
+
+        return (!l || l->closed || !path_matches(wsi, l->path)) ? -1 : 0;
+    }
+    case LWS_CALLBACK_ESTABLISHED:
+        return on_established(inst, wsi);
+    case LWS_CALLBACK_CLIENT_ESTABLISHED:
+        c = lws_wsi_user(wsi);
+        if (!c)
+            return -1;
+        c->wsi = wsi;
+        if (c->closing)
+            return conn_close_now(c, c->close_code, c->close_reason);
+        on_client_established(inst, c, wsi);
+        return 0;
+    case LWS_CALLBACK_CLIENT_APPEND_HANDSHAKE_HEADER: {
+        char **p = in;
+
+        c = lws_wsi_user(wsi);
+        if (!c || !p)
+            return 0;
+        c->wsi = wsi;
+        if (c->hdrs_len + 1 > len)
+            return -1;
+        memcpy(*p, c->hdrs, c->hdrs_len);
+        *p += c->hdrs_len;
+        return 0;
+    }
+    case LWS_CALLBACK_RECEIVE:
+    case LWS_CALLBACK_CLIENT_RECEIVE:
+        c = lws_wsi_user(wsi);
+        if (!c)
+            return 0;
+        return handle_rx(c, wsi, in, len);
+    case LWS_CALLBACK_SERVER_WRITEABLE:
+    case LWS_CALLBACK_CLIENT_WRITEABLE:
+        c = lws_wsi_user(wsi);
+        if (!c)
+            return 0;
+        return handle_writeable(c);
+    case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        c = lws_wsi_user(wsi);
+        if (c && !c->close_code) {
+            const uint8_t *b = in;
+
+            c->close_code = (b && len >= 2) ? (uint16_t)((b[0] << 8) | b[1]) : 1005;
+            if (b && len > 2)
+                snprintf(c->close_reason, sizeof(c->close_reason), "%.*s", (int)(len - 2),
+                         (const char *)b + 2);
+        }
+        return 0;
+    case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
+        c = lws_wsi_user(wsi);
+        if (c) {
+            c->wsi = c->wsi ? c->wsi : wsi;
+            conn_gone(c, 1006, in ? (const char *)in : "connect failed");
+        }
+        return 0;
+    case LWS_CALLBACK_CLOSED:
+    case LWS_CALLBACK_CLIENT_CLOSED:
+    case LWS_CALLBACK_WSI_DESTROY:
+        c = lws_wsi_user(wsi);
+        if (c) {
+            c->wsi = c->wsi ? c->wsi : wsi;
+            conn_gone(c, inst->state >= INST_STOPPING ? 1001 : 1006,
+                      inst->state >= INST_STOPPING ? "shutdown" : "connection lost");
+        }
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* ---- idle sweep ----------------------------------------------------------- */
+
+static void sweep_cb(uv_timer_t *t)
+{
+    struct ws_instance *inst = t->data;
+    uint64_t period = inst->cfg.idle_sweep_period ? inst->cfg.idle_sweep_period : 10000;
+    uint64_t tick = uv_timer_get_repeat(t);
+    size_t slice = (size_t)(inst->conn_count * tick / period) + 1;
+
+    while (slice-- && inst->conn_count) {
+        struct emx_conn *c = inst->sweep_cursor ? inst->sweep_cursor : inst->conns;
+        struct tcp_info ti;
+        socklen_t tl = sizeof(ti);
+        int fd;
+
+        inst->sweep_cursor = c->next;
+        if (!c->lst || c->state != CONN_OPEN)
+            continue;
+        fd = (int)lws_get_socket_fd(c->wsi);
+        if (fd < 0 || getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) != 0)
+            continue;
+        if ((uint64_t)ti.tcpi_last_data_recv >= inst->cfg.edge_idle_timeout)
+            conn_kill(c, 1001, "idle timeout");
+    }
+}
+
+/* ---- pmd stall fix -------------------------------------------------------- */
+
+static void check_cb(uv_check_t *h)
+{
+    struct ws_instance *inst = h->data;
+
+    /* A compressed message that inflates past the pmd rx buffer waits for
+     * the next network event unless lws is woken while it has work left. */
+    if (inst->ctx && inst->state == INST_RUNNING && !lws_service_adjust_timeout(inst->ctx, 1, 0))
+        lws_cancel_service(inst->ctx);
+}
+
+/* ---- lifecycle ------------------------------------------------------------ */
+
+static void handle_closed(uv_handle_t *h)
+{
+    struct ws_instance *inst = h->data;
+
+    inst->handles_open--;
+}
+
+static void close_handle(struct ws_instance *inst, uv_handle_t *h)
+{
+    if (!uv_is_closing(h))
+        uv_close(h, handle_closed);
+    (void)inst;
+}
+
+static int ws_create(const struct emx_host *host, const void *config, void **out)
+{
+    struct ws_instance *inst;
+    const struct ws_config *cfg = config;
+
+    if (!host || !config || !out || !host->loop)
+        return -EINVAL;
+    if (cfg->deflate_window_bits < 9 || cfg->deflate_window_bits > 15 ||
+        cfg->deflate_mem_level < 1 || cfg->deflate_mem_level > 9 || cfg->rx_buffer_size < 128 ||
+        cfg->rx_buffer_size > (1u << 20) || cfg->default_max_frame_size < WS_MIN_FRAME ||
+        cfg->default_max_frame_size > WS_MAX_FRAME || cfg->max_http_header_pool < 1 ||
+        cfg->max_http_header_pool > 65535) {
+        host->log(host, EMX_LOG_ERROR,
+                  "ws: invalid option (deflate_window_bits 9..15, deflate_mem_level 1..9, "
+                  "rx_buffer_size 128..1MiB, default_max_frame_size 64..65535, "
+                  "max_http_header_pool 1..65535)");
+        return -EINVAL;
+    }
+    inst = ws_zalloc(sizeof(*inst));
+    if (!inst)
+        return -ENOMEM;
+    inst->scratch = malloc(LWS_PRE + WS_MAX_FRAME);
+    if (!inst->scratch) {
+        free(inst);
+        return -ENOMEM;
+    }
+    inst->host = host;
+    inst->cfg = *cfg;
+    inst->loop = host->loop;
+    inst->loops[0] = host->loop;
+    *out = inst;
+    return 0;
+}
+
+static void init_tables(struct ws_instance *inst)
+{
+    const struct ws_config *cfg = &inst->cfg;
+    struct lws_protocols *p;
+
+    p = &inst->edge_protocols[0];
+    p->name = "emx-edge";
+    p->callback = ws_callback;
+    p->rx_buffer_size = (size_t)cfg->rx_buffer_size;
+    /* lws sends at most this per socket write and buffers the rest */
+    p->tx_packet_size = WS_MAX_FRAME + 16;
+    inst->pipe_protocols[0] = *p;
+    inst->pipe_protocols[0].name = "emx-pipe";
+
+    inst->edge_exts[0].name = "permessage-deflate";
+    inst->edge_exts[0].callback = pmd_wrapper;
+    inst->edge_exts[0].client_offer = "permessage-deflate";
+    inst->pipe_exts[0] = inst->edge_exts[0];
+    inst->pipe_exts[0].client_offer = "permessage-deflate; client_max_window_bits";
+
+    /* Edges never answer server pings: lws must not ping or hang up. */
+    inst->edge_retry.secs_since_valid_ping = 0;
+    inst->edge_retry.secs_since_valid_hangup = 0;
+    /* Pipes are answered by platforms: lws pings and hangs up on silence. */
+    inst->pipe_retry.secs_since_valid_ping = (uint16_t)secs_of(cfg->ping_interval);
+    inst->pipe_retry.secs_since_valid_hangup = (uint16_t)secs_of(cfg->idle_read_timeout);
+}
+
+static int ws_start(void *instance)
+{
+    struct ws_instance *inst = instance;
+    struct lws_context_creation_info info;
+    int rc;
+
+    if (!inst || inst->state != INST_CREATED)
+        return -EINVAL;
+    init_tables(inst);
+    if (!log_host) {
+        log_host = inst->host;
+        lws_set_log_level(LLL_ERR | LLL_WARN, lws_log_emit);
+    }
+    memset(&info, 0, sizeof(info));
+    info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_EXPLICIT_VHOSTS |
+                   LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+    info.port = CONTEXT_PORT_NO_LISTEN;
+    info.foreign_loops = inst->loops;
+    info.user = inst;
+    info.max_http_header_pool = (unsigned short)inst->cfg.max_http_header_pool;
+    info.timeout_secs = secs_of(inst->cfg.handshake_timeout);
+    inst->ctx = lws_create_context(&info);
+    if (!inst->ctx) {
+        LOG(inst, EMX_LOG_ERROR, "ws: cannot create the libwebsockets context");
+        return -ENOMEM;
+    }
+
+    inst->check.data = inst->reap.data = inst->sweep.data = inst->teardown.data = inst;
+    uv_check_init(inst->loop, &inst->check);
+    uv_idle_init(inst->loop, &inst->reap);
+    uv_timer_init(inst->loop, &inst->sweep);
+    uv_timer_init(inst->loop, &inst->teardown);
+    inst->handles_open = 4;
+    uv_check_start(&inst->check, check_cb);
+    /* the check handle must not keep the loop alive on its own */
+    uv_unref((uv_handle_t *)&inst->check);
+    if (inst->cfg.edge_idle_timeout) {
+        uint64_t tick = 1000;
+
+        if (inst->cfg.idle_sweep_period && inst->cfg.idle_sweep_period < tick)
+            tick = inst->cfg.idle_sweep_period;
+        rc = uv_timer_start(&inst->sweep, sweep_cb, tick, tick);
+        if (rc == 0)
+            uv_unref((uv_handle_t *)&inst->sweep);
+    }
+    inst->state = INST_RUNNING;
+    return 0;
+}
+
+static bool has_lws_handles(struct ws_instance *inst);
+
+static void teardown_finish(struct ws_instance *inst)
+{
+    /* Any connection lws did not report closed is gone now. */
+    while (inst->conns) {
+        struct emx_conn *c = inst->conns;
+
+        c->wsi = NULL; /* freed by lws: conn_gone must not touch it */
+        conn_gone(c, 1001, "shutdown");
+    }
+    inst->state = INST_STOPPED;
+    reap_flush(inst);
+    close_handle(inst, (uv_handle_t *)&inst->check);
+    close_handle(inst, (uv_handle_t *)&inst->reap);
+    close_handle(inst, (uv_handle_t *)&inst->sweep);
+    close_handle(inst, (uv_handle_t *)&inst->teardown);
+}
+
+static void teardown_cb(uv_timer_t *t)
+{
+    struct ws_instance *inst = t->data;
+
+    if (!inst->lws_first_destroyed) {
+        /* From a uv callback, never from inside an lws protocol callback. */
+        inst->lws_first_destroyed = true;
+        lws_context_destroy(inst->ctx);
+        return;
+    }
+    if (has_lws_handles(inst)) {
+        if (++inst->teardown_ticks == 500)
+            LOG(inst, EMX_LOG_WARN, "ws: libwebsockets handles still closing after 5s");
+        return;
+    }
+    uv_timer_stop(t);
+    /* The second call frees the context once lws's handles have closed. */
+    lws_context_destroy(inst->ctx);
+    inst->ctx = NULL;
+    teardown_finish(inst);
+}
+
+struct walk_arg {
+    struct ws_instance *inst;
+    int n;
+};
+
+static void walk_cb(uv_handle_t *h, void *arg)
+{
+    struct walk_arg *w = arg;
+    struct ws_instance *inst = w->inst;
+
+    if (h == (uv_handle_t *)&inst->check || h == (uv_handle_t *)&inst->reap ||
+        h == (uv_handle_t *)&inst->sweep || h == (uv_handle_t *)&inst->teardown)
+        return;
+    /* lws's static handles carry the context; its socket watchers are polls */
+    if (h->data == (void *)inst->ctx)
+        w->n++;
+}
+
+static bool has_lws_handles(struct ws_instance *inst)
+{
+    struct walk_arg w = {inst, 0};
+
+    uv_walk(inst->loop, walk_cb, &w);
+    return w.n > 0;
+}
+
+static void ws_stop(void *instance)
+{
+    struct ws_instance *inst = instance;
+
+    if (!inst || inst->state != INST_RUNNING)
+        return;
+    inst->state = INST_STOPPING;
+    uv_timer_stop(&inst->sweep);
+    uv_check_stop(&inst->check);
+    /* first destroy at once from a timer callback, then poll every 10ms */
+    uv_timer_start(&inst->teardown, teardown_cb, 0, 10);
+}
+
+static void ws_destroy(void *instance)
+{
+    struct ws_instance *inst = instance;
+
+    if (!inst)
+        return;
+    if (inst->state == INST_RUNNING)
+        ws_stop(inst);
+    /* Finish the teardown if the loop was not run after stop(). */
+    while (inst->state == INST_STOPPING)
+        uv_run(inst->loop, UV_RUN_ONCE);
+    while (inst->handles_open > 0)
+        uv_run(inst->loop, UV_RUN_NOWAIT);
+    while (inst->listeners) {
+        struct ws_listener *l = inst->listeners;
+
+        inst->listeners = l->next;
+        free(l->path);
+        free(l);
+    }
+    while (inst->cvhosts) {
+        struct ws_client_vhost *v = inst->cvhosts;
+
+        inst->cvhosts = v->next;
+        free(v->ca);
+        free(v->cert);
+        free(v->key);
+        free(v);
+    }
+    if (log_host == inst->host) {
+        lws_set_log_level(LLL_ERR | LLL_WARN, NULL);
+        log_host = NULL;
+    }
+    free(inst->scratch);
+    free(inst);
+}
+
+/* ---- listen --------------------------------------------------------------- */
+
+static int parse_address(const char *addr, char *host, size_t hostlen, int *port)
+{
+    const char *colon;
+    const char *h = addr;
+    size_t hl;
+    char *end;
+    long p;
+
+    if (!addr)
+        return -EINVAL;
+    if (addr[0] == '[') {
+        const char *rb = strchr(addr, ']');
+
+        if (!rb || rb[1] != ':')
+            return -EINVAL;
+        h = addr + 1;
+        hl = (size_t)(rb - h);
+        colon = rb + 1;
+    } else {
+        colon = strrchr(addr, ':');
+        if (!colon)
+            return -EINVAL;
+        hl = (size_t)(colon - addr);
+    }
+    if (hl >= hostlen)
+        return -EINVAL;
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    p = strtol(colon + 1, &end, 10);
+    if (*end || end == colon + 1 || p < 1 || p > 65535)
+        return -EINVAL;
+    *port = (int)p;
+    return 0;
+}
+
+static bool readable(const char *path)
+{
+    return path && access(path, R_OK) == 0;
+}
+
+static int ws_listen(void *instance, const struct emx_listen_spec *spec,
+                     const struct emx_conn_callbacks *cb, void *user, struct emx_listener **out)
+{
+    struct ws_instance *inst = instance;
+    struct lws_context_creation_info info;
+    struct ws_listener *l;
+    char host[64], name[32];
+    int port, rc;
+
+    if (!inst || !spec || !cb || !out || !spec->path || !cb->on_message || !cb->on_close)
+        return -EINVAL;
+    if (inst->state != INST_RUNNING)
+        return -ESHUTDOWN;
+    rc = parse_address(spec->address, host, sizeof(host), &port);
+    if (rc) {
+        LOG(inst, EMX_LOG_ERROR, "ws: bad listen address \"%s\" (want host:port)",
+            spec->address ? spec->address : "");
+        return rc;
+    }
+    if (spec->tls_cert && (!readable(spec->tls_cert) || !readable(spec->tls_key) ||
+                           (spec->tls_ca && !readable(spec->tls_ca)))) {
+        LOG(inst, EMX_LOG_ERROR, "ws: TLS certificate, key or CA file not readable");
+        return -ENOENT;
+    }
+    l = ws_zalloc(sizeof(*l));
+    if (!l)
+        return -ENOMEM;
+    l->path = ws_strdup(spec->path);
+    if (!l->path) {
+        free(l);
+        return -ENOMEM;
+    }
+    l->inst = inst;
+    l->cb = *cb;
+    l->user = user;
+    l->max_msg = spec->max_message_size ? spec->max_message_size : SIZE_MAX;
+    l->tls = spec->tls_cert != NULL;
+
+    snprintf(name, sizeof(name), "edge-%u", ++inst->vhost_seq);
+    memset(&info, 0, sizeof(info));
+    info.vhost_name = name;
+    info.port = port;
+    if (host[0] && strcmp(host, "0.0.0.0") != 0 && strcmp(host, "::") != 0 &&
+        strcmp(host, "*") != 0)
+        info.iface = host;
+    info.protocols = inst->edge_protocols;
+    info.extensions = inst->cfg.deflate ? inst->edge_exts : NULL;
+    info.retry_and_idle_policy = &inst->edge_retry;
+    info.timeout_secs = secs_of(inst->cfg.handshake_timeout);
+    info.user = l;
+    info.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+    if (l->tls) {
+        info.ssl_cert_filepath = spec->tls_cert;
+        info.ssl_private_key_filepath = spec->tls_key;
+        if (spec->tls_ca) {
+            info.ssl_ca_filepath = spec->tls_ca;
+            if (spec->tls_require_client_cert)
+                info.options |= LWS_SERVER_OPTION_REQUIRE_VALID_OPENSSL_CLIENT_CERT;
+        }
+    }
+    l->vh = lws_create_vhost(inst->ctx, &info);
+    if (!l->vh) {
+        LOG(inst, EMX_LOG_ERROR, "ws: cannot listen on %s (address in use or TLS setup failed)",
+            spec->address);
+        free(l->path);
+        free(l);
+        return -EADDRINUSE;
+    }
+    l->next = inst->listeners;
+    inst->listeners = l;
+    *out = (struct emx_listener *)l;
+    return 0;
+}
+
+/* Stops accepting; lws closes the listener's connections too (on_close
+ * follows for each). The core refuses new edges through on_accept to drain
+ * without dropping the ones it has. */
+static void ws_unlisten(struct emx_listener *listener)
+{
+    struct ws_listener *l = (struct ws_listener *)listener;
+
+    if (!l || l->closed)
+        return;
+    l->closed = true;
+    if (l->inst->state == INST_RUNNING && l->vh)
+        lws_vhost_destroy(l->vh);
+    l->vh = NULL;
+}
+
+/* ---- connect -------------------------------------------------------------- */
+
+static bool str_eq(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static struct lws_vhost *client_vhost(struct ws_instance *inst, const struct emx_connect_spec *s)
+{
+    struct lws_context_creation_info info;
+    struct ws_client_vhost *v;
+    const char *ca = s->tls ? s->tls_ca : NULL;
+    const char *cert = s->tls ? s->tls_cert : NULL;
+    const char *key = s->tls ? s->tls_key : NULL;
+    char name[32];
+
+    for (v = inst->cvhosts; v; v = v->next)
+        if (str_eq(v->ca, ca) && str_eq(v->cert, cert) && str_eq(v->key, key))
+            return v->vh;
+    v = ws_zalloc(sizeof(*v));
+    if (!v)
+        return NULL;
+    v->ca = ws_strdup(ca);
+    v->cert = ws_strdup(cert);
+    v->key = ws_strdup(key);
+    if ((ca && !v->ca) || (cert && !v->cert) || (key && !v->key))
+        goto fail;
+    snprintf(name, sizeof(name), "pipe-%u", ++inst->vhost_seq);
+    memset(&info, 0, sizeof(info));
+    info.vhost_name = name;
+    info.port = CONTEXT_PORT_NO_LISTEN;
+    info.protocols = inst->pipe_protocols;
+    info.extensions = inst->cfg.pipe_deflate ? inst->pipe_exts : NULL;
+    info.retry_and_idle_policy = &inst->pipe_retry;
+    info.timeout_secs = secs_of(inst->cfg.handshake_timeout);
+    info.connect_timeout_secs = secs_of(inst->cfg.handshake_timeout);
+    info.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+    info.client_ssl_ca_filepath = v->ca;
+    info.client_ssl_cert_filepath = v->cert;
+    info.client_ssl_private_key_filepath = v->key;
+    v->vh = lws_create_vhost(inst->ctx, &info);
+    if (!v->vh)
+        goto fail;
+    v->next = inst->cvhosts;
+    inst->cvhosts = v;
+    return v->vh;
+fail:
+    free(v->ca);
+    free(v->cert);
+    free(v->key);
+    free(v);
+    return NULL;
+}
+
+static int build_headers(struct emx_conn *c, const struct emx_connect_spec *s)
+{
+    size_t total = 0, i;
+    char *p;
+
+    for (i = 0; i < s->header_count; i++) {
+        const char *h = s->headers[i];
+
+        if (!h || strpbrk(h, "\r\n") || !strchr(h, ':'))
+            return -EINVAL;
+        total += strlen(h) + 2;
+    }
+    if (!total)
+        return 0;
+    c->hdrs = malloc(total + 1);
+    if (!c->hdrs)
+        return -ENOMEM;
+    p = c->hdrs;
+    for (i = 0; i < s->header_count; i++) {
+        size_t n = strlen(s->headers[i]);
+
+        memcpy(p, s->headers[i], n);
+        p[n] = '\r';
+        p[n + 1] = '\n';
+        p += n + 2;
+    }
+    *p = '\0';
+    c->hdrs_len = total;
+    return 0;
+}
+
+static int ws_connect(void *instance, const struct emx_connect_spec *spec,
+                      const struct emx_conn_callbacks *cb, void *user, struct emx_conn **out)
+{
+    struct ws_instance *inst = instance;
+    struct lws_client_connect_info ci;
+    struct lws_vhost *vh;
+    struct emx_conn *c;
+    struct lws *wsi;
+    char hosthdr[300];
+    int rc;
+
+    if (!inst || !spec || !cb || !out || !spec->host || !spec->port || !cb->on_message ||
+        !cb->on_close || (spec->header_count && !spec->headers))
+        return -EINVAL;
+    if (inst->state != INST_RUNNING)
+        return -ESHUTDOWN;
+    vh = client_vhost(inst, spec);
+    if (!vh) {
+        LOG(inst, EMX_LOG_ERROR, "ws: cannot set up a client context (TLS files?) for %s:%u",
+            spec->host, (unsigned)spec->port);
+        return -EINVAL;
+    }
+    c = conn_new(inst);
+    if (!c)
+        return -ENOMEM;
+    rc = build_headers(c, spec);
+    if (rc) {
+        conn_free(c);
+        return rc;
+    }
+    c->cb = cb;
+    c->user = user;
+    c->max_msg = spec->max_message_size ? spec->max_message_size : SIZE_MAX;
+    c->sndbuf = spec->sndbuf;
+    c->state = CONN_CONNECTING;
+    snprintf(hosthdr, sizeof(hosthdr), "%s:%u", spec->host, (unsigned)spec->port);
+
+    memset(&ci, 0, sizeof(ci));
+    ci.context = inst->ctx;
+    ci.vhost = vh;
+    ci.address = spec->host;
+    ci.port = spec->port;
+    ci.path = spec->path ? spec->path : "/";
+    ci.host = hosthdr;
+    ci.origin = hosthdr;
+    ci.userdata = c;
+    ci.local_protocol_name = "emx-pipe";
+    ci.retry_and_idle_policy = &inst->pipe_retry;
+    if (spec->tls) {
+        ci.ssl_connection = LCCSCF_USE_SSL;
+        if (!spec->tls_verify)
+            ci.ssl_connection |= LCCSCF_ALLOW_SELFSIGNED | LCCSCF_SKIP_SERVER_CERT_HOSTNAME_CHECK |
+                                 LCCSCF_ALLOW_EXPIRED | LCCSCF_ALLOW_INSECURE;
+    }
+    wsi = lws_client_connect_via_info(&ci);
+    if (c->state == CONN_GONE) {
+        /* failed inside the call: report through on_close like any failure */
+        c->reported = true;
+        c->reap_next = NULL;
+        if (inst->reap_tail)
+            inst->reap_tail->reap_next = c;
+        else
+            inst->reap_head = c;
+        inst->reap_tail = c;
+        reap_arm(inst);
+        *out = c;
+        return 0;
+    }
+    if (!wsi) {
+        conn_free(c);
+        return -ECONNREFUSED;
+    }
+    c->wsi = wsi;
+    conn_link(inst, c);
+    c->reported = true;
+    *out = c;
+    return 0;
+}
+
+EMX_PLUGIN_EXPORT const struct emx_transport_plugin emx_transport_plugin = {
+    .hdr = EMX_PLUGIN_HEADER(EMX_PLUGIN_TRANSPORT, struct emx_transport_plugin, "ws", "0.1.0"),
+    .options = ws_options,
+    .config_size = sizeof(struct ws_config),
+    .create = ws_create,
+    .start = ws_start,
+    .stop = ws_stop,
+    .destroy = ws_destroy,
+    .listen = ws_listen,
+    .unlisten = ws_unlisten,
+    .connect = ws_connect,
+    .send = ws_send,
+    .buffered = ws_buffered,
+    .pause_read = ws_pause_read,
+    .close = ws_close,
+};
