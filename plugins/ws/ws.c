@@ -448,7 +448,7 @@ static int queue_push(struct emx_conn *c, const uint8_t *data, size_t len, size_
 
     if (len > SIZE_MAX - sizeof(*m) - LWS_PRE)
         return -EMSGSIZE;
-    m = malloc(sizeof(*m) + LWS_PRE + len);
+    m = malloc(sizeof(*m) + LWS_PRE + (len < 8 ? 8 : len));
     if (!m)
         return -ENOMEM;
     m->next = NULL;
@@ -502,6 +502,20 @@ static int queue_drain(struct emx_conn *c)
         if (c->deflate) {
             if (m->inflight) {
                 /* lws calls us back only once its deflate drain is over */
+                queue_pop(c);
+                continue;
+            }
+            if (!m->len) {
+                /* lws asserts on deflating nothing: send an empty binary
+                 * frame ourselves (a client masks it with a zero key) */
+                static const uint8_t empty[] = {0x82, 0x80, 0, 0, 0, 0};
+                uint8_t *f = m->buf + LWS_PRE;
+
+                memcpy(f, empty, sizeof(empty));
+                if (c->lst)
+                    f[1] = 0; /* servers do not mask */
+                if (lws_write(c->wsi, f, c->lst ? 2 : 6, LWS_WRITE_RAW) < 0)
+                    return -EIO;
                 queue_pop(c);
                 continue;
             }
@@ -697,6 +711,30 @@ static int handle_rx(struct emx_conn *c, struct lws *wsi, uint8_t *in, size_t le
 
 /* ---- writeable ------------------------------------------------------------ */
 
+/* Returning -1 from a writeable callback after lws_close_reason() does not
+ * send the close frame with Debian's lws 4.1.6 on libuv (its debug build
+ * closes the wsi a second time at once), so write the frame ourselves. */
+static int send_close_frame(struct emx_conn *c)
+{
+    uint8_t buf[LWS_PRE + 6 + 2 + WS_REASON_MAX];
+    uint8_t *p = buf + LWS_PRE;
+    size_t rl = strlen(c->close_reason), h = 0;
+
+    if (rl > WS_REASON_MAX)
+        rl = WS_REASON_MAX;
+    p[h++] = 0x88; /* FIN + close */
+    p[h++] = (uint8_t)((c->lst ? 0 : 0x80) | (2 + rl));
+    if (!c->lst) { /* a client masks; a zero key leaves the payload as is */
+        memset(p + h, 0, 4);
+        h += 4;
+    }
+    p[h++] = (uint8_t)(c->close_code >> 8);
+    p[h++] = (uint8_t)c->close_code;
+    memcpy(p + h, c->close_reason, rl);
+    (void)lws_write(c->wsi, p, h + rl, LWS_WRITE_RAW);
+    return -1;
+}
+
 static int handle_writeable(struct emx_conn *c)
 {
     if (c->state != CONN_OPEN)
@@ -712,7 +750,7 @@ static int handle_writeable(struct emx_conn *c)
             lws_callback_on_writable(c->wsi);
             return 0;
         }
-        return conn_close_now(c, c->close_code, c->close_reason);
+        return send_close_frame(c);
     }
     if (c->was_queued) {
         c->was_queued = false;
