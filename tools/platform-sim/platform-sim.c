@@ -98,6 +98,7 @@ struct binding {
 };
 
 struct ctl_client {
+    struct emx_list link; /* in S.ctl_clients */
     uv_stream_t *s;
     union {
         uv_tcp_t tcp;
@@ -147,6 +148,7 @@ static struct sim {
         uv_tcp_t tcp;
         uv_pipe_t pipe;
     } ctl_h;
+    struct emx_list ctl_clients;
     uv_timer_t sweep;
     uv_signal_t sigint, sigterm;
 } S;
@@ -1106,7 +1108,59 @@ static void ctl_platform_request(struct ctl_client *cc, uint8_t code, struct ins
     free(body);
 }
 
+/* Test hook: send something a conformant server never sends to the
+ * connection that holds `thing`, to check an edge client's strictness. */
+static void ctl_misbehave(struct ctl_client *cc, const char *thing, const char *kind)
+{
+    struct binding *b = hmap_get(&S.things, thing, strlen(thing));
+    struct pconn *pc = b ? b->key->direct : NULL;
+    if (!pc || pc->ws->state != WS_OPEN) {
+        ctl_reply(cc, "err no direct edge holds %s", thing);
+        return;
+    }
+    struct ws_conn *ws = pc->ws;
+    if (strcmp(kind, "ping") == 0) {
+        ws_send_control(ws, WS_OP_PING, "srv", 3);
+    } else if (strcmp(kind, "text") == 0) {
+        uint8_t f[] = {0x81, 2, 'h', 'i'};
+        ws_write_raw(ws, f, sizeof(f));
+    } else if (strcmp(kind, "badheader") == 0) {
+        uint8_t f[] = {0x82, 5, 1, 0x40, 0, 0, 0};
+        ws_write_raw(ws, f, sizeof(f));
+    } else if (strcmp(kind, "len64") == 0) {
+        uint8_t f[10 + 200] = {0x82, 127, 0, 0, 0, 0, 0, 0, 0, 200};
+        ws_write_raw(ws, f, sizeof(f));
+    } else if (strcmp(kind, "oversize") == 0) {
+        size_t n = (ws->tx_max_frame ? ws->tx_max_frame : 8192) + 1;
+        uint8_t *f = calloc(1, n + 10);
+        if (!f) {
+            ctl_reply(cc, "err out of memory");
+            return;
+        }
+        f[0] = 0x82;
+        size_t h = 2;
+        if (n <= 0xFFFF) {
+            f[1] = 126;
+            f[2] = (uint8_t)(n >> 8);
+            f[3] = (uint8_t)n;
+            h = 4;
+        } else {
+            f[1] = 127;
+            for (int i = 0; i < 8; i++)
+                f[2 + i] = (uint8_t)((uint64_t)n >> (56 - 8 * i));
+            h = 10;
+        }
+        ws_write_raw(ws, f, h + n);
+        free(f);
+    } else {
+        ctl_reply(cc, "err unknown kind %s", kind);
+        return;
+    }
+    ctl_reply(cc, "ok");
+}
+
 static void shutdown_all(void);
+static void ctl_closed(uv_handle_t *h);
 
 static void ctl_command(struct ctl_client *cc, char *line)
 {
@@ -1138,6 +1192,8 @@ static void ctl_command(struct ctl_client *cc, char *line)
         for (int i = 0; i < S.ninst; i++)
             n += (size_t)snprintf(buf + n, sizeof(buf) - n, "%s%u", i ? "," : "", S.inst[i].port);
         ctl_reply(cc, "ports %s", buf);
+    } else if (strcmp(cmd, "misbehave") == 0 && argc == 3) {
+        ctl_misbehave(cc, argv[1], argv[2]);
     } else if (strcmp(cmd, "shutdown") == 0) {
         ctl_reply(cc, "ok");
         shutdown_all();
@@ -1168,6 +1224,7 @@ static void ctl_closed(uv_handle_t *h)
 {
     struct ctl_client *cc = h->data;
     cc->closed = true;
+    emx_list_unlink(&cc->link);
     if (cc->refs == 0)
         free(cc);
 }
@@ -1224,6 +1281,7 @@ static void ctl_on_connection(uv_stream_t *server, int status)
         uv_pipe_init(S.loop, &cc->h.pipe, 0);
     cc->s = (uv_stream_t *)&cc->h;
     cc->s->data = cc;
+    emx_list_push_back(&S.ctl_clients, &cc->link);
     if (uv_accept(server, cc->s) != 0) {
         cc->closing = true;
         uv_close((uv_handle_t *)cc->s, ctl_closed);
@@ -1294,6 +1352,15 @@ static void shutdown_all(void)
 {
     for (int i = 0; i < S.ninst; i++)
         instance_crash(&S.inst[i]);
+    struct emx_list *pos, *tmp;
+    emx_list_for_each_safe(pos, tmp, &S.ctl_clients)
+    {
+        struct ctl_client *cc = emx_container_of(pos, struct ctl_client, link);
+        if (!cc->closing) {
+            cc->closing = true;
+            uv_close((uv_handle_t *)cc->s, ctl_closed);
+        }
+    }
     uv_stop(S.loop);
 }
 
@@ -1322,6 +1389,9 @@ static void usage(FILE *f)
                "  --no-direct          refuse edges without the X-Edgemux headers\n"
                "  --control PORT|PATH  control channel on 127.0.0.1:PORT or a UNIX socket\n"
                "  --quiet              no log lines for contract violations\n"
+               "Control commands: crash N, restore N, stop-reading N, resume-reading N,\n"
+               "  get N THING PROP, put N THING PROP VALUE, stats, binds, ports,\n"
+               "  misbehave THING ping|text|badheader|len64|oversize (direct edges), shutdown\n"
                "Prints 'platform-sim ready control=C ports=P1,...' once listening.\n");
 }
 
@@ -1448,6 +1518,7 @@ int main(int argc, char **argv)
         return 2;
     }
     S.loop = uv_default_loop();
+    emx_list_init(&S.ctl_clients);
     hmap_init(&S.keys);
     hmap_init(&S.things);
     if (uv_random(NULL, NULL, &S.session_base, sizeof(S.session_base), 0, NULL) != 0)

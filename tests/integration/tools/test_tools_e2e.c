@@ -223,7 +223,8 @@ static const struct edge_ledger_entry *roundtrip(struct emx_edge_client *c, uint
     return &emx_edge_client_ledger(c)->entries[rid - 1];
 }
 
-static void check_ledger(struct emx_edge_client *c, const char *who, uint64_t want_lost)
+static void check_ledger(struct emx_edge_client *c, const char *who, uint64_t want_lost,
+                         uint64_t want_bad)
 {
     emx_edge_client_close_ledger(c);
     const struct edge_ledger *l = emx_edge_client_ledger(c);
@@ -243,7 +244,7 @@ static void check_ledger(struct emx_edge_client *c, const char *who, uint64_t wa
         CHECK(l->entries[i].outcome != EDGE_PENDING, "%s: entry %zu pending", who, i);
     }
     const struct edge_client_stats *s = emx_edge_client_stats(c);
-    CHECK(s->unexpected_answers == 0 && s->bad_messages == 0 && s->wrong_endpoint == 0,
+    CHECK(s->unexpected_answers == 0 && s->bad_messages == want_bad && s->wrong_endpoint == 0,
           "%s: server misbehaved: unexpected %llu bad %llu wrong_ep %llu", who,
           (unsigned long long)s->unexpected_answers, (unsigned long long)s->bad_messages,
           (unsigned long long)s->wrong_endpoint);
@@ -350,13 +351,48 @@ int main(int argc, char **argv)
     e = roundtrip(a, 0x01, "Temperature", 0);
     CHECK(e && e->outcome == EDGE_ANSWERED && e->code == 0x40, "GET after restore");
 
+    /* Strict receive checks: a server ping is ignored (the SDK never
+     * answers one); an oversized frame, a 64-bit length, a text message or
+     * an unparseable header drops the connection, with the reason kept. */
+    struct emx_edge_client *v = new_client(2, 8192, false, NULL, NULL);
+    const char *victim[] = {"Victim"};
+    emx_edge_client_bind(v, victim, 1);
+    REQUIRE(run_until(is_ready, v, 5000), "edge V not ready");
+    CHECK(run_until(none_pending, v, 5000), "V BIND unanswered");
+    r = ctl("misbehave Victim ping", 3000);
+    CHECK(r && strcmp(r, "ok") == 0, "misbehave ping: %s", r ? r : "-");
+    e = roundtrip(v, 0x01, "Temperature", 0); /* the ping arrived before this answer */
+    CHECK(emx_edge_client_stats(v)->pings_ignored == 1, "server ping not ignored");
+    CHECK(emx_edge_client_state(v) == EDGE_READY, "dropped for a ping");
+    static const struct {
+        const char *kind, *reason;
+    } bad[] = {{"oversize", "frame larger than Max-Frame-Size"},
+               {"len64", "frame with a 64-bit length"},
+               {"text", "text message"},
+               {"badheader", "bad AlwaysOn header"}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        struct wait_conn wv = {v, emx_edge_client_stats(v)->disconnects};
+        char cmd[64];
+        snprintf(cmd, sizeof(cmd), "misbehave Victim %s", bad[i].kind);
+        r = ctl(cmd, 3000);
+        CHECK(r && strcmp(r, "ok") == 0, "%s: %s", cmd, r ? r : "-");
+        CHECK(run_until(disconnected, &wv, 5000), "%s did not drop the edge", bad[i].kind);
+        const char *why = emx_edge_client_stats(v)->last_reason;
+        CHECK(why && strcmp(why, bad[i].reason) == 0, "%s: reason %s", bad[i].kind,
+              why ? why : "-");
+        /* It reconnects and re-binds by itself. */
+        CHECK(run_until(is_ready, v, 5000), "V did not reconnect after %s", bad[i].kind);
+        CHECK(run_until(none_pending, v, 5000), "V re-BIND unanswered");
+    }
+    check_ledger(v, "V", 0, 2); /* the text message and the bad header */
+
     /* Exactly one outcome per request, nothing unanswered. */
-    check_ledger(a, "A", 1);
-    check_ledger(b, "B", 0);
-    check_ledger(d, "D", 0);
+    check_ledger(a, "A", 1, 0);
+    check_ledger(b, "B", 0, 0);
+    check_ledger(d, "D", 0, 0);
     CHECK(emx_edge_client_stats(a)->pings_ignored == 0, "unexpected pings");
 
-    struct emx_edge_client *all[] = {a, b, d, p, p2, w};
+    struct emx_edge_client *all[] = {a, b, d, p, p2, w, v};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         emx_edge_client_free(all[i]);
     uv_run(&loop, UV_RUN_DEFAULT);
