@@ -414,6 +414,15 @@ static void peer_string(int fd, char *out, size_t outlen)
 
 /* ---- closing -------------------------------------------------------------- */
 
+/* lws re-arms its libuv timer only after servicing an event, so a timeout
+ * set from outside lws service (a uv timer, a core call) would wait for the
+ * next network event: wake lws through its event pipe. */
+static void lws_kick(struct ws_instance *inst)
+{
+    if (inst->ctx && inst->state == INST_RUNNING)
+        lws_cancel_service(inst->ctx);
+}
+
 /* Close from outside an lws callback: lws closes the wsi on its next
  * service, and on_close follows through the reap list. */
 static void conn_kill(struct emx_conn *c, uint16_t code, const char *reason)
@@ -425,6 +434,7 @@ static void conn_kill(struct emx_conn *c, uint16_t code, const char *reason)
     if (reason && !c->close_reason[0])
         snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_ASYNC);
+    lws_kick(c->inst);
 }
 
 /* Inside an lws callback for this wsi: set the close frame, caller returns -1. */
@@ -635,12 +645,14 @@ static void ws_close(struct emx_conn *c, uint16_t code, const char *reason)
     snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason ? reason : "");
     if (c->state == CONN_CONNECTING) {
         lws_set_timeout(c->wsi, PENDING_TIMEOUT_KILLED_BY_PARENT, LWS_TO_KILL_ASYNC);
+        lws_kick(c->inst);
         return;
     }
     /* Flush what is queued, then send the close frame from the writeable
      * callback; the timeout bounds a peer that stopped reading. */
     lws_set_timeout(c->wsi, PENDING_TIMEOUT_CLOSE_SEND, (int)secs_of(c->inst->cfg.close_timeout));
     lws_callback_on_writable(c->wsi);
+    lws_kick(c->inst);
 }
 
 /* ---- receiving ------------------------------------------------------------ */

@@ -164,7 +164,8 @@ struct tcase {
     const char *path;
     void (*client)(struct tcase *t);
     /* seen by the core */
-    int accepts, closes, opens, messages;
+    int accepts, closes, opens, messages, writables;
+    bool thread_started;
     char app_key[64];
     char xff[64];
     uint32_t max_frame;
@@ -219,9 +220,17 @@ static void core_close(void *user, uint16_t code, const char *reason)
     free(e);
 }
 
+static void core_writable(void *user)
+{
+    struct edge *e = user;
+
+    e->t->writables++;
+}
+
 static const struct emx_conn_callbacks edge_cb = {
     .on_accept = core_accept,
     .on_message = core_message,
+    .on_writable = core_writable,
     .on_close = core_close,
 };
 
@@ -230,7 +239,8 @@ static void finish(struct tcase *t)
     if (t->stopping)
         return;
     t->stopping = true;
-    uv_close((uv_handle_t *)&t->done_async, NULL);
+    /* the client thread may still signal: close the async after joining it */
+    uv_unref((uv_handle_t *)&t->done_async);
     uv_close((uv_handle_t *)&t->watchdog, NULL);
     tp->stop(t->inst);
 }
@@ -312,6 +322,10 @@ static int case_begin(struct tcase *t, const struct override *ov, struct emx_lis
 static void case_end(struct tcase *t)
 {
     uv_run(&t->loop, UV_RUN_DEFAULT);
+    if (t->thread_started)
+        pthread_join(t->thread, NULL);
+    uv_close((uv_handle_t *)&t->done_async, NULL);
+    uv_run(&t->loop, UV_RUN_DEFAULT);
     tp->destroy(t->inst);
     CHECK(uv_loop_close(&t->loop) == 0);
     free(t->cfg);
@@ -330,9 +344,9 @@ static void run_client_case(const char *name, const struct override *ov,
         return;
     }
     t.client = client;
-    pthread_create(&t.thread, NULL, client_thread, &t);
+    t.thread_started = pthread_create(&t.thread, NULL, client_thread, &t) == 0;
+    CHECK(t.thread_started);
     case_end(&t);
-    pthread_join(t.thread, NULL);
     if (verify)
         verify(&t);
     fprintf(stderr, "%s: %s\n", name, failures == before ? "ok" : "FAILED");
@@ -384,10 +398,12 @@ static int tcp_connect(int port)
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
                             .sin_port = htons((uint16_t)port)};
     struct timeval tv = {.tv_sec = 5};
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int fd = socket(AF_INET, SOCK_STREAM, 0), rcv = 65536;
 
     if (fd < 0)
         return -1;
+    /* a small window makes the server's socket fill up when we stop reading */
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     if (connect(fd, (struct sockaddr *)&a, sizeof(a))) {
@@ -654,6 +670,31 @@ static void echo_check(struct client *c, size_t n, size_t frag, uint32_t seed)
 
 /* ---- cases ---------------------------------------------------------------- */
 
+#define PIPE_N   16
+#define PIPE_LEN (512u * 1024u)
+
+/* Send several big messages before reading any echo: the server's socket
+ * fills, so its queue, writeable callbacks and on_writable are exercised. */
+static void pipelined(struct client *c)
+{
+    uint8_t *p[PIPE_N];
+    int i;
+
+    for (i = 0; i < PIPE_N; i++) {
+        p[i] = pattern(PIPE_LEN, 100u + (uint32_t)i);
+        CHECK(send_message(c, p[i], PIPE_LEN, 0) == 0);
+    }
+    for (i = 0; i < PIPE_N; i++) {
+        size_t rl = 0;
+        uint16_t cc;
+        uint8_t *r = read_message(c, &rl, &cc);
+
+        CHECK(r && rl == PIPE_LEN && memcmp(r, p[i], PIPE_LEN) == 0);
+        free(r);
+        free(p[i]);
+    }
+}
+
 static void client_echo(struct tcase *t, bool deflate)
 {
     struct client c;
@@ -668,6 +709,7 @@ static void client_echo(struct tcase *t, bool deflate)
     echo_check(&c, 0, 0, 4);
     echo_check(&c, 3000, 0, 5);
     CHECK(c.frames > 20); /* 100 KiB came back in many frames */
+    pipelined(&c);
     CHECK(c.big_frames == 0);
     /* a clean close: the server answers with a close frame */
     CHECK(send_frame(&c, 1, 0, 8, (const uint8_t *)"\x03\xe8", 2) == 0);
@@ -690,7 +732,9 @@ static void verify_echo(struct tcase *t, bool deflate)
 {
     CHECK(t->accepts == 1);
     CHECK(t->closes == 1);
-    CHECK(t->messages == 5);
+    CHECK(t->messages == 5 + PIPE_N);
+    if (!deflate)
+        CHECK(t->writables > 0);
     CHECK(strcmp(t->app_key, "test-app-key") == 0);
     CHECK(strcmp(t->xff, "10.1.2.3") == 0);
     CHECK(t->max_frame == 4096);
@@ -796,6 +840,43 @@ static void client_paths(struct tcase *t)
 static void verify_paths(struct tcase *t)
 {
     CHECK(t->accepts == 0);
+}
+
+static void client_idle(struct tcase *t)
+{
+    struct client c;
+    uint8_t b;
+    uint64_t start = uv_hrtime();
+
+    CHECK(ws_open(&c, t->port, t->path, false) == 0);
+    /* silent: the server drops us after edge_idle_timeout (1s) */
+    CHECK(recv(c.fd, &b, 1, 0) <= 0);
+    CHECK(uv_hrtime() - start < 4000000000ull);
+    CHECK(uv_hrtime() - start > 900000000ull);
+    ws_client_close(&c);
+}
+
+static void verify_idle(struct tcase *t)
+{
+    verify_closed(t, 1001);
+}
+
+/* The core stops the transport while an edge is open: on_close must
+ * still come, and the loop must close. */
+static void client_stop_open(struct tcase *t)
+{
+    struct client c;
+    uint8_t b;
+
+    CHECK(ws_open(&c, t->port, t->path, false) == 0);
+    uv_async_send(&t->done_async);
+    CHECK(recv(c.fd, &b, 1, 0) <= 0 || b == 0x88);
+    ws_client_close(&c);
+}
+
+static void verify_stop_open(struct tcase *t)
+{
+    verify_closed(t, 1001);
 }
 
 /* ---- pipe side: the plugin connects to its own listener ------------------- */
@@ -967,6 +1048,8 @@ int main(void)
     {
         static const struct override no_deflate[] = {{"deflate", "false"}, {NULL, NULL}};
         static const struct override deflate[] = {{"deflate", "true"}, {NULL, NULL}};
+        static const struct override idle[] = {
+            {"edge_idle_timeout", "1s"}, {"idle_sweep_period", "200ms"}, {NULL, NULL}};
         struct emx_listen_spec spec = {.max_message_size = 1 << 20};
         struct emx_listen_spec small = {.max_message_size = 2000};
 
@@ -975,6 +1058,9 @@ int main(void)
         run_client_case("text-1003", no_deflate, spec, client_text, verify_text);
         run_client_case("oversize-1009", no_deflate, small, client_oversize, verify_oversize);
         run_client_case("paths-404", no_deflate, spec, client_paths, verify_paths);
+        run_client_case("idle-timeout", idle, spec, client_idle, verify_idle);
+        run_client_case("stop-with-open-edge", no_deflate, spec, client_stop_open,
+                        verify_stop_open);
         run_pipe_case("pipe", no_deflate, NULL, NULL, NULL, "127.0.0.1", true);
     }
 
