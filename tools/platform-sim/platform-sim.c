@@ -142,7 +142,7 @@ static struct sim {
     uint64_t conn_ids;
     uint64_t violations[V_COUNT];
     uint64_t requests_by_code[256], answers_by_code[256], edge_answers_by_code[256];
-    uint64_t ctl_sent, ctl_answered, ctl_timeouts;
+    uint64_t ctl_sent, ctl_answered, ctl_timeouts, auth_refused;
     uv_stream_t *ctl_server;
     union {
         uv_tcp_t tcp;
@@ -460,7 +460,12 @@ static void handle_auth(struct pconn *pc, const struct emx_ao_header *h, const u
     int rc = emx_ao_auth_find_claim(body, len, "appKey", &v);
     bool ok = rc == EMX_AO_OK && v.len == strlen(S.app_key) && memcmp(v.ptr, S.app_key, v.len) == 0;
     if (!ok) {
-        violation(pc, V_BAD_AUTH);
+        /* Only a pipe's own AUTH is edgemux's duty; an edge with a wrong key
+         * is the edge's business. */
+        if (conn_auth && pc->pipe)
+            violation(pc, V_BAD_AUTH);
+        else
+            S.auth_refused++;
         send_simple(pc, EMX_AO_UNAUTHORIZED, h, h->session_id, NULL);
         if (conn_auth)
             ws_close(pc->ws, 1008, "AUTH refused");
@@ -959,7 +964,8 @@ static void json_stats(struct jbuf *j)
         jf(j, "%s\"%s\":%" PRIu64, first ? "" : ",", violation_names[v], S.violations[v]);
         first = false;
     }
-    jf(j, "},\"sessions\":%" PRIu32 ",\"things_bound\":%zu,", S.sessions, S.things.count);
+    jf(j, "},\"sessions\":%" PRIu32 ",\"auth_refused\":%" PRIu64 ",\"things_bound\":%zu,",
+       S.sessions, S.auth_refused, S.things.count);
     jcodes(j, "requests_by_code", S.requests_by_code);
     jput(j, ",", 1);
     jcodes(j, "answers_by_code", S.answers_by_code);
