@@ -48,6 +48,7 @@ static uv_loop_t loop;
 static pid_t sim_pid;
 static int ctl_fd = -1;
 static unsigned ports[4];
+static uint32_t next_answer_size; /* answer_size of the next client made */
 
 static void finish_and_exit(void)
 {
@@ -182,6 +183,7 @@ static struct emx_edge_client *new_client(unsigned inst, uint32_t max_frame, boo
                                      .connect_retry_interval_ms = 100,
                                      .connect_timeout_ms = 3000,
                                      .extra_headers = extra,
+                                     .answer_size = next_answer_size,
                                      .no_reconnect = extra != NULL || key != NULL};
     if (!key)
         cfg.app_key = KEY;
@@ -386,13 +388,30 @@ int main(int argc, char **argv)
     }
     check_ledger(v, "V", 0, 2); /* the text message and the bad header */
 
+    /* A large edge answer goes back multipart and is reassembled. */
+    next_answer_size = 20000;
+    struct emx_edge_client *g = new_client(2, 8192, false, NULL, NULL);
+    next_answer_size = 0;
+    const char *big[] = {"BigThing"};
+    emx_edge_client_bind(g, big, 1);
+    REQUIRE(run_until(is_ready, g, 5000), "edge G not ready");
+    CHECK(run_until(none_pending, g, 5000), "G BIND unanswered");
+    r = ctl("get 2 BigThing Temperature", 5000);
+    CHECK(r && strcmp(r, "answer 0x40 SUCCESS") == 0, "multipart edge answer: %s",
+          r ? r : "(none)");
+    CHECK(emx_edge_client_stats(g)->platform_answers == 1, "G answers");
+    check_ledger(g, "G", 0, 0);
+    /* The only contract violation all along: the pipe without its boot id. */
+    r = ctl("stats", 3000);
+    CHECK(r && strstr(r, "{\"violations\":1,"), "platform-sim violations: %s", r ? r : "-");
+
     /* Exactly one outcome per request, nothing unanswered. */
     check_ledger(a, "A", 1, 0);
     check_ledger(b, "B", 0, 0);
     check_ledger(d, "D", 0, 0);
     CHECK(emx_edge_client_stats(a)->pings_ignored == 0, "unexpected pings");
 
-    struct emx_edge_client *all[] = {a, b, d, p, p2, w, v};
+    struct emx_edge_client *all[] = {a, b, d, p, p2, w, v, g};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
         emx_edge_client_free(all[i]);
     uv_run(&loop, UV_RUN_DEFAULT);
