@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config clang libclang-rt-14-dev
-  libuv1-dev libyaml-dev libcmocka-dev uthash-dev libssl-dev
+  libuv1-dev libyaml-dev libcmocka-dev uthash-dev libssl-dev zlib1g-dev
   libwebsockets-dev libwebsockets-evlib-uv
   haproxy python3 procps iproute2 curl valgrind
 )
