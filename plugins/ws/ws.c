@@ -156,6 +156,7 @@ struct ws_listener {
     void *user;
     char *path;
     size_t max_msg;
+    int port;
     bool tls;
     bool closed;
 };
@@ -633,7 +634,12 @@ static int ws_pause_read(struct emx_conn *c, bool pause)
 {
     if (!c || c->state == CONN_GONE || !c->wsi)
         return -ENOTCONN;
-    return lws_rx_flow_control(c->wsi, pause ? 0 : 1) < 0 ? -EIO : 0;
+    if (lws_rx_flow_control(c->wsi, pause ? 0 : 1) < 0)
+        return -EIO;
+    /* input lws buffered while paused is replayed from its idle handler */
+    if (!pause)
+        lws_kick(c->inst);
+    return 0;
 }
 
 static void ws_close(struct emx_conn *c, uint16_t code, const char *reason)
@@ -1410,9 +1416,17 @@ static int ws_listen(void *instance, const struct emx_listen_spec *spec,
         LOG(inst, EMX_LOG_ERROR, "ws: TLS certificate, key or CA file not readable");
         return -ENOENT;
     }
+    /* lws would share the socket of a vhost on the same port (name-based
+     * virtual hosting); one listener per port here. */
+    for (l = inst->listeners; l; l = l->next)
+        if (!l->closed && l->port == port) {
+            LOG(inst, EMX_LOG_ERROR, "ws: %s: port already has a listener", spec->address);
+            return -EADDRINUSE;
+        }
     l = ws_zalloc(sizeof(*l));
     if (!l)
         return -ENOMEM;
+    l->port = port;
     l->path = ws_strdup(spec->path);
     if (!l->path) {
         free(l);

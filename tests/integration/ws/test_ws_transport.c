@@ -947,6 +947,25 @@ static const struct emx_conn_callbacks pipe_edge_cb = {
     .on_close = pipe_edge_close,
 };
 
+/* A port held by another socket: lws_create_vhost fails, listen() says so. */
+static void busy_port_refused(struct tcase *t, struct emx_listen_spec *spec)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct emx_listen_spec s2 = *spec;
+    struct emx_listener *l = NULL;
+    socklen_t al = sizeof(a);
+    char addr[32];
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+    CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 && listen(fd, 1) == 0 &&
+          getsockname(fd, (struct sockaddr *)&a, &al) == 0);
+    snprintf(addr, sizeof(addr), "127.0.0.1:%u", (unsigned)ntohs(a.sin_port));
+    s2.address = addr;
+    CHECK(tp->listen(t->inst, &s2, &pipe_edge_cb, t, &l) < 0);
+    CHECK(l == NULL);
+    close(fd);
+}
+
 static void run_pipe_case(const char *name, const struct override *ov, const char *cert,
                           const char *key, const char *ca, const char *host, bool expect_open)
 {
@@ -980,6 +999,14 @@ static void run_pipe_case(const char *name, const struct override *ov, const cha
         snprintf(addr, sizeof(addr), "127.0.0.1:%d", t.port);
         spec.address = addr;
         CHECK(tp->listen(t.inst, &spec, &pipe_edge_cb, &t, &t.lst) == 0);
+        if (!cert) {
+            struct emx_listener *busy = NULL;
+
+            /* the port is taken: listen() must fail, not pretend */
+            CHECK(tp->listen(t.inst, &spec, &pipe_edge_cb, &t, &busy) < 0);
+            CHECK(busy == NULL);
+            busy_port_refused(&t, &spec);
+        }
     }
     cs.port = (uint16_t)t.port;
     CHECK(tp->connect(t.inst, &cs, &pipe_cb, &t, &t.pipe) == 0);
