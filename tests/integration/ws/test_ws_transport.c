@@ -1058,7 +1058,8 @@ static int make_certs(const char *dir)
 int main(void)
 {
     void *dl = dlopen(EMX_WS_PLUGIN, RTLD_NOW | RTLD_LOCAL);
-    char dir[] = "/tmp/emx-ws-test-XXXXXX";
+    const char *tmp = getenv("TMPDIR");
+    char dir[256];
     char cert[128], key[128], ca[128], cmd[256];
 
     if (!dl) {
@@ -1091,6 +1092,7 @@ int main(void)
         run_pipe_case("pipe", no_deflate, NULL, NULL, NULL, "127.0.0.1", true);
     }
 
+    snprintf(dir, sizeof(dir), "%s/emx-ws-test-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(dir) || make_certs(dir)) {
         failures++;
     } else {
