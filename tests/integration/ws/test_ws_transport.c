@@ -1060,7 +1060,7 @@ int main(void)
     void *dl = dlopen(EMX_WS_PLUGIN, RTLD_NOW | RTLD_LOCAL);
     const char *tmp = getenv("TMPDIR");
     char dir[256];
-    char cert[128], key[128], ca[128], cmd[256];
+    char cert[320], key[320], ca[320], cmd[320];
 
     if (!dl) {
         fprintf(stderr, "dlopen: %s\n", dlerror());
