@@ -1,0 +1,2459 @@
+/* Router unit tests, written from DESIGN §3 (the platform-hop contract and the
+ * outcomes table) and §4 (routing rules). The router runs against a fake
+ * emx_router_io that records every call; messages are built with the codec's
+ * builders and what the router sent is read back with emx_ao_header_parse.
+ * Time is a variable the tests advance; timers run through emx_router_tick. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "codec.h"
+#include "router.h"
+
+#define SESSION      0x1234ABCDu /* the session the platform issued to edges */
+#define PIPE_SESSION 0x0BADC0DEu /* the session answering a pipe AUTH */
+#define ANY          (-1)
+#define THING        0x0A /* entityType of a Thing */
+#define PROPERTIES   0x01 /* characteristic */
+#define MAX_INST     6
+#define HIGH(f)      ((f)->cfg.high_watermark)
+#define LOW(f)       ((f)->cfg.low_watermark)
+
+/* ---- the fake io: a log of every call ---- */
+
+enum ev_kind {
+    EV_EDGE_SEND,
+    EV_EDGE_CLOSE,
+    EV_EDGE_PAUSE,
+    EV_PIPE_SEND,
+    EV_PIPE_CLOSE,
+    EV_INST_ADDED,
+    EV_INST_REMOVED,
+};
+
+struct ev {
+    enum ev_kind kind;
+    const void *edge; /* identity only: the edge may be freed since */
+    uint32_t edge_id;
+    struct emx_pipe *pipe; /* identity only after its instance was removed */
+    const void *inst;
+    char inst_id[16];
+    uint16_t close_code;
+    bool pause;
+    uint8_t *buf;
+    size_t len;
+    int parse_rc;
+    struct emx_ao_header h;
+    size_t body_off;
+};
+
+struct fx {
+    struct emx_router_config cfg;
+    struct emx_router_io io;
+    struct emx_router *r;
+    uint64_t now;
+    struct ev *ev;
+    size_t nev, cap;
+    const struct emx_edge *enobufs; /* edge_send to it fails with -ENOBUFS */
+    uint32_t next_rid;
+    uintptr_t next_conn;
+    struct emx_instance *inst[MAX_INST];
+    size_t ninst;
+};
+
+static struct ev *rec(struct fx *f, enum ev_kind kind)
+{
+    if (f->nev == f->cap) {
+        f->cap = f->cap ? f->cap * 2 : 64;
+        f->ev = realloc(f->ev, f->cap * sizeof(*f->ev));
+        assert_non_null(f->ev);
+    }
+    struct ev *v = &f->ev[f->nev++];
+    memset(v, 0, sizeof(*v));
+    v->kind = kind;
+    v->parse_rc = EMX_AO_ETRUNC;
+    return v;
+}
+
+static void rec_bytes(struct ev *v, const uint8_t *buf, size_t len)
+{
+    v->buf = malloc(len ? len : 1);
+    assert_non_null(v->buf);
+    if (len)
+        memcpy(v->buf, buf, len);
+    v->len = len;
+    v->parse_rc = emx_ao_header_parse(v->buf, len, &v->h, &v->body_off);
+}
+
+static void rec_edge(struct ev *v, const struct emx_edge *e)
+{
+    v->edge = e;
+    v->edge_id = e->id;
+}
+
+static void rec_inst(struct ev *v, const struct emx_instance *inst)
+{
+    v->inst = inst;
+    snprintf(v->inst_id, sizeof(v->inst_id), "%s", inst->id);
+}
+
+static int io_edge_send(void *ctx, struct emx_edge *e, const uint8_t *buf, size_t len)
+{
+    struct fx *f = ctx;
+    struct ev *v = rec(f, EV_EDGE_SEND);
+    rec_edge(v, e);
+    rec_bytes(v, buf, len);
+    return e == f->enobufs ? -ENOBUFS : 0;
+}
+
+static void io_edge_close(void *ctx, struct emx_edge *e, uint16_t code, const char *reason)
+{
+    (void)reason;
+    struct ev *v = rec(ctx, EV_EDGE_CLOSE);
+    rec_edge(v, e);
+    v->close_code = code;
+}
+
+static void io_edge_pause(void *ctx, struct emx_edge *e, bool pause)
+{
+    struct ev *v = rec(ctx, EV_EDGE_PAUSE);
+    rec_edge(v, e);
+    v->pause = pause;
+}
+
+static int io_pipe_send(void *ctx, struct emx_pipe *p, const uint8_t *buf, size_t len)
+{
+    struct ev *v = rec(ctx, EV_PIPE_SEND);
+    v->pipe = p;
+    rec_inst(v, p->inst);
+    rec_bytes(v, buf, len);
+    return 0;
+}
+
+static void io_pipe_close(void *ctx, struct emx_pipe *p, const char *reason)
+{
+    (void)reason;
+    struct ev *v = rec(ctx, EV_PIPE_CLOSE);
+    v->pipe = p;
+    rec_inst(v, p->inst);
+}
+
+static void io_instance_added(void *ctx, struct emx_instance *inst)
+{
+    rec_inst(rec(ctx, EV_INST_ADDED), inst);
+}
+
+static void io_instance_removed(void *ctx, struct emx_instance *inst)
+{
+    rec_inst(rec(ctx, EV_INST_REMOVED), inst);
+}
+
+static void fx_clear(struct fx *f)
+{
+    for (size_t i = 0; i < f->nev; i++)
+        free(f->ev[i].buf);
+    f->nev = 0;
+}
+
+static int setup(void **state)
+{
+    struct fx *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    f->cfg = (struct emx_router_config){
+        .worker = 3,
+        .pipes_per_instance = 2,
+        .high_watermark = 64 * 1024,
+        .low_watermark = 32 * 1024,
+        .stall_after = 2000,
+        .request_timeout = 8000,
+        .edge_request_timeout = 8000,
+        .auth_timeout = 15000,
+        .multipart_pin_wait = 2000,
+        .all_down_grace = 3000,
+        .close_spread = 0,
+        .empty_confirm = 10000,
+        .max_message_size = 1024 * 1024,
+        .max_pending = 500,
+        .app_key = "pipe-key",
+    };
+    f->io = (struct emx_router_io){
+        .ctx = f,
+        .log = NULL,
+        .edge_send = io_edge_send,
+        .edge_close = io_edge_close,
+        .edge_pause = io_edge_pause,
+        .pipe_send = io_pipe_send,
+        .pipe_close = io_pipe_close,
+        .instance_added = io_instance_added,
+        .instance_removed = io_instance_removed,
+    };
+    f->now = 1000000; /* time 0 must not be special */
+    f->next_rid = 1;
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fx *f = *state;
+    if (f->r)
+        emx_router_free(f->r);
+    fx_clear(f);
+    free(f->ev);
+    free(f);
+    return 0;
+}
+
+/* ---- reading the log ---- */
+
+static bool hmatch(const struct ev *v, int code, int64_t rid, int64_t eid)
+{
+    return v->parse_rc == EMX_AO_OK && (code == ANY || v->h.code == code) &&
+           (rid == ANY || v->h.request_id == (uint32_t)rid) &&
+           (eid == ANY || v->h.endpoint_id == (uint32_t)eid);
+}
+
+static const struct ev *find_pipe_send(struct fx *f, size_t from, int code, int64_t rid,
+                                       int64_t eid)
+{
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_PIPE_SEND && hmatch(&f->ev[i], code, rid, eid))
+            return &f->ev[i];
+    return NULL;
+}
+
+static size_t count_pipe_sends(struct fx *f, size_t from, int code, int64_t rid, int64_t eid)
+{
+    size_t n = 0;
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_PIPE_SEND && hmatch(&f->ev[i], code, rid, eid))
+            n++;
+    return n;
+}
+
+static const struct ev *find_edge_send(struct fx *f, size_t from, uint32_t edge_id, int code,
+                                       int64_t rid)
+{
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_EDGE_SEND && f->ev[i].edge_id == edge_id &&
+            hmatch(&f->ev[i], code, rid, ANY))
+            return &f->ev[i];
+    return NULL;
+}
+
+static size_t count_edge_sends(struct fx *f, size_t from, uint32_t edge_id, int code, int64_t rid)
+{
+    size_t n = 0;
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_EDGE_SEND && f->ev[i].edge_id == edge_id &&
+            hmatch(&f->ev[i], code, rid, ANY))
+            n++;
+    return n;
+}
+
+static size_t count_kind(struct fx *f, size_t from, enum ev_kind kind)
+{
+    size_t n = 0;
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == kind)
+            n++;
+    return n;
+}
+
+/* Index of the first close of an edge since `from`, or -1. */
+static long find_edge_close(struct fx *f, size_t from, uint32_t edge_id)
+{
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_EDGE_CLOSE && f->ev[i].edge_id == edge_id)
+            return (long)i;
+    return -1;
+}
+
+static size_t count_edge_closes(struct fx *f, size_t from, uint32_t edge_id)
+{
+    size_t n = 0;
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_EDGE_CLOSE && f->ev[i].edge_id == edge_id)
+            n++;
+    return n;
+}
+
+static bool edge_paused(struct fx *f, size_t from, uint32_t edge_id, bool pause)
+{
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_EDGE_PAUSE && f->ev[i].edge_id == edge_id &&
+            f->ev[i].pause == pause)
+            return true;
+    return false;
+}
+
+static size_t count_removed(struct fx *f, size_t from, const char *id)
+{
+    size_t n = 0;
+    for (size_t i = from; i < f->nev; i++)
+        if (f->ev[i].kind == EV_INST_REMOVED && strcmp(f->ev[i].inst_id, id) == 0)
+            n++;
+    return n;
+}
+
+static int inst_index(struct fx *f, const struct emx_instance *inst)
+{
+    for (size_t i = 0; i < f->ninst; i++)
+        if (f->inst[i] == inst)
+            return (int)i;
+    fail_msg("message sent to an unknown instance");
+    return -1;
+}
+
+/* ---- messages ---- */
+
+static size_t header_only(uint8_t *buf, uint8_t code, uint32_t rid, uint32_t eid, uint32_t session)
+{
+    struct emx_ao_header h = {.version = EMX_AO_VERSION,
+                              .code = code,
+                              .request_id = rid,
+                              .endpoint_id = eid,
+                              .session_id = session};
+    size_t n = emx_ao_header_write(buf, EMX_AO_HEADER_SIZE, &h);
+    assert_int_equal(n, EMX_AO_HEADER_SIZE);
+    return n;
+}
+
+static size_t build_get(uint8_t *buf, size_t cap, uint32_t rid, uint32_t eid)
+{
+    size_t n = emx_ao_build_request(buf, cap, EMX_AO_GET, rid, eid, SESSION, THING, "SteamSensor",
+                                    PROPERTIES, "Temperature", NULL, 0);
+    assert_true(n > 0);
+    return n;
+}
+
+/* One chunk of a multipart POST: header with the multipart header, then
+ * entityType · entityName · `payload` bytes. */
+static size_t build_chunk(uint8_t *buf, size_t cap, uint32_t rid, uint16_t id, uint16_t count,
+                          uint16_t size_field, size_t payload)
+{
+    struct emx_ao_header h = {.version = EMX_AO_VERSION,
+                              .code = EMX_AO_POST,
+                              .request_id = rid,
+                              .endpoint_id = 0,
+                              .session_id = SESSION,
+                              .multipart = true,
+                              .chunk_id = id,
+                              .chunk_count = count,
+                              .chunk_size = size_field};
+    size_t n = emx_ao_header_write(buf, cap, &h);
+    assert_int_equal(n, EMX_AO_HEADER_SIZE + EMX_AO_MULTIPART_SIZE);
+    buf[n++] = THING;
+    size_t s = emx_ao_write_str(buf + n, cap - n, "SteamSensor", 11);
+    assert_true(s > 0);
+    n += s;
+    assert_true(cap - n >= payload);
+    memset(buf + n, 'a' + id, payload);
+    return n + payload;
+}
+
+static void edge_msg(struct fx *f, struct emx_edge *e, const uint8_t *buf, size_t len)
+{
+    uint8_t *copy = malloc(len ? len : 1);
+    assert_non_null(copy);
+    if (len)
+        memcpy(copy, buf, len);
+    emx_router_edge_message(f->r, e, copy, len, f->now);
+    free(copy);
+}
+
+static void pipe_msg(struct fx *f, struct emx_pipe *p, const uint8_t *buf, size_t len)
+{
+    uint8_t *copy = malloc(len ? len : 1);
+    assert_non_null(copy);
+    if (len)
+        memcpy(copy, buf, len);
+    emx_router_pipe_message(f->r, p, copy, len, f->now);
+    free(copy);
+}
+
+static void edge_get(struct fx *f, struct emx_edge *e, uint32_t rid)
+{
+    uint8_t buf[128];
+    edge_msg(f, e, buf, build_get(buf, sizeof(buf), rid, 0));
+}
+
+static void edge_chunk(struct fx *f, struct emx_edge *e, uint32_t rid, uint16_t id, uint16_t count,
+                       size_t payload)
+{
+    static uint8_t buf[16384];
+    edge_msg(f, e, buf, build_chunk(buf, sizeof(buf), rid, id, count, (uint16_t)payload, payload));
+}
+
+static void edge_bind(struct fx *f, struct emx_edge *e, uint8_t code, uint32_t rid,
+                      const char *const *names, size_t count)
+{
+    struct emx_ao_str s[8];
+    assert_true(count <= 8);
+    for (size_t i = 0; i < count; i++)
+        s[i] = (struct emx_ao_str){(const uint8_t *)names[i], (uint32_t)strlen(names[i])};
+    uint8_t buf[256];
+    size_t n = emx_ao_build_bind(buf, sizeof(buf), code, rid, 0, SESSION, s, count);
+    assert_true(n > 0);
+    edge_msg(f, e, buf, n);
+}
+
+/* The edge answers a request it received (echoing requestId and endpointId). */
+static void edge_answer(struct fx *f, struct emx_edge *e, uint8_t code,
+                        const struct emx_ao_header *req)
+{
+    uint8_t buf[64];
+    size_t n = emx_ao_build_response(buf, sizeof(buf), code, req->request_id, req->endpoint_id,
+                                     req->session_id, NULL);
+    edge_msg(f, e, buf, n);
+}
+
+static void pipe_answer(struct fx *f, struct emx_pipe *p, uint8_t code, uint32_t rid, uint32_t eid)
+{
+    uint8_t buf[64];
+    size_t n = emx_ao_build_response(buf, sizeof(buf), code, rid, eid, SESSION, NULL);
+    pipe_msg(f, p, buf, n);
+}
+
+static void platform_get(struct fx *f, struct emx_pipe *p, uint32_t rid, uint32_t eid)
+{
+    uint8_t buf[128];
+    pipe_msg(f, p, buf, build_get(buf, sizeof(buf), rid, eid));
+}
+
+/* The one platform request the edge received since `from`. */
+static struct emx_ao_header delivered(struct fx *f, size_t from, const struct emx_edge *e)
+{
+    assert_int_equal(count_edge_sends(f, from, e->id, ANY, ANY), 1);
+    const struct ev *v = find_edge_send(f, from, e->id, EMX_AO_GET, ANY);
+    assert_non_null(v);
+    return v->h;
+}
+
+/* ---- pipes, instances, edges ---- */
+
+static struct emx_instance_info info(const char *id, uint32_t weight, uint32_t priority)
+{
+    return (struct emx_instance_info){.id = id,
+                                      .host = "127.0.0.1",
+                                      .port = (uint16_t)(9000 + id[strlen(id) - 1]),
+                                      .tls = false,
+                                      .weight = weight,
+                                      .priority = priority,
+                                      .metadata = NULL};
+}
+
+static const char *const IDS[MAX_INST] = {"p1", "p2", "p3", "p4", "p5", "p6"};
+
+/* Open a pipe and answer its AUTH with SUCCESS: the pipe is UP. */
+static void pipe_up(struct fx *f, struct emx_pipe *p)
+{
+    size_t m = f->nev;
+    emx_router_pipe_opened(f->r, p, f->now);
+    const struct ev *a = NULL;
+    for (size_t i = m; i < f->nev; i++)
+        if (f->ev[i].kind == EV_PIPE_SEND && f->ev[i].pipe == p &&
+            hmatch(&f->ev[i], EMX_AO_AUTH, ANY, ANY))
+            a = &f->ev[i];
+    assert_non_null(a);
+    uint32_t rid = a->h.request_id, eid = a->h.endpoint_id;
+    uint8_t buf[64];
+    size_t n =
+        emx_ao_build_response(buf, sizeof(buf), EMX_AO_SUCCESS, rid, eid, PIPE_SESSION, NULL);
+    pipe_msg(f, p, buf, n);
+    assert_int_equal(p->state, EMX_PIPE_UP);
+}
+
+static void instance_up(struct fx *f, struct emx_instance *inst)
+{
+    for (unsigned i = 0; i < inst->npipes; i++)
+        pipe_up(f, &inst->pipes[i]);
+}
+
+static void instance_down(struct fx *f, struct emx_instance *inst)
+{
+    for (unsigned i = 0; i < inst->npipes; i++)
+        emx_router_pipe_closed(f->r, &inst->pipes[i], f->now);
+}
+
+static void instance_queued(struct fx *f, struct emx_instance *inst, uint64_t queued)
+{
+    for (unsigned i = 0; i < inst->npipes; i++)
+        emx_router_pipe_queued(f->r, &inst->pipes[i], queued, f->now);
+}
+
+/* A router with the instances of `set` (in that discovery order), every pipe UP. */
+static void start(struct fx *f, const struct emx_instance_info *set, size_t n)
+{
+    f->r = emx_router_new(&f->cfg, &f->io, f->now);
+    assert_non_null(f->r);
+    if (n)
+        emx_router_discovery_update(f->r, set, n, f->now);
+    f->ninst = n;
+    for (size_t i = 0; i < n; i++) {
+        f->inst[i] = emx_router_instance_find(f->r, set[i].id);
+        assert_non_null(f->inst[i]);
+        assert_int_equal(f->inst[i]->npipes, f->cfg.pipes_per_instance);
+        instance_up(f, f->inst[i]);
+    }
+    fx_clear(f);
+}
+
+static void start_equal(struct fx *f, size_t n)
+{
+    struct emx_instance_info set[MAX_INST];
+    for (size_t i = 0; i < n; i++)
+        set[i] = info(IDS[i], 1, 0);
+    start(f, set, n);
+}
+
+static struct emx_edge *edge_open(struct fx *f)
+{
+    struct emx_edge *e = emx_router_edge_open(f->r, (void *)++f->next_conn, f->now);
+    assert_non_null(e);
+    return e;
+}
+
+static void edge_send_auth(struct fx *f, struct emx_edge *e, uint32_t rid)
+{
+    uint8_t buf[64];
+    size_t n = emx_ao_build_auth(buf, sizeof(buf), rid, 0, "edge-key", 8);
+    assert_true(n > 0);
+    edge_msg(f, e, buf, n);
+}
+
+/* AUTH forwarded with endpointId := e->id, answered SUCCESS by the platform,
+ * delivered with endpointId 0: the edge is AUTHED. */
+static void edge_auth_ok(struct fx *f, struct emx_edge *e)
+{
+    uint32_t rid = f->next_rid++;
+    size_t m = f->nev;
+    edge_send_auth(f, e, rid);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *fw = find_pipe_send(f, m, EMX_AO_AUTH, rid, e->id);
+    assert_non_null(fw);
+    struct emx_pipe *p = fw->pipe;
+    m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_SUCCESS, rid);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    assert_int_equal(e->state, EMX_EDGE_AUTHED);
+}
+
+static struct emx_edge *edge_authed(struct fx *f)
+{
+    struct emx_edge *e = edge_open(f);
+    edge_auth_ok(f, e);
+    return e;
+}
+
+/* The pipe a request (eid, rid) was forwarded to since `from` (at most once), or NULL. */
+static struct emx_pipe *forwarded_to(struct fx *f, size_t from, uint32_t eid, uint32_t rid)
+{
+    assert_true(count_pipe_sends(f, from, ANY, rid, eid) <= 1);
+    const struct ev *v = find_pipe_send(f, from, ANY, rid, eid);
+    return v ? v->pipe : NULL;
+}
+
+/* An edge GET; returns the pipe it was forwarded to, or NULL. */
+static struct emx_pipe *get(struct fx *f, struct emx_edge *e, uint32_t *rid_out)
+{
+    uint32_t rid = f->next_rid++;
+    size_t m = f->nev;
+    edge_get(f, e, rid);
+    if (rid_out)
+        *rid_out = rid;
+    return forwarded_to(f, m, e->id, rid);
+}
+
+/* An edge GET answered SUCCESS by whichever instance took it; returns that
+ * instance's index in discovery order. */
+static int get_answered(struct fx *f, struct emx_edge *e)
+{
+    uint32_t rid;
+    struct emx_pipe *p = get(f, e, &rid);
+    assert_non_null(p);
+    size_t m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, rid));
+    return inst_index(f, p->inst);
+}
+
+/* A BIND or UNBIND of `names`, answered `answer`; returns the pipe that took it. */
+static struct emx_pipe *bind_answered(struct fx *f, struct emx_edge *e, uint8_t code,
+                                      const char *const *names, size_t count, uint8_t answer)
+{
+    uint32_t rid = f->next_rid++;
+    size_t m = f->nev;
+    edge_bind(f, e, code, rid, names, count);
+    const struct ev *v = find_pipe_send(f, m, code, rid, e->id);
+    assert_non_null(v);
+    assert_int_equal(v->h.session_id, SESSION);
+    struct emx_pipe *p = v->pipe;
+    m = f->nev;
+    pipe_answer(f, p, answer, rid, e->id);
+    assert_non_null(find_edge_send(f, m, e->id, answer, rid));
+    return p;
+}
+
+static void tick_at(struct fx *f, uint64_t t)
+{
+    f->now = t;
+    emx_router_tick(f->r, t);
+}
+
+/* ==== pipes ==== */
+
+static void pipe_open_sends_auth_and_success_makes_it_up(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("p1", 1, 0)};
+    f->r = emx_router_new(&f->cfg, &f->io, f->now);
+    assert_non_null(f->r);
+    emx_router_discovery_update(f->r, set, 1, f->now);
+    assert_int_equal(count_kind(f, 0, EV_INST_ADDED), 1);
+    struct emx_instance *in = emx_router_instance_find(f->r, "p1");
+    assert_non_null(in);
+    assert_int_equal(in->npipes, 2);
+    assert_int_equal(emx_router_pipes_up(f->r), 0);
+
+    struct emx_pipe *p = &in->pipes[0];
+    size_t m = f->nev;
+    emx_router_pipe_opened(f->r, p, f->now);
+    assert_int_equal(p->state, EMX_PIPE_AUTHING);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_AUTH, ANY, ANY);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, p);
+    assert_int_equal(a->h.session_id, EMX_AO_AUTH_SESSION);
+    struct emx_ao_str key;
+    assert_int_equal(
+        emx_ao_auth_find_claim(a->buf + a->body_off, a->len - a->body_off, "appKey", &key),
+        EMX_AO_OK);
+    assert_true(emx_ao_str_eq(key, "pipe-key"));
+    assert_int_equal(emx_router_pipes_up(f->r), 0); /* AUTHING does not count */
+
+    uint32_t rid = a->h.request_id, eid = a->h.endpoint_id;
+    uint8_t buf[64];
+    pipe_msg(f, p, buf,
+             emx_ao_build_response(buf, sizeof(buf), EMX_AO_SUCCESS, rid, eid, PIPE_SESSION, NULL));
+    assert_int_equal(p->state, EMX_PIPE_UP);
+    assert_int_equal(emx_router_pipes_up(f->r), 1);
+    pipe_up(f, &in->pipes[1]);
+    assert_int_equal(emx_router_pipes_up(f->r), 2);
+    emx_router_pipe_closed(f->r, p, f->now);
+    assert_int_equal(p->state, EMX_PIPE_DOWN);
+    assert_int_equal(emx_router_pipes_up(f->r), 1);
+}
+
+static void pipe_auth_failure_closes_pipe(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("p1", 1, 0)};
+    f->r = emx_router_new(&f->cfg, &f->io, f->now);
+    emx_router_discovery_update(f->r, set, 1, f->now);
+    struct emx_pipe *p = &emx_router_instance_find(f->r, "p1")->pipes[0];
+    size_t m = f->nev;
+    emx_router_pipe_opened(f->r, p, f->now);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_AUTH, ANY, ANY);
+    assert_non_null(a);
+    uint32_t rid = a->h.request_id, eid = a->h.endpoint_id;
+    m = f->nev;
+    uint8_t buf[64];
+    pipe_msg(f, p, buf,
+             emx_ao_build_response(buf, sizeof(buf), EMX_AO_UNAUTHORIZED, rid, eid, 0, NULL));
+    assert_int_equal(count_kind(f, m, EV_PIPE_CLOSE), 1);
+    for (size_t i = m; i < f->nev; i++)
+        if (f->ev[i].kind == EV_PIPE_CLOSE)
+            assert_ptr_equal(f->ev[i].pipe, p);
+    assert_int_not_equal(p->state, EMX_PIPE_UP);
+    assert_int_equal(emx_router_pipes_up(f->r), 0);
+    assert_int_equal(emx_router_stats(f->r)->pipe_auth_failures, 1);
+}
+
+/* ==== edge AUTH and stamping ==== */
+
+static void edge_auth_forwarded_and_success_authenticates(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_open(f);
+    assert_int_equal(e->state, EMX_EDGE_NEW);
+    uint8_t buf[64];
+    size_t n = emx_ao_build_auth(buf, sizeof(buf), 1, 0, "edge-key", 8);
+    size_t m = f->nev;
+    edge_msg(f, e, buf, n);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *v = find_pipe_send(f, m, EMX_AO_AUTH, 1, e->id);
+    assert_non_null(v);
+    assert_int_equal(v->h.session_id, EMX_AO_AUTH_SESSION);
+    assert_int_equal(v->len, n);
+    assert_memory_equal(v->buf + EMX_AO_HEADER_SIZE, buf + EMX_AO_HEADER_SIZE,
+                        n - EMX_AO_HEADER_SIZE);
+    assert_int_equal(e->state, EMX_EDGE_AUTHING);
+    struct emx_pipe *p = v->pipe;
+    m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, 1, e->id);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_SUCCESS, 1);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    assert_int_equal(a->h.session_id, SESSION);
+    assert_int_equal(e->state, EMX_EDGE_AUTHED);
+    assert_int_equal(emx_router_stats(f->r)->auth_ok, 1);
+}
+
+static void stamping_endpoint_id_out_and_restored_back(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint8_t buf[128];
+    size_t n = build_get(buf, sizeof(buf), 5, 0);
+    size_t m = f->nev;
+    edge_msg(f, e, buf, n);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *v = find_pipe_send(f, m, EMX_AO_GET, 5, e->id);
+    assert_non_null(v);
+    assert_int_not_equal(v->h.endpoint_id, 0);
+    assert_int_not_equal(v->h.endpoint_id & EMX_ENDPOINT_SEQ_MASK, 0);
+    assert_int_equal(v->h.endpoint_id >> EMX_WORKER_SHIFT, f->cfg.worker);
+    assert_int_equal(v->h.session_id, SESSION);
+    assert_false(v->h.multipart);
+    assert_int_equal(v->len, n);
+    assert_memory_equal(v->buf + EMX_AO_HEADER_SIZE, buf + EMX_AO_HEADER_SIZE,
+                        n - EMX_AO_HEADER_SIZE);
+    struct emx_pipe *p = v->pipe;
+    m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, 5, e->id);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_SUCCESS, 5);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    assert_int_equal(a->h.session_id, SESSION);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+}
+
+static void stamping_restores_nonzero_endpoint_id_the_edge_used(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint8_t buf[128];
+    size_t m = f->nev;
+    edge_msg(f, e, buf, build_get(buf, sizeof(buf), 6, 0x77));
+    struct emx_pipe *p = forwarded_to(f, m, e->id, 6);
+    assert_non_null(p);
+    m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, 6, e->id);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_SUCCESS, 6);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0x77);
+}
+
+/* ==== rule 1: round robin, fewest queued pipe ==== */
+
+static void rr_follows_discovery_order(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 3);
+    struct emx_edge *e = edge_authed(f);
+    int seq[9];
+    for (int i = 0; i < 9; i++)
+        seq[i] = get_answered(f, e);
+    for (int i = 0; i + 1 < 9; i++)
+        assert_int_equal(seq[i + 1], (seq[i] + 1) % 3);
+}
+
+static void rr_pipe_with_fewest_queued_bytes(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 3;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_instance *in = f->inst[0];
+    emx_router_pipe_queued(f->r, &in->pipes[0], 5000, f->now);
+    emx_router_pipe_queued(f->r, &in->pipes[1], 100, f->now);
+    emx_router_pipe_queued(f->r, &in->pipes[2], 3000, f->now);
+    assert_ptr_equal(get(f, e, NULL), &in->pipes[1]);
+    emx_router_pipe_queued(f->r, &in->pipes[1], 9000, f->now);
+    assert_ptr_equal(get(f, e, NULL), &in->pipes[2]);
+    emx_router_pipe_queued(f->r, &in->pipes[0], 0, f->now);
+    assert_ptr_equal(get(f, e, NULL), &in->pipes[0]);
+}
+
+static void rr_skips_unwritable_instance_without_credit(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 3);
+    struct emx_edge *e = edge_authed(f);
+    instance_queued(f, f->inst[1], HIGH(f) + 1);
+    assert_false(emx_instance_is_eligible(f->r, f->inst[1], f->now));
+    int prev = -1;
+    for (int i = 0; i < 20; i++) {
+        int k = get_answered(f, e);
+        assert_int_not_equal(k, 1);
+        assert_int_not_equal(k, prev); /* alternates between the other two */
+        prev = k;
+    }
+    instance_queued(f, f->inst[1], 0);
+    assert_true(emx_instance_is_eligible(f->r, f->inst[1], f->now));
+    int n[3] = {0};
+    for (int i = 0; i < 30; i++)
+        n[get_answered(f, e)]++;
+    for (int k = 0; k < 3; k++)
+        assert_in_range(n[k], 9, 11); /* no burst for the instance that was skipped */
+}
+
+static void rr_even_over_30000_requests(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 3);
+    struct emx_edge *e = edge_authed(f);
+    int n[3] = {0};
+    for (int i = 0; i < 30000; i++) {
+        fx_clear(f);
+        n[get_answered(f, e)]++;
+    }
+    for (int k = 0; k < 3; k++)
+        assert_in_range(n[k], 9999, 10001);
+}
+
+/* ==== rule 2: watermarks and stall ==== */
+
+static void wm_pipe_unwritable_until_it_falls_to_low(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p1 = &f->inst[0]->pipes[0];
+    emx_router_pipe_queued(f->r, p1, HIGH(f) + 1, f->now);
+    assert_false(emx_pipe_is_writable(f->r, p1, f->now));
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(get_answered(f, e), 1);
+    emx_router_pipe_queued(f->r, p1, LOW(f) + 1, f->now);
+    assert_false(emx_pipe_is_writable(f->r, p1, f->now));
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(get_answered(f, e), 1);
+    emx_router_pipe_queued(f->r, p1, LOW(f), f->now);
+    assert_true(emx_pipe_is_writable(f->r, p1, f->now));
+    int n[2] = {0};
+    for (int i = 0; i < 4; i++)
+        n[get_answered(f, e)]++;
+    assert_true(n[0] >= 1 && n[1] >= 1);
+}
+
+static void stall_pipe_unwritable_until_it_receives(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p1 = &f->inst[0]->pipes[0];
+    int held = 0;
+    for (int i = 0; i < 8 && held < 2; i++) {
+        uint32_t rid;
+        struct emx_pipe *p = get(f, e, &rid);
+        assert_non_null(p);
+        if (p == p1)
+            held++; /* left unanswered */
+        else
+            pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    }
+    assert_int_equal(held, 2);
+    f->now += f->cfg.stall_after - 1;
+    assert_true(emx_pipe_is_writable(f->r, p1, f->now));
+    f->now += 1;
+    assert_false(emx_pipe_is_writable(f->r, p1, f->now));
+    assert_false(emx_instance_is_eligible(f->r, f->inst[0], f->now));
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(get_answered(f, e), 1);
+    /* Any message from the pipe counts: here a platform request to the edge. */
+    size_t m = f->nev;
+    platform_get(f, p1, 0x500, e->id);
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_GET, ANY), 1);
+    assert_true(emx_pipe_is_writable(f->r, p1, f->now));
+    int n[2] = {0};
+    for (int i = 0; i < 4; i++)
+        n[get_answered(f, e)]++;
+    assert_true(n[0] >= 1);
+}
+
+/* ==== rule 3: priority tiers and weights ==== */
+
+static void tier_lowest_priority_number_is_used(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("a", 1, 2), info("b", 1, 1), info("c", 1, 1)};
+    start(f, set, 3);
+    struct emx_edge *e = edge_authed(f);
+    int prev = -1;
+    for (int i = 0; i < 6; i++) {
+        int k = get_answered(f, e);
+        assert_int_not_equal(k, 0);
+        assert_int_not_equal(k, prev);
+        prev = k;
+    }
+}
+
+static void tier_backup_used_only_when_preferred_has_no_connected_instance(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("a", 1, 1), info("b", 1, 2)};
+    start(f, set, 2);
+    struct emx_edge *e = edge_authed(f);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(get_answered(f, e), 0);
+    instance_down(f, f->inst[0]);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(get_answered(f, e), 1);
+    instance_up(f, f->inst[0]);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(get_answered(f, e), 0);
+}
+
+static void tier_preferred_connected_but_unwritable_answers_a0(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("a", 1, 1), info("b", 1, 2)};
+    start(f, set, 2);
+    struct emx_edge *e = edge_authed(f);
+    instance_queued(f, f->inst[0], HIGH(f) + 1);
+    size_t m = f->nev;
+    edge_get(f, e, 40);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, 40));
+}
+
+static void swrr_weights_1_2_3_over_60000(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("w1", 1, 0), info("w2", 2, 0), info("w3", 3, 0)};
+    start(f, set, 3);
+    struct emx_edge *e = edge_authed(f);
+    int n[3] = {0};
+    for (int i = 0; i < 60000; i++) {
+        fx_clear(f);
+        n[get_answered(f, e)]++;
+    }
+    assert_in_range(n[0], 10000 - 600, 10000 + 600);
+    assert_in_range(n[1], 20000 - 600, 20000 + 600);
+    assert_in_range(n[2], 30000 - 600, 30000 + 600);
+}
+
+static void weight_zero_used_only_when_no_positive_weight_is_eligible(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("z", 0, 0), info("w", 1, 0)};
+    start(f, set, 2);
+    struct emx_edge *e = edge_authed(f);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(get_answered(f, e), 1);
+    instance_queued(f, f->inst[1], HIGH(f) + 1);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(get_answered(f, e), 0);
+    instance_queued(f, f->inst[1], 0);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(get_answered(f, e), 1);
+}
+
+/* ==== rule 4: nothing eligible ==== */
+
+static void no_connected_instance_answers_a0_not_forwarded(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    instance_down(f, f->inst[0]);
+    size_t m = f->nev;
+    edge_get(f, e, 77);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, 77);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    assert_int_equal(a->h.session_id, SESSION);
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+    assert_true(emx_router_stats(f->r)->answers[EMX_ANS_NO_INSTANCE] >= 1);
+}
+
+static void all_instances_unwritable_answers_a0(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    instance_queued(f, f->inst[0], HIGH(f) + 1);
+    instance_queued(f, f->inst[1], HIGH(f) + 1);
+    size_t m = f->nev;
+    edge_get(f, e, 78);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, 78));
+}
+
+/* ==== rule 5 and platform → edge requests ==== */
+
+static void platform_request_delivered_and_answer_returns_on_its_pipe(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[1]->pipes[1];
+    uint8_t buf[128];
+    size_t n = build_get(buf, sizeof(buf), 0x309, e->id);
+    size_t m = f->nev;
+    pipe_msg(f, p, buf, n);
+    struct emx_ao_header h = delivered(f, m, e);
+    const struct ev *v = find_edge_send(f, m, e->id, EMX_AO_GET, ANY);
+    assert_int_equal(h.session_id, SESSION);
+    assert_int_equal(v->len, n);
+    assert_memory_equal(v->buf + EMX_AO_HEADER_SIZE, buf + EMX_AO_HEADER_SIZE,
+                        n - EMX_AO_HEADER_SIZE);
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &h);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_SUCCESS, 0x309, e->id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, p);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 0);
+}
+
+static void edge_answer_dropped_when_its_pipe_is_gone(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    size_t m = f->nev;
+    platform_get(f, p, 0x309, e->id);
+    struct emx_ao_header h = delivered(f, m, e);
+    emx_router_pipe_closed(f->r, p, f->now);
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &h);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(emx_router_stats(f->r)->edge_answers_pipe_gone, 1);
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+}
+
+static void platform_requests_same_id_from_two_pipes_are_kept_apart(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *pa = &f->inst[0]->pipes[0], *pb = &f->inst[1]->pipes[0];
+    size_t m = f->nev;
+    platform_get(f, pa, 0x309, e->id);
+    struct emx_ao_header ha = delivered(f, m, e);
+    m = f->nev;
+    platform_get(f, pb, 0x309, e->id);
+    struct emx_ao_header hb = delivered(f, m, e);
+    assert_int_not_equal(ha.request_id, hb.request_id);
+
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_NOT_FOUND, &hb);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_NOT_FOUND, 0x309, e->id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, pb);
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &ha);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    a = find_pipe_send(f, m, EMX_AO_SUCCESS, 0x309, e->id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, pa);
+}
+
+static void platform_request_for_unknown_endpoint_answers_a3(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[1];
+    uint32_t ghost = ((uint32_t)f->cfg.worker << EMX_WORKER_SHIFT) | 0x0FFFFFF0u;
+    assert_int_not_equal(ghost, e->id);
+    size_t m = f->nev;
+    platform_get(f, p, 0x309, ghost);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x309, ghost);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, p);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 0);
+
+    uint32_t id = e->id;
+    emx_router_edge_closed(f->r, e, f->now);
+    m = f->nev;
+    platform_get(f, p, 0x30A, id);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    a = find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x30A, id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, p);
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_ENDPOINT_GONE], 2);
+}
+
+static void platform_request_unanswered_by_edge_gets_a4_late_answer_dropped(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.edge_request_timeout = 5000;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[1]->pipes[0];
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    platform_get(f, p, 0x309, e->id);
+    struct emx_ao_header h = delivered(f, m, e);
+    tick_at(f, t0 + 4999);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    tick_at(f, t0 + 5001);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 1);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_GATEWAY_TIMEOUT, 0x309, e->id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, p);
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &h);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(emx_router_stats(f->r)->late_edge_answers, 1);
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_EDGE_TIMEOUT], 1);
+}
+
+static void edge_leaving_with_platform_requests_answers_a3_on_their_pipes(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *pa = &f->inst[0]->pipes[1], *pb = &f->inst[1]->pipes[0];
+    platform_get(f, pa, 0x10, e->id);
+    platform_get(f, pb, 0x20, e->id);
+    uint32_t id = e->id;
+    size_t m = f->nev;
+    emx_router_edge_closed(f->r, e, f->now);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 2);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x10, id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, pa);
+    a = find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x20, id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, pb);
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_EDGE_LEFT], 2);
+}
+
+/* ==== pending edge requests ==== */
+
+static void pending_request_whose_pipe_closes_gets_a3(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid;
+    struct emx_pipe *p = get(f, e, &rid);
+    assert_non_null(p);
+    size_t m = f->nev;
+    emx_router_pipe_closed(f->r, p, f->now);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 1);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, rid);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 1); /* exactly one answer */
+}
+
+static void pending_request_times_out_a4_late_answer_dropped(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint64_t t0 = f->now;
+    uint32_t rid;
+    struct emx_pipe *p = get(f, e, &rid);
+    assert_non_null(p);
+    size_t m = f->nev;
+    tick_at(f, t0 + f->cfg.request_timeout - 1);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 0);
+    tick_at(f, t0 + f->cfg.request_timeout + 1);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 1);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_GATEWAY_TIMEOUT, rid);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 0);
+    assert_int_equal(emx_router_stats(f->r)->late_platform_answers, 1);
+}
+
+static void pending_cap_answers_a3_and_does_not_forward(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_pending = 3;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rids[3];
+    struct emx_pipe *pipes[3];
+    for (int i = 0; i < 3; i++) {
+        pipes[i] = get(f, e, &rids[i]);
+        assert_non_null(pipes[i]);
+    }
+    size_t m = f->nev;
+    uint32_t rid;
+    assert_null(get(f, e, &rid));
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, rid));
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_TOO_MANY_PENDING], 1);
+    /* One answered frees a slot. */
+    pipe_answer(f, pipes[0], EMX_AO_SUCCESS, rids[0], e->id);
+    assert_non_null(get(f, e, NULL));
+}
+
+static void platform_answer_after_edge_left_is_dropped(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid;
+    struct emx_pipe *p = get(f, e, &rid);
+    assert_non_null(p);
+    uint32_t id = e->id;
+    emx_router_edge_closed(f->r, e, f->now);
+    size_t m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, id);
+    assert_int_equal(count_kind(f, m, EV_EDGE_SEND), 0);
+    assert_int_equal(count_kind(f, m, EV_PIPE_SEND), 0);
+    assert_int_equal(emx_router_stats(f->r)->late_platform_answers, 1);
+}
+
+/* ==== answers edgemux gives itself, and closes ==== */
+
+static void keep_alive_answered_40_never_forwarded(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint8_t buf[EMX_AO_HEADER_SIZE];
+    size_t m = f->nev;
+    edge_msg(f, e, buf, header_only(buf, EMX_AO_KEEP_ALIVE, 9, 0, SESSION));
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_SUCCESS, 9);
+    assert_non_null(a);
+    assert_int_equal(a->h.session_id, SESSION);
+    assert_int_equal(a->h.endpoint_id, 0);
+}
+
+static void unknown_code_answers_80(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint8_t buf[32];
+    size_t n = header_only(buf, 0x30, 11, 0, SESSION);
+    buf[n++] = THING;
+    buf[n++] = 0;
+    buf[n++] = EMX_BT_NOTHING;
+    size_t m = f->nev;
+    edge_msg(f, e, buf, n);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_BAD_REQUEST, 11));
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+}
+
+static void unparseable_body_answers_80(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint8_t buf[32];
+    size_t n = header_only(buf, EMX_AO_GET, 12, 0, SESSION);
+    buf[n++] = THING;
+    buf[n++] = 0x30; /* a 48-byte entity name ... */
+    buf[n++] = 'a';  /* ... of which two bytes arrive */
+    buf[n++] = 'b';
+    size_t m = f->nev;
+    edge_msg(f, e, buf, n);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_BAD_REQUEST, 12));
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+}
+
+static void short_header_closes_1007(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint8_t buf[10] = {EMX_AO_VERSION, EMX_AO_GET, 0, 0, 0, 13, 0, 0, 0, 0};
+    size_t m = f->nev;
+    edge_msg(f, e, buf, sizeof(buf));
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e->id)].close_code, 1007);
+}
+
+static void bad_multipart_header_closes_1007(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e1 = edge_authed(f);
+    struct emx_edge *e2 = edge_authed(f);
+    uint8_t buf[64];
+    size_t n = header_only(buf, EMX_AO_POST, 14, 0, SESSION);
+    buf[EMX_AO_OFF_MULTIPART] = 1; /* multipart, but no multipart header */
+    size_t m = f->nev;
+    edge_msg(f, e1, buf, n);
+    assert_int_equal(count_edge_closes(f, m, e1->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e1->id)].close_code, 1007);
+    /* chunkId 3 of 2 */
+    uint8_t mp[EMX_AO_MULTIPART_SIZE] = {0, 3, 0, 2, 0, 16};
+    memcpy(buf + n, mp, sizeof(mp));
+    n += sizeof(mp);
+    buf[n++] = THING;
+    buf[n++] = 0;
+    m = f->nev;
+    edge_msg(f, e2, buf, n);
+    assert_int_equal(count_edge_closes(f, m, e2->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e2->id)].close_code, 1007);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+}
+
+static void message_over_max_message_size_closes_1009(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_message_size = 4096;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    static uint8_t buf[5000];
+    memset(buf, 0, sizeof(buf));
+    header_only(buf, EMX_AO_GET, 15, 0, SESSION);
+    size_t m = f->nev;
+    edge_msg(f, e, buf, sizeof(buf));
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e->id)].close_code, 1009);
+    /* Exactly max_message_size is allowed (its body is garbage: 0x80, no close). */
+    struct emx_edge *e2 = edge_authed(f);
+    m = f->nev;
+    edge_msg(f, e2, buf, 4096);
+    assert_int_equal(count_edge_closes(f, m, e2->id), 0);
+}
+
+static void slow_consumer_closed_1008(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    f->enobufs = e;
+    uint8_t buf[EMX_AO_HEADER_SIZE];
+    size_t m = f->nev;
+    edge_msg(f, e, buf, header_only(buf, EMX_AO_KEEP_ALIVE, 16, 0, SESSION));
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e->id)].close_code, 1008);
+    assert_int_equal(emx_router_stats(f->r)->slow_consumer_closes, 1);
+}
+
+/* ==== AUTH gating ==== */
+
+static void request_before_auth_closes_1008(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_open(f);
+    size_t m = f->nev;
+    edge_get(f, e, 1);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e->id)].close_code, 1008);
+}
+
+static void request_while_auth_pending_closes_1008(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_open(f);
+    edge_send_auth(f, e, 1);
+    size_t m = f->nev;
+    edge_get(f, e, 2);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e->id)].close_code, 1008);
+}
+
+static void auth_failure_delivered_then_closed_1008(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_open(f);
+    size_t m = f->nev;
+    edge_send_auth(f, e, 1);
+    struct emx_pipe *p = forwarded_to(f, m, e->id, 1);
+    assert_non_null(p);
+    m = f->nev;
+    pipe_answer(f, p, EMX_AO_UNAUTHORIZED, 1, e->id);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_UNAUTHORIZED, 1);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    long sent_at = (long)(a - f->ev);
+    long closed_at = find_edge_close(f, m, e->id);
+    assert_true(closed_at > sent_at);
+    assert_int_equal(f->ev[closed_at].close_code, 1008);
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+    assert_int_not_equal(e->state, EMX_EDGE_AUTHED);
+    assert_int_equal(emx_router_stats(f->r)->auth_failed, 1);
+}
+
+static void auth_answered_by_edgemux_keeps_edge_open(void **state)
+{
+    struct fx *f = *state;
+    struct emx_instance_info set[] = {info("p1", 1, 0)};
+    f->r = emx_router_new(&f->cfg, &f->io, f->now);
+    emx_router_discovery_update(f->r, set, 1, f->now); /* no pipe up yet */
+    f->inst[0] = emx_router_instance_find(f->r, "p1");
+    f->ninst = 1;
+    struct emx_edge *e = edge_open(f);
+    size_t m = f->nev;
+    edge_send_auth(f, e, 1);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, ANY), 1);
+    const struct ev *a = find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, 1);
+    assert_non_null(a);
+    assert_int_equal(a->h.endpoint_id, 0);
+    assert_int_equal(a->h.session_id, EMX_AO_AUTH_SESSION);
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+    assert_int_not_equal(e->state, EMX_EDGE_AUTHED);
+    instance_up(f, f->inst[0]);
+    edge_auth_ok(f, e);
+    assert_int_equal(count_edge_closes(f, 0, e->id), 0);
+}
+
+static void no_auth_within_auth_timeout_closes_1008(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    uint64_t t0 = f->now;
+    struct emx_edge *silent = edge_open(f);
+    struct emx_edge *ok = edge_authed(f);
+    size_t m = f->nev;
+    tick_at(f, t0 + f->cfg.auth_timeout - 1);
+    assert_int_equal(count_kind(f, m, EV_EDGE_CLOSE), 0);
+    tick_at(f, t0 + f->cfg.auth_timeout + 1);
+    assert_int_equal(count_edge_closes(f, m, silent->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, silent->id)].close_code, 1008);
+    assert_int_equal(count_edge_closes(f, m, ok->id), 0);
+    assert_int_equal(emx_router_stats(f->r)->auth_timeouts, 1);
+}
+
+/* ==== rule 6: multipart ==== */
+
+/* Every chunk of `rid` sent since `from` went to pipe `p`, chunk ids 1..n in
+ * order, stamped with the edge's id; returns n. */
+static int chunks_on(struct fx *f, size_t from, uint32_t eid, uint32_t rid, struct emx_pipe *p)
+{
+    int n = 0;
+    for (size_t i = from; i < f->nev; i++) {
+        const struct ev *v = &f->ev[i];
+        if (v->kind != EV_PIPE_SEND || !hmatch(v, ANY, rid, ANY))
+            continue;
+        assert_ptr_equal(v->pipe, p);
+        assert_int_equal(v->h.endpoint_id, eid);
+        assert_true(v->h.multipart);
+        assert_int_equal(v->h.chunk_id, n + 1);
+        n++;
+    }
+    return n;
+}
+
+static void multipart_later_chunks_follow_the_first(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 3);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 3, 200);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    int pinned = inst_index(f, p->inst), elsewhere = 0;
+    for (uint16_t id = 2; id <= 3; id++) {
+        if (get_answered(f, e) != pinned)
+            elsewhere++;
+        edge_chunk(f, e, rid, id, 3, 200);
+    }
+    assert_true(elsewhere >= 1); /* round robin moved on, the chunks did not */
+    assert_int_equal(chunks_on(f, m0, e->id, rid, p), 3);
+    size_t m = f->nev;
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, rid));
+}
+
+static void multipart_pinned_pipe_over_high_holds_chunk_until_it_recovers(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 3, 300);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_queued(f->r, p, HIGH(f) + 1, f->now);
+    size_t m = f->nev;
+    edge_chunk(f, e, rid, 2, 3, 300);
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_true(edge_paused(f, m, e->id, true));
+    f->now += f->cfg.multipart_pin_wait / 4;
+    m = f->nev;
+    emx_router_pipe_queued(f->r, p, LOW(f), f->now);
+    assert_int_equal(count_pipe_sends(f, m, ANY, rid, e->id), 1);
+    assert_true(edge_paused(f, m, e->id, false));
+    edge_chunk(f, e, rid, 3, 3, 300);
+    assert_int_equal(chunks_on(f, m0, e->id, rid, p), 3);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 0);
+}
+
+static void multipart_pin_wait_expired_one_a0_rest_dropped(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 4, 300);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_queued(f->r, p, HIGH(f) + 1, f->now);
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    edge_chunk(f, e, rid, 2, 4, 300);
+    assert_true(edge_paused(f, m, e->id, true));
+    tick_at(f, t0 + f->cfg.multipart_pin_wait - 1);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 0);
+    m = f->nev;
+    tick_at(f, t0 + f->cfg.multipart_pin_wait + 1);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_non_null(find_edge_send(f, m0, e->id, EMX_AO_INTERNAL_ERROR, rid));
+    assert_true(edge_paused(f, m, e->id, false));
+    emx_router_pipe_queued(f->r, p, 0, f->now);
+    edge_chunk(f, e, rid, 3, 4, 300);
+    edge_chunk(f, e, rid, 4, 4, 300);
+    assert_int_equal(count_pipe_sends(f, m0, ANY, rid, ANY), 1); /* chunk 1 only */
+    pipe_answer(f, p, EMX_AO_BAD_REQUEST, rid, e->id); /* the platform gave up on it too */
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_true(emx_router_stats(f->r)->chunks_discarded >= 2);
+}
+
+static void multipart_pinned_pipe_closed_midway_one_a0(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 3, 300);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_closed(f->r, p, f->now);
+    edge_chunk(f, e, rid, 2, 3, 300);
+    edge_chunk(f, e, rid, 3, 3, 300);
+    assert_int_equal(count_pipe_sends(f, m0, ANY, rid, ANY), 1);
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_non_null(find_edge_send(f, m0, e->id, EMX_AO_INTERNAL_ERROR, rid));
+}
+
+static void multipart_total_over_max_answers_8d_once(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_message_size = 4096;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 4, 1500);
+    edge_chunk(f, e, rid, 2, 4, 1500);
+    assert_int_equal(count_pipe_sends(f, m0, ANY, rid, ANY), 2);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 0);
+    edge_chunk(f, e, rid, 3, 4, 1500); /* total now over 4096 */
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_non_null(find_edge_send(f, m0, e->id, EMX_AO_ENTITY_TOO_LARGE, rid));
+    edge_chunk(f, e, rid, 4, 4, 1500);
+    assert_int_equal(count_pipe_sends(f, m0, ANY, rid, ANY), 2);
+    struct emx_pipe *p = NULL;
+    for (size_t i = m0; i < f->nev; i++)
+        if (f->ev[i].kind == EV_PIPE_SEND && hmatch(&f->ev[i], ANY, rid, e->id))
+            p = f->ev[i].pipe;
+    assert_non_null(p);
+    pipe_answer(f, p, EMX_AO_BAD_REQUEST, rid, e->id); /* not a second answer */
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_int_equal(count_edge_closes(f, m0, e->id), 0);
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_TOO_LARGE], 1);
+}
+
+static void multipart_size_counts_real_bytes_not_count_times_size(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_message_size = 4096;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    static uint8_t buf[2048];
+    for (uint16_t id = 1; id <= 3; id++) /* chunkSize says 8192; each carries 1000 */
+        edge_msg(f, e, buf, build_chunk(buf, sizeof(buf), rid, id, 3, 8192, 1000));
+    assert_int_equal(count_pipe_sends(f, m0, ANY, rid, ANY), 3);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 0);
+}
+
+static void multipart_request_timeout_starts_at_last_chunk(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.stall_after = 0;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    uint64_t t0 = f->now;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 3, 100);
+    tick_at(f, t0 + 3000);
+    edge_chunk(f, e, rid, 2, 3, 100);
+    tick_at(f, t0 + 6000);
+    edge_chunk(f, e, rid, 3, 3, 100);
+    assert_int_equal(count_pipe_sends(f, m0, ANY, rid, ANY), 3);
+    tick_at(f, t0 + f->cfg.request_timeout + 1); /* past the timeout counted from chunk 1 */
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 0);
+    tick_at(f, t0 + 6000 + f->cfg.request_timeout - 1);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 0);
+    tick_at(f, t0 + 6000 + f->cfg.request_timeout + 1);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_non_null(find_edge_send(f, m0, e->id, EMX_AO_GATEWAY_TIMEOUT, rid));
+}
+
+/* ==== binds ==== */
+
+static const char *const THINGS[] = {"SteamSensor", "Pump"};
+
+static void bind_success_records_things(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m = f->nev;
+    edge_bind(f, e, EMX_AO_BIND, rid, THINGS, 2);
+    struct emx_pipe *p = forwarded_to(f, m, e->id, rid);
+    assert_non_null(p);
+    assert_false(emx_edge_has_thing(e, "SteamSensor"));
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    assert_true(emx_edge_has_thing(e, "SteamSensor"));
+    assert_true(emx_edge_has_thing(e, "Pump"));
+    assert_false(emx_edge_has_thing(e, "Other"));
+    assert_int_equal(e->nthings, 2);
+}
+
+static void bind_failure_records_nothing(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    size_t m = f->nev;
+    bind_answered(f, e, EMX_AO_BIND, THINGS, 2, EMX_AO_FORBIDDEN);
+    assert_false(emx_edge_has_thing(e, "SteamSensor"));
+    assert_false(emx_edge_has_thing(e, "Pump"));
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+}
+
+static void edge_unbind_forgets_things(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    bind_answered(f, e, EMX_AO_BIND, THINGS, 2, EMX_AO_SUCCESS);
+    bind_answered(f, e, EMX_AO_UNBIND, &THINGS[1], 1, EMX_AO_SUCCESS);
+    assert_true(emx_edge_has_thing(e, "SteamSensor"));
+    assert_false(emx_edge_has_thing(e, "Pump"));
+}
+
+/* The one UNBIND sent since `from` for endpoint `eid`: checks it and returns it. */
+static const struct ev *unbind_sent(struct fx *f, size_t from, uint32_t eid)
+{
+    assert_int_equal(count_pipe_sends(f, from, ANY, ANY, ANY), 1);
+    const struct ev *v = find_pipe_send(f, from, EMX_AO_UNBIND, ANY, eid);
+    assert_non_null(v);
+    assert_int_equal(v->h.session_id, SESSION);
+    assert_true(v->h.request_id >= EMX_OWN_REQUEST_ID_BASE);
+    assert_int_equal(v->pipe->state, EMX_PIPE_UP);
+    struct emx_ao_bind b;
+    assert_int_equal(emx_ao_bind_parse(v->buf + v->body_off, v->len - v->body_off, &b), EMX_AO_OK);
+    assert_int_equal(b.count, 2);
+    bool seen[2] = {false, false};
+    size_t cur = 0;
+    struct emx_ao_str s;
+    while (emx_ao_bind_next_name(&b, &cur, &s) == EMX_AO_OK)
+        for (int i = 0; i < 2; i++)
+            if (emx_ao_str_eq(s, THINGS[i]))
+                seen[i] = true;
+    assert_true(seen[0] && seen[1]);
+    return v;
+}
+
+static void edge_close_unbinds_on_the_instance_that_took_the_bind(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 3);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *bp = bind_answered(f, e, EMX_AO_BIND, THINGS, 2, EMX_AO_SUCCESS);
+    int bi = inst_index(f, bp->inst);
+    assert_int_not_equal(get_answered(f, e), bi); /* round robin moved on */
+    uint32_t id = e->id;
+    size_t m = f->nev;
+    emx_router_edge_closed(f->r, e, f->now);
+    const struct ev *v = unbind_sent(f, m, id);
+    assert_int_equal(inst_index(f, v->pipe->inst), bi);
+    struct emx_pipe *up = v->pipe;
+    uint32_t urid = v->h.request_id;
+    m = f->nev;
+    pipe_answer(f, up, EMX_AO_SUCCESS, urid, id);
+    assert_int_equal(f->nev, m); /* consumed: nothing sent, nothing closed */
+    const struct emx_router_stats *st = emx_router_stats(f->r);
+    assert_int_equal(st->unbinds_sent, 1);
+    assert_int_equal(st->unbind_answers, 1);
+    assert_int_equal(st->late_platform_answers, 0);
+}
+
+static void edge_close_unbind_falls_back_to_another_connected_instance(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *bp = bind_answered(f, e, EMX_AO_BIND, THINGS, 2, EMX_AO_SUCCESS);
+    int bi = inst_index(f, bp->inst);
+    instance_down(f, f->inst[bi]);
+    uint32_t id = e->id;
+    size_t m = f->nev;
+    emx_router_edge_closed(f->r, e, f->now);
+    const struct ev *v = unbind_sent(f, m, id);
+    assert_int_equal(inst_index(f, v->pipe->inst), 1 - bi);
+}
+
+static void edge_close_unbind_none_when_nothing_connected(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    bind_answered(f, e, EMX_AO_BIND, THINGS, 2, EMX_AO_SUCCESS);
+    instance_down(f, f->inst[0]);
+    size_t m = f->nev;
+    emx_router_edge_closed(f->r, e, f->now);
+    assert_int_equal(count_kind(f, m, EV_PIPE_SEND), 0);
+}
+
+static void edge_close_unbind_unanswered_times_out_quietly(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    bind_answered(f, e, EMX_AO_BIND, THINGS, 2, EMX_AO_SUCCESS);
+    uint32_t id = e->id;
+    size_t m = f->nev;
+    emx_router_edge_closed(f->r, e, f->now);
+    const struct ev *v = unbind_sent(f, m, id);
+    struct emx_pipe *up = v->pipe;
+    uint32_t urid = v->h.request_id;
+    m = f->nev;
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(f->nev, m);
+    pipe_answer(f, up, EMX_AO_SUCCESS, urid, id); /* late */
+    assert_int_equal(f->nev, m);
+}
+
+/* ==== rule 8: all instances lost ==== */
+
+static void all_down_shorter_than_grace_closes_nothing(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    for (int i = 0; i < 3; i++)
+        edge_authed(f);
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    instance_down(f, f->inst[0]);
+    assert_int_equal(emx_router_pipes_up(f->r), 0);
+    for (uint64_t t = t0; t < t0 + f->cfg.all_down_grace; t += 250)
+        tick_at(f, t);
+    tick_at(f, t0 + f->cfg.all_down_grace - 1);
+    assert_int_equal(count_kind(f, m, EV_EDGE_CLOSE), 0);
+}
+
+static void all_down_past_grace_closes_every_edge_1013(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e[3];
+    uint32_t ids[3];
+    for (int i = 0; i < 3; i++) {
+        e[i] = edge_authed(f);
+        ids[i] = e[i]->id;
+    }
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    instance_down(f, f->inst[0]);
+    tick_at(f, t0 + f->cfg.all_down_grace - 1);
+    assert_int_equal(count_kind(f, m, EV_EDGE_CLOSE), 0);
+    tick_at(f, t0 + f->cfg.all_down_grace + 1);
+    tick_at(f, t0 + f->cfg.all_down_grace + 1000);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(count_edge_closes(f, m, ids[i]), 1);
+        assert_int_equal(f->ev[find_edge_close(f, m, ids[i])].close_code, 1013);
+    }
+    assert_int_equal(emx_router_stats(f->r)->all_down_closes, 3);
+}
+
+static void all_down_closes_spread_over_close_spread(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.close_spread = 10000;
+    start_equal(f, 1);
+    enum { N = 100 };
+    uint32_t ids[N];
+    for (int i = 0; i < N; i++)
+        ids[i] = edge_authed(f)->id;
+    uint64_t t0 = f->now, grace = f->cfg.all_down_grace, spread = f->cfg.close_spread;
+    size_t m = f->nev;
+    instance_down(f, f->inst[0]);
+    size_t at_half = 0;
+    for (uint64_t t = t0; t <= t0 + grace + spread + 100; t += 100) {
+        tick_at(f, t);
+        if (t < t0 + grace)
+            assert_int_equal(count_kind(f, m, EV_EDGE_CLOSE), 0);
+        if (t == t0 + grace + spread / 2)
+            at_half = count_kind(f, m, EV_EDGE_CLOSE);
+    }
+    assert_in_range(at_half, N / 4, 3 * N / 4);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(count_edge_closes(f, m, ids[i]), 1);
+        assert_int_equal(f->ev[find_edge_close(f, m, ids[i])].close_code, 1013);
+    }
+}
+
+static void all_down_cancelled_when_a_pipe_comes_back(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    for (int i = 0; i < 3; i++)
+        edge_authed(f);
+    uint64_t t0 = f->now, grace = f->cfg.all_down_grace;
+    size_t m = f->nev;
+    instance_down(f, f->inst[0]);
+    tick_at(f, t0 + grace / 2);
+    pipe_up(f, &f->inst[0]->pipes[0]);
+    assert_int_equal(emx_router_pipes_up(f->r), 1);
+    for (uint64_t t = t0 + grace / 2; t <= t0 + 3 * grace; t += 250)
+        tick_at(f, t);
+    assert_int_equal(count_kind(f, m, EV_EDGE_CLOSE), 0);
+}
+
+/* ==== rule 9: discovery ==== */
+
+static void discovery_update_applied_in_place(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_instance *p1 = f->inst[0], *p2 = f->inst[1];
+    struct emx_instance_info set[] = {info("p1", 1, 0), info("p2", 1, 0), info("p3", 1, 0)};
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, set, 3, f->now);
+    assert_int_equal(count_kind(f, m, EV_INST_ADDED), 1);
+    for (size_t i = m; i < f->nev; i++)
+        if (f->ev[i].kind == EV_INST_ADDED)
+            assert_string_equal(f->ev[i].inst_id, "p3");
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    assert_int_equal(count_kind(f, m, EV_PIPE_CLOSE), 0);
+    assert_ptr_equal(emx_router_instance_find(f->r, "p1"), p1);
+    assert_ptr_equal(emx_router_instance_find(f->r, "p2"), p2);
+    assert_int_equal(p1->state, EMX_INSTANCE_ACTIVE);
+    assert_int_equal(p1->pipes[0].state, EMX_PIPE_UP);
+    assert_int_equal(emx_router_pipes_up(f->r), 4);
+    struct emx_instance *p3 = emx_router_instance_find(f->r, "p3");
+    assert_non_null(p3);
+    assert_int_equal(p3->state, EMX_INSTANCE_ACTIVE);
+}
+
+/* Send GETs until one is left unanswered on instance `k`'s first pipe. */
+static uint32_t hold_one_on(struct fx *f, struct emx_edge *e, int k)
+{
+    for (int i = 0; i < 8; i++) {
+        uint32_t rid;
+        struct emx_pipe *p = get(f, e, &rid);
+        assert_non_null(p);
+        if (p == &f->inst[k]->pipes[0])
+            return rid;
+        pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    }
+    fail_msg("no request reached instance %d", k);
+    return 0;
+}
+
+static void discovery_vanished_instance_drains_until_answered(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t held = hold_one_on(f, e, 1);
+    struct emx_pipe *p2 = &f->inst[1]->pipes[0];
+    struct emx_instance_info one[] = {info("p1", 1, 0)};
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, one, 1, f->now);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    assert_int_equal(f->inst[1]->state, EMX_INSTANCE_DRAINING);
+    assert_false(emx_instance_is_eligible(f->r, f->inst[1], f->now));
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(get_answered(f, e), 0);
+    m = f->nev;
+    pipe_answer(f, p2, EMX_AO_SUCCESS, held, e->id);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, held));
+    emx_router_tick(f->r, f->now);
+    assert_int_equal(count_removed(f, m, "p2"), 1);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 1);
+    assert_null(emx_router_instance_find(f->r, "p2"));
+    f->ninst = 1;
+}
+
+static void discovery_vanished_instance_removed_after_timeout(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint64_t t0 = f->now;
+    uint32_t held = hold_one_on(f, e, 1);
+    struct emx_instance_info one[] = {info("p1", 1, 0)};
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, one, 1, f->now);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    f->ninst = 1;
+    tick_at(f, t0 + f->cfg.request_timeout + 1);
+    tick_at(f, t0 + f->cfg.request_timeout + 2);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_GATEWAY_TIMEOUT, held));
+    assert_int_equal(count_removed(f, m, "p2"), 1);
+    assert_null(emx_router_instance_find(f->r, "p2"));
+}
+
+static void discovery_failure_keeps_last_good_set(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    size_t m = f->nev;
+    emx_router_discovery_failed(f->r, "connection refused", f->now);
+    tick_at(f, f->now + 10 * f->cfg.empty_confirm);
+    assert_int_equal(f->nev, m);
+    assert_int_equal(emx_router_stats(f->r)->discovery_failures, 1);
+    assert_int_equal(f->inst[0]->state, EMX_INSTANCE_ACTIVE);
+    assert_int_equal(f->inst[1]->state, EMX_INSTANCE_ACTIVE);
+    assert_int_equal(emx_router_pipes_up(f->r), 4);
+    int n[2] = {0};
+    for (int i = 0; i < 4; i++)
+        n[get_answered(f, e)]++;
+    assert_true(n[0] >= 1 && n[1] >= 1);
+}
+
+static void discovery_empty_set_applied_after_empty_confirm(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, NULL, 0, f->now);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    assert_int_equal(f->inst[0]->state, EMX_INSTANCE_ACTIVE);
+    get_answered(f, e);
+    tick_at(f, t0 + f->cfg.empty_confirm - 1);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    assert_int_equal(f->inst[0]->state, EMX_INSTANCE_ACTIVE);
+    assert_int_equal(f->inst[1]->state, EMX_INSTANCE_ACTIVE);
+    get_answered(f, e);
+    tick_at(f, t0 + f->cfg.empty_confirm + 1);
+    tick_at(f, t0 + f->cfg.empty_confirm + 2);
+    for (int i = 0; i < 2; i++) {
+        if (count_removed(f, m, IDS[i]) == 1)
+            continue;
+        struct emx_instance *in = emx_router_instance_find(f->r, IDS[i]);
+        assert_non_null(in);
+        assert_int_equal(in->state, EMX_INSTANCE_DRAINING);
+    }
+    f->ninst = 0;
+    size_t m2 = f->nev;
+    uint32_t rid;
+    assert_null(get(f, e, &rid));
+    assert_non_null(find_edge_send(f, m2, e->id, EMX_AO_INTERNAL_ERROR, rid));
+}
+
+static void discovery_empty_set_cancelled_by_nonempty_set(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, NULL, 0, f->now);
+    tick_at(f, t0 + f->cfg.empty_confirm / 2);
+    struct emx_instance_info set[] = {info("p1", 1, 0), info("p2", 1, 0)};
+    emx_router_discovery_update(f->r, set, 2, f->now);
+    tick_at(f, t0 + f->cfg.empty_confirm + 1);
+    tick_at(f, t0 + 3 * f->cfg.empty_confirm);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    assert_int_equal(count_kind(f, m, EV_INST_ADDED), 0);
+    assert_int_equal(count_kind(f, m, EV_PIPE_CLOSE), 0);
+    assert_int_equal(f->inst[0]->state, EMX_INSTANCE_ACTIVE);
+    assert_int_equal(f->inst[1]->state, EMX_INSTANCE_ACTIVE);
+}
+
+/* ==== endpointIds ==== */
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void endpoint_ids_unique_nonzero_with_worker_bits(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.worker = 5;
+    start_equal(f, 0);
+    enum { N = 2000 };
+    static uint32_t ids[N];
+    for (int i = 0; i < N; i++) {
+        struct emx_edge *e = edge_open(f);
+        ids[i] = e->id;
+        assert_int_equal(e->id >> EMX_WORKER_SHIFT, 5);
+        assert_int_not_equal(e->id & EMX_ENDPOINT_SEQ_MASK, 0);
+        assert_ptr_equal(emx_router_edge_find(f->r, e->id), e);
+    }
+    assert_int_equal(emx_router_edge_count(f->r), N);
+    qsort(ids, N, sizeof(ids[0]), cmp_u32);
+    for (int i = 1; i < N; i++)
+        assert_int_not_equal(ids[i - 1], ids[i]);
+}
+
+static void endpoint_id_not_reused_while_in_flight(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.request_timeout = 8000;
+    f->cfg.edge_request_timeout = 5000;
+    start_equal(f, 0);
+    const uint64_t window = 8000; /* max(request_timeout, edge_request_timeout) */
+    enum { N = 4000, OPEN = 8 };
+    static uint32_t closed_id[N];
+    static uint64_t closed_at[N];
+    size_t nclosed = 0;
+    struct emx_edge *open[OPEN] = {NULL};
+    for (int i = 0; i < N; i++) {
+        tick_at(f, f->now + 5);
+        struct emx_edge *e = edge_open(f);
+        for (size_t k = 0; k < nclosed; k++)
+            if (f->now - closed_at[k] < window && closed_id[k] == e->id)
+                fail_msg("id %08x reused %llu ms after its edge left", e->id,
+                         (unsigned long long)(f->now - closed_at[k]));
+        struct emx_edge *old = open[i % OPEN];
+        open[i % OPEN] = e;
+        if (old) {
+            closed_id[nclosed] = old->id;
+            closed_at[nclosed++] = f->now;
+            emx_router_edge_closed(f->r, old, f->now);
+        }
+    }
+}
+
+/* ==== more of rules 2, 6, 8, 9 ==== */
+
+static void reload_moves_marks_at_once(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p1 = &f->inst[0]->pipes[0];
+    emx_router_pipe_queued(f->r, p1, 50 * 1024, f->now);
+    assert_true(emx_pipe_is_writable(f->r, p1, f->now));
+    struct emx_router_config cfg = f->cfg;
+    cfg.high_watermark = 40 * 1024;
+    cfg.low_watermark = 20 * 1024;
+    assert_int_equal(emx_router_set_config(f->r, &cfg, f->now), 0);
+    assert_false(emx_pipe_is_writable(f->r, p1, f->now));
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(get_answered(f, e), 1);
+    cfg.high_watermark = 128 * 1024;
+    cfg.low_watermark = 64 * 1024;
+    assert_int_equal(emx_router_set_config(f->r, &cfg, f->now), 0);
+    assert_true(emx_pipe_is_writable(f->r, p1, f->now));
+}
+
+static void multipart_pinned_pipe_closed_while_chunk_held_one_a0(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 3, 300);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_queued(f->r, p, HIGH(f) + 1, f->now);
+    size_t m = f->nev;
+    edge_chunk(f, e, rid, 2, 3, 300);
+    assert_true(edge_paused(f, m, e->id, true));
+    m = f->nev;
+    emx_router_pipe_closed(f->r, p, f->now);
+    assert_true(edge_paused(f, m, e->id, false));
+    edge_chunk(f, e, rid, 3, 3, 300);
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(count_pipe_sends(f, m0, ANY, rid, ANY), 1);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_non_null(find_edge_send(f, m0, e->id, EMX_AO_INTERNAL_ERROR, rid));
+}
+
+static void multipart_two_messages_pin_independently(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t ra = f->next_rid++, rb = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, ra, 1, 3, 100);
+    edge_chunk(f, e, rb, 1, 3, 100);
+    struct emx_pipe *pa = forwarded_to(f, m0, e->id, ra);
+    struct emx_pipe *pb = forwarded_to(f, m0, e->id, rb);
+    assert_non_null(pa);
+    assert_non_null(pb);
+    assert_ptr_not_equal(pa->inst, pb->inst);
+    for (uint16_t id = 2; id <= 3; id++) {
+        edge_chunk(f, e, rb, id, 3, 100);
+        edge_chunk(f, e, ra, id, 3, 100);
+    }
+    assert_int_equal(chunks_on(f, m0, e->id, ra, pa), 3);
+    assert_int_equal(chunks_on(f, m0, e->id, rb, pb), 3);
+}
+
+static void all_down_new_edges_get_a0_and_stay_open(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    edge_authed(f);
+    uint64_t t0 = f->now;
+    instance_down(f, f->inst[0]);
+    tick_at(f, t0 + f->cfg.all_down_grace + 1);
+    assert_int_equal(emx_router_stats(f->r)->all_down_closes, 1);
+    struct emx_edge *late = edge_open(f);
+    size_t m = f->nev;
+    edge_send_auth(f, late, 1);
+    assert_non_null(find_edge_send(f, m, late->id, EMX_AO_INTERNAL_ERROR, 1));
+    uint64_t t1 = f->now;
+    for (uint64_t t = t1; t < t1 + 5000; t += 500)
+        tick_at(f, t);
+    assert_int_equal(count_edge_closes(f, m, late->id), 0);
+    instance_up(f, f->inst[0]);
+    edge_auth_ok(f, late);
+}
+
+static void discovery_draining_waits_for_inbound_platform_requests(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p2 = &f->inst[1]->pipes[0];
+    size_t m = f->nev;
+    platform_get(f, p2, 0x700, e->id);
+    struct emx_ao_header h = delivered(f, m, e);
+    struct emx_instance_info one[] = {info("p1", 1, 0)};
+    m = f->nev;
+    emx_router_discovery_update(f->r, one, 1, f->now);
+    emx_router_tick(f->r, f->now);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    assert_int_equal(f->inst[1]->state, EMX_INSTANCE_DRAINING);
+    edge_answer(f, e, EMX_AO_SUCCESS, &h);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_SUCCESS, 0x700, e->id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, p2);
+    emx_router_tick(f->r, f->now);
+    assert_int_equal(count_removed(f, m, "p2"), 1);
+    f->ninst = 1;
+}
+
+static void discovery_weight_change_applied_in_place(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_instance *p2 = f->inst[1];
+    struct emx_instance_info set[] = {info("p1", 1, 0), info("p2", 3, 0)};
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, set, 2, f->now);
+    assert_int_equal(count_kind(f, m, EV_INST_ADDED), 0);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 0);
+    assert_int_equal(count_kind(f, m, EV_PIPE_CLOSE), 0);
+    assert_ptr_equal(emx_router_instance_find(f->r, "p2"), p2);
+    assert_int_equal(p2->weight, 3);
+    assert_int_equal(emx_router_pipes_up(f->r), 4);
+    int n[2] = {0};
+    for (int i = 0; i < 400; i++)
+        n[get_answered(f, e)]++;
+    assert_in_range(n[1], 290, 310);
+}
+
+static void discovery_instance_back_while_draining_is_active_again(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    hold_one_on(f, e, 1); /* keeps p2 draining rather than gone */
+    struct emx_instance_info one[] = {info("p1", 1, 0)};
+    emx_router_discovery_update(f->r, one, 1, f->now);
+    assert_int_equal(f->inst[1]->state, EMX_INSTANCE_DRAINING);
+    struct emx_instance_info both[] = {info("p1", 1, 0), info("p2", 1, 0)};
+    emx_router_discovery_update(f->r, both, 2, f->now);
+    struct emx_instance *p2 = emx_router_instance_find(f->r, "p2");
+    assert_non_null(p2);
+    assert_int_equal(p2->state, EMX_INSTANCE_ACTIVE);
+    int active = 0;
+    for (struct emx_instance *in = emx_router_instance_next(f->r, NULL); in;
+         in = emx_router_instance_next(f->r, in))
+        if (strcmp(in->id, "p2") == 0 && in->state == EMX_INSTANCE_ACTIVE)
+            active++;
+    assert_int_equal(active, 1);
+    f->inst[1] = p2;
+    for (unsigned i = 0; i < p2->npipes; i++)
+        if (p2->pipes[i].state != EMX_PIPE_UP)
+            pipe_up(f, &p2->pipes[i]);
+    int n[2] = {0};
+    for (int i = 0; i < 4; i++)
+        n[get_answered(f, e)]++;
+    assert_true(n[1] >= 1);
+}
+
+/* ==== timers driven by the deadline tick returns ==== */
+
+/* Run timers the way the server does: tick, then wait for the deadline the
+ * tick returned, up to `until`. */
+static void drive(struct fx *f, uint64_t until)
+{
+    for (int i = 0; i < 100000; i++) {
+        uint64_t d = emx_router_tick(f->r, f->now);
+        assert_true(d > f->now);
+        if (d > until) {
+            f->now = until;
+            return;
+        }
+        f->now = d;
+    }
+    fail_msg("timers never settle");
+}
+
+static void deadline_idle_router_has_none(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    edge_authed(f);
+    assert_true(emx_router_tick(f->r, f->now) == UINT64_MAX);
+}
+
+static void deadline_request_timeout(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint64_t t0 = f->now;
+    uint32_t rid;
+    assert_non_null(get(f, e, &rid));
+    size_t m = f->nev;
+    drive(f, t0 + f->cfg.request_timeout + 1);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_GATEWAY_TIMEOUT, rid));
+}
+
+static void deadline_edge_request_timeout(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint64_t t0 = f->now;
+    platform_get(f, &f->inst[0]->pipes[0], 0x42, e->id);
+    size_t m = f->nev;
+    drive(f, t0 + f->cfg.edge_request_timeout + 1);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_GATEWAY_TIMEOUT, 0x42, e->id));
+}
+
+static void deadline_auth_timeout(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    uint64_t t0 = f->now;
+    struct emx_edge *e = edge_open(f);
+    size_t m = f->nev;
+    drive(f, t0 + f->cfg.auth_timeout + 1);
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+}
+
+static void deadline_pin_wait(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 2, 100);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_queued(f->r, p, HIGH(f) + 1, f->now);
+    uint64_t t0 = f->now;
+    edge_chunk(f, e, rid, 2, 2, 100);
+    drive(f, t0 + f->cfg.multipart_pin_wait + 1);
+    assert_non_null(find_edge_send(f, m0, e->id, EMX_AO_INTERNAL_ERROR, rid));
+}
+
+static void deadline_all_down_grace_and_spread(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.close_spread = 4000;
+    start_equal(f, 1);
+    enum { N = 20 };
+    for (int i = 0; i < N; i++)
+        edge_authed(f);
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    instance_down(f, f->inst[0]);
+    drive(f, t0 + f->cfg.all_down_grace + f->cfg.close_spread + 1);
+    assert_int_equal(count_kind(f, m, EV_EDGE_CLOSE), N);
+}
+
+static void deadline_empty_confirm(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, NULL, 0, f->now);
+    drive(f, t0 + f->cfg.empty_confirm + 1);
+    assert_int_equal(count_kind(f, m, EV_INST_REMOVED), 2);
+    f->ninst = 0;
+}
+
+/* ==== maintenance ==== */
+
+static void maintenance_stops_and_resumes_new_requests(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 3);
+    struct emx_edge *e = edge_authed(f);
+    assert_int_equal(emx_router_instance_maintenance(f->r, "p2", true, f->now), 0);
+    assert_false(emx_instance_is_eligible(f->r, f->inst[1], f->now));
+    for (int i = 0; i < 6; i++)
+        assert_int_not_equal(get_answered(f, e), 1);
+    assert_int_equal(emx_router_instance_maintenance(f->r, "p2", false, f->now), 0);
+    assert_true(emx_instance_is_eligible(f->r, f->inst[1], f->now));
+    int n[3] = {0};
+    for (int i = 0; i < 6; i++)
+        n[get_answered(f, e)]++;
+    assert_true(n[1] >= 1);
+    assert_int_not_equal(emx_router_instance_maintenance(f->r, "nope", true, f->now), 0);
+}
+
+#define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        T(pipe_open_sends_auth_and_success_makes_it_up),
+        T(pipe_auth_failure_closes_pipe),
+        T(edge_auth_forwarded_and_success_authenticates),
+        T(stamping_endpoint_id_out_and_restored_back),
+        T(stamping_restores_nonzero_endpoint_id_the_edge_used),
+        T(rr_follows_discovery_order),
+        T(rr_pipe_with_fewest_queued_bytes),
+        T(rr_skips_unwritable_instance_without_credit),
+        T(rr_even_over_30000_requests),
+        T(wm_pipe_unwritable_until_it_falls_to_low),
+        T(stall_pipe_unwritable_until_it_receives),
+        T(tier_lowest_priority_number_is_used),
+        T(tier_backup_used_only_when_preferred_has_no_connected_instance),
+        T(tier_preferred_connected_but_unwritable_answers_a0),
+        T(swrr_weights_1_2_3_over_60000),
+        T(weight_zero_used_only_when_no_positive_weight_is_eligible),
+        T(no_connected_instance_answers_a0_not_forwarded),
+        T(all_instances_unwritable_answers_a0),
+        T(platform_request_delivered_and_answer_returns_on_its_pipe),
+        T(edge_answer_dropped_when_its_pipe_is_gone),
+        T(platform_requests_same_id_from_two_pipes_are_kept_apart),
+        T(platform_request_for_unknown_endpoint_answers_a3),
+        T(platform_request_unanswered_by_edge_gets_a4_late_answer_dropped),
+        T(edge_leaving_with_platform_requests_answers_a3_on_their_pipes),
+        T(pending_request_whose_pipe_closes_gets_a3),
+        T(pending_request_times_out_a4_late_answer_dropped),
+        T(pending_cap_answers_a3_and_does_not_forward),
+        T(platform_answer_after_edge_left_is_dropped),
+        T(keep_alive_answered_40_never_forwarded),
+        T(unknown_code_answers_80),
+        T(unparseable_body_answers_80),
+        T(short_header_closes_1007),
+        T(bad_multipart_header_closes_1007),
+        T(message_over_max_message_size_closes_1009),
+        T(slow_consumer_closed_1008),
+        T(request_before_auth_closes_1008),
+        T(request_while_auth_pending_closes_1008),
+        T(auth_failure_delivered_then_closed_1008),
+        T(auth_answered_by_edgemux_keeps_edge_open),
+        T(no_auth_within_auth_timeout_closes_1008),
+        T(multipart_later_chunks_follow_the_first),
+        T(multipart_pinned_pipe_over_high_holds_chunk_until_it_recovers),
+        T(multipart_pin_wait_expired_one_a0_rest_dropped),
+        T(multipart_pinned_pipe_closed_midway_one_a0),
+        T(multipart_total_over_max_answers_8d_once),
+        T(multipart_size_counts_real_bytes_not_count_times_size),
+        T(multipart_request_timeout_starts_at_last_chunk),
+        T(bind_success_records_things),
+        T(bind_failure_records_nothing),
+        T(edge_unbind_forgets_things),
+        T(edge_close_unbinds_on_the_instance_that_took_the_bind),
+        T(edge_close_unbind_falls_back_to_another_connected_instance),
+        T(edge_close_unbind_none_when_nothing_connected),
+        T(edge_close_unbind_unanswered_times_out_quietly),
+        T(all_down_shorter_than_grace_closes_nothing),
+        T(all_down_past_grace_closes_every_edge_1013),
+        T(all_down_closes_spread_over_close_spread),
+        T(all_down_cancelled_when_a_pipe_comes_back),
+        T(discovery_update_applied_in_place),
+        T(discovery_vanished_instance_drains_until_answered),
+        T(discovery_vanished_instance_removed_after_timeout),
+        T(discovery_failure_keeps_last_good_set),
+        T(discovery_empty_set_applied_after_empty_confirm),
+        T(discovery_empty_set_cancelled_by_nonempty_set),
+        T(endpoint_ids_unique_nonzero_with_worker_bits),
+        T(endpoint_id_not_reused_while_in_flight),
+        T(reload_moves_marks_at_once),
+        T(multipart_pinned_pipe_closed_while_chunk_held_one_a0),
+        T(multipart_two_messages_pin_independently),
+        T(all_down_new_edges_get_a0_and_stay_open),
+        T(discovery_draining_waits_for_inbound_platform_requests),
+        T(discovery_weight_change_applied_in_place),
+        T(discovery_instance_back_while_draining_is_active_again),
+        T(deadline_idle_router_has_none),
+        T(deadline_request_timeout),
+        T(deadline_edge_request_timeout),
+        T(deadline_auth_timeout),
+        T(deadline_pin_wait),
+        T(deadline_all_down_grace_and_spread),
+        T(deadline_empty_confirm),
+        T(maintenance_stops_and_resumes_new_requests),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
