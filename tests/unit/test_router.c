@@ -1145,6 +1145,101 @@ static void edge_leaving_with_platform_requests_answers_a3_on_their_pipes(void *
     assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_EDGE_LEFT], 2);
 }
 
+/* A chunk of a multipart message from a platform, or an edge's chunked answer. */
+static size_t build_raw_chunk(uint8_t *buf, uint8_t code, uint32_t rid, uint32_t eid, uint16_t id,
+                              uint16_t count, bool prefix)
+{
+    struct emx_ao_header h = {.version = EMX_AO_VERSION,
+                              .code = code,
+                              .request_id = rid,
+                              .endpoint_id = eid,
+                              .session_id = SESSION,
+                              .multipart = true,
+                              .chunk_id = id,
+                              .chunk_count = count,
+                              .chunk_size = 64};
+    size_t n = emx_ao_header_write(buf, 128, &h);
+    if (prefix) {
+        buf[n++] = THING;
+        n += emx_ao_write_str(buf + n, 64, "SteamSensor", 11);
+    }
+    memset(buf + n, 'a' + id, 64);
+    return n + 64;
+}
+
+static void platform_multipart_request_chunks_share_one_rewritten_id(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *pa = &f->inst[0]->pipes[0], *pb = &f->inst[1]->pipes[0];
+    uint8_t buf[128];
+    size_t m = f->nev;
+    /* Two chunked PUTs with the same requestId from two pipes, interleaved. */
+    for (uint16_t id = 1; id <= 3; id++) {
+        pipe_msg(f, pa, buf, build_raw_chunk(buf, EMX_AO_PUT, 0x900, e->id, id, 3, true));
+        pipe_msg(f, pb, buf, build_raw_chunk(buf, EMX_AO_PUT, 0x900, e->id, id, 3, true));
+    }
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_PUT, ANY), 6);
+    uint32_t ra = 0, rb = 0;
+    int k = 0;
+    for (size_t i = m; i < f->nev; i++) {
+        const struct ev *v = &f->ev[i];
+        if (v->kind != EV_EDGE_SEND)
+            continue;
+        assert_true(v->h.multipart);
+        uint32_t *want = (k % 2 == 0) ? &ra : &rb;
+        if (*want == 0)
+            *want = v->h.request_id;
+        assert_int_equal(v->h.request_id, *want);
+        k++;
+    }
+    assert_int_not_equal(ra, rb);
+    struct emx_ao_header ha = {.request_id = ra, .endpoint_id = e->id, .session_id = SESSION};
+    struct emx_ao_header hb = {.request_id = rb, .endpoint_id = e->id, .session_id = SESSION};
+    for (size_t i = m; i < f->nev; i++)
+        if (f->ev[i].kind == EV_EDGE_SEND) {
+            ha.endpoint_id = hb.endpoint_id = f->ev[i].h.endpoint_id;
+            break;
+        }
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &ha);
+    edge_answer(f, e, EMX_AO_NOT_FOUND, &hb);
+    const struct ev *a = find_pipe_send(f, m, EMX_AO_SUCCESS, 0x900, e->id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, pa);
+    a = find_pipe_send(f, m, EMX_AO_NOT_FOUND, 0x900, e->id);
+    assert_non_null(a);
+    assert_ptr_equal(a->pipe, pb);
+}
+
+static void edge_multipart_answer_goes_back_whole_on_its_pipe(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[1]->pipes[1];
+    size_t m = f->nev;
+    platform_get(f, p, 0x901, e->id);
+    struct emx_ao_header h = delivered(f, m, e);
+    uint8_t buf[128];
+    m = f->nev;
+    for (uint16_t id = 1; id <= 3; id++)
+        edge_msg(f, e, buf,
+                 build_raw_chunk(buf, EMX_AO_SUCCESS, h.request_id, h.endpoint_id, id, 3, false));
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 3);
+    int n = 0;
+    for (size_t i = m; i < f->nev; i++) {
+        const struct ev *v = &f->ev[i];
+        if (v->kind != EV_PIPE_SEND)
+            continue;
+        assert_ptr_equal(v->pipe, p);
+        assert_true(hmatch(v, EMX_AO_SUCCESS, 0x901, e->id));
+        assert_int_equal(v->h.chunk_id, ++n);
+    }
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+}
+
 /* ==== pending edge requests ==== */
 
 static void pending_request_whose_pipe_closes_gets_a3(void **state)
@@ -2242,6 +2337,124 @@ static void discovery_instance_back_while_draining_is_active_again(void **state)
     assert_true(n[1] >= 1);
 }
 
+static void all_down_second_outage_closes_again(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    edge_authed(f);
+    uint64_t grace = f->cfg.all_down_grace;
+    instance_down(f, f->inst[0]);
+    tick_at(f, f->now + grace + 1);
+    assert_int_equal(emx_router_stats(f->r)->all_down_closes, 1);
+    instance_up(f, f->inst[0]);
+    tick_at(f, f->now + 1000);
+    uint32_t id = edge_authed(f)->id;
+    size_t m = f->nev;
+    instance_down(f, f->inst[0]);
+    uint64_t t1 = f->now;
+    tick_at(f, t1 + grace - 1);
+    assert_int_equal(count_edge_closes(f, m, id), 0);
+    tick_at(f, t1 + grace + 1);
+    assert_int_equal(count_edge_closes(f, m, id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, id)].close_code, 1013);
+}
+
+static void all_down_spread_survives_edges_leaving_midway(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.close_spread = 10000;
+    start_equal(f, 1);
+    enum { N = 10 };
+    struct emx_edge *e[N];
+    uint32_t ids[N];
+    for (int i = 0; i < N; i++) {
+        e[i] = edge_authed(f);
+        ids[i] = e[i]->id;
+    }
+    uint64_t t0 = f->now;
+    size_t m = f->nev;
+    instance_down(f, f->inst[0]);
+    tick_at(f, t0 + f->cfg.all_down_grace + f->cfg.close_spread / 2);
+    /* The transport reports every edge gone: those asked to close and the others. */
+    bool gone[N] = {false};
+    for (int i = 0; i < N; i++)
+        if (count_edge_closes(f, m, ids[i]) == 0 || i % 2 == 0) {
+            emx_router_edge_closed(f->r, e[i], f->now);
+            gone[i] = true;
+        }
+    size_t before = f->nev;
+    for (uint64_t t = f->now; t <= t0 + f->cfg.all_down_grace + 2 * f->cfg.close_spread; t += 100)
+        tick_at(f, t);
+    for (int i = 0; i < N; i++)
+        if (gone[i])
+            assert_int_equal(count_edge_closes(f, before, ids[i]), 0);
+    for (int i = 0; i < N; i++)
+        assert_true(count_edge_closes(f, m, ids[i]) <= 1);
+    size_t left = 0;
+    for (int i = 0; i < N; i++)
+        left += !gone[i];
+    assert_int_equal(emx_router_edge_count(f->r), left);
+}
+
+static void multipart_edge_leaves_while_chunk_held(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 3, 300);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_queued(f->r, p, HIGH(f) + 1, f->now);
+    edge_chunk(f, e, rid, 2, 3, 300);
+    uint32_t id = e->id;
+    emx_router_edge_closed(f->r, e, f->now);
+    size_t m = f->nev;
+    emx_router_pipe_queued(f->r, p, 0, f->now);
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(count_pipe_sends(f, m, ANY, rid, id), 0);
+    assert_int_equal(count_kind(f, m, EV_EDGE_SEND), 0);
+    assert_int_equal(count_kind(f, m, EV_EDGE_PAUSE), 0);
+}
+
+static void edge_close_unbind_after_bind_instance_was_removed(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *bp = bind_answered(f, e, EMX_AO_BIND, THINGS, 2, EMX_AO_SUCCESS);
+    int bi = inst_index(f, bp->inst);
+    struct emx_instance_info keep[] = {info(IDS[1 - bi], 1, 0)};
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, keep, 1, f->now);
+    emx_router_tick(f->r, f->now);
+    assert_int_equal(count_removed(f, m, IDS[bi]), 1);
+    struct emx_instance *other = f->inst[1 - bi];
+    f->inst[0] = other;
+    f->ninst = 1;
+    uint32_t id = e->id;
+    m = f->nev;
+    emx_router_edge_closed(f->r, e, f->now);
+    const struct ev *v = unbind_sent(f, m, id);
+    assert_ptr_equal(v->pipe->inst, other);
+}
+
+static void discovery_null_id_uses_host_port(void **state)
+{
+    struct fx *f = *state;
+    f->r = emx_router_new(&f->cfg, &f->io, f->now);
+    struct emx_instance_info set[] = {{.id = NULL, .host = "10.0.0.7", .port = 8443, .weight = 1}};
+    emx_router_discovery_update(f->r, set, 1, f->now);
+    struct emx_instance *in = emx_router_instance_find(f->r, "10.0.0.7:8443");
+    assert_non_null(in);
+    assert_string_equal(in->host, "10.0.0.7");
+    assert_int_equal(in->port, 8443);
+    size_t m = f->nev;
+    emx_router_discovery_update(f->r, set, 1, f->now); /* same set: untouched */
+    assert_int_equal(f->nev, m);
+}
+
 /* ==== timers driven by the deadline tick returns ==== */
 
 /* Run timers the way the server does: tick, then wait for the deadline the
@@ -2397,6 +2610,8 @@ int main(void)
         T(platform_request_for_unknown_endpoint_answers_a3),
         T(platform_request_unanswered_by_edge_gets_a4_late_answer_dropped),
         T(edge_leaving_with_platform_requests_answers_a3_on_their_pipes),
+        T(platform_multipart_request_chunks_share_one_rewritten_id),
+        T(edge_multipart_answer_goes_back_whole_on_its_pipe),
         T(pending_request_whose_pipe_closes_gets_a3),
         T(pending_request_times_out_a4_late_answer_dropped),
         T(pending_cap_answers_a3_and_does_not_forward),
@@ -2446,6 +2661,11 @@ int main(void)
         T(discovery_draining_waits_for_inbound_platform_requests),
         T(discovery_weight_change_applied_in_place),
         T(discovery_instance_back_while_draining_is_active_again),
+        T(all_down_second_outage_closes_again),
+        T(all_down_spread_survives_edges_leaving_midway),
+        T(multipart_edge_leaves_while_chunk_held),
+        T(edge_close_unbind_after_bind_instance_was_removed),
+        T(discovery_null_id_uses_host_port),
         T(deadline_idle_router_has_none),
         T(deadline_request_timeout),
         T(deadline_edge_request_timeout),
