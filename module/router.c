@@ -128,6 +128,10 @@ struct emx_router {
     bool empty_pending;
     uint64_t empty_since;
     bool reap_needed;
+
+    /* Round robin state (rules 1 and 3) */
+    uint64_t rr_sig;                 /* which instances were eligible last time */
+    struct emx_instance *rr_last;    /* picked last; ties go to the one after it */
 };
 
 static inline uint64_t req_key(uint32_t endpoint_id, uint32_t request_id)
@@ -289,29 +293,55 @@ static struct emx_pipe *route(struct emx_router *r, uint64_t now)
         return NULL;
 
     /* Smooth weighted round robin over the eligible instances of the tier;
-     * only eligible ones earn credit. Weight-0 instances take part (as
-     * weight 1 among themselves) only when no weighted one is eligible. */
+     * only eligible ones earn credit. When the eligible set changes, the
+     * credits start over, so a skipped instance leaves no burst behind, and
+     * ties go to the next instance after the last one picked: with equal
+     * weights this is the circular list of rule 1. Weight-0 instances take
+     * part (as weight 1 among themselves) only when no weighted one is
+     * eligible. */
     for (int zero_pass = 0; zero_pass < 2; zero_pass++) {
-        struct emx_instance *best = NULL;
-        int64_t total = 0;
+        uint64_t sig = 1469598103934665603ull;
+        bool any = false;
         emx_list_for_each_safe(it, tmp, &r->instances)
         {
             struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
-            if (inst->priority != tier || (inst->weight == 0) != (zero_pass == 1))
-                continue;
-            if (!emx_instance_is_eligible(r, inst, now))
-                continue;
-            int64_t w = zero_pass ? 1 : (int64_t)inst->weight;
-            inst->swrr_current += w;
-            total += w;
-            if (!best || inst->swrr_current > best->swrr_current)
-                best = inst;
+            inst->rr_eligible = inst->priority == tier &&
+                                (inst->weight == 0) == (zero_pass == 1) &&
+                                emx_instance_is_eligible(r, inst, now);
+            if (inst->rr_eligible) {
+                sig = (sig ^ inst->serial) * 1099511628211ull;
+                any = true;
+            }
         }
-        if (best) {
-            best->swrr_current -= total;
-            best->requests++;
-            return pick_pipe(r, best, now);
+        if (!any)
+            continue;
+        sig ^= (uint64_t)zero_pass;
+        if (sig != r->rr_sig) {
+            r->rr_sig = sig;
+            emx_list_for_each_safe(it, tmp, &r->instances)
+                emx_container_of(it, struct emx_instance, link)->swrr_current = 0;
         }
+        struct emx_instance *best = NULL;
+        int64_t total = 0;
+        struct emx_list *start = r->rr_last ? &r->rr_last->link : &r->instances;
+        for (it = start->next;; it = it->next) {
+            if (it != &r->instances) {
+                struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+                if (inst->rr_eligible) {
+                    int64_t w = zero_pass ? 1 : (int64_t)inst->weight;
+                    inst->swrr_current += w;
+                    total += w;
+                    if (!best || inst->swrr_current > best->swrr_current)
+                        best = inst;
+                }
+            }
+            if (it == start)
+                break;
+        }
+        best->swrr_current -= total;
+        best->requests++;
+        r->rr_last = best;
+        return pick_pipe(r, best, now);
     }
     return NULL;
 }
@@ -1324,6 +1354,8 @@ static void instance_remove(struct emx_router *r, struct emx_instance *inst, uin
     rlog(r, EMX_LOG_INFO, "instance %s (%s:%u) drained and removed", inst->id, inst->host,
          inst->port);
     r->io.instance_removed(r->io.ctx, inst);
+    if (r->rr_last == inst)
+        r->rr_last = NULL;
     emx_list_unlink(&inst->link);
     instance_free(inst);
 }

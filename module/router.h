@@ -78,6 +78,7 @@ struct emx_instance {
     uint32_t pending; /* requests in flight on its pipes, inbound included */
     void *user;       /* the server's per-instance data */
     bool seen;        /* scratch for applying a discovery set */
+    bool rr_eligible; /* scratch for one routing decision */
     struct emx_list link;
     uint64_t requests; /* requests routed to it */
 };
