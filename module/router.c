@@ -957,8 +957,7 @@ static void pipe_auth_answer(struct emx_router *r, struct emx_pipe *p,
     p->state = EMX_PIPE_UP;
     p->inst->up_pipes++;
     if (r->pipes_up++ == 0) {
-        if (r->down)
-            rlog(r, EMX_LOG_INFO, "a platform pipe is connected again");
+        rlog(r, EMX_LOG_INFO, "a platform pipe is connected (instance %s)", p->inst->id);
         r->down = false;
         r->down_handled = false;
         emx_free_ptr(&r->closing);

@@ -813,8 +813,8 @@ out_free:
     emx_free(s->hdr_server);
     emx_free(s->hdr_boot);
     pthread_mutex_destroy(&s->post_mu);
-    emx_free(s);
     if (rc == 0)
-        emx_logf(NULL, EMX_LOG_INFO, "server", "stopped");
+        emx_logf(&s->log, EMX_LOG_INFO, "server", "stopped");
+    emx_free(s);
     return rc;
 }
