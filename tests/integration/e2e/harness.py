@@ -1,0 +1,484 @@
+"""End-to-end harness: starts the real edgemux binary, platform-sim, HAProxy
+and edge-sim on loopback with free ports, and gives tests a raw WebSocket edge
+for the cases no well-behaved client can produce. Python 3 standard library
+only. Every wait is bounded; every process started is stopped by its PID.
+
+Binaries come from the environment ctest sets (see CMakeLists.txt):
+EMX_BIN, EMX_PLUGIN_DIR, EMX_PLATFORM_SIM, EMX_EDGE_SIM, EMX_SOURCE_DIR.
+"""
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import tempfile
+import time
+import unittest
+import urllib.request
+
+EMX_BIN = os.environ.get("EMX_BIN", "edgemux")
+PLUGIN_DIR = os.environ.get("EMX_PLUGIN_DIR", "")
+PLATFORM_SIM = os.environ.get("EMX_PLATFORM_SIM", "platform-sim")
+EDGE_SIM = os.environ.get("EMX_EDGE_SIM", "edge-sim")
+SOURCE_DIR = os.environ.get("EMX_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+# AlwaysOn codes
+GET, PUT, POST, DELETE, BIND, UNBIND, AUTH, KEEP_ALIVE = 0x01, 0x02, 0x03, 0x04, 0x0A, 0x0B, 0x14, 0x1F
+SUCCESS, BAD_REQUEST, UNAUTHORIZED, NOT_FOUND = 0x40, 0x80, 0x81, 0x84
+ENTITY_TOO_LARGE, INTERNAL_ERROR, SERVICE_UNAVAILABLE, GATEWAY_TIMEOUT = 0x8D, 0xA0, 0xA3, 0xA4
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout, interval=0.05, what="condition"):
+    """Poll pred() until it returns a true value or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1fs waiting for %s (last: %r)" % (timeout, what, last))
+
+
+# ---------------------------------------------------------------- AlwaysOn
+
+def ao_str(s):
+    b = s.encode() if isinstance(s, str) else s
+    if len(b) < 128:
+        return bytes([len(b)]) + b
+    return struct.pack(">I", len(b) | 0x80000000) + b
+
+
+def ao_header(code, request_id, endpoint_id=0, session_id=0, multipart=None):
+    h = struct.pack(">BBIIIB", 1, code, request_id, endpoint_id, session_id, 1 if multipart else 0)
+    if multipart:
+        h += struct.pack(">HHH", *multipart)
+    return h
+
+
+def ao_auth(request_id, key):
+    return ao_header(AUTH, request_id, 0, 0xFFFFFFFF) + b"\x01" + ao_str("appKey") + ao_str(key)
+
+
+def ao_bind(request_id, session_id, names, code=BIND):
+    body = b"\x00" + struct.pack(">H", len(names)) + b"".join(ao_str(n) for n in names)
+    return ao_header(code, request_id, 0, session_id) + body
+
+
+def ao_request(code, request_id, session_id, thing="SteamSensor", name="Temperature"):
+    return ao_header(code, request_id, 0, session_id) + b"\x0A" + ao_str(thing) + b"\x01" + ao_str(name) + b"\x00\xFF"
+
+
+def ao_parse(msg):
+    """(code, requestId, endpointId, sessionId, multipart) of a message."""
+    if len(msg) < 15:
+        raise ValueError("short AlwaysOn message: %d bytes" % len(msg))
+    _, code, rid, eid, sid, mp = struct.unpack(">BBIIIB", msg[:15])
+    return code, rid, eid, sid, mp
+
+
+# ---------------------------------------------------------------- raw edge
+
+class Closed(Exception):
+    def __init__(self, code, reason=""):
+        super().__init__("closed %s %s" % (code, reason))
+        self.code = code
+        self.reason = reason
+
+
+class RawEdge:
+    """A WebSocket client on a plain socket, framing by hand: zero-key masks
+    like the SDK, and full control for bad-input tests. recv_frame returns
+    every frame as received so tests can check sizes."""
+
+    def __init__(self, port, host="127.0.0.1", path="/Thingworx/WS", app_key=None,
+                 max_frame_size=None, extra_headers=(), tls_ctx=None, server_hostname=None,
+                 timeout=5.0, expect_status=101):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls_ctx is not None:
+            self.sock = tls_ctx.wrap_socket(self.sock, server_hostname=server_hostname or host)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = ["GET %s HTTP/1.1" % path, "Host: %s:%d" % (host, port), "Upgrade: websocket",
+                 "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13",
+                 "User-Agent: ThingWorx C SDK"]
+        if app_key:
+            lines.append("appKey: " + app_key)
+        if max_frame_size:
+            lines.append("Max-Frame-Size: %d" % max_frame_size)
+        lines.extend(extra_headers)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("connection closed during upgrade")
+            self.buf += chunk
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        self.status = int(head.split(b" ", 2)[1])
+        self.response_head = head.decode(errors="replace")
+        if expect_status is not None and self.status != expect_status:
+            raise AssertionError("upgrade answered %d, wanted %d:\n%s" % (self.status, expect_status, self.response_head))
+        self.frames = []  # (opcode, fin, length) of every frame received
+        self.close_code = None
+
+    def send_frame(self, opcode, payload, fin=True, rsv=0, mask=True):
+        b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+        n = len(payload)
+        m = 0x80 if mask else 0
+        if n < 126:
+            hdr = struct.pack(">BB", b0, m | n)
+        elif n < 65536:
+            hdr = struct.pack(">BBH", b0, m | 126, n)
+        else:
+            hdr = struct.pack(">BBQ", b0, m | 127, n)
+        if mask:
+            hdr += b"\x00\x00\x00\x00"  # the SDK's all-zero key: payload unchanged
+        self.sock.sendall(hdr + payload)
+
+    def send(self, msg):
+        self.send_frame(0x2, msg)
+
+    def _read(self, n):
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise Closed(self.close_code or 1006, "connection dropped")
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv_frame(self):
+        b0, b1 = self._read(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack(">H", self._read(2))[0]
+        elif n == 127:
+            n = struct.unpack(">Q", self._read(8))[0]
+        if b1 & 0x80:
+            self._read(4)
+        payload = self._read(n)
+        opcode = b0 & 0x0F
+        self.frames.append((opcode, bool(b0 & 0x80), n, (b0 >> 4) & 7, b1 & 0x7F))
+        return opcode, bool(b0 & 0x80), payload
+
+    def recv(self, timeout=5.0):
+        """One whole binary message; answers nothing (like the SDK, it never
+        pongs). Raises Closed on a close frame."""
+        self.sock.settimeout(timeout)
+        parts = []
+        while True:
+            opcode, fin, payload = self.recv_frame()
+            if opcode == 0x8:
+                self.close_code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+                raise Closed(self.close_code, payload[2:].decode(errors="replace"))
+            if opcode in (0x9, 0xA):
+                continue
+            parts.append(payload)
+            if fin:
+                return b"".join(parts)
+
+    def expect_close(self, timeout=5.0):
+        """Read until the server closes; returns its close code."""
+        try:
+            while True:
+                self.recv(timeout)
+        except Closed as c:
+            return c.code
+        except (socket.timeout, TimeoutError):
+            raise AssertionError("no close within %.1fs" % timeout)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # AlwaysOn conveniences
+    def auth(self, key, request_id=1):
+        self.send(ao_auth(request_id, key))
+        ans = self.recv()
+        code, rid, eid, sid, _ = ao_parse(ans)
+        return code, sid
+
+
+# ---------------------------------------------------------------- processes
+
+class Proc:
+    def __init__(self, args, log_path, env=None, cwd=None):
+        self.args = args
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def signal(self, sig):
+        if self.alive():
+            self.p.send_signal(sig)
+
+    def stop(self, timeout=10.0):
+        """SIGTERM, wait, SIGKILL: returns the exit status."""
+        if self.alive():
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        self.log.close()
+        return self.p.returncode
+
+    def kill(self):
+        if self.alive():
+            self.p.kill()
+            self.p.wait(5)
+        self.log.close()
+
+    def output(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+
+class Platform:
+    """One platform-sim process serving `instances` instances (one cluster
+    table shared by all of them)."""
+
+    def __init__(self, env, instances=3, extra=()):
+        self.env = env
+        args = [PLATFORM_SIM, "--instances", str(instances), "--port", "0", "--control", "0",
+                "--app-key-file", env.app_key_file, "--bind", "127.0.0.1", "--quiet"] + list(extra)
+        self.proc = Proc(args, env.path("platform-sim-%d.log" % len(env.procs)))
+        env.procs.append(self.proc)
+
+        def ready():
+            m = re.search(r"platform-sim ready control=(\d+) ports=([\d,]+)", self.proc.output())
+            if not self.proc.alive():
+                raise AssertionError("platform-sim exited:\n" + self.proc.output())
+            return m
+
+        m = wait_until(ready, 10, what="platform-sim ready")
+        self.control = int(m.group(1))
+        self.ports = [int(p) for p in m.group(2).split(",")]
+
+    def cmd(self, line, timeout=20.0):
+        with socket.create_connection(("127.0.0.1", self.control), timeout=timeout) as s:
+            s.sendall(line.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        return data.decode().strip()
+
+    def stats(self):
+        return json.loads(self.cmd("stats"))
+
+    def binds(self):
+        return json.loads(self.cmd("binds"))
+
+    def msgs_in(self):
+        """Messages received per instance (index 0 = instance 1)."""
+        return [i["msgs_in"] for i in self.stats()["instances"]]
+
+    def pipes_connected(self):
+        return [i["pipes_connected"] for i in self.stats()["instances"]]
+
+
+class Edgemux:
+    """One edgemux process with static discovery over `instances` [(port, ...)]."""
+
+    def __init__(self, env, name, instance_ports, overrides=None, discovery=None, start=True,
+                 edge_port=None, extra_yaml=""):
+        self.env = env
+        self.name = name
+        self.edge_port = edge_port or free_port()
+        self.admin_port = free_port()
+        self.instances_file = env.path("%s-instances.yaml" % name)
+        self.write_instances(instance_ports)
+        cfg = {
+            "server": {"name": name},
+            "log": {"level": "debug"},
+            "plugins": {"dir": PLUGIN_DIR},
+            "edge": {"address": "127.0.0.1", "port": self.edge_port},
+            "platform": {"app_key_file": env.app_key_file, "pipes_per_instance": 2,
+                         "reconnect_min": "100ms", "reconnect_max": "1s"},
+            "discovery": discovery or {"plugin": "static", "file": self.instances_file,
+                                       "reload_delay": "50ms"},
+            "transport": {"plugin": "ws"},
+            "admin": {"listen": "127.0.0.1:%d" % self.admin_port},
+        }
+        for section, values in (overrides or {}).items():
+            cfg.setdefault(section, {}).update(values)
+        self.config_path = env.path("%s.yaml" % name)
+        with open(self.config_path, "w") as f:
+            for section, values in cfg.items():
+                f.write("%s:\n" % section)
+                for k, v in values.items():
+                    f.write("  %s: %s\n" % (k, v))
+            f.write(extra_yaml)
+        self.proc = None
+        if start:
+            self.start()
+
+    def write_instances(self, ports, weights=None, priorities=None, rename=True):
+        """Rewrite the static file; by rename (as config managers do) unless told."""
+        lines = ["instances:"]
+        for i, port in enumerate(ports):
+            lines.append("  - address: 127.0.0.1")
+            lines.append("    port: %d" % port)
+            if weights:
+                lines.append("    weight: %d" % weights[i])
+            if priorities:
+                lines.append("    priority: %d" % priorities[i])
+        if not ports:
+            lines = ["instances: []"]
+        text = "\n".join(lines) + "\n"
+        if rename:
+            tmp = self.instances_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.rename(tmp, self.instances_file)
+        else:
+            with open(self.instances_file, "w") as f:
+                f.write(text)
+
+    def start(self):
+        self.proc = Proc([EMX_BIN, "-c", self.config_path], self.env.path("%s.log" % self.name))
+        self.env.procs.append(self.proc)
+        wait_until(lambda: self.http("/health")[0] == 200 or not self.proc.alive(), 10,
+                   what="edgemux %s /health" % self.name)
+        if not self.proc.alive():
+            raise AssertionError("edgemux exited:\n" + self.proc.output())
+
+    def http(self, path, method="GET"):
+        try:
+            req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.admin_port, path), method=method)
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except (urllib.error.URLError, ConnectionError, socket.timeout):
+            return 0, ""
+
+    def wait_ready(self, timeout=10):
+        wait_until(lambda: self.http("/ready")[0] == 200, timeout, what="%s /ready" % self.name)
+
+    def log(self):
+        return self.proc.output()
+
+    def edge(self, **kw):
+        return RawEdge(self.edge_port, **kw)
+
+
+class HAProxy:
+    def __init__(self, env, emx1, emx2):
+        self.env = env
+        self.edge_port = free_port()
+        penv = dict(os.environ, EDGE_PORT=str(self.edge_port),
+                    EMX1_PORT=str(emx1.edge_port), EMX1_ADMIN=str(emx1.admin_port),
+                    EMX2_PORT=str(emx2.edge_port), EMX2_ADMIN=str(emx2.admin_port))
+        cfg = os.path.join(SOURCE_DIR, "haproxy-conf", "demo.cfg")
+        self.proc = Proc([HAPROXY, "-f", cfg, "-db"], env.path("haproxy.log"), env=penv)
+        env.procs.append(self.proc)
+
+        def listening():
+            try:
+                socket.create_connection(("127.0.0.1", self.edge_port), timeout=0.5).close()
+                return True
+            except OSError:
+                if not self.proc.alive():
+                    raise AssertionError("haproxy exited:\n" + self.proc.output())
+                return False
+
+        wait_until(listening, 10, what="haproxy listening")
+
+
+def edge_sim(env, port, *args, ledger=True, timeout=120):
+    """Run edge-sim to completion; returns (exit status, output, ledger)."""
+    lpath = env.path("ledger-%d.json" % time.monotonic_ns()) if ledger else None
+    cmd = [EDGE_SIM, "--url", "ws://127.0.0.1:%d/Thingworx/WS" % port, "--app-key-file",
+           env.app_key_file, "--quiet", "--max-connect-delay", "100ms"] + [str(a) for a in args]
+    if lpath:
+        cmd += ["--ledger", lpath]
+    r = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    out = (r.stdout + r.stderr).decode(errors="replace")
+    data = None
+    if lpath and os.path.exists(lpath):
+        with open(lpath) as f:
+            data = json.load(f)
+    return r.returncode, out, data
+
+
+def start_edge_sim(env, port, *args):
+    """Run edge-sim in the background; returns (Proc, ledger path)."""
+    lpath = env.path("ledger-%d.json" % time.monotonic_ns())
+    cmd = [EDGE_SIM, "--url", "ws://127.0.0.1:%d/Thingworx/WS" % port, "--app-key-file",
+           env.app_key_file, "--quiet", "--max-connect-delay", "100ms", "--ledger", lpath] + [str(a) for a in args]
+    p = Proc(cmd, env.path("edge-sim-%d.log" % time.monotonic_ns()))
+    env.procs.append(p)
+    return p, lpath
+
+
+class Env:
+    """A temp directory, an app key, and every process a test started."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="emx-e2e-")
+        self.app_key = "e2e-" + base64.b16encode(os.urandom(12)).decode().lower()
+        self.app_key_file = self.path("appkey")
+        with open(self.app_key_file, "w") as f:
+            f.write(self.app_key + "\n")
+        os.chmod(self.app_key_file, 0o600)
+        self.procs = []
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def cleanup(self, keep=False):
+        for p in reversed(self.procs):
+            try:
+                p.stop(5)
+            except Exception:
+                p.kill()
+        if not keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class E2ETest(unittest.TestCase):
+    """Each test gets an Env; on failure the logs are kept and their place printed."""
+
+    def setUp(self):
+        self.env = Env()
+
+    def tearDown(self):
+        failed = any(err for _, err in (self._outcome.errors if hasattr(self._outcome, "errors") else []) if err)
+        result = getattr(self._outcome, "result", None)
+        if result is not None and (result.failures or result.errors):
+            failed = True
+        if failed:
+            for p in self.env.procs:
+                out = p.output() if hasattr(p, "output") else ""
+                print("\n--- %s (last 40 lines)\n%s" % (" ".join(p.args[:3]), "\n".join(out.splitlines()[-40:])))
+        self.env.cleanup(keep=failed)
+        if failed:
+            print("logs kept in", self.env.dir)
