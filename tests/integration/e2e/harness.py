@@ -253,7 +253,8 @@ class Proc:
         self.log.close()
 
     def output(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")
 
@@ -308,8 +309,10 @@ class Edgemux:
     """One edgemux process with static discovery over `instances` [(port, ...)]."""
 
     def __init__(self, env, name, instance_ports, overrides=None, discovery=None, start=True,
-                 edge_port=None, extra_yaml=""):
+                 edge_port=None, extra_yaml="", wrapper=None, start_timeout=10):
         self.env = env
+        self.wrapper = list(wrapper or [])  # e.g. a valgrind command line
+        self.start_timeout = start_timeout
         self.name = name
         self.edge_port = edge_port or free_port()
         self.admin_port = free_port()
@@ -363,9 +366,10 @@ class Edgemux:
                 f.write(text)
 
     def start(self):
-        self.proc = Proc([EMX_BIN, "-c", self.config_path], self.env.path("%s.log" % self.name))
+        self.proc = Proc(self.wrapper + [EMX_BIN, "-c", self.config_path],
+                         self.env.path("%s.log" % self.name))
         self.env.procs.append(self.proc)
-        wait_until(lambda: self.http("/health")[0] == 200 or not self.proc.alive(), 10,
+        wait_until(lambda: self.http("/health")[0] == 200 or not self.proc.alive(), self.start_timeout,
                    what="edgemux %s /health" % self.name)
         if not self.proc.alive():
             raise AssertionError("edgemux exited:\n" + self.proc.output())
