@@ -32,8 +32,9 @@ step "sanitizer build (address,undefined)"
 CC=clang cmake -S . -B build/asan -DCMAKE_BUILD_TYPE=Debug -DEMX_WERROR=ON \
   -DEMX_SANITIZE=address,undefined >/dev/null
 cmake --build build/asan -j "$jobs"
+# Unit and end-to-end tiers (the valgrind scenario runs in the plain build).
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-  ctest --test-dir build/asan --output-on-failure -j "$jobs" -L 'unit|abi'
+  ctest --test-dir build/asan --output-on-failure -j "$jobs" -L 'unit|abi|e2e' -E valgrind
 
 step "fuzz targets (${fuzz_seconds}s each)"
 CC=clang cmake -S . -B build/fuzz -DCMAKE_BUILD_TYPE=Debug -DEMX_FUZZ=ON \
