@@ -19,6 +19,7 @@
 #include "alloc.h"
 #include "config.h"
 #include "log.h"
+#include "notify.h"
 #include "router.h"
 
 #define TICK_MS 50           /* router timers: request timeouts are seconds */
@@ -527,6 +528,7 @@ static void close_walk(uv_handle_t *h, void *arg)
 
 static void finish_shutdown(struct emx_server *s)
 {
+    emx_notify_watchdog_stop();
     uv_timer_stop(&s->shutdown_timer);
     uv_close((uv_handle_t *)&s->shutdown_timer, NULL);
     uv_close((uv_handle_t *)&s->tick, NULL);
@@ -565,6 +567,7 @@ static void begin_shutdown(struct emx_server *s, const char *why)
     if (s->stopping)
         return;
     s->stopping = true;
+    emx_notify_stopping();
     emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: closing edges and stopping", why);
     if (s->listener) {
         s->tp->unlisten(s->listener);
@@ -776,6 +779,16 @@ int emx_server_run(struct emx_setup *setup)
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);
     uv_signal_start(&s->sigint, on_signal, SIGINT);
     uv_signal_start(&s->sighup, on_signal, SIGHUP);
+
+    /* systemd (no-ops otherwise): ready once listening with discovery
+     * started; the watchdog is fed from this loop, so a stuck loop is seen. */
+    rc = emx_notify_watchdog_start(&s->loop);
+    if (rc != 0)
+        emx_logf(&s->log, EMX_LOG_WARN, "server", "systemd watchdog timer: %s", uv_strerror(rc));
+    char status[400];
+    snprintf(status, sizeof(status), "%s: edges on %s%s", s->cfg->server.name, listen_addr,
+             s->cfg->edge.path);
+    emx_notify_ready(status);
 
     uv_run(&s->loop, UV_RUN_DEFAULT);
     rc = 0;
