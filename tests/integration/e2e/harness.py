@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -88,6 +89,43 @@ def ao_parse(msg):
         raise ValueError("short AlwaysOn message: %d bytes" % len(msg))
     _, code, rid, eid, sid, mp = struct.unpack(">BBIIIB", msg[:15])
     return code, rid, eid, sid, mp
+
+
+def ao_chunk_ids(msg):
+    """(chunkId, chunkCount) of a multipart message, (1, 1) of a whole one."""
+    if len(msg) >= 21 and msg[14] == 1:
+        return struct.unpack(">HH", msg[15:19])
+    return 1, 1
+
+
+def ao_infotable_blob(field, data):
+    """An InfoTable with one BLOB field and one row holding data (as
+    platform-sim and edge-sim build them)."""
+    shape = b"\x01" + ao_str(field) + ao_str("") + bytes([21]) + b"\x00\x00" + b"\x00"
+    rows = b"\x01" + struct.pack(">H", 1) + bytes([21]) + struct.pack(">I", len(data)) + data + b"\x00"
+    return shape + rows
+
+
+def ao_response(code, request_id, endpoint_id, session_id, reason=None):
+    """An answer without content (reason optional), as an edge sends one."""
+    body = (b"\x01" + ao_str(reason) if reason is not None else b"\x00") + b"\xFF"
+    return ao_header(code, request_id, endpoint_id, session_id) + body
+
+
+def ao_multipart_request(code, request_id, session_id, payload_size, thing="SteamSensor",
+                         name="Upload", chunk_size=8192, fill=b"m"):
+    """The chunks of one request whose params are a BLOB InfoTable of
+    payload_size bytes, split like the SDK: every chunk no larger than
+    chunk_size, each repeating the header and entityType . entityName."""
+    prefix = b"\x0A" + ao_str(thing)
+    rest = b"\x01" + ao_str(name) + b"\x00" + b"\x05" + ao_infotable_blob("data", fill * payload_size)
+    per = chunk_size - 15 - 6 - len(prefix)
+    count = max(1, (len(rest) + per - 1) // per)
+    chunks = []
+    for i in range(count):
+        h = ao_header(code, request_id, 0, session_id, multipart=(i + 1, count, chunk_size))
+        chunks.append(h + prefix + rest[i * per:(i + 1) * per])
+    return chunks
 
 
 # ---------------------------------------------------------------- raw edge
@@ -213,6 +251,63 @@ class RawEdge:
         code, rid, eid, sid, _ = ao_parse(ans)
         return code, sid
 
+    def answers(self, until, timeout=5.0, into=None):
+        """Read messages into a dict {requestId: [codes of answers]} (whole
+        answers: a multipart answer counts once, at its last chunk) until
+        until(dict) is true; returns the dict. Requests from the platform
+        are collected in self.platform_requests."""
+        got = {} if into is None else into
+        deadline = time.monotonic() + timeout
+        while not until(got):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("answers: timed out after %.1fs (got %r)" % (timeout, got))
+            # Poll in short steps so until() may turn true without a message
+            # (it may look at other processes); a message once started is
+            # read whole.
+            if not self.readable(min(left, 0.1)):
+                continue
+            msg = self.recv(timeout=5.0)
+            code, rid, _, _, _ = ao_parse(msg)
+            if code < 0x40:
+                if not hasattr(self, "platform_requests"):
+                    self.platform_requests = []
+                self.platform_requests.append(msg)
+                continue
+            cid, ccount = ao_chunk_ids(msg)
+            if cid == ccount:
+                got.setdefault(rid, []).append(code)
+        return got
+
+    def answers_for(self, seconds, into=None):
+        """Like answers(), reading for `seconds` whatever arrives."""
+        got = {} if into is None else into
+        end = time.monotonic() + seconds
+        try:
+            self.answers(lambda g: time.monotonic() >= end, timeout=seconds + 5, into=got)
+        except AssertionError:
+            pass
+        return got
+
+    def readable(self, timeout):
+        """True when a message (or part of one) is ready to be read."""
+        if self.buf or (hasattr(self.sock, "pending") and self.sock.pending()):
+            return True
+        r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        return bool(r)
+
+    def quiet_for(self, seconds):
+        """Returns every message received within `seconds` (expects none
+        in most uses)."""
+        out = []
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return out
+            if self.readable(left):
+                out.append(self.recv(timeout=5.0))
+
 
 # ---------------------------------------------------------------- processes
 
@@ -304,6 +399,19 @@ class Platform:
     def pipes_connected(self):
         return [i["pipes_connected"] for i in self.stats()["instances"]]
 
+    def kill(self):
+        """SIGKILL the platform-sim process (every instance it serves)."""
+        self.proc.kill()
+
+    def msgs_in_by_server(self):
+        """Messages received on pipes, per X-Edgemux-Server name (open
+        pipes only)."""
+        out = {}
+        for inst in self.stats()["instances"]:
+            for p in inst["pipes"]:
+                out[p["server"]] = out.get(p["server"], 0) + p["msgs_in"]
+        return out
+
 
 class Edgemux:
     """One edgemux process with static discovery over `instances` [(port, ...)]."""
@@ -343,16 +451,22 @@ class Edgemux:
         if start:
             self.start()
 
-    def write_instances(self, ports, weights=None, priorities=None, rename=True):
-        """Rewrite the static file; by rename (as config managers do) unless told."""
+    def write_instances(self, ports, weights=None, priorities=None, rename=True, tls=None,
+                        address="127.0.0.1"):
+        """Rewrite the static file; by rename (as config managers do) unless told.
+        tls: a bool for every instance, or a list of bools; address: the
+        address written for every instance (a host name for TLS name checks)."""
         lines = ["instances:"]
         for i, port in enumerate(ports):
-            lines.append("  - address: 127.0.0.1")
+            lines.append("  - address: %s" % address)
             lines.append("    port: %d" % port)
             if weights:
                 lines.append("    weight: %d" % weights[i])
             if priorities:
                 lines.append("    priority: %d" % priorities[i])
+            if tls is not None:
+                on = tls[i] if isinstance(tls, (list, tuple)) else tls
+                lines.append("    tls: %s" % ("true" if on else "false"))
         if not ports:
             lines = ["instances: []"]
         text = "\n".join(lines) + "\n"
@@ -441,6 +555,111 @@ def start_edge_sim(env, port, *args):
     p = Proc(cmd, env.path("edge-sim-%d.log" % time.monotonic_ns()))
     env.procs.append(p)
     return p, lpath
+
+
+def check_ledger(test, ledger, out=""):
+    """Every request in an edge-sim ledger got exactly one outcome, and that
+    outcome is an answer (no no_answer, no connection_lost); edge-sim's
+    summary reports no answer it could not match. Returns the ledger's
+    answers by code."""
+    test.assertIsNotNone(ledger, "edge-sim wrote no ledger:\n" + out)
+    test.assertTrue(ledger, "empty ledger:\n" + out)
+    seen, codes = set(), {}
+    for e in ledger:
+        key = (e["edge"], e["request_id"])
+        test.assertNotIn(key, seen, "request listed twice in the ledger: %r" % (e,))
+        seen.add(key)
+        test.assertEqual(e["outcome"], "answered", "request without exactly one answer: %r\n%s" % (e, out))
+        codes[e["code"]] = codes.get(e["code"], 0) + 1
+    if out:
+        m = re.search(r"unexpected answers (\d+)", out)
+        if m:
+            test.assertEqual(int(m.group(1)), 0, "an answer matched no request:\n" + out)
+        test.assertIn("no_answer 0", out)
+    return codes
+
+
+class PKI:
+    """A CA made at test time with the openssl CLI, and certificates it
+    issues. issue() returns (cert, key, pem with both) paths."""
+
+    def __init__(self, env, name="ca"):
+        self.env = env
+        self.key = env.path("%s.key" % name)
+        self.cert = env.path("%s.crt" % name)
+        self._run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key,
+                   "-out", self.cert, "-days", "2", "-subj", "/CN=edgemux e2e test CA",
+                   "-addext", "basicConstraints=critical,CA:TRUE",
+                   "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+
+    def _run(self, args):
+        r = subprocess.run(args, capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise AssertionError("%s failed:\n%s" % (" ".join(args[:3]), (r.stdout + r.stderr).decode(errors="replace")))
+
+    def issue(self, name, dns=(), ips=()):
+        key, csr, crt = (self.env.path("%s.%s" % (name, x)) for x in ("key", "csr", "crt"))
+        ext = self.env.path("%s.ext" % name)
+        sans = ["DNS:%s" % d for d in dns] + ["IP:%s" % i for i in ips]
+        with open(ext, "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                    "extendedKeyUsage=serverAuth,clientAuth\n")
+            if sans:
+                f.write("subjectAltName=%s\n" % ",".join(sans))
+        cn = (list(dns) + list(ips) + [name])[0]
+        self._run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                   "-out", csr, "-subj", "/CN=%s" % cn])
+        self._run(["openssl", "x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
+                   "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext])
+        pem = self.env.path("%s.pem" % name)
+        with open(pem, "w") as out:
+            for part in (crt, key):
+                with open(part) as f:
+                    out.write(f.read())
+        return crt, key, pem
+
+    def client_context(self):
+        """An ssl context trusting only this CA (host name checked)."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.cert)
+        return ctx
+
+
+class HAProxyTCP:
+    """HAProxy in mode tcp with a generated config: each route is
+    (listen port, target port, pem or None). With a pem, HAProxy ends TLS
+    with that certificate and forwards plain TCP (a TLS terminator in front
+    of platform-sim, which has no TLS)."""
+
+    def __init__(self, env, routes, name=None):
+        self.env = env
+        self.routes = list(routes)
+        self.name = name or "haproxy-tcp-%d" % len(env.procs)
+        lines = ["global", "    maxconn 2000", "defaults", "    mode tcp", "    timeout connect 5s",
+                 "    timeout client 60s", "    timeout server 60s", ""]
+        for i, (listen, target, pem) in enumerate(self.routes):
+            lines.append("frontend f%d" % i)
+            lines.append("    bind 127.0.0.1:%d%s" % (listen, " ssl crt %s" % pem if pem else ""))
+            lines.append("    default_backend b%d" % i)
+            lines.append("backend b%d" % i)
+            lines.append("    server s%d 127.0.0.1:%d" % (i, target))
+            lines.append("")
+        self.config_path = env.path("%s.cfg" % self.name)
+        with open(self.config_path, "w") as f:
+            f.write("\n".join(lines))
+        self.proc = Proc([HAPROXY, "-f", self.config_path, "-db"], env.path("%s.log" % self.name))
+        env.procs.append(self.proc)
+
+        def listening():
+            for listen, _, _ in self.routes:
+                try:
+                    socket.create_connection(("127.0.0.1", listen), timeout=0.5).close()
+                except OSError:
+                    if not self.proc.alive():
+                        raise AssertionError("haproxy exited:\n" + self.proc.output())
+                    return False
+            return True
+
+        wait_until(listening, 10, what="haproxy (tcp) listening")
 
 
 class Env:
