@@ -48,13 +48,20 @@ struct result {
     uint64_t outcome[EDGE_OUTCOME_COUNT], by_code[256], setup_by_code[256];
     uint64_t connects, disconnects, unexpected, bad, wrong_ep, storm_a0;
     double throughput;
+    double server_cpu_s, own_cpu_s; /* CPU time used inside the measured window */
     struct hist lat, conn;
 };
+
+#define MAX_WATCH 8
 
 static struct {
     /* options */
     const char *url, *app_key, *json_path, *result_path, *ips;
     uint32_t nedges, window, size, multipart_size, procs, first_index;
+    uint64_t max_requests; /* 0: no limit */
+    long watch[MAX_WATCH]; /* server processes whose CPU time is reported */
+    uint32_t nwatch;
+    double cpu_at_measure, own_at_measure;
     double rate, multipart_share, warmup_s, duration_s, drain_s, connect_spread_s;
     double connect_timeout_s, retry_s;
     bool idle, storm, quiet, deflate, child, no_source;
@@ -176,12 +183,56 @@ static bool parse_ip_range(const char *s, uint32_t *lo, uint32_t *hi)
     return true;
 }
 
+/* CPU seconds (user + system) of process pid, from /proc; -1 if unknown. */
+static double proc_cpu_s(long pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* The name may hold spaces: fields count from after its ')'. */
+    char *p = strrchr(buf, ')');
+    unsigned long long ut = 0, st = 0;
+    if (!p ||
+        sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    long hz = sysconf(_SC_CLK_TCK);
+    return hz > 0 ? (double)(ut + st) / (double)hz : -1;
+}
+
+static double watched_cpu_s(void)
+{
+    double t = 0;
+    for (uint32_t i = 0; i < G.nwatch; i++) {
+        double v = proc_cpu_s(G.watch[i]);
+        if (v < 0)
+            return -1;
+        t += v;
+    }
+    return t;
+}
+
+static double own_cpu_s(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0)
+        return 0;
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
 /* ---- load ---- */
 
 static void on_answer(struct emx_edge_client *c, const struct edge_ledger_entry *e, void *arg);
 
 static bool issue(struct edge *ed)
 {
+    if (G.max_requests && G.r.issued >= G.max_requests)
+        return false;
     bool mp = G.multipart_share > 0 && (double)(rnd() % 1000000) / 1e6 < G.multipart_share;
     char thing[32];
     snprintf(thing, sizeof(thing), THING_FMT, (unsigned)(G.first_index + (ed - G.edges)));
@@ -363,11 +414,20 @@ static void on_tick(uv_timer_t *t)
         break;
     case PH_WARMUP:
     case PH_MEASURE:
-        if (G.phase == PH_WARMUP && now >= G.t_measure)
+        if (G.phase == PH_WARMUP && now >= G.t_measure) {
             G.phase = PH_MEASURE;
-        if (G.stop_requested || now >= G.t_end) {
-            if (G.phase == PH_MEASURE)
+            G.cpu_at_measure = watched_cpu_s();
+            G.own_at_measure = own_cpu_s();
+        }
+        if (G.stop_requested || now >= G.t_end ||
+            (G.max_requests && G.r.issued >= G.max_requests)) {
+            if (G.phase == PH_MEASURE) {
                 G.r.measure_s = secs((now < G.t_end ? now : G.t_end) - G.t_measure);
+                double c = watched_cpu_s();
+                if (G.nwatch && c >= 0 && G.cpu_at_measure >= 0)
+                    G.r.server_cpu_s = c - G.cpu_at_measure;
+                G.r.own_cpu_s = own_cpu_s() - G.own_at_measure;
+            }
             G.phase = PH_DRAIN;
             G.t_drain = now;
             break;
@@ -484,6 +544,14 @@ static void print_table(const struct result *r)
             printf("  target rate %.0f/s, largest generator lag %.0f requests\n", G.rate,
                    r->gen_lag_max);
         printf("  throughput        %12.1f answers/s\n", r->throughput);
+        if (r->measure_s > 0) {
+            printf("  CPU in the window  load generator %.0f%%", 100 * r->own_cpu_s / r->measure_s);
+            if (r->server_cpu_s > 0)
+                printf(", watched server processes %.0f%% (%.0f answers per server CPU-second)",
+                       100 * r->server_cpu_s / r->measure_s,
+                       (double)r->answered_window / r->server_cpu_s);
+            printf("\n");
+        }
         printf("  latency (ms)      p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f  mean "
                "%.3f  (n=%" PRIu64 ")\n",
                ms(hist_quantile(l, 0.5)), ms(hist_quantile(l, 0.9)), ms(hist_quantile(l, 0.99)),
@@ -528,9 +596,12 @@ static int write_json(const char *path, const struct result *r)
             mode_name(), r->edges, G.procs, G.window, G.rate, G.size, G.multipart_share,
             G.multipart_size, G.warmup_s, r->measure_s);
     fprintf(f,
+            "\"server_cpu_s\":%.3f,\"generator_cpu_s\":%.3f,\"answers_per_server_cpu_s\":%.1f,"
             "\"throughput\":%.1f,\"latency_ms\":{\"count\":%" PRIu64
             ",\"p50\":%.4f,\"p90\":%.4f,\"p99\":%.4f,\"p999\":%.4f,\"max\":%.4f,\"mean\":%.4f},",
-            r->throughput, l->count, ms(hist_quantile(l, 0.5)), ms(hist_quantile(l, 0.9)),
+            r->server_cpu_s, r->own_cpu_s,
+            r->server_cpu_s > 0 ? (double)r->answered_window / r->server_cpu_s : 0.0, r->throughput,
+            l->count, ms(hist_quantile(l, 0.5)), ms(hist_quantile(l, 0.9)),
             ms(hist_quantile(l, 0.99)), ms(hist_quantile(l, 0.999)), ms(l->max),
             hist_mean(l) / 1e6);
     fprintf(f,
@@ -682,6 +753,10 @@ static void merge(struct result *into, const struct result *from)
     if (from->gen_lag_max > into->gen_lag_max)
         into->gen_lag_max = from->gen_lag_max;
     into->throughput += from->measure_s > 0 ? (double)from->answered_window / from->measure_s : 0;
+    /* Every process watched the same servers over about the same window. */
+    if (from->server_cpu_s > into->server_cpu_s)
+        into->server_cpu_s = from->server_cpu_s;
+    into->own_cpu_s += from->own_cpu_s;
     into->issued += from->issued;
     into->refused += from->refused;
     into->answered_window += from->answered_window;
@@ -711,7 +786,7 @@ static int run_parent(int argc, char **argv)
     const char *tmp = getenv("TMPDIR");
     if (!tmp || !*tmp)
         tmp = "/tmp";
-    char **cargv = calloc((size_t)argc + 12, sizeof(char *));
+    char **cargv = calloc((size_t)argc + 16, sizeof(char *));
     if (!cargv)
         return 1;
     int rc = 0;
@@ -736,7 +811,7 @@ static int run_parent(int argc, char **argv)
         }
         close(fd);
         snprintf(files[k], sizeof(files[k]), "%s", path);
-        char s_edges[16], s_first[16], s_rate[32];
+        char s_edges[16], s_first[16], s_rate[32], s_req[32];
         snprintf(s_edges, sizeof(s_edges), "%u", n);
         snprintf(s_first, sizeof(s_first), "%u", first);
         /* Open loop: each process takes its edges' share of the rate. */
@@ -752,6 +827,13 @@ static int run_parent(int argc, char **argv)
         cargv[a++] = s_first;
         cargv[a++] = "--result";
         cargv[a++] = files[k];
+        if (G.max_requests) {
+            /* At least one each: --requests 0 is refused. */
+            uint64_t share = G.max_requests * n / G.nedges;
+            snprintf(s_req, sizeof(s_req), "%" PRIu64, share ? share : 1);
+            cargv[a++] = "--requests";
+            cargv[a++] = s_req;
+        }
         if (!G.window) {
             cargv[a++] = "--rate";
             cargv[a++] = s_rate;
@@ -817,6 +899,8 @@ static void usage(FILE *f)
         "                          (default 127.0.0.1-127.0.0.254 for a loopback URL)\n"
         "  --no-source-ips         let the kernel pick the source address\n"
         "  --procs P               run as P processes (default: 1 per %u edges)\n"
+        "  --watch-pid PID         report this server process's CPU time in the measured\n"
+        "                          window (repeatable, up to 8; single process only)\n"
         "  --idle                  connect, AUTH, BIND, hold; no requests\n"
         "  --storm                 after all are bound, drop every connection at once and\n"
         "                          time until all are ready and bound again\n"
@@ -849,6 +933,8 @@ int main(int argc, char **argv)
         O_IPS,
         O_NOIPS,
         O_PROCS,
+        O_REQUESTS,
+        O_WATCH,
         O_IDLE,
         O_STORM,
         O_DEFLATE,
@@ -877,6 +963,8 @@ int main(int argc, char **argv)
                                          {"source-ips", required_argument, NULL, O_IPS},
                                          {"no-source-ips", no_argument, NULL, O_NOIPS},
                                          {"procs", required_argument, NULL, O_PROCS},
+                                         {"requests", required_argument, NULL, O_REQUESTS},
+                                         {"watch-pid", required_argument, NULL, O_WATCH},
                                          {"idle", no_argument, NULL, O_IDLE},
                                          {"storm", no_argument, NULL, O_STORM},
                                          {"deflate", no_argument, NULL, O_DEFLATE},
@@ -962,6 +1050,21 @@ int main(int argc, char **argv)
         case O_PROCS:
             ok = parse_u32(optarg, &G.procs) && G.procs >= 1 && G.procs <= MAX_PROCS;
             break;
+        case O_REQUESTS: {
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(optarg, &end, 10);
+            ok = !errno && end != optarg && !*end && optarg[0] != '-' && v >= 1;
+            G.max_requests = v;
+            break;
+        }
+        case O_WATCH: {
+            uint32_t pid;
+            ok = G.nwatch < MAX_WATCH && parse_u32(optarg, &pid) && pid > 0 && proc_cpu_s(pid) >= 0;
+            if (ok)
+                G.watch[G.nwatch++] = pid;
+            break;
+        }
         case O_IDLE:
             G.idle = true;
             break;

@@ -1,0 +1,333 @@
+#!/usr/bin/env bash
+# edgemux benchmarks (docs/benchmarks.md). Builds Release, then measures on
+# this machine, in one run, with the server side pinned to one core and the
+# load generator to another:
+#   A  edges -> platform-sim                      (direct baseline)
+#   B  edges -> HAProxy (tunnel) -> platform-sim
+#   C  edges -> edgemux -> platform-sim
+#   D  edges -> HAProxy -> edgemux -> platform-sim
+# Parts (PARTS, default all): throughput latency capacity callgrind memory storm
+#
+#   scripts/bench.sh                      # everything
+#   PARTS="throughput" RUNS=3 scripts/bench.sh
+#
+# Knobs (environment): RUNS (5), EDGES (1000), SIZE (512), WINDOW (1),
+# WARMUP (2s), DURATION (10s), SERVER_CPU (0), LOAD_CPU (1), IDLE_EDGES (19000),
+# CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests), BASE_PORT (23000),
+# OUT, BUILD, SRC (the source tree to build; default this checkout — point it
+# at a clean export, e.g. `git archive HEAD`, while the tree is being edited).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SRC=${SRC:-$ROOT}
+BUILD=${BUILD:-$ROOT/build/bench}
+PARTS=${PARTS:-"throughput latency capacity callgrind memory storm"}
+RUNS=${RUNS:-5}
+EDGES=${EDGES:-1000}
+SIZE=${SIZE:-512}
+WINDOW=${WINDOW:-1}
+WARMUP=${WARMUP:-2s}
+DURATION=${DURATION:-10s}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+IDLE_EDGES=${IDLE_EDGES:-19000}
+CG_EDGES=${CG_EDGES:-100}
+CG_SHORT=${CG_SHORT:-20000}
+CG_LONG=${CG_LONG:-60000}
+BASE_PORT=${BASE_PORT:-23000}
+OUT=${OUT:-$BUILD/bench-results/$(date +%Y%m%d-%H%M%S)}
+KEY=bench-app-key-0123456789abcdef0123
+
+PSIM_PORT=$((BASE_PORT + 1))
+EMX_PORT=$((BASE_PORT + 2))
+EMX_ADMIN=$((BASE_PORT + 3))
+PSIM_FRONT_PORT=$((BASE_PORT + 4))
+HAP_EDGE_PORT=$((BASE_PORT + 5))
+WS_PATH=/Thingworx/WS
+
+mkdir -p "$OUT"
+log() { printf '%s\n' "$*" | tee -a "$OUT/summary.txt" >&2; }
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+echo "== build (Release) in $BUILD" >&2
+# No tests: a benchmark build needs only the binaries it runs.
+cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DEMX_TESTS=OFF >"$OUT/cmake.log"
+cmake --build "$BUILD" -j2 --target edgemux edgemux-bench platform-sim emx-transport-ws \
+  emx-discovery-static >>"$OUT/cmake.log"
+BENCH=$BUILD/tools/bench/edgemux-bench
+PSIM=$BUILD/tools/platform-sim/platform-sim
+EMX=$BUILD/module/edgemux
+PLUGINS=$BUILD/plugins
+
+# ---- processes: every one we start is recorded and stopped by its PID ----
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+trap cleanup EXIT
+
+wait_port() { # port
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "port $1 never opened" >&2
+  return 1
+}
+
+start_psim() { # [extra taskset prefix...]
+  taskset -c "$SERVER_CPU" "$@" "$PSIM" --bind 127.0.0.1 --port "$PSIM_PORT" --app-key "$KEY" \
+    --quiet >"$OUT/psim.log" 2>&1 &
+  PSIM_PID=$!
+  PIDS+=("$PSIM_PID")
+  wait_port "$PSIM_PORT"
+}
+
+write_emx_conf() {
+  cat >"$OUT/instances.yaml" <<EOF
+instances:
+  - id: psim
+    address: 127.0.0.1
+    port: $PSIM_PORT
+EOF
+  cat >"$OUT/edgemux.yaml" <<EOF
+server:
+  name: bench-1
+log:
+  level: warn
+edge:
+  address: 127.0.0.1
+  port: $EMX_PORT
+  deflate: false
+platform:
+  app_key: $KEY
+discovery:
+  plugin: static
+  file: $OUT/instances.yaml
+admin:
+  listen: 127.0.0.1:$EMX_ADMIN
+EOF
+}
+
+start_emx() { # [prefix command...], e.g. valgrind
+  taskset -c "$SERVER_CPU" "$@" "$EMX" -c "$OUT/edgemux.yaml" -p "$PLUGINS" >>"$OUT/edgemux.log" 2>&1 &
+  EMX_PID=$!
+  PIDS+=("$EMX_PID")
+  for _ in $(seq 600); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$EMX_ADMIN/ready")" = 200 ]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "edgemux never became ready (see $OUT/edgemux.log)" >&2
+  return 1
+}
+
+start_haproxy() { # [prefix command...]
+  PSIM_PORT=$PSIM_PORT PSIM_FRONT_PORT=$PSIM_FRONT_PORT EDGE_PORT=$HAP_EDGE_PORT EMX1_PORT=$EMX_PORT \
+    taskset -c "$SERVER_CPU" "$@" haproxy -db -f "$ROOT/haproxy-conf/bench-tunnel.cfg" \
+    >>"$OUT/haproxy.log" 2>&1 &
+  HAP_PID=$!
+  PIDS+=("$HAP_PID")
+  wait_port "$PSIM_FRONT_PORT"
+  wait_port "$HAP_EDGE_PORT"
+}
+
+url_of() { # config letter
+  case $1 in
+  A) echo "ws://127.0.0.1:$PSIM_PORT$WS_PATH" ;;
+  B) echo "ws://127.0.0.1:$PSIM_FRONT_PORT$WS_PATH" ;;
+  C) echo "ws://127.0.0.1:$EMX_PORT$WS_PATH" ;;
+  D) echo "ws://127.0.0.1:$HAP_EDGE_PORT$WS_PATH" ;;
+  esac
+}
+
+start_config() { # letter: the server side of that path
+  start_psim
+  case $1 in
+  B) start_haproxy ;;
+  C) start_emx ;;
+  D) start_emx && start_haproxy ;;
+  esac
+}
+
+cpu_ticks() { # pids... -> utime+stime summed
+  local t=0 p
+  for p in "$@"; do
+    # Fields 14 and 15 of /proc/PID/stat, after the parenthesised name.
+    t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+
+# run_bench NAME LETTER bench-args... : one bench run against a fresh server
+# side; records the JSON and the server side's CPU use.
+run_bench() {
+  local name=$1 letter=$2
+  shift 2
+  start_config "$letter"
+  local servers=("${PIDS[@]}") hz t0 t1 w0 w1
+  hz=$(getconf CLK_TCK)
+  t0=$(cpu_ticks "${servers[@]}")
+  w0=$(date +%s.%N)
+  local watch=() p
+  for p in "${servers[@]}"; do watch+=(--watch-pid "$p"); done
+  taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of "$letter")" --app-key "$KEY" --quiet \
+    "${watch[@]}" --json "$OUT/$name.json" "$@" >"$OUT/$name.txt" 2>"$OUT/$name.err" || true
+  w1=$(date +%s.%N)
+  t1=$(cpu_ticks "${servers[@]}")
+  cleanup
+  # Server-side CPU over the bench's whole run (connect, warm-up, drain too).
+  awk -v t="$((t1 - t0))" -v hz="$hz" -v a="$w0" -v b="$w1" \
+    'BEGIN { printf "%.1f\n", 100 * t / hz / (b - a) }' >"$OUT/$name.cpu"
+  printf '%-12s %s  server cpu %s%%\n' "$name" \
+    "$(jq -r '"\(.throughput) answers/s (\(.answers_per_server_cpu_s)/server-cpu-s, server \(.server_cpu_s)s gen \(.generator_cpu_s)s in \(.measured_s)s) p50 \(.latency_ms.p50) p99 \(.latency_ms.p99) ms no_answer \(.outcomes.no_answer) lost \(.outcomes.connection_lost)"' \
+      "$OUT/$name.json" 2>/dev/null || echo FAILED)" "$(cat "$OUT/$name.cpu")" | tee -a "$OUT/summary.txt" >&2
+}
+
+median() { sort -g | awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+field_median() { # prefix jq-filter
+  for f in "$OUT/$1"-*.json; do jq -r "$2" "$f"; done | median
+}
+
+write_emx_conf
+{
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
+  echo "haproxy: $(haproxy -v | head -1)"
+  echo "libwebsockets: $(dpkg-query -W -f '${Version}' libwebsockets17 2>/dev/null || echo '?'), libuv: $(dpkg-query -W -f '${Version}' libuv1 2>/dev/null || echo '?')"
+  echo "edgemux: built from $SRC ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') checked out)"
+  echo "pinning: server side on cpu $SERVER_CPU, load generator on cpu $LOAD_CPU"
+} | tee "$OUT/conditions.txt" >&2
+
+LOAD_ARGS=(--edges "$EDGES" --size "$SIZE" --window "$WINDOW" --warmup "$WARMUP" --duration "$DURATION")
+
+if has_part throughput; then
+  log "== throughput: $EDGES edges, $SIZE-byte requests, closed loop window $WINDOW, $RUNS x (A B C D)"
+  for i in $(seq "$RUNS"); do
+    for L in A B C D; do run_bench "tp-$L-$i" "$L" "${LOAD_ARGS[@]}"; done
+  done
+  for L in A B C D; do
+    eval "TP_$L=$(field_median "tp-$L" .throughput)"
+    eval "P99_$L=$(field_median "tp-$L" .latency_ms.p99)"
+  done
+  log "medians (answers/s): A $TP_A  B $TP_B  C $TP_C  D $TP_D"
+  log "median p99 (ms):     A $P99_A  B $P99_B  C $P99_C  D $P99_D"
+  log "ratios: C/A $(awk -v a="$TP_C" -v b="$TP_A" 'BEGIN{printf "%.3f", a/b}')  C/B $(awk -v a="$TP_C" -v b="$TP_B" 'BEGIN{printf "%.3f", a/b}')  D/B $(awk -v a="$TP_D" -v b="$TP_B" 'BEGIN{printf "%.3f", a/b}')  B/A $(awk -v a="$TP_B" -v b="$TP_A" 'BEGIN{printf "%.3f", a/b}')"
+  for L in A B C D; do
+    eval "EFF_$L=$(field_median "tp-$L" .answers_per_server_cpu_s)"
+    log "$L: median answers per server CPU-second $(eval echo \$EFF_$L), server CPU share in the window $(field_median "tp-$L" '100 * .server_cpu_s / .measured_s')%, generator $(field_median "tp-$L" '100 * .generator_cpu_s / .measured_s')%"
+  done
+  log "efficiency ratios (answers per server CPU-second): C/A $(awk -v a="$EFF_C" -v b="$EFF_A" 'BEGIN{printf "%.3f", a/b}')  C/B $(awk -v a="$EFF_C" -v b="$EFF_B" 'BEGIN{printf "%.3f", a/b}')  D/B $(awk -v a="$EFF_D" -v b="$EFF_B" 'BEGIN{printf "%.3f", a/b}')"
+fi
+
+if has_part capacity; then
+  # platform-sim's own capacity: the direct path with more load than A.
+  log "== platform-sim capacity (direct, $EDGES edges, window 8 and 32)"
+  for w in 8 32; do
+    for i in $(seq 3); do
+      run_bench "cap-w$w-$i" A --edges "$EDGES" --size "$SIZE" --window "$w" --warmup "$WARMUP" --duration "$DURATION"
+    done
+    log "platform-sim capacity, window $w: median $(field_median "cap-w$w" .throughput) answers/s"
+  done
+fi
+
+if has_part latency; then
+  if [ -z "${TP_C:-}" ]; then
+    TP_C=$(jq -r .throughput "$(ls "$OUT"/tp-C-*.json 2>/dev/null | head -1)" 2>/dev/null || echo 0)
+  fi
+  RATE=$(awk -v t="${TP_C:-0}" 'BEGIN{printf "%d", t / 2}')
+  if [ "$RATE" -gt 0 ]; then
+    log "== latency at half of C's peak: open loop $RATE requests/s, $EDGES edges, 3 x (A C)"
+    for i in 1 2 3; do
+      for L in A C; do
+        run_bench "lat-$L-$i" "$L" --edges "$EDGES" --size "$SIZE" --rate "$RATE" --warmup "$WARMUP" --duration "$DURATION"
+      done
+    done
+    LA=$(field_median lat-A .latency_ms.p99)
+    LC=$(field_median lat-C .latency_ms.p99)
+    log "p99 at $RATE/s: A $LA ms  C $LC ms  C-A $(awk -v a="$LC" -v b="$LA" 'BEGIN{printf "%.3f", a-b}') ms (medians of 3)"
+  else
+    log "== latency: skipped (no throughput figure for C)"
+  fi
+fi
+
+# Total instructions of a callgrind output file.
+cg_ir() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
+
+if has_part callgrind; then
+  log "== callgrind: instructions per routed message, $CG_EDGES edges, window 1, $CG_SHORT and $CG_LONG requests"
+  # Ir(long) - Ir(short) over the extra requests: start-up and connection
+  # set-up cancel out.
+  for who in edgemux haproxy; do
+    for n in $CG_SHORT $CG_LONG; do
+      cg="$OUT/callgrind.$who.$n"
+      start_psim
+      if [ $who = edgemux ]; then
+        start_emx valgrind --tool=callgrind --callgrind-out-file="$cg" -q
+        letter=C
+      else
+        start_haproxy valgrind --tool=callgrind --callgrind-out-file="$cg" -q
+        letter=B
+      fi
+      taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of $letter)" --app-key "$KEY" --quiet \
+        --edges "$CG_EDGES" --window 1 --size "$SIZE" --warmup 0 --duration 600s --requests "$n" \
+        --connect-spread 500ms --json "$OUT/cg-$who-$n.json" >"$OUT/cg-$who-$n.txt" 2>&1 || true
+      # The server ends normally on SIGTERM, which writes the profile.
+      if [ $who = edgemux ]; then kill -TERM "$EMX_PID"; wait "$EMX_PID" || true; else kill -TERM "$HAP_PID"; wait "$HAP_PID" || true; fi
+      cleanup
+    done
+    s=$(cg_ir "$OUT/callgrind.$who.$CG_SHORT")
+    l=$(cg_ir "$OUT/callgrind.$who.$CG_LONG")
+    as=$(jq .outcomes.answered "$OUT/cg-$who-$CG_SHORT.json")
+    al=$(jq .outcomes.answered "$OUT/cg-$who-$CG_LONG.json")
+    log "$who: Ir $s ($as answered) and $l ($al answered): $(awk -v s="$s" -v l="$l" -v a="$as" -v b="$al" 'BEGIN{printf "%.0f", (l-s)/(b-a)}') instructions per request+answer"
+  done
+fi
+
+sockmem() { awk '/^TCP:/ {for (i=1;i<NF;i++) if ($i=="mem") print $(i+1)}' /proc/net/sockstat; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+if has_part memory; then
+  log "== memory: $IDLE_EDGES idle edges (AUTH and BIND done, plain ws) on one edgemux"
+  start_psim
+  start_emx
+  # Warm-up cycle first (glibc keeps freed memory), then measure.
+  idle_cycle() { # name -> leaves the bench holding; sets IDLE_PID
+    taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of C)" --app-key "$KEY" --idle --duration 0 \
+      --edges "$IDLE_EDGES" --connect-spread 10s --connect-timeout 120s \
+      --json "$OUT/$1.json" >"$OUT/$1.txt" 2>"$OUT/$1.err" &
+    IDLE_PID=$!
+    for _ in $(seq 1500); do
+      grep -q 'ready and bound after' "$OUT/$1.err" 2>/dev/null && break
+      sleep 0.1
+    done
+    sleep 2
+  }
+  idle_cycle idle-warm
+  kill -INT "$IDLE_PID"; wait "$IDLE_PID" || true
+  sleep 3
+  r0=$(rss_kb "$EMX_PID"); k0=$(sockmem)
+  idle_cycle idle
+  r1=$(rss_kb "$EMX_PID"); k1=$(sockmem)
+  n=$(grep -o '[0-9]*/[0-9]* edges ready and bound' "$OUT/idle.err" | cut -d/ -f1)
+  kill -INT "$IDLE_PID"; wait "$IDLE_PID" || true
+  cleanup
+  pg=$(getconf PAGESIZE)
+  log "edgemux RSS: $r0 KiB before, $r1 KiB at $n idle edges: $(awk -v a="$r0" -v b="$r1" -v n="$n" 'BEGIN{printf "%.0f", (b-a)*1024/n}') bytes per edge"
+  log "kernel TCP memory (/proc/net/sockstat, both ends of loopback): $k0 -> $k1 pages: $(awk -v a="$k0" -v b="$k1" -v n="$n" -v p="$pg" 'BEGIN{printf "%.0f", (b-a)*p/n}') bytes per edge"
+fi
+
+if has_part storm; then
+  log "== reconnect storm: $IDLE_EDGES edges on one edgemux dropped at once, reconnect every 1s"
+  start_psim
+  start_emx
+  taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of C)" --app-key "$KEY" --storm --duration 0 \
+    --edges "$IDLE_EDGES" --connect-spread 10s --connect-timeout 120s --retry-interval 1s --quiet \
+    --json "$OUT/storm.json" >"$OUT/storm.txt" 2>&1 || true
+  cleanup
+  log "storm: all ready and bound again after $(jq .storm_recover_s "$OUT/storm.json")s (connect p99 $(jq .connect_ms.p99 "$OUT/storm.json") ms)"
+fi
+
+log "results in $OUT"
