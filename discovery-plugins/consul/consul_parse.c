@@ -27,6 +27,10 @@ __attribute__((format(printf, 2, 3))) static int fail(struct ctx *c, const char 
         va_start(ap, fmt);
         vsnprintf(c->err, c->errlen, fmt, ap);
         va_end(ap);
+        /* jansson quotes answer text in its errors: keep the line one line. */
+        for (char *p = c->err; *p; p++)
+            if ((unsigned char)*p < 0x20 || *p == 0x7f)
+                *p = '?';
     }
     return -EINVAL;
 }
