@@ -233,7 +233,7 @@ int zk_instance_parse(const char *node, const char *data, size_t len, bool tls,
         return fail(err, errlen, node, "no data (not a service instance record)");
     if (len > ZK_DATA_MAX)
         return fail(err, errlen, node, "data larger than %u bytes", ZK_DATA_MAX);
-    root = json_loadb(data, len, JSON_REJECT_DUPLICATES, &je);
+    root = json_loadb(data, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
     if (!root) {
         char sb[200];
         return fail(err, errlen, node, "not valid JSON: %s at offset %d",

@@ -1,0 +1,1001 @@
+/* The built emx-discovery-zookeeper.so, loaded with dlopen against a host
+ * table of the test's own, watching a real ZooKeeper server that this
+ * program starts once (standalone, loopback, free port, data in a temp dir)
+ * from Debian's zookeeper package. The test registers and removes platforms
+ * itself with ephemeral znodes through libzookeeper-mt, as Curator does.
+ * Every wait is bounded; the server dies with this process (PDEATHSIG). */
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+#include <zookeeper/zookeeper.h>
+
+#include <cmocka.h>
+
+#include "edgemux/discovery.h"
+
+#define WAIT_MS     10000 /* bound of every wait for something that must happen */
+#define PROMPT_MS   1000  /* a change at the source reaches the core within this */
+#define START_MS    30000 /* the JVM starting the server */
+#define LOG_MAX     512
+#define SET_MAX     16
+#define SECRET      "s3cret-pw"
+#define REG_TIMEOUT 30000 /* the test's own sessions outlive every outage it makes */
+
+/* ---- the server ---- */
+
+static struct {
+    pid_t pid;
+    int port;
+    char dir[PATH_MAX];
+    char cfg[PATH_MAX + 32];
+    char out[PATH_MAX + 32];
+    char hostport[64];
+} srv = {.pid = -1};
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    if (fd < 0)
+        return -1;
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) < 0) {
+        close(fd);
+        return -1;
+    }
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static bool port_open(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    bool ok = fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+    if (fd >= 0)
+        close(fd);
+    return ok;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Returns 0 once the server accepts, 77 when java cannot run here, -1. */
+static int server_start(void)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a crashed test */
+        setpgid(0, 0);
+        int fd = open(srv.out, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execlp("java", "java", "-Xms32m", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+               "-Dzookeeper.admin.enableServer=false", "-cp", EMX_ZOOKEEPER_JAR,
+               "org.apache.zookeeper.server.quorum.QuorumPeerMain", srv.cfg, (char *)NULL);
+        _exit(127);
+    }
+    srv.pid = pid;
+    uint64_t end = mono_ms() + START_MS;
+    while (mono_ms() < end) {
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid) {
+            srv.pid = -1;
+            fprintf(stderr, "zookeeper server exited (status %d); see %s\n", st, srv.out);
+            return WIFEXITED(st) && WEXITSTATUS(st) == 127 ? 77 : -1;
+        }
+        if (port_open(srv.port))
+            return 0;
+        sleep_ms(50);
+    }
+    return -1;
+}
+
+static void server_stop(void)
+{
+    if (srv.pid <= 0)
+        return;
+    kill(srv.pid, SIGCONT);
+    kill(srv.pid, SIGTERM);
+    uint64_t end = mono_ms() + 10000;
+    int st;
+    while (waitpid(srv.pid, &st, WNOHANG) == 0) {
+        if (mono_ms() > end) {
+            kill(srv.pid, SIGKILL);
+            waitpid(srv.pid, &st, 0);
+            break;
+        }
+        sleep_ms(20);
+    }
+    srv.pid = -1;
+}
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static int group_setup(void **state)
+{
+    (void)state;
+    if (access(EMX_ZOOKEEPER_JAR, R_OK) != 0) {
+        fprintf(stderr, "skipped: %s not found (install the zookeeper package)\n",
+                EMX_ZOOKEEPER_JAR);
+        exit(77);
+    }
+    const char *tmp = getenv("TMPDIR");
+    snprintf(srv.dir, sizeof(srv.dir), "%s/emx-zk-XXXXXX", tmp && tmp[0] ? tmp : "/tmp");
+    if (!mkdtemp(srv.dir))
+        return -1;
+    snprintf(srv.cfg, sizeof(srv.cfg), "%s/zoo.cfg", srv.dir);
+    snprintf(srv.out, sizeof(srv.out), "%s/server.out", srv.dir);
+    srv.port = free_port();
+    snprintf(srv.hostport, sizeof(srv.hostport), "127.0.0.1:%d", srv.port);
+    FILE *f = fopen(srv.cfg, "w");
+    if (!f || srv.port <= 0)
+        return -1;
+    fprintf(f,
+            "tickTime=500\n"
+            "dataDir=%s/data\n"
+            "clientPort=%d\n"
+            "clientPortAddress=127.0.0.1\n"
+            "admin.enableServer=false\n"
+            "minSessionTimeout=1000\n"
+            "maxSessionTimeout=60000\n",
+            srv.dir, srv.port);
+    fclose(f);
+    zoo_set_debug_level(ZOO_LOG_LEVEL_ERROR);
+    int rc = server_start();
+    if (rc == 77)
+        exit(77);
+    return rc;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    server_stop();
+    if (getenv("EMX_TEST_KEEP"))
+        fprintf(stderr, "kept %s\n", srv.dir);
+    else
+        nftw(srv.dir, rm_one, 8, FTW_DEPTH | FTW_PHYS);
+    return 0;
+}
+
+/* ---- the test's own ZooKeeper client: registering platforms ---- */
+
+static void reg_watcher(zhandle_t *zh, int type, int state, const char *path, void *ctx)
+{
+    (void)zh;
+    (void)type;
+    (void)state;
+    (void)path;
+    (void)ctx;
+}
+
+/* The library's complaints about outages the tests make on purpose. */
+static void reg_log(const char *msg)
+{
+    if (getenv("EMX_TEST_VERBOSE"))
+        fprintf(stderr, "[registrar] %s\n", msg);
+}
+
+static zhandle_t *reg_open(void)
+{
+    zhandle_t *zh = zookeeper_init2(srv.hostport, reg_watcher, REG_TIMEOUT, NULL, NULL, 0, reg_log);
+    assert_non_null(zh);
+    uint64_t end = mono_ms() + WAIT_MS;
+    while (zoo_state(zh) != ZOO_CONNECTED_STATE && mono_ms() < end)
+        sleep_ms(20);
+    assert_int_equal(zoo_state(zh), ZOO_CONNECTED_STATE);
+    return zh;
+}
+
+/* Retries through a reconnect of the test's own session (after a server
+ * stop or restart). */
+static int reg_call(zhandle_t *zh, int op, const char *path, const char *data, int flags)
+{
+    uint64_t end = mono_ms() + WAIT_MS;
+    int rc;
+    for (;;) {
+        if (op == 'c')
+            rc = zoo_create(zh, path, data, data ? (int)strlen(data) : -1, &ZOO_OPEN_ACL_UNSAFE,
+                            flags, NULL, 0);
+        else if (op == 'd')
+            rc = zoo_delete(zh, path, -1);
+        else
+            rc = zoo_set(zh, path, data, (int)strlen(data), -1);
+        if ((rc != ZCONNECTIONLOSS && rc != ZOPERATIONTIMEOUT) || mono_ms() > end)
+            return rc;
+        sleep_ms(100);
+    }
+}
+
+/* Persistent parents, like ThingWorx's Curator creates them. */
+static void reg_mkdirs(zhandle_t *zh, const char *path)
+{
+    char buf[256];
+    snprintf(buf, sizeof(buf), "%s", path);
+    for (char *p = buf + 1;; p++) {
+        if (*p == '/' || *p == '\0') {
+            char c = *p;
+            *p = '\0';
+            int rc = reg_call(zh, 'c', buf, NULL, 0);
+            assert_true(rc == ZOK || rc == ZNODEEXISTS);
+            *p = c;
+            if (!c)
+                break;
+        }
+    }
+}
+
+static void record(char *buf, size_t size, const char *id, int port, int ssl_port)
+{
+    snprintf(buf, size,
+             "{\"name\":\"thingworx-https\",\"id\":\"%s\",\"address\":\"127.0.0.1\","
+             "\"port\":%d,\"sslPort\":%d,\"payload\":null,\"registrationTimeUTC\":1700000000000,"
+             "\"serviceType\":\"DYNAMIC\",\"uriSpec\":null}",
+             id, port, ssl_port);
+}
+
+/* One platform: an ephemeral child <parent>/<node>. */
+static void reg_add(zhandle_t *zh, const char *parent, const char *node, const char *data)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "%s/%s", parent, node);
+    int rc = reg_call(zh, 'c', path, data, ZOO_EPHEMERAL);
+    if (rc != ZOK)
+        fail_msg("create %s: %s", path, zerror(rc));
+}
+
+static void reg_platform(zhandle_t *zh, const char *parent, const char *id, int ssl_port)
+{
+    char data[512];
+    record(data, sizeof(data), id, 8080, ssl_port);
+    reg_add(zh, parent, id, data);
+}
+
+static void reg_del(zhandle_t *zh, const char *parent, const char *node)
+{
+    char path[256];
+    snprintf(path, sizeof(path), "%s/%s", parent, node);
+    assert_int_equal(reg_call(zh, 'd', path, NULL, 0), ZOK);
+}
+
+/* ---- the host table ---- */
+
+struct rec_instance {
+    char *id, *host, *metadata;
+    uint16_t port;
+    bool tls;
+    uint32_t weight, priority;
+};
+
+struct rec {
+    int updates;
+    int empty_updates;
+    struct rec_instance set[SET_MAX];
+    size_t count;
+    int failures;
+    char reason[1024];
+    char logs[LOG_MAX][640];
+    int nlogs;
+    bool stopped;
+    int calls_after_stop;
+};
+
+struct post {
+    struct post *next;
+    void (*fn)(void *);
+    void *arg;
+};
+
+struct fx {
+    uv_loop_t loop;
+    uv_async_t async;
+    pthread_mutex_t mu;
+    struct post *head, **tail;
+    bool closed;
+    int posts_after_stop;
+
+    struct emx_host host;
+    struct rec rec;
+    void *dl;
+    const struct emx_discovery_plugin *d;
+    void *cfg;
+    void *inst;
+    zhandle_t *reg;
+    char parent[128];
+};
+
+static struct fx *fx_of(const struct emx_host *h)
+{
+    return h->core;
+}
+
+static void rec_clear_set(struct rec *r)
+{
+    for (size_t i = 0; i < r->count; i++) {
+        free(r->set[i].id);
+        free(r->set[i].host);
+        free(r->set[i].metadata);
+    }
+    r->count = 0;
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s ? strdup(s) : NULL;
+}
+
+static void host_log(const struct emx_host *h, enum emx_log_level level, const char *fmt, ...)
+{
+    struct rec *r = &fx_of(h)->rec;
+    char line[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    if (getenv("EMX_TEST_VERBOSE"))
+        fprintf(stderr, "[%s] %d %s\n", h->tag, (int)level, line);
+    if (r->nlogs < LOG_MAX)
+        snprintf(r->logs[r->nlogs++], sizeof(r->logs[0]), "%d %s", (int)level, line);
+}
+
+static bool host_log_enabled(const struct emx_host *h, enum emx_log_level level)
+{
+    (void)h;
+    return level <= EMX_LOG_INFO;
+}
+
+/* Like the core's: a locked list and a uv_async. Any thread. */
+static int host_post(const struct emx_host *h, void (*fn)(void *), void *arg)
+{
+    struct fx *fx = fx_of(h);
+    struct post *p = malloc(sizeof(*p));
+    if (!p)
+        return -ENOMEM;
+    *p = (struct post){NULL, fn, arg};
+    pthread_mutex_lock(&fx->mu);
+    if (fx->closed) {
+        pthread_mutex_unlock(&fx->mu);
+        free(p);
+        return -ESHUTDOWN;
+    }
+    if (fx->rec.stopped)
+        fx->posts_after_stop++;
+    *fx->tail = p;
+    fx->tail = &p->next;
+    pthread_mutex_unlock(&fx->mu);
+    uv_async_send(&fx->async);
+    return 0;
+}
+
+static void drain_posts(struct fx *fx)
+{
+    pthread_mutex_lock(&fx->mu);
+    struct post *list = fx->head;
+    fx->head = NULL;
+    fx->tail = &fx->head;
+    pthread_mutex_unlock(&fx->mu);
+    while (list) {
+        struct post *p = list;
+        list = p->next;
+        p->fn(p->arg);
+        free(p);
+    }
+}
+
+static void on_async(uv_async_t *a)
+{
+    drain_posts(a->data);
+}
+
+static uint64_t host_now(const struct emx_host *h)
+{
+    return uv_now(h->loop);
+}
+
+static int host_parse(const char *text, uint64_t *out)
+{
+    (void)text;
+    (void)out;
+    return -EINVAL; /* the plugin parses nothing itself */
+}
+
+static void host_update(const struct emx_host *h, const struct emx_instance_info *set, size_t count)
+{
+    struct rec *r = &fx_of(h)->rec;
+    if (r->stopped)
+        r->calls_after_stop++;
+    rec_clear_set(r);
+    assert_true(count <= SET_MAX);
+    assert_true(count == 0 || set != NULL);
+    for (size_t i = 0; i < count; i++) {
+        r->set[i] = (struct rec_instance){
+            .id = dup_or_null(set[i].id),
+            .host = dup_or_null(set[i].host),
+            .metadata = dup_or_null(set[i].metadata),
+            .port = set[i].port,
+            .tls = set[i].tls,
+            .weight = set[i].weight,
+            .priority = set[i].priority,
+        };
+    }
+    r->count = count;
+    r->updates++;
+    if (count == 0)
+        r->empty_updates++;
+}
+
+static void host_failed(const struct emx_host *h, const char *reason)
+{
+    struct rec *r = &fx_of(h)->rec;
+    if (r->stopped)
+        r->calls_after_stop++;
+    snprintf(r->reason, sizeof(r->reason), "%s", reason);
+    r->failures++;
+}
+
+/* ---- the loop ---- */
+
+static void on_deadline(uv_timer_t *t)
+{
+    *(bool *)t->data = true;
+}
+
+typedef bool (*pred_fn)(struct fx *fx, long arg);
+
+static bool wait_until(struct fx *fx, pred_fn pred, long arg, uint64_t ms)
+{
+    uv_timer_t t;
+    bool expired = false;
+    uv_timer_init(&fx->loop, &t);
+    t.data = &expired;
+    uv_timer_start(&t, on_deadline, ms, 0);
+    while (!(pred && pred(fx, arg)) && !expired)
+        uv_run(&fx->loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&fx->loop, UV_RUN_NOWAIT);
+    return pred && pred(fx, arg);
+}
+
+static void run_for(struct fx *fx, uint64_t ms)
+{
+    wait_until(fx, NULL, 0, ms);
+}
+
+static bool updates_over(struct fx *fx, long n)
+{
+    return fx->rec.updates > n;
+}
+
+static bool failures_over(struct fx *fx, long n)
+{
+    return fx->rec.failures > n;
+}
+
+static bool count_is(struct fx *fx, long n)
+{
+    return fx->rec.updates > 0 && fx->rec.count == (size_t)n;
+}
+
+static bool log_has(struct fx *fx, const char *needle)
+{
+    for (int i = 0; i < fx->rec.nlogs; i++)
+        if (strstr(fx->rec.logs[i], needle))
+            return true;
+    return false;
+}
+
+static bool log_pred(struct fx *fx, long needle)
+{
+    return log_has(fx, (const char *)needle);
+}
+
+static const struct rec_instance *find(struct fx *fx, const char *id)
+{
+    for (size_t i = 0; i < fx->rec.count; i++)
+        if (strcmp(fx->rec.set[i].id, id) == 0)
+            return &fx->rec.set[i];
+    return NULL;
+}
+
+static void dump_logs(struct fx *fx)
+{
+    for (int i = 0; i < fx->rec.nlogs; i++)
+        fprintf(stderr, "  log: %s\n", fx->rec.logs[i]);
+}
+
+#define WAIT(fx, pred, arg, ms)                                                                    \
+    do {                                                                                           \
+        if (!wait_until((fx), (pred), (long)(arg), (ms))) {                                        \
+            dump_logs(fx);                                                                         \
+            fail_msg("timed out after %d ms waiting for %s(%s)", (int)(ms), #pred, #arg);          \
+        }                                                                                          \
+    } while (0)
+
+/* ---- the plugin ---- */
+
+static const struct emx_option *option(struct fx *fx, const char *name)
+{
+    for (const struct emx_option *o = fx->d->options; o && o->name; o++)
+        if (strcmp(o->name, name) == 0)
+            return o;
+    fail_msg("option %s not in the table", name);
+    return NULL;
+}
+
+static void set_str(struct fx *fx, const char *name, const char *value)
+{
+    const struct emx_option *o = option(fx, name);
+    assert_true(o->type == EMX_OPT_STRING || o->type == EMX_OPT_SECRET);
+    memcpy((char *)fx->cfg + o->offset, &value, sizeof(value));
+}
+
+static void set_ms(struct fx *fx, const char *name, uint64_t value)
+{
+    const struct emx_option *o = option(fx, name);
+    assert_int_equal(o->type, EMX_OPT_DURATION);
+    memcpy((char *)fx->cfg + o->offset, &value, sizeof(value));
+}
+
+/* Binds the defaults the way the core would; options without one unset. */
+static void set_defaults(struct fx *fx)
+{
+    memset(fx->cfg, 0, fx->d->config_size);
+    for (const struct emx_option *o = fx->d->options; o->name; o++) {
+        if (!o->def)
+            continue;
+        if (o->type == EMX_OPT_STRING) {
+            set_str(fx, o->name, o->def);
+        } else if (o->type == EMX_OPT_DURATION) {
+            char *end;
+            unsigned long long v = strtoull(o->def, &end, 10);
+            assert_string_equal(end, "s");
+            set_ms(fx, o->name, v * 1000);
+        } else {
+            fail_msg("unexpected default type for %s", o->name);
+        }
+    }
+}
+
+static int test_counter;
+
+static int setup(void **state)
+{
+    struct fx *fx = calloc(1, sizeof(*fx));
+    assert_non_null(fx);
+    assert_int_equal(uv_loop_init(&fx->loop), 0);
+    assert_int_equal(uv_async_init(&fx->loop, &fx->async, on_async), 0);
+    fx->async.data = fx;
+    pthread_mutex_init(&fx->mu, NULL);
+    fx->tail = &fx->head;
+
+    fx->dl = dlopen(EMX_ZK_PLUGIN, RTLD_NOW | RTLD_LOCAL);
+    if (!fx->dl)
+        fail_msg("dlopen: %s", dlerror());
+    fx->d = dlsym(fx->dl, EMX_DISCOVERY_SYMBOL);
+    assert_non_null(fx->d);
+    assert_int_equal(fx->d->hdr.magic, EMX_PLUGIN_MAGIC);
+    assert_int_equal(fx->d->hdr.kind, EMX_PLUGIN_DISCOVERY);
+    assert_string_equal(fx->d->hdr.name, "zookeeper");
+
+    fx->host = (struct emx_host){
+        .struct_size = sizeof(struct emx_host),
+        .abi_major = EMX_ABI_MAJOR,
+        .abi_minor = EMX_ABI_MINOR,
+        .tag = "discovery:zookeeper.0",
+        .loop = &fx->loop,
+        .core = fx,
+        .log = host_log,
+        .log_enabled = host_log_enabled,
+        .post = host_post,
+        .now_ms = host_now,
+        .parse_size = host_parse,
+        .parse_duration = host_parse,
+        .discovery_update = host_update,
+        .discovery_failed = host_failed,
+    };
+    fx->cfg = calloc(1, fx->d->config_size);
+    assert_non_null(fx->cfg);
+    set_defaults(fx);
+    set_str(fx, "connection_string", srv.hostport);
+    /* Each test has its own base path, so tests never see each other. */
+    snprintf(fx->parent, sizeof(fx->parent), "/t%d/thingworx-https", ++test_counter);
+    static char base[64];
+    snprintf(base, sizeof(base), "/t%d", test_counter);
+    set_str(fx, "base_path", base);
+    *state = fx;
+    return 0;
+}
+
+static void start(struct fx *fx)
+{
+    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &fx->inst), 0);
+    assert_non_null(fx->inst);
+    assert_int_equal(fx->d->start(fx->inst), 0);
+}
+
+/* stop, let the plugin's handle close on the pool, destroy: the loop must
+ * then close, and nothing may reach the host after stop. */
+static void finish(struct fx *fx)
+{
+    if (fx->inst) {
+        fx->d->stop(fx->inst);
+        fx->rec.stopped = true;
+        /* Events posted before stop still run (the core runs them too). */
+        drain_posts(fx);
+        pthread_mutex_lock(&fx->mu);
+        fx->closed = true;
+        pthread_mutex_unlock(&fx->mu);
+        uv_close((uv_handle_t *)&fx->async, NULL);
+        fx->d->destroy(fx->inst);
+        fx->inst = NULL;
+    } else if (!uv_is_closing((uv_handle_t *)&fx->async)) {
+        uv_close((uv_handle_t *)&fx->async, NULL);
+    }
+    uv_timer_t t;
+    bool expired = false;
+    uv_timer_init(&fx->loop, &t);
+    t.data = &expired;
+    uv_timer_start(&t, on_deadline, WAIT_MS, 0);
+    uv_unref((uv_handle_t *)&t);
+    while (uv_loop_alive(&fx->loop) && !expired)
+        uv_run(&fx->loop, UV_RUN_ONCE);
+    assert_false(expired);
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&fx->loop, UV_RUN_DEFAULT);
+    assert_int_equal(fx->rec.calls_after_stop, 0);
+    assert_int_equal(fx->posts_after_stop, 0);
+    assert_int_equal(uv_loop_close(&fx->loop), 0);
+}
+
+static int teardown(void **state)
+{
+    struct fx *fx = *state;
+    if (!fx->rec.stopped)
+        finish(fx);
+    for (int i = 0; i < fx->rec.nlogs; i++)
+        assert_null(strstr(fx->rec.logs[i], SECRET));
+    if (fx->reg)
+        zookeeper_close(fx->reg);
+    rec_clear_set(&fx->rec);
+    free(fx->cfg);
+    dlclose(fx->dl);
+    pthread_mutex_destroy(&fx->mu);
+    free(fx);
+    return 0;
+}
+
+static void registered(struct fx *fx)
+{
+    fx->reg = reg_open();
+    reg_mkdirs(fx->reg, fx->parent);
+}
+
+/* ---- tests ---- */
+
+static void test_initial_set(void **state)
+{
+    struct fx *fx = *state;
+    registered(fx);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    char data[512];
+    snprintf(data, sizeof(data),
+             "{\"id\":\"p2\",\"address\":\"::1\",\"port\":8080,\"sslPort\":8444,"
+             "\"payload\":{\"zone\":\"b\",\"weight\":3,\"priority\":1}}");
+    reg_add(fx->reg, fx->parent, "node-of-p2", data);
+    set_str(fx, "digest", "edgemux:" SECRET);
+    start(fx);
+    WAIT(fx, updates_over, 0, WAIT_MS);
+    assert_int_equal(fx->rec.count, 2);
+    const struct rec_instance *p1 = find(fx, "p1"), *p2 = find(fx, "p2");
+    assert_non_null(p1);
+    assert_non_null(p2);
+    assert_string_equal(p1->host, "127.0.0.1");
+    assert_int_equal(p1->port, 8443);
+    assert_true(p1->tls);
+    assert_int_equal(p1->weight, 1);
+    assert_int_equal(p1->priority, 0);
+    assert_null(p1->metadata);
+    assert_string_equal(p2->host, "::1");
+    assert_int_equal(p2->port, 8444);
+    assert_int_equal(p2->weight, 3);
+    assert_int_equal(p2->priority, 1);
+    assert_string_equal(p2->metadata, "{\"zone\":\"b\",\"weight\":3,\"priority\":1}");
+    assert_true(log_has(fx, "added p1, p2"));
+    assert_int_equal(fx->rec.failures, 0);
+    /* Nothing changes: nothing is reported. */
+    run_for(fx, 300);
+    assert_int_equal(fx->rec.updates, 1);
+}
+
+static void test_add_and_remove_promptly(void **state)
+{
+    struct fx *fx = *state;
+    registered(fx);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    start(fx);
+    WAIT(fx, count_is, 1, WAIT_MS);
+
+    uint64_t t0 = mono_ms();
+    reg_platform(fx->reg, fx->parent, "p2", 8444);
+    WAIT(fx, count_is, 2, PROMPT_MS);
+    assert_non_null(find(fx, "p2"));
+    uint64_t added_ms = mono_ms() - t0;
+
+    t0 = mono_ms();
+    reg_del(fx->reg, fx->parent, "p1");
+    WAIT(fx, count_is, 1, PROMPT_MS);
+    assert_non_null(find(fx, "p2"));
+    assert_true(log_has(fx, "removed p1"));
+    fprintf(stderr, "  added seen after %llu ms, removed after %llu ms\n",
+            (unsigned long long)added_ms, (unsigned long long)(mono_ms() - t0));
+
+    /* A platform re-registering with new data (Curator's updateService). */
+    char data[512];
+    record(data, sizeof(data), "p2", 8080, 9443);
+    char path[256];
+    snprintf(path, sizeof(path), "%s/p2", fx->parent);
+    int before = fx->rec.updates;
+    assert_int_equal(reg_call(fx->reg, 's', path, data, 0), ZOK);
+    WAIT(fx, updates_over, before, PROMPT_MS);
+    assert_int_equal(find(fx, "p2")->port, 9443);
+    assert_true(log_has(fx, "changed p2"));
+    assert_int_equal(fx->rec.empty_updates, 0);
+    assert_int_equal(fx->rec.failures, 0);
+}
+
+static void test_registering_session_closed(void **state)
+{
+    struct fx *fx = *state;
+    registered(fx);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    zhandle_t *other = reg_open();
+    reg_platform(other, fx->parent, "p9", 8449);
+    start(fx);
+    WAIT(fx, count_is, 2, WAIT_MS);
+    /* The platform dies: its session ends, its ephemeral node goes. */
+    zookeeper_close(other);
+    WAIT(fx, count_is, 1, PROMPT_MS);
+    assert_non_null(find(fx, "p1"));
+    assert_int_equal(fx->rec.failures, 0);
+}
+
+static void test_bad_records_skipped(void **state)
+{
+    struct fx *fx = *state;
+    registered(fx);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    reg_add(fx->reg, fx->parent, "badjson", "{\"address\": \"10.0.0.1\", ");
+    reg_add(fx->reg, fx->parent, "noport", "{\"id\":\"x\",\"address\":\"10.0.0.2\",\"port\":80}");
+    start(fx);
+    WAIT(fx, updates_over, 0, WAIT_MS);
+    assert_int_equal(fx->rec.count, 1);
+    assert_non_null(find(fx, "p1"));
+    assert_true(log_has(fx, "node 'badjson': not valid JSON"));
+    assert_true(log_has(fx, "node 'noport': no sslPort"));
+    assert_int_equal(fx->rec.failures, 0);
+
+    /* Every record bad: a failing source, the last good set kept. */
+    int updates = fx->rec.updates;
+    reg_del(fx->reg, fx->parent, "p1");
+    WAIT(fx, failures_over, 0, PROMPT_MS);
+    assert_non_null(strstr(fx->rec.reason, "every instance record is invalid"));
+    assert_int_equal(fx->rec.updates, updates);
+    assert_int_equal(fx->rec.count, 1);
+
+    /* A good one again: reported. */
+    reg_platform(fx->reg, fx->parent, "p3", 8443);
+    WAIT(fx, updates_over, updates, PROMPT_MS);
+    assert_int_equal(fx->rec.count, 1);
+    assert_non_null(find(fx, "p3"));
+    assert_int_equal(fx->rec.empty_updates, 0);
+}
+
+static void test_service_node_missing(void **state)
+{
+    struct fx *fx = *state;
+    fx->reg = reg_open();
+    start(fx);
+    /* No platform registered yet: an empty answer, not a failure. */
+    WAIT(fx, updates_over, 0, WAIT_MS);
+    assert_int_equal(fx->rec.count, 0);
+    assert_int_equal(fx->rec.failures, 0);
+    assert_true(log_has(fx, "does not exist"));
+
+    reg_mkdirs(fx->reg, fx->parent);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    WAIT(fx, count_is, 1, PROMPT_MS);
+    assert_int_equal(fx->rec.failures, 0);
+}
+
+static void test_http_service(void **state)
+{
+    struct fx *fx = *state;
+    snprintf(fx->parent, sizeof(fx->parent), "/t%d/thingworx-http", test_counter);
+    registered(fx);
+    reg_add(fx->reg, fx->parent, "h1",
+            "{\"name\":\"thingworx-http\",\"id\":\"h1\",\"address\":\"127.0.0.1\",\"port\":8080,"
+            "\"sslPort\":null,\"payload\":null,\"serviceType\":\"DYNAMIC\"}");
+    set_str(fx, "service", "thingworx-http");
+    start(fx);
+    WAIT(fx, count_is, 1, WAIT_MS);
+    assert_int_equal(fx->rec.set[0].port, 8080);
+    assert_false(fx->rec.set[0].tls);
+}
+
+static void test_create_errors(void **state)
+{
+    struct fx *fx = *state;
+    void *inst = NULL;
+    struct {
+        const char *name, *value;
+    } bad[] = {
+        {"connection_string", ""}, {"base_path", "services"}, {"service", "a/b"},
+        {"service", ""},           {"tls", "maybe"},          {"digest", "no-colon-" SECRET},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        set_defaults(fx);
+        set_str(fx, "connection_string", srv.hostport);
+        set_str(fx, bad[i].name, bad[i].value);
+        assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), -EINVAL);
+    }
+    set_defaults(fx);
+    set_str(fx, "connection_string", NULL);
+    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), -EINVAL);
+    set_defaults(fx);
+    set_str(fx, "connection_string", srv.hostport);
+    set_ms(fx, "session_timeout", 10);
+    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), -EINVAL);
+    /* And one that is fine, destroyed without a start. */
+    set_defaults(fx);
+    set_str(fx, "connection_string", srv.hostport);
+    set_str(fx, "base_path", "/services/");
+    set_str(fx, "tls", "false");
+    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), 0);
+    fx->d->destroy(inst);
+}
+
+static void test_unreachable_at_start(void **state)
+{
+    struct fx *fx = *state;
+    char cs[64];
+    snprintf(cs, sizeof(cs), "127.0.0.1:%d", free_port());
+    set_str(fx, "connection_string", cs);
+    set_ms(fx, "session_timeout", 1000);
+    start(fx);
+    WAIT(fx, failures_over, 0, WAIT_MS);
+    assert_non_null(strstr(fx->rec.reason, "no ZooKeeper session"));
+    assert_int_equal(fx->rec.updates, 0);
+}
+
+/* Freezing the server longer than the plugin's session timeout: the
+ * connection is lost (a failure), the server expires the session when it
+ * runs again (another failure), the plugin opens a new session, and the set
+ * is right again; no empty set in between. */
+static void test_session_expiry(void **state)
+{
+    struct fx *fx = *state;
+    registered(fx);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    reg_platform(fx->reg, fx->parent, "p2", 8444);
+    set_ms(fx, "session_timeout", 2000);
+    start(fx);
+    WAIT(fx, count_is, 2, WAIT_MS);
+    int updates = fx->rec.updates;
+
+    assert_int_equal(kill(srv.pid, SIGSTOP), 0);
+    uint64_t t0 = mono_ms();
+    bool lost = wait_until(fx, failures_over, 0, 5000);
+    /* Past the session timeout with margin, so the server expires it. */
+    long left = 4500 - (long)(mono_ms() - t0);
+    if (left > 0)
+        run_for(fx, (uint64_t)left);
+    assert_int_equal(kill(srv.pid, SIGCONT), 0);
+    if (!lost) {
+        dump_logs(fx);
+        fail_msg("no failure reported while the server was stopped");
+    }
+    assert_non_null(strstr(fx->rec.reason, "connection to ZooKeeper lost"));
+    assert_int_equal(fx->rec.updates, updates);
+    assert_int_equal(fx->rec.count, 2);
+
+    /* A platform registers while the plugin is away. */
+    reg_platform(fx->reg, fx->parent, "p3", 8445);
+    WAIT(fx, log_pred, "ZooKeeper session expired", WAIT_MS);
+    WAIT(fx, count_is, 3, WAIT_MS);
+    assert_non_null(find(fx, "p3"));
+    assert_true(fx->rec.failures >= 2);
+    assert_int_equal(fx->rec.empty_updates, 0);
+
+    /* And the new session watches again. */
+    reg_del(fx->reg, fx->parent, "p1");
+    WAIT(fx, count_is, 2, PROMPT_MS);
+}
+
+/* The server goes away: one failure, the set kept, nothing else reported
+ * while it is down; it comes back and the set is reported again. */
+static void test_server_down(void **state)
+{
+    struct fx *fx = *state;
+    registered(fx);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    reg_platform(fx->reg, fx->parent, "p2", 8444);
+    set_ms(fx, "session_timeout", 4000);
+    start(fx);
+    WAIT(fx, count_is, 2, WAIT_MS);
+    int updates = fx->rec.updates;
+
+    server_stop();
+    WAIT(fx, failures_over, 0, WAIT_MS);
+    assert_non_null(strstr(fx->rec.reason, "connection to ZooKeeper lost"));
+    run_for(fx, 2500);
+    assert_int_equal(fx->rec.updates, updates);
+    assert_int_equal(fx->rec.count, 2);
+    assert_int_equal(fx->rec.empty_updates, 0);
+
+    assert_int_equal(server_start(), 0);
+    WAIT(fx, updates_over, updates, 20000);
+    assert_int_equal(fx->rec.count, 2);
+    assert_non_null(find(fx, "p1"));
+    assert_int_equal(fx->rec.empty_updates, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_initial_set, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_add_and_remove_promptly, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_registering_session_closed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_records_skipped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_service_node_missing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_http_service, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_create_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unreachable_at_start, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_session_expiry, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_server_down, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
