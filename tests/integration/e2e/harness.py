@@ -144,8 +144,9 @@ class RawEdge:
 
     def __init__(self, port, host="127.0.0.1", path="/Thingworx/WS", app_key=None,
                  max_frame_size=None, extra_headers=(), tls_ctx=None, server_hostname=None,
-                 timeout=5.0, expect_status=101):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+                 timeout=5.0, expect_status=101, source_address=None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=source_address)
         if tls_ctx is not None:
             self.sock = tls_ctx.wrap_socket(self.sock, server_hostname=server_hostname or host)
         key = base64.b64encode(os.urandom(16)).decode()
@@ -509,14 +510,17 @@ class Edgemux:
 
 
 class HAProxy:
-    def __init__(self, env, emx1, emx2):
+    def __init__(self, env, emx1, emx2, maxconn=2000):
+        """maxconn (haproxy -n) overrides demo.cfg's 20000, which needs
+        twice that many open files; None keeps the file's value."""
         self.env = env
         self.edge_port = free_port()
         penv = dict(os.environ, EDGE_PORT=str(self.edge_port),
                     EMX1_PORT=str(emx1.edge_port), EMX1_ADMIN=str(emx1.admin_port),
                     EMX2_PORT=str(emx2.edge_port), EMX2_ADMIN=str(emx2.admin_port))
         cfg = os.path.join(SOURCE_DIR, "haproxy-conf", "demo.cfg")
-        self.proc = Proc([HAPROXY, "-f", cfg, "-db"], env.path("haproxy.log"), env=penv)
+        args = [HAPROXY, "-f", cfg, "-db"] + (["-n", str(maxconn)] if maxconn else [])
+        self.proc = Proc(args, env.path("haproxy.log"), env=penv)
         env.procs.append(self.proc)
 
         def listening():
