@@ -89,21 +89,30 @@ static void write_done(uv_write_t *w, int status)
     conn_close(c);
 }
 
-static void respond(struct admin_conn *c, int status, const char *reason, const char *body)
+static void respond_n(struct admin_conn *c, int status, const char *reason, const char *type,
+                      const char *body, size_t blen, bool head_only)
 {
     c->answered = true;
-    size_t blen = strlen(body);
-    uv_write_t *w = emx_malloc(sizeof(*w) + 256 + blen);
+    char hdr[320];
+    int n = snprintf(hdr, sizeof(hdr),
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                     "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+                     status, reason, type, blen);
+    if (n < 0 || (size_t)n >= sizeof(hdr)) {
+        conn_close(c);
+        return;
+    }
+    size_t send_len = head_only ? 0 : blen;
+    uv_write_t *w = emx_malloc(sizeof(*w) + (size_t)n + send_len);
     if (!w) {
         conn_close(c);
         return;
     }
     char *out = (char *)(w + 1);
-    int n = snprintf(out, 256 + blen,
-                     "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
-                     "Cache-Control: no-store\r\nConnection: close\r\n\r\n%s",
-                     status, reason, blen, body);
-    uv_buf_t b = uv_buf_init(out, (unsigned)n);
+    memcpy(out, hdr, (size_t)n);
+    if (send_len)
+        memcpy(out + n, body, send_len);
+    uv_buf_t b = uv_buf_init(out, (unsigned)((size_t)n + send_len));
     w->data = c;
     if (uv_write(w, (uv_stream_t *)&c->tcp, &b, 1, write_done) != 0) {
         emx_free(w);
@@ -111,40 +120,188 @@ static void respond(struct admin_conn *c, int status, const char *reason, const 
     }
 }
 
-/* Answer one request line; headers are read (bounded) and ignored. */
+static void respond(struct admin_conn *c, int status, const char *reason, const char *body)
+{
+    respond_n(c, status, reason, "text/plain; charset=utf-8", body, strlen(body), false);
+}
+
+static const char *status_reason(int status)
+{
+    switch (status) {
+    case 200:
+        return "OK";
+    case 202:
+        return "Accepted";
+    case 400:
+        return "Bad Request";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 409:
+        return "Conflict";
+    case 414:
+        return "URI Too Long";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 503:
+        return "Service Unavailable";
+    case 505:
+        return "HTTP Version Not Supported";
+    default:
+        return "Unknown";
+    }
+}
+
+static int hexval(char ch)
+{
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    if (ch >= 'a' && ch <= 'f')
+        return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F')
+        return ch - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decode [s, s+n) into out; '+' is a space in queries. A decoded
+ * NUL or control byte is refused: values end up in names and log lines. */
+static bool pct_decode(const char *s, size_t n, bool plus, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        int ch = (unsigned char)s[i];
+        if (ch == '%') {
+            if (n - i < 3)
+                return false;
+            int hi = hexval(s[i + 1]);
+            int lo = hexval(s[i + 2]);
+            if (hi < 0 || lo < 0)
+                return false;
+            ch = hi * 16 + lo;
+            i += 2;
+        } else if (ch == '+' && plus) {
+            ch = ' ';
+        }
+        if (ch < 0x20 || ch == 0x7f || o + 1 >= cap)
+            return false;
+        out[o++] = (char)ch;
+    }
+    out[o] = '\0';
+    return true;
+}
+
+int emx_admin_parse_request(const char *buf, size_t len, struct emx_admin_request *out)
+{
+    memset(out, 0, sizeof(*out));
+    const char *eol = memchr(buf, '\n', len);
+    if (!eol)
+        return 400;
+    size_t line = (size_t)(eol - buf);
+    if (line && buf[line - 1] == '\r')
+        line--;
+    /* METHOD SP TARGET SP HTTP/1.x, each part checked */
+    const char *sp1 = memchr(buf, ' ', line);
+    if (!sp1 || sp1 == buf || (size_t)(sp1 - buf) >= sizeof(out->method))
+        return 400;
+    const char *t = sp1 + 1;
+    const char *sp2 = memchr(t, ' ', line - (size_t)(t - buf));
+    if (!sp2 || sp2 == t)
+        return 400;
+    const char *ver = sp2 + 1;
+    size_t vlen = line - (size_t)(ver - buf);
+    if (vlen != 8 || memcmp(ver, "HTTP/1.", 7) != 0 || (ver[7] != '0' && ver[7] != '1'))
+        return vlen >= 5 && memcmp(ver, "HTTP/", 5) == 0 ? 505 : 400;
+    for (const char *p = buf; p < sp1; p++)
+        if (*p < 'A' || *p > 'Z')
+            return 400;
+    memcpy(out->method, buf, (size_t)(sp1 - buf));
+    size_t tlen = (size_t)(sp2 - t);
+    for (size_t i = 0; i < tlen; i++)
+        if ((unsigned char)t[i] <= 0x20 || (unsigned char)t[i] >= 0x7f)
+            return 400;
+    if (t[0] != '/')
+        return 400;
+    const char *q = memchr(t, '?', tlen);
+    size_t plen = q ? (size_t)(q - t) : tlen;
+    if (plen >= sizeof(out->path) || (q && tlen - plen - 1 >= sizeof(out->query)))
+        return 414;
+    if (!pct_decode(t, plen, false, out->path, sizeof(out->path)))
+        return 400;
+    if (q) {
+        memcpy(out->query, q + 1, tlen - plen - 1);
+        out->query[tlen - plen - 1] = '\0';
+    }
+    return 0;
+}
+
+bool emx_admin_query_get(const char *query, const char *key, char *out, size_t cap)
+{
+    size_t klen = strlen(key);
+    const char *p = query;
+    while (p && *p) {
+        const char *amp = strchr(p, '&');
+        size_t n = amp ? (size_t)(amp - p) : strlen(p);
+        const char *eq = memchr(p, '=', n);
+        size_t kn = eq ? (size_t)(eq - p) : n;
+        if (kn == klen && memcmp(p, key, klen) == 0) {
+            if (!eq) {
+                if (cap)
+                    out[0] = '\0';
+                return cap > 0;
+            }
+            return pct_decode(eq + 1, n - kn - 1, true, out, cap);
+        }
+        p = amp ? amp + 1 : NULL;
+    }
+    return false;
+}
+
 static void handle(struct admin_conn *c)
 {
-    char *eol = memchr(c->buf, '\n', c->len);
-    if (!eol) {
-        respond(c, 400, "Bad Request", "bad request\n");
+    struct emx_admin_request req;
+    int bad = emx_admin_parse_request(c->buf, c->len, &req);
+    if (bad) {
+        respond(c, bad, status_reason(bad), "bad request\n");
         return;
     }
-    *eol = '\0';
-    char method[8], target[256], version[16];
-    if (sscanf(c->buf, "%7s %255s %15s", method, target, version) != 3 ||
-        strncmp(version, "HTTP/1.", 7) != 0) {
-        respond(c, 400, "Bad Request", "bad request\n");
-        return;
-    }
-    char *q = strchr(target, '?');
-    if (q)
-        *q = '\0';
-    bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
-    if (strcmp(target, "/health") == 0) {
+    bool head = strcmp(req.method, "HEAD") == 0;
+    bool get = strcmp(req.method, "GET") == 0 || head;
+    if (strcmp(req.path, "/health") == 0) {
         if (get)
-            respond(c, 200, "OK", "ok\n");
+            respond_n(c, 200, "OK", "text/plain; charset=utf-8", "ok\n", 3, head);
         else
             respond(c, 405, "Method Not Allowed", "use GET\n");
-    } else if (strcmp(target, "/ready") == 0) {
-        if (!get)
-            respond(c, 405, "Method Not Allowed", "use GET\n");
-        else if (c->admin->ops.ready(c->admin->ops.ctx))
-            respond(c, 200, "OK", "ready\n");
-        else
-            respond(c, 503, "Service Unavailable", "not ready: no platform pipe connected\n");
-    } else {
-        respond(c, 404, "Not Found", "not found\n");
+        return;
     }
+    if (strcmp(req.path, "/ready") == 0) {
+        if (!get) {
+            respond(c, 405, "Method Not Allowed", "use GET\n");
+        } else if (c->admin->ops.ready(c->admin->ops.ctx)) {
+            respond_n(c, 200, "OK", "text/plain; charset=utf-8", "ready\n", 6, head);
+        } else {
+            static const char msg[] = "not ready: no platform pipe connected, or draining\n";
+            respond_n(c, 503, "Service Unavailable", "text/plain; charset=utf-8", msg,
+                      sizeof(msg) - 1, head);
+        }
+        return;
+    }
+    struct emx_admin_response resp = {.status = 404, .content_type = NULL};
+    emx_textbuf_init(&resp.body, 0);
+    if (c->admin->ops.handle)
+        c->admin->ops.handle(c->admin->ops.ctx, &req, &resp);
+    if (resp.body.failed) {
+        respond(c, 500, "Internal Server Error", "answer too large or out of memory\n");
+    } else if (resp.status == 404 && resp.body.len == 0) {
+        respond(c, 404, "Not Found", "not found\n");
+    } else {
+        respond_n(c, resp.status, status_reason(resp.status),
+                  resp.content_type ? resp.content_type : "text/plain; charset=utf-8",
+                  resp.body.data ? resp.body.data : "", resp.body.len, head);
+    }
+    emx_textbuf_free(&resp.body);
 }
 
 static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
@@ -244,4 +401,108 @@ void emx_admin_stop(struct emx_admin *a)
     a->stopping = true;
     /* Open admin connections end by their own timeout (≤ 5 s) or answer. */
     uv_close((uv_handle_t *)&a->tcp, admin_closed);
+}
+
+/* ---- the HAProxy agent ---- */
+
+struct emx_agent {
+    uv_tcp_t tcp;
+    struct emx_admin_ops ops;
+    unsigned conns;
+    bool listener_closed;
+};
+
+struct agent_conn {
+    uv_tcp_t tcp;
+    uv_write_t w;
+    struct emx_agent *ag;
+    char line[64];
+};
+
+static void agent_free_if_done(struct emx_agent *ag)
+{
+    if (ag->listener_closed && ag->conns == 0)
+        emx_free(ag);
+}
+
+static void agent_conn_closed(uv_handle_t *h)
+{
+    struct agent_conn *c = h->data;
+    struct emx_agent *ag = c->ag;
+    ag->conns--;
+    emx_free(c);
+    agent_free_if_done(ag);
+}
+
+static void agent_written(uv_write_t *w, int status)
+{
+    (void)status;
+    struct agent_conn *c = w->data;
+    uv_close((uv_handle_t *)&c->tcp, agent_conn_closed);
+}
+
+/* One line and close: HAProxy reads the reply until the connection ends. */
+static void agent_on_connection(uv_stream_t *server, int status)
+{
+    struct emx_agent *ag = server->data;
+    if (status < 0 || ag->listener_closed)
+        return;
+    struct agent_conn *c = emx_calloc(1, sizeof(*c));
+    if (!c)
+        return;
+    c->ag = ag;
+    uv_tcp_init(server->loop, &c->tcp);
+    c->tcp.data = c;
+    ag->conns++;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+        uv_close((uv_handle_t *)&c->tcp, agent_conn_closed);
+        return;
+    }
+    ag->ops.agent_line(ag->ops.ctx, c->line, sizeof(c->line));
+    uv_buf_t b = uv_buf_init(c->line, (unsigned)strlen(c->line));
+    c->w.data = c;
+    if (uv_write(&c->w, (uv_stream_t *)&c->tcp, &b, 1, agent_written) != 0)
+        uv_close((uv_handle_t *)&c->tcp, agent_conn_closed);
+}
+
+static void agent_closed(uv_handle_t *h)
+{
+    struct emx_agent *ag = h->data;
+    ag->listener_closed = true;
+    agent_free_if_done(ag);
+}
+
+int emx_agent_start(uv_loop_t *loop, const char *address, const struct emx_admin_ops *ops,
+                    const struct emx_log *log, struct emx_agent **out)
+{
+    struct sockaddr_storage ss;
+    int rc = emx_parse_address(address, &ss);
+    if (rc)
+        return rc;
+    if (!ops->agent_line)
+        return -EINVAL;
+    struct emx_agent *ag = emx_calloc(1, sizeof(*ag));
+    if (!ag)
+        return -ENOMEM;
+    ag->ops = *ops;
+    uv_tcp_init(loop, &ag->tcp);
+    ag->tcp.data = ag;
+    rc = uv_tcp_bind(&ag->tcp, (const struct sockaddr *)&ss, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&ag->tcp, 64, agent_on_connection);
+    if (rc != 0) {
+        uv_close((uv_handle_t *)&ag->tcp, agent_closed);
+        return rc;
+    }
+    emx_logf(log, EMX_LOG_INFO, "admin", "HAProxy agent listening on %s", address);
+    *out = ag;
+    return 0;
+}
+
+void emx_agent_stop(struct emx_agent *ag)
+{
+    if (!ag)
+        return;
+    /* Open agent connections finish their one write and close themselves. */
+    uv_close((uv_handle_t *)&ag->tcp, agent_closed);
 }

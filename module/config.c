@@ -17,6 +17,7 @@
 
 #include "alloc.h"
 #include "log.h"
+#include "netaddr.h"
 
 #ifndef EMX_DEFAULT_PLUGIN_DIR
 #define EMX_DEFAULT_PLUGIN_DIR "/usr/lib/edgemux"
@@ -1053,6 +1054,16 @@ const struct emx_option emx_core_options_edge[] = {
     OPT(edge, max_connections, NULL, INT, "0", false, "devices at once; 0: unlimited"),
     OPT(edge, deflate, NULL, BOOL, "true", false,
         "accept permessage-deflate (bounded windows; costs memory per device)"),
+    OPT(edge, trusted_proxies, NULL, STRING_LIST, NULL, false,
+        "IPs or CIDR blocks (HAProxy) whose X-Forwarded-For names the device"),
+    OPT(edge, max_connections_per_source, NULL, INT, "0", false,
+        "devices at once from one real address; 0: unlimited"),
+    OPT(edge, max_msgs_per_sec, NULL, INT, "0", false,
+        "requests per second from one device (burst: one second's worth); 0: unlimited"),
+    OPT(edge, max_things, NULL, INT, "0", false,
+        "Things one device may bind (over: BIND answered 0x83); 0: unlimited"),
+    OPT(edge, drain_spread, NULL, DURATION, "5s", false,
+        "on SIGTERM, devices are closed (1001) spread over this time"),
     EMX_OPTION_END,
 };
 
@@ -1367,6 +1378,19 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
         check(b, cfg, S_EDGE, "max_connections", "must be 0 (unlimited) or more (got %lld)",
               (long long)cfg->edge.max_connections);
     check_pair(b, cfg, S_EDGE, cfg->edge.tls_cert, cfg->edge.tls_key);
+    if (cfg->edge.max_connections_per_source < 0)
+        check(b, cfg, S_EDGE, "max_connections_per_source",
+              "must be 0 (unlimited) or more (got %lld)",
+              (long long)cfg->edge.max_connections_per_source);
+    check_range(b, cfg, S_EDGE, "max_msgs_per_sec", cfg->edge.max_msgs_per_sec, 0, 1000000);
+    check_range(b, cfg, S_EDGE, "max_things", cfg->edge.max_things, 0, 1000000);
+    for (size_t i = 0; i < cfg->edge.trusted_proxies.count; i++) {
+        struct emx_cidr c;
+        if (emx_cidr_parse(cfg->edge.trusted_proxies.items[i], &c) != 0)
+            check(b, cfg, S_EDGE, "trusted_proxies",
+                  "'%s' is not an IP address or CIDR block (host bits must be zero)",
+                  show(cfg->edge.trusted_proxies.items[i], sb, sizeof(sb)));
+    }
 
     check_path(b, cfg, S_PLATFORM, "path", cfg->platform.path);
     check_range(b, cfg, S_PLATFORM, "pipes_per_instance", cfg->platform.pipes_per_instance, 1, 64);

@@ -120,6 +120,11 @@ struct emx_config {
         uint64_t max_queued;
         int64_t max_connections;
         bool deflate;
+        struct emx_strlist trusted_proxies; /* IPs/CIDRs whose X-Forwarded-For is believed */
+        int64_t max_connections_per_source;
+        int64_t max_msgs_per_sec;
+        int64_t max_things;
+        uint64_t drain_spread;
     } edge;
     struct {
         const char *path;

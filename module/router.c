@@ -52,6 +52,7 @@ struct emx_req {
     uint64_t total;    /* AlwaysOn bytes received so far (multipart) */
     uint64_t deadline; /* in r->t_requests */
     uint64_t wait_deadline;
+    uint64_t sent_at; /* when its first message went to a pipe (latency) */
     struct emx_list edge_link;
     struct emx_list pipe_link;
     struct emx_list timer_link;
@@ -151,7 +152,63 @@ static const char *const answer_names[EMX_ANS__COUNT] = {
     [EMX_ANS_ENDPOINT_GONE] = "endpoint_gone",
     [EMX_ANS_EDGE_TIMEOUT] = "edge_timeout",
     [EMX_ANS_EDGE_LEFT] = "edge_left",
+    [EMX_ANS_RATE_LIMITED] = "rate_limited",
+    [EMX_ANS_TOO_MANY_THINGS] = "too_many_things",
 };
+
+const uint64_t emx_latency_bounds_ms[EMX_LATENCY_BUCKETS] = {
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+};
+
+static void observe_latency(struct emx_router *r, uint64_t ms)
+{
+    unsigned i = 0;
+    while (i < EMX_LATENCY_BUCKETS && ms > emx_latency_bounds_ms[i])
+        i++;
+    r->stats.latency[i]++;
+    r->stats.latency_sum_ms += ms;
+    r->stats.latency_count++;
+}
+
+/* One token per request; the bucket holds one second's worth. Counted in
+ * thousandths so rates below 1000/s refill smoothly at ms resolution. */
+static bool rate_take(struct emx_router *r, struct emx_edge *e, uint64_t now)
+{
+    uint64_t rate = r->cfg.max_msgs_per_sec;
+    if (rate == 0)
+        return true;
+    uint64_t cap = rate * 1000;
+    if (e->rate_tokens > cap) /* the limit was lowered by a reload */
+        e->rate_tokens = cap;
+    if (now > e->rate_at) {
+        uint64_t add = (now - e->rate_at) * rate;
+        e->rate_tokens = add >= cap - e->rate_tokens ? cap : e->rate_tokens + add;
+    }
+    e->rate_at = now;
+    if (e->rate_tokens < 1000)
+        return false;
+    e->rate_tokens -= 1000;
+    return true;
+}
+
+/* A BIND that would take the edge over max_things: names not bound yet
+ * count (binding a Thing again is free). */
+static bool bind_over_limit(const struct emx_router *r, const struct emx_edge *e,
+                            const struct emx_ao_bind *b)
+{
+    if (r->cfg.max_things == 0)
+        return false;
+    uint32_t room = e->nthings < r->cfg.max_things ? r->cfg.max_things - e->nthings : 0;
+    size_t cursor = 0, n = 0;
+    struct emx_ao_str s;
+    while (emx_ao_bind_next_name(b, &cursor, &s) == EMX_AO_OK) {
+        struct emx_thing *t;
+        HASH_FIND(hh, e->things, s.ptr, s.len, t);
+        if (!t && ++n > room)
+            return true;
+    }
+    return false;
+}
 
 const char *emx_answer_reason_name(enum emx_answer_reason r)
 {
@@ -518,12 +575,22 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
                     h->session_id, "too many pending", EMX_ANS_TOO_MANY_PENDING);
         return;
     }
+    if (!rate_take(r, e, now)) {
+        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
+                    h->session_id, "rate limited", EMX_ANS_RATE_LIMITED);
+        return;
+    }
     struct emx_ao_bind bind = {0};
     uint8_t entity_type = 0;
     uint64_t entity_hash = 0;
     if (check_body(h, data + body_off, len - body_off, &bind, &entity_type, &entity_hash) != 0) {
         answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
                     "Message Type not supported", EMX_ANS_BAD_REQUEST);
+        return;
+    }
+    if (!h->multipart && h->code == EMX_AO_BIND && bind_over_limit(r, e, &bind)) {
+        answer_edge(r, e, EMX_AO_FORBIDDEN, h->request_id, h->endpoint_id, h->session_id,
+                    "too many bound Things", EMX_ANS_TOO_MANY_THINGS);
         return;
     }
     struct emx_pipe *p = route(r, now);
@@ -569,6 +636,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
     }
     e->npending++;
     attach_to_pipe(r, q, p, now);
+    q->sent_at = now;
     if (h->multipart && h->chunk_count > 1) {
         q->state = REQ_SENDING;
         q->chunk_count = h->chunk_count;
@@ -844,6 +912,13 @@ bool emx_edge_has_thing(const struct emx_edge *e, const char *name)
     return t != NULL;
 }
 
+const char *emx_edge_thing_next(const struct emx_edge *e, const void **cursor)
+{
+    const struct emx_thing *t = *cursor ? ((const struct emx_thing *)*cursor)->hh.next : e->things;
+    *cursor = t;
+    return t ? t->name : NULL;
+}
+
 static struct emx_instance *instance_by_serial(struct emx_router *r, uint64_t serial)
 {
     struct emx_list *it, *tmp;
@@ -992,6 +1067,7 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
     send_edge(r, e, data, len);
     if (!final)
         return;
+    observe_latency(r, now >= q->sent_at ? now - q->sent_at : 0);
     if (q->flags & REQ_F_AUTH) {
         if (h->code == EMX_AO_SUCCESS) {
             r->stats.auth_ok++;
@@ -1258,6 +1334,8 @@ struct emx_edge *emx_router_edge_open(struct emx_router *r, void *conn, uint64_t
     e->conn = conn;
     e->state = EMX_EDGE_NEW;
     e->opened_at = now;
+    e->rate_tokens = (uint64_t)r->cfg.max_msgs_per_sec * 1000; /* starts full */
+    e->rate_at = now;
     emx_list_init(&e->reqs);
     emx_list_init(&e->auth_link);
     emx_list_push_back(&r->t_auth, &e->auth_link);
@@ -1322,6 +1400,12 @@ struct emx_edge *emx_router_edge_find(struct emx_router *r, uint32_t endpoint_id
     struct emx_edge *e;
     HASH_FIND(hh, r->edges, &endpoint_id, sizeof(endpoint_id), e);
     return e;
+}
+
+void emx_router_edge_close(struct emx_router *r, struct emx_edge *e, uint16_t code,
+                           const char *reason)
+{
+    close_edge(r, e, code, reason);
 }
 
 size_t emx_router_edge_count(const struct emx_router *r)

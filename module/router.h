@@ -111,6 +111,13 @@ struct emx_edge {
     uint32_t nthings;
     unsigned paused;          /* multipart pins holding its reads */
     uint64_t msgs_in, msgs_out;
+    uint64_t rate_tokens;     /* token bucket of max_msgs_per_sec, in 1/1000 messages */
+    uint64_t rate_at;         /* loop time the bucket was last filled */
+    /* Set by the server at accept, for logs, admin and per-source limits:
+     * the device's address (X-Forwarded-For from a trusted proxy, else the
+     * socket peer) and the socket peer itself. */
+    char addr[48];
+    char peer[64];
 };
 
 struct emx_router_config {
@@ -127,6 +134,8 @@ struct emx_router_config {
     uint64_t empty_confirm;
     uint64_t max_message_size;   /* AlwaysOn bytes of one message, all chunks */
     uint32_t max_pending;        /* requests in flight per edge, each direction */
+    uint32_t max_msgs_per_sec;   /* requests per second per edge (token bucket); 0: off */
+    uint32_t max_things;         /* Things bound per edge; 0: off */
     const char *app_key;         /* pipe AUTH; copied by the router; never logged */
 };
 
@@ -164,12 +173,21 @@ enum emx_answer_reason {
     EMX_ANS_ENDPOINT_GONE,   /* 0xA3 to a platform: endpointId unknown */
     EMX_ANS_EDGE_TIMEOUT,    /* 0xA4 to a platform: edge did not answer */
     EMX_ANS_EDGE_LEFT,       /* 0xA3 to a platform: edge left with the request */
+    EMX_ANS_RATE_LIMITED,    /* 0xA3: over max_msgs_per_sec */
+    EMX_ANS_TOO_MANY_THINGS, /* 0x83: a BIND over max_things */
     EMX_ANS__COUNT
 };
 const char *emx_answer_reason_name(enum emx_answer_reason r);
 
+/* Request latency (edge → platform → edge, forwarded to answer delivered)
+ * in fixed log-spaced buckets: upper bounds 1, 2, 4 … 16384 ms, then +Inf. */
+#define EMX_LATENCY_BUCKETS 15
+extern const uint64_t emx_latency_bounds_ms[EMX_LATENCY_BUCKETS];
+
 struct emx_router_stats {
     uint64_t answers[EMX_ANS__COUNT];
+    uint64_t latency[EMX_LATENCY_BUCKETS + 1]; /* per bucket (not cumulative); last: +Inf */
+    uint64_t latency_sum_ms, latency_count;
     uint64_t edges_opened, edges_closed;
     uint64_t auth_ok, auth_failed, auth_timeouts;
     uint64_t edge_msgs_in, edge_bytes_in, edge_msgs_out, edge_bytes_out;
@@ -210,10 +228,17 @@ void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *
  * it held with 0xA3, free it. `e` is invalid afterwards. */
 void emx_router_edge_closed(struct emx_router *r, struct emx_edge *e, uint64_t now);
 struct emx_edge *emx_router_edge_find(struct emx_router *r, uint32_t endpoint_id);
+/* Close an edge on the server's behalf (admin kick, drain): io->edge_close
+ * follows unless it is already closing. */
+void emx_router_edge_close(struct emx_router *r, struct emx_edge *e, uint16_t code,
+                           const char *reason);
 size_t emx_router_edge_count(const struct emx_router *r);
 /* Iterate edges: first with NULL; returns NULL at the end. */
 struct emx_edge *emx_router_edge_next(struct emx_router *r, struct emx_edge *prev);
 bool emx_edge_has_thing(const struct emx_edge *e, const char *name);
+/* Iterate an edge's bound Things: *cursor NULL to start; returns NULL at the
+ * end. Names are borrowed until the edge changes. */
+const char *emx_edge_thing_next(const struct emx_edge *e, const void **cursor);
 
 /* ---- pipes ---- */
 

@@ -19,12 +19,42 @@
 #include "alloc.h"
 #include "config.h"
 #include "log.h"
+#include "netaddr.h"
 #include "notify.h"
+#include "ops.h"
 #include "router.h"
+#include "setup.h"
 
 #define TICK_MS 50           /* router timers: request timeouts are seconds */
 #define QUEUED_REFRESH_MS 100 /* the kernel drains SIOCOUTQ without telling us */
 #define SHUTDOWN_GRACE_MS 5000
+#define DRAIN_STEP_MS 50
+#define DRAIN_SLACK_MS 3000 /* past drain_spread + request_timeout: stop anyway */
+#define EDGES_LIST_LIMIT 1000
+
+/* Edges per real device address (edge.max_connections_per_source). */
+struct source_count {
+    UT_hash_handle hh;
+    uint32_t n;
+    char addr[EMX_ADDR_MAX];
+};
+
+/* A configuration accepted by SIGHUP. Kept until exit: plugin instances
+ * borrow strings from the tree they were created with. */
+struct setup_gen {
+    struct setup_gen *next;
+    struct emx_setup setup;
+};
+
+/* A discovery plugin instance replaced by a reload: stopped at once,
+ * destroyed after the loop ends (its last posts may still be queued). */
+struct disc_gen {
+    struct disc_gen *next;
+    struct emx_host host;
+    char tag[96];
+    const struct emx_discovery_plugin *dp;
+    void *dinst;
+};
 
 struct post_item {
     struct post_item *next;
@@ -79,6 +109,20 @@ struct emx_server {
     const char *pipe_headers[3];
     bool stopping;
     int exit_code;
+
+    /* operations: admin API, agent, drain, reload, device addresses */
+    struct emx_agent *agent;
+    struct emx_server_counters counters;
+    struct emx_cidr_list trusted;
+    struct source_count *sources;
+    uint64_t start_ms;
+    const struct emx_host *dhost_active; /* discovery updates from others are ignored */
+    struct disc_gen *disc_gens;           /* the active one (after a reload) and retired ones */
+    struct setup_gen *setups;
+    uint32_t *drain_ids;
+    size_t drain_n, drain_idx, drain_waiting;
+    uint64_t drain_start;
+    bool finished;
 };
 
 static uint64_t now_ms(struct emx_server *s)
@@ -165,14 +209,15 @@ static void host_discovery_update(const struct emx_host *h, const struct emx_ins
                                   size_t count)
 {
     struct emx_server *s = host_server(h);
-    if (!s->stopping)
+    if (!s->stopping && h == s->dhost_active)
         emx_router_discovery_update(s->router, set, count, now_ms(s));
 }
 
 static void host_discovery_failed(const struct emx_host *h, const char *reason)
 {
     struct emx_server *s = host_server(h);
-    emx_router_discovery_failed(s->router, reason, now_ms(s));
+    if (h == s->dhost_active)
+        emx_router_discovery_failed(s->router, reason, now_ms(s));
 }
 
 static void host_init(struct emx_server *s, struct emx_host *h, const char *tag)
@@ -197,23 +242,71 @@ static void host_init(struct emx_server *s, struct emx_host *h, const char *tag)
 /* ------------------------------------------------------------------ */
 /* edges */
 
+static struct source_count *source_find(struct emx_server *s, const char *addr)
+{
+    struct source_count *sc;
+    HASH_FIND_STR(s->sources, addr, sc);
+    return sc;
+}
+
+static void source_release(struct emx_server *s, const char *addr)
+{
+    struct source_count *sc = source_find(s, addr);
+    if (sc && --sc->n == 0) {
+        HASH_DEL(s->sources, sc);
+        emx_free(sc);
+    }
+}
+
 static void *edge_on_accept(void *listener_user, struct emx_conn *conn,
                             const struct emx_conn_info *info)
 {
     struct emx_server *s = listener_user;
+    /* The device's address: X-Forwarded-For only from a trusted proxy. */
+    char addr[EMX_ADDR_MAX];
+    bool fwd = emx_real_address(&s->trusted, info->peer, info->forwarded_for, addr, sizeof(addr));
+    enum emx_refuse_reason why = EMX_REFUSE__COUNT;
+    struct source_count *sc = source_find(s, addr);
     if (s->stopping)
-        return NULL;
-    if (s->cfg->edge.max_connections > 0 &&
-        emx_router_edge_count(s->router) >= (size_t)s->cfg->edge.max_connections) {
-        emx_logf(&s->log, EMX_LOG_WARN, "edge", "refusing %s: edge.max_connections reached",
-                 info->peer ? info->peer : "?");
+        why = EMX_REFUSE_DRAINING;
+    else if (s->cfg->edge.max_connections > 0 &&
+             emx_router_edge_count(s->router) >= (size_t)s->cfg->edge.max_connections)
+        why = EMX_REFUSE_MAX_CONNECTIONS;
+    else if (s->cfg->edge.max_connections_per_source > 0 && sc &&
+             sc->n >= (uint64_t)s->cfg->edge.max_connections_per_source)
+        why = EMX_REFUSE_PER_SOURCE;
+    if (why != EMX_REFUSE__COUNT) {
+        s->counters.refused[why]++;
+        emx_logf(&s->log, why == EMX_REFUSE_DRAINING ? EMX_LOG_DEBUG : EMX_LOG_WARN, "edge",
+                 "refusing %s (peer %s): %s", addr, info->peer ? info->peer : "?",
+                 emx_refuse_reason_name(why));
         return NULL;
     }
+    if (!sc) {
+        sc = emx_calloc(1, sizeof(*sc));
+        if (!sc) {
+            s->counters.refused[EMX_REFUSE_NO_MEMORY]++;
+            return NULL;
+        }
+        snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
+        HASH_ADD_STR(s->sources, addr, sc);
+    }
     struct emx_edge *e = emx_router_edge_open(s->router, conn, now_ms(s));
-    if (e)
-        emx_logf(&s->log, EMX_LOG_DEBUG, "edge", "edge %08" PRIx32 " connected from %s%s%s",
-                 e->id, info->peer ? info->peer : "?", info->deflate ? " (deflate)" : "",
-                 info->tls ? " (tls)" : "");
+    if (!e) {
+        s->counters.refused[EMX_REFUSE_NO_MEMORY]++;
+        if (sc->n == 0) {
+            HASH_DEL(s->sources, sc);
+            emx_free(sc);
+        }
+        return NULL;
+    }
+    sc->n++;
+    s->counters.forwarded_for += fwd;
+    snprintf(e->addr, sizeof(e->addr), "%s", addr);
+    snprintf(e->peer, sizeof(e->peer), "%s", info->peer ? info->peer : "?");
+    emx_logf(&s->log, EMX_LOG_DEBUG, "edge", "edge %08" PRIx32 " connected from %s%s%s%s%s",
+             e->id, addr, fwd ? " via " : "", fwd ? e->peer : "",
+             info->deflate ? " (deflate)" : "", info->tls ? " (tls)" : "");
     return e;
 }
 
@@ -238,8 +331,9 @@ static void edge_on_close(void *user, uint16_t code, const char *reason)
 {
     struct emx_edge *e = user;
     struct emx_server *s = edge_server(e);
-    emx_logf(&s->log, EMX_LOG_DEBUG, "edge", "edge %08" PRIx32 " closed (%u %s)", e->id, code,
-             reason ? reason : "");
+    emx_logf(&s->log, EMX_LOG_DEBUG, "edge", "edge %08" PRIx32 " (%s) closed (%u %s)", e->id,
+             e->addr, code, reason ? reason : "");
+    source_release(s, e->addr);
     emx_router_edge_closed(s->router, e, now_ms(s));
 }
 
@@ -409,8 +503,8 @@ static int io_edge_send(void *ctx, struct emx_edge *e, const uint8_t *buf, size_
 static void io_edge_close(void *ctx, struct emx_edge *e, uint16_t code, const char *reason)
 {
     struct emx_server *s = ctx;
-    emx_logf(&s->log, EMX_LOG_INFO, "edge", "closing edge %08" PRIx32 ": %u %s", e->id, code,
-             reason);
+    emx_logf(&s->log, EMX_LOG_INFO, "edge", "closing edge %08" PRIx32 " (%s): %u %s", e->id,
+             e->addr, code, reason);
     s->tp->close(e->conn, code, reason);
 }
 
@@ -518,6 +612,221 @@ static bool admin_ready(void *ctx)
 }
 
 /* ------------------------------------------------------------------ */
+/* operations: the agent's weight, the admin API */
+
+/* The weight HAProxy gives this edgemux, in percent (docs/operations.md):
+ * 100 scaled by the room left under edge.max_connections (when set) and by
+ * the share of connected pipes that are writable; at least 1 while ready;
+ * 0 (drain) while no pipe is connected or during a SIGTERM drain. */
+static unsigned agent_weight(struct emx_server *s)
+{
+    if (s->stopping || emx_router_pipes_up(s->router) == 0)
+        return 0;
+    double w = 100.0;
+    if (s->cfg->edge.max_connections > 0) {
+        double used = (double)emx_router_edge_count(s->router) /
+                      (double)s->cfg->edge.max_connections;
+        w *= used >= 1.0 ? 0.0 : 1.0 - used;
+    }
+    unsigned up = 0, writable = 0;
+    uint64_t now = now_ms(s);
+    for (struct emx_instance *inst = emx_router_instance_next(s->router, NULL); inst;
+         inst = emx_router_instance_next(s->router, inst))
+        for (unsigned i = 0; i < inst->npipes; i++)
+            if (inst->pipes[i].state == EMX_PIPE_UP) {
+                up++;
+                writable += emx_pipe_is_writable(s->router, &inst->pipes[i], now);
+            }
+    if (up)
+        w = w * writable / up;
+    unsigned pct = (unsigned)(w + 0.5);
+    return pct < 1 ? 1 : pct > 100 ? 100 : pct;
+}
+
+static void agent_line(void *ctx, char *buf, size_t cap)
+{
+    struct emx_server *s = ctx;
+    unsigned w = agent_weight(s);
+    if (w == 0)
+        snprintf(buf, cap, "drain\n");
+    else
+        snprintf(buf, cap, "ready %u%%\n", w);
+}
+
+static void ops_view(struct emx_server *s, struct emx_ops_view *v)
+{
+    v->counters = &s->counters;
+    v->discovery_plugin = s->dp && s->dp->hdr.name ? s->dp->hdr.name : "unknown";
+    v->ready = admin_ready(s);
+    v->draining = s->stopping;
+    v->agent_weight = agent_weight(s);
+    v->start_ms = s->start_ms;
+}
+
+static void admin_text(struct emx_admin_response *resp, int status, const char *msg)
+{
+    resp->status = status;
+    emx_textbuf_puts(&resp->body, msg);
+}
+
+/* "/edges/<id>/close": ids are shown in hex (endpointIdHex) and decimal;
+ * both are accepted ("0x…" or 8 hex digits, or decimal). */
+static bool parse_endpoint(const char *text, size_t len, uint32_t *out)
+{
+    char buf[16];
+    if (len == 0 || len >= sizeof(buf))
+        return false;
+    memcpy(buf, text, len);
+    buf[len] = '\0';
+    char *end;
+    unsigned long v;
+    if (len > 2 && buf[0] == '0' && (buf[1] == 'x' || buf[1] == 'X'))
+        v = strtoul(buf + 2, &end, 16);
+    else if (len == 8)
+        v = strtoul(buf, &end, 16);
+    else
+        v = strtoul(buf, &end, 10);
+    if (*end || buf[0] == '-' || buf[0] == '+' || v == 0 || v > UINT32_MAX)
+        return false;
+    *out = (uint32_t)v;
+    return true;
+}
+
+static void admin_edges(struct emx_server *s, const struct emx_admin_request *req,
+                        struct emx_admin_response *resp)
+{
+    char thing[256], ep[32];
+    uint32_t endpoint = 0;
+    bool has_thing = emx_admin_query_get(req->query, "thing", thing, sizeof(thing));
+    if (emx_admin_query_get(req->query, "endpoint", ep, sizeof(ep)) &&
+        !parse_endpoint(ep, strlen(ep), &endpoint)) {
+        admin_text(resp, 400, "bad endpoint id\n");
+        return;
+    }
+    resp->status = 200;
+    resp->content_type = "application/json";
+    emx_ops_edges_json(&resp->body, s->router, has_thing ? thing : NULL, endpoint,
+                       EDGES_LIST_LIMIT, now_ms(s));
+}
+
+/* POST /edges/ID/close[?code=1008|1001&reason=text] */
+static void admin_edge_close(struct emx_server *s, const char *id, size_t idlen,
+                             const struct emx_admin_request *req,
+                             struct emx_admin_response *resp)
+{
+    uint32_t endpoint;
+    if (!parse_endpoint(id, idlen, &endpoint)) {
+        admin_text(resp, 400, "bad endpoint id\n");
+        return;
+    }
+    struct emx_edge *e = emx_router_edge_find(s->router, endpoint);
+    if (!e) {
+        admin_text(resp, 404, "no such edge\n");
+        return;
+    }
+    char code_s[8] = "1008", reason[124] = "closed by operator";
+    emx_admin_query_get(req->query, "code", code_s, sizeof(code_s));
+    if (!emx_admin_query_get(req->query, "reason", reason, sizeof(reason)))
+        snprintf(reason, sizeof(reason), "closed by operator");
+    uint16_t code = strcmp(code_s, "1001") == 0 ? 1001 : strcmp(code_s, "1008") == 0 ? 1008 : 0;
+    if (!code) {
+        admin_text(resp, 400, "code must be 1008 or 1001\n");
+        return;
+    }
+    if (e->state == EMX_EDGE_CLOSING) {
+        admin_text(resp, 409, "edge already closing\n");
+        return;
+    }
+    s->counters.edges_kicked++;
+    emx_logf(&s->log, EMX_LOG_INFO, "admin", "closing edge %08" PRIx32 " (%s) on request: %u",
+             e->id, e->addr, code);
+    emx_router_edge_close(s->router, e, code, reason);
+    resp->status = 202;
+    emx_textbuf_puts(&resp->body, "closing\n");
+}
+
+/* POST|PUT /instances/ID/maintenance[?on=0]; DELETE …/maintenance */
+static void admin_maintenance(struct emx_server *s, const char *id,
+                              const struct emx_admin_request *req,
+                              struct emx_admin_response *resp)
+{
+    bool on;
+    char v[8];
+    if (strcmp(req->method, "DELETE") == 0) {
+        on = false;
+    } else if (strcmp(req->method, "POST") == 0 || strcmp(req->method, "PUT") == 0) {
+        on = true;
+        if (emx_admin_query_get(req->query, "on", v, sizeof(v))) {
+            if (strcmp(v, "0") == 0 || strcmp(v, "false") == 0 || strcmp(v, "off") == 0)
+                on = false;
+            else if (strcmp(v, "1") && strcmp(v, "true") && strcmp(v, "on")) {
+                admin_text(resp, 400, "on must be 0 or 1\n");
+                return;
+            }
+        }
+    } else {
+        admin_text(resp, 405, "use POST or DELETE\n");
+        return;
+    }
+    if (emx_router_instance_maintenance(s->router, id, on, now_ms(s)) != 0) {
+        admin_text(resp, 404, "no such instance\n");
+        return;
+    }
+    emx_logf(&s->log, EMX_LOG_INFO, "admin", "instance %s: maintenance %s on request", id,
+             on ? "on" : "off");
+    resp->status = 200;
+    resp->content_type = "application/json";
+    emx_textbuf_puts(&resp->body, "{\"instance\":");
+    emx_textbuf_json_str(&resp->body, id);
+    emx_textbuf_printf(&resp->body, ",\"maintenance\":%s}\n", on ? "true" : "false");
+}
+
+static void admin_handle(void *ctx, const struct emx_admin_request *req,
+                         struct emx_admin_response *resp)
+{
+    struct emx_server *s = ctx;
+    bool get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
+    const char *path = req->path;
+    if (strcmp(path, "/metrics") == 0) {
+        if (!get)
+            return admin_text(resp, 405, "use GET\n");
+        struct emx_ops_view v;
+        ops_view(s, &v);
+        resp->status = 200;
+        resp->content_type = "text/plain; version=0.0.4; charset=utf-8";
+        emx_ops_metrics(&resp->body, s->router, &v, now_ms(s));
+    } else if (strcmp(path, "/instances") == 0) {
+        if (!get)
+            return admin_text(resp, 405, "use GET\n");
+        resp->status = 200;
+        resp->content_type = "application/json";
+        emx_ops_instances_json(&resp->body, s->router, now_ms(s));
+    } else if (strcmp(path, "/edges") == 0) {
+        if (!get)
+            return admin_text(resp, 405, "use GET\n");
+        admin_edges(s, req, resp);
+    } else if (strncmp(path, "/edges/", 7) == 0) {
+        const char *id = path + 7;
+        const char *slash = strchr(id, '/');
+        if (!slash || strcmp(slash, "/close") != 0)
+            return admin_text(resp, 404, "not found\n");
+        if (strcmp(req->method, "POST") != 0)
+            return admin_text(resp, 405, "use POST\n");
+        admin_edge_close(s, id, (size_t)(slash - id), req, resp);
+    } else if (strncmp(path, "/instances/", 11) == 0) {
+        char id[256];
+        const char *start = path + 11;
+        const char *slash = strrchr(start, '/');
+        if (!slash || slash == start || strcmp(slash, "/maintenance") != 0 ||
+            (size_t)(slash - start) >= sizeof(id))
+            return admin_text(resp, 404, "not found\n");
+        memcpy(id, start, (size_t)(slash - start));
+        id[slash - start] = '\0';
+        admin_maintenance(s, id, req, resp);
+    }
+}
+
+/* ------------------------------------------------------------------ */
 /* start and stop */
 
 static void close_walk(uv_handle_t *h, void *arg)
@@ -528,6 +837,9 @@ static void close_walk(uv_handle_t *h, void *arg)
 
 static void finish_shutdown(struct emx_server *s)
 {
+    if (s->finished)
+        return;
+    s->finished = true;
     emx_notify_watchdog_stop();
     uv_timer_stop(&s->shutdown_timer);
     uv_close((uv_handle_t *)&s->shutdown_timer, NULL);
@@ -543,6 +855,12 @@ static void finish_shutdown(struct emx_server *s)
     uv_close((uv_handle_t *)&s->async, NULL);
     emx_admin_stop(s->admin);
     s->admin = NULL;
+    emx_agent_stop(s->agent);
+    s->agent = NULL;
+    if (s->listener) {
+        s->tp->unlisten(s->listener);
+        s->listener = NULL;
+    }
     /* Pipes: drop every instance's connections. */
     for (struct emx_instance *inst = emx_router_instance_next(s->router, NULL); inst;
          inst = emx_router_instance_next(s->router, inst))
@@ -553,45 +871,287 @@ static void finish_shutdown(struct emx_server *s)
     s->tp->stop(s->tinst);
 }
 
-static void on_shutdown_timer(uv_timer_t *t)
+static uint64_t pending_on_pipes(struct emx_server *s)
+{
+    uint64_t n = 0;
+    for (struct emx_instance *inst = emx_router_instance_next(s->router, NULL); inst;
+         inst = emx_router_instance_next(s->router, inst))
+        n += inst->pending;
+    return n;
+}
+
+/* An edge may close once nothing is in flight for it, or at the deadline. */
+static bool drain_close_one(struct emx_server *s, uint32_t id, bool force)
+{
+    struct emx_edge *e = emx_router_edge_find(s->router, id);
+    if (!e || e->state == EMX_EDGE_CLOSING)
+        return true;
+    if (!force && (e->npending > 0 || e->ninbound > 0))
+        return false; /* keep waiting: its requests get their answers first */
+    emx_router_edge_close(s->router, e, 1001, "server shutting down");
+    return true;
+}
+
+/* SIGTERM drain, every DRAIN_STEP_MS: edges fall due evenly over
+ * edge.drain_spread; a due edge with requests in flight waits for their
+ * answers (at most platform.request_timeout past the spread); once every
+ * edge is gone and the pipes hold nothing in flight, stop. */
+static void on_drain_step(uv_timer_t *t)
 {
     struct emx_server *s = t->data;
-    if (emx_router_edge_count(s->router) > 0)
-        emx_logf(&s->log, EMX_LOG_WARN, "server", "%zu edge(s) still open at shutdown",
-                 emx_router_edge_count(s->router));
-    finish_shutdown(s);
+    uint64_t now = now_ms(s);
+    uint64_t spread = s->cfg->edge.drain_spread;
+    uint64_t elapsed = now - s->drain_start;
+    uint64_t answer_by = spread + s->cfg->platform.request_timeout;
+    bool force = elapsed >= answer_by;
+    size_t due = s->drain_n;
+    if (spread > 0 && elapsed < spread)
+        due = (size_t)((double)s->drain_n * (double)elapsed / (double)spread);
+    /* ids [0, waiting) fell due earlier and still wait; compact as we go */
+    size_t w = 0;
+    for (size_t i = 0; i < s->drain_waiting; i++)
+        if (!drain_close_one(s, s->drain_ids[i], force))
+            s->drain_ids[w++] = s->drain_ids[i];
+    for (; s->drain_idx < due; s->drain_idx++)
+        if (!drain_close_one(s, s->drain_ids[s->drain_idx], force))
+            s->drain_ids[w++] = s->drain_ids[s->drain_idx];
+    s->drain_waiting = w;
+    bool edges_done = s->drain_idx >= s->drain_n && w == 0 &&
+                      emx_router_edge_count(s->router) == 0;
+    if (edges_done && pending_on_pipes(s) == 0) {
+        emx_logf(&s->log, EMX_LOG_INFO, "server", "drained in %" PRIu64 " ms", elapsed);
+        finish_shutdown(s);
+    } else if (elapsed >= answer_by + DRAIN_SLACK_MS) {
+        emx_logf(&s->log, EMX_LOG_WARN, "server",
+                 "drain bound reached: %zu edge(s) open, %" PRIu64 " request(s) in flight",
+                 emx_router_edge_count(s->router), pending_on_pipes(s));
+        finish_shutdown(s);
+    }
 }
 
 static void begin_shutdown(struct emx_server *s, const char *why)
 {
-    if (s->stopping)
+    if (s->stopping) {
+        /* A second signal: do not wait for the drain. */
+        emx_logf(&s->log, EMX_LOG_WARN, "server", "%s during drain: stopping now", why);
+        for (struct emx_edge *e = emx_router_edge_next(s->router, NULL); e;
+             e = emx_router_edge_next(s->router, e))
+            emx_router_edge_close(s->router, e, 1001, "server shutting down");
+        finish_shutdown(s);
         return;
-    s->stopping = true;
+    }
+    s->stopping = true; /* on_accept refuses, /ready 503, the agent says drain */
     emx_notify_stopping();
-    emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: closing edges and stopping", why);
-    if (s->listener) {
-        s->tp->unlisten(s->listener);
-        s->listener = NULL;
+    size_t n = emx_router_edge_count(s->router);
+    emx_logf(&s->log, EMX_LOG_INFO, "server",
+             "%s: draining %zu edge(s) over %" PRIu64 " ms, then stopping", why, n,
+             s->cfg->edge.drain_spread);
+    s->drain_ids = n ? emx_calloc(n, sizeof(*s->drain_ids)) : NULL;
+    size_t k = 0;
+    if (s->drain_ids)
+        for (struct emx_edge *e = emx_router_edge_next(s->router, NULL); e && k < n;
+             e = emx_router_edge_next(s->router, e))
+            s->drain_ids[k++] = e->id;
+    else if (n)
+        emx_logf(&s->log, EMX_LOG_WARN, "server", "out of memory: closing edges at once");
+    s->drain_n = k;
+    s->drain_idx = s->drain_waiting = 0;
+    s->drain_start = now_ms(s);
+    if (n && !s->drain_ids)
+        for (struct emx_edge *e = emx_router_edge_next(s->router, NULL); e;
+             e = emx_router_edge_next(s->router, e))
+            emx_router_edge_close(s->router, e, 1001, "server shutting down");
+    uv_timer_start(&s->shutdown_timer, on_drain_step, 0, DRAIN_STEP_MS);
+}
+
+/* ------------------------------------------------------------------ */
+/* SIGHUP: reload the configuration in place */
+
+static bool str_same(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static bool node_same(const struct emx_node *a, const struct emx_node *b)
+{
+    if (!a || !b)
+        return a == b;
+    if (a->kind != b->kind || !str_same(a->key, b->key) || !str_same(a->value, b->value) ||
+        a->count != b->count)
+        return false;
+    for (size_t i = 0; i < a->count; i++)
+        if (!node_same(&a->children[i], &b->children[i]))
+            return false;
+    return true;
+}
+
+/* Keys the running process cannot change: log each one that changed. */
+static unsigned report_restart_keys(struct emx_server *s, const struct emx_config *o,
+                                    const struct emx_config *n)
+{
+    unsigned k = 0;
+#define RESTART_IF(cond, key)                                                                      \
+    do {                                                                                           \
+        if (cond) {                                                                                \
+            emx_logf(&s->log, EMX_LOG_WARN, "server",                                             \
+                     "reload: %s changed: needs a restart; not applied", key);                    \
+            k++;                                                                                   \
+        }                                                                                          \
+    } while (0)
+    RESTART_IF(!str_same(o->server.name, n->server.name), "server.name");
+    RESTART_IF(o->server.workers != n->server.workers, "server.workers");
+    RESTART_IF(!str_same(o->server.user, n->server.user), "server.user");
+    RESTART_IF(!str_same(o->plugins.dir, n->plugins.dir), "plugins.dir");
+    RESTART_IF(!str_same(o->edge.address, n->edge.address), "edge.address");
+    RESTART_IF(o->edge.port != n->edge.port, "edge.port");
+    RESTART_IF(!str_same(o->edge.path, n->edge.path), "edge.path");
+    RESTART_IF(o->edge.max_message_size != n->edge.max_message_size, "edge.max_message_size");
+    RESTART_IF(o->edge.deflate != n->edge.deflate, "edge.deflate");
+    RESTART_IF(o->edge.tls_client_cert != n->edge.tls_client_cert, "edge.tls_client_cert");
+    /* The transport ABI has no way to swap a listener's certificate. */
+    RESTART_IF(!str_same(o->edge.tls_cert, n->edge.tls_cert) ||
+                   !str_same(o->edge.tls_key, n->edge.tls_key) ||
+                   !str_same(o->edge.tls_ca, n->edge.tls_ca),
+               "edge TLS certificate (the transport cannot reload it)");
+    RESTART_IF(o->platform.pipes_per_instance != n->platform.pipes_per_instance,
+               "platform.pipes_per_instance");
+    RESTART_IF(!str_same(o->admin.listen, n->admin.listen), "admin.listen");
+    RESTART_IF(!str_same(o->admin.agent_listen, n->admin.agent_listen), "admin.agent_listen");
+    RESTART_IF(!str_same(o->transport.plugin, n->transport.plugin) ||
+                   !node_same(o->transport.node, n->transport.node),
+               "transport");
+#undef RESTART_IF
+    return k;
+}
+
+static struct emx_router_config router_config(const struct emx_setup *st);
+static int make_header(char **out, const char *name, const char *value);
+
+/* Swap discovery: stop the running instance (its later posts are ignored),
+ * start one from the new config. The router keeps its instances until the
+ * new source reports. */
+static int reload_discovery(struct emx_server *s, struct emx_setup *ns)
+{
+    struct disc_gen *g = emx_calloc(1, sizeof(*g));
+    if (!g)
+        return -ENOMEM;
+    snprintf(g->tag, sizeof(g->tag), "discovery:%s.%u", ns->discovery->hdr->name,
+             (unsigned)(s->counters.reloads_ok + 1));
+    host_init(s, &g->host, g->tag);
+    g->dp = ns->discovery->u.discovery;
+    int rc = g->dp->create(&g->host, ns->discovery_config, &g->dinst);
+    if (rc != 0) {
+        emx_free(g);
+        return rc;
     }
-    size_t n = 0;
-    for (struct emx_edge *e = emx_router_edge_next(s->router, NULL); e;
-         e = emx_router_edge_next(s->router, e)) {
-        if (e->state != EMX_EDGE_CLOSING) {
-            e->state = EMX_EDGE_CLOSING;
-            s->tp->close(e->conn, 1001, "server shutting down");
-        }
-        n++;
+    /* Retire the old one: stopped now, destroyed after the loop. */
+    struct disc_gen *old = emx_calloc(1, sizeof(*old));
+    if (!old) {
+        g->dp->destroy(g->dinst);
+        emx_free(g);
+        return -ENOMEM;
     }
-    /* Give the transport a moment to finish the close handshakes. */
-    uv_timer_start(&s->shutdown_timer, on_shutdown_timer, n ? 1000 : 0, 0);
+    if (s->discovery_started)
+        s->dp->stop(s->dinst);
+    s->discovery_started = false;
+    old->dp = s->dp;
+    old->dinst = s->dinst;
+    old->next = s->disc_gens;
+    s->disc_gens = old;
+    s->dp = g->dp;
+    s->dinst = g->dinst;
+    s->dhost_active = &g->host;
+    g->dp = NULL; /* g now only keeps the host and tag alive */
+    g->dinst = NULL;
+    g->next = s->disc_gens;
+    s->disc_gens = g;
+    rc = s->dp->start(s->dinst);
+    if (rc == 0)
+        s->discovery_started = true;
+    return rc;
+}
+
+static void reload_config(struct emx_server *s)
+{
+    emx_notify_reloading();
+    emx_logf(&s->log, EMX_LOG_INFO, "server", "SIGHUP: reloading %s", s->cfg->file);
+    struct setup_gen *gen = emx_calloc(1, sizeof(*gen));
+    struct emx_errors errs = {0};
+    int rc = gen ? emx_setup_load(s->cfg->file, s->setup->plugins_dir, &gen->setup, &errs)
+                 : -ENOMEM;
+    if (rc != 0) {
+        for (size_t i = 0; i < errs.count; i++)
+            emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: %s", errs.msgs[i]);
+        emx_logf(&s->log, EMX_LOG_ERROR, "server",
+                 "reload refused (%zu error(s)); the running configuration stays", errs.count);
+        emx_errors_free(&errs);
+        emx_free(gen);
+        s->counters.reloads_failed++;
+        emx_notify_ready(NULL);
+        return;
+    }
+    emx_errors_free(&errs);
+    struct emx_setup *ns = &gen->setup;
+    const struct emx_config *o = s->cfg, *n = ns->cfg;
+    struct emx_cidr_list trusted;
+    char why[128];
+    if (emx_cidr_list_parse(n->edge.trusted_proxies.items, n->edge.trusted_proxies.count,
+                            &trusted, why, sizeof(why)) != 0) {
+        emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload refused: edge.trusted_proxies: %s",
+                 why);
+        emx_setup_free(ns);
+        emx_free(gen);
+        s->counters.reloads_failed++;
+        emx_notify_ready(NULL);
+        return;
+    }
+    unsigned restart = report_restart_keys(s, o, n);
+    bool disc_changed = !str_same(o->discovery.plugin, n->discovery.plugin) ||
+                        !node_same(o->discovery.node, n->discovery.node);
+
+    /* From here on the new configuration is the running one. */
+    gen->next = s->setups;
+    s->setups = gen;
+    s->cfg = ns->cfg;
+    emx_cidr_list_free(&s->trusted);
+    s->trusted = trusted;
+    emx_log_level_parse(n->log.level, &s->log.level);
+    emx_log_format_parse(n->log.format, &s->log.format);
+    struct emx_router_config rc_new = router_config(ns);
+    rc_new.pipes_per_instance = emx_router_config(s->router)->pipes_per_instance;
+    if (emx_router_set_config(s->router, &rc_new, now_ms(s)) != 0)
+        emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: out of memory applying limits");
+    char *hdr = NULL;
+    if (make_header(&hdr, "appKey", ns->app_key) == 0) {
+        /* new pipes authenticate with the new key; open ones stay */
+        explicit_bzero(s->hdr_appkey, strlen(s->hdr_appkey));
+        emx_free(s->hdr_appkey);
+        s->hdr_appkey = hdr;
+        s->pipe_headers[0] = hdr;
+    }
+    if (disc_changed) {
+        emx_logf(&s->log, EMX_LOG_INFO, "server", "reload: discovery changed: restarting %s",
+                 ns->discovery->hdr->name);
+        rc = reload_discovery(s, ns);
+        if (rc != 0)
+            emx_logf(&s->log, EMX_LOG_ERROR, "server",
+                     "reload: discovery %s failed to start (%s); instances kept as they are",
+                     ns->discovery->hdr->name, strerror(-rc));
+    }
+    s->counters.reloads_ok++;
+    emx_logf(&s->log, EMX_LOG_INFO, "server",
+             "reload done: limits, timeouts, watermarks and log settings applied%s; %u key(s) "
+             "need a restart",
+             disc_changed ? ", discovery restarted" : "", restart);
+    emx_notify_ready(NULL);
 }
 
 static void on_signal(uv_signal_t *sig, int signum)
 {
     struct emx_server *s = sig->data;
     if (signum == SIGHUP) {
-        emx_logf(&s->log, EMX_LOG_WARN, "server",
-                 "SIGHUP: configuration reload is not available in this version; ignored");
+        if (!s->stopping)
+            reload_config(s);
         return;
     }
     begin_shutdown(s, signum == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -625,6 +1185,8 @@ static struct emx_router_config router_config(const struct emx_setup *st)
         .empty_confirm = c->discovery.empty_confirm,
         .max_message_size = c->edge.max_message_size,
         .max_pending = (uint32_t)c->edge.max_pending,
+        .max_msgs_per_sec = (uint32_t)c->edge.max_msgs_per_sec,
+        .max_things = (uint32_t)c->edge.max_things,
         .app_key = st->app_key,
     };
     return rc;
@@ -706,6 +1268,16 @@ int emx_server_run(struct emx_setup *setup)
     snprintf(dtag, sizeof(dtag), dtag_fmt, setup->discovery->hdr->name);
     host_init(s, &s->thost, ttag);
     host_init(s, &s->dhost, dtag);
+    s->dhost_active = &s->dhost;
+    s->start_ms = uv_now(&s->loop);
+    char why[128];
+    if (emx_cidr_list_parse(s->cfg->edge.trusted_proxies.items,
+                            s->cfg->edge.trusted_proxies.count, &s->trusted, why,
+                            sizeof(why)) != 0) {
+        emx_logf(&s->log, EMX_LOG_ERROR, "server", "edge.trusted_proxies: %s", why);
+        rc = -EINVAL;
+        goto out_router;
+    }
 
     rc = s->tp->create(&s->thost, setup->transport_config, &s->tinst);
     if (rc == 0)
@@ -744,19 +1316,26 @@ int emx_server_run(struct emx_setup *setup)
     if (s->cfg->server.user)
         emx_logf(&s->log, EMX_LOG_WARN, "server",
                  "server.user is not applied by this version; running as started");
-    if (s->cfg->admin.agent_listen && s->cfg->admin.agent_listen[0])
-        emx_logf(&s->log, EMX_LOG_WARN, "server",
-                 "admin.agent_listen: the HAProxy agent port is not in this version");
     emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: edges on %s%s, boot %s",
              s->cfg->server.name, listen_addr, s->cfg->edge.path, s->boot_hex);
 
-    struct emx_admin_ops aops = {.ctx = s, .ready = admin_ready};
+    struct emx_admin_ops aops = {
+        .ctx = s, .ready = admin_ready, .handle = admin_handle, .agent_line = agent_line};
     rc = emx_admin_start(&s->loop, s->cfg->admin.listen, &aops, &s->log, &s->admin);
     if (rc != 0) {
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "cannot listen on admin %s (%s)",
                  s->cfg->admin.listen, uv_strerror(rc));
         rc = -EADDRINUSE;
         goto out_listener;
+    }
+    if (s->cfg->admin.agent_listen && s->cfg->admin.agent_listen[0]) {
+        rc = emx_agent_start(&s->loop, s->cfg->admin.agent_listen, &aops, &s->log, &s->agent);
+        if (rc != 0) {
+            emx_logf(&s->log, EMX_LOG_ERROR, "server", "cannot listen on agent %s (%s)",
+                     s->cfg->admin.agent_listen, uv_strerror(rc));
+            rc = -EADDRINUSE;
+            goto out_admin;
+        }
     }
 
     rc = s->dp->create(&s->dhost, setup->discovery_config, &s->dinst);
@@ -795,6 +1374,7 @@ int emx_server_run(struct emx_setup *setup)
     goto out_destroy;
 
 out_admin:
+    emx_agent_stop(s->agent);
     emx_admin_stop(s->admin);
 out_listener:
     s->tp->unlisten(s->listener);
@@ -812,10 +1392,31 @@ out_transport:
 out_destroy:
     if (s->dinst)
         s->dp->destroy(s->dinst);
+    while (s->disc_gens) { /* discovery instances retired by reloads */
+        struct disc_gen *g = s->disc_gens;
+        s->disc_gens = g->next;
+        if (g->dinst)
+            g->dp->destroy(g->dinst);
+        emx_free(g);
+    }
     s->tp->destroy(s->tinst);
     goto out_router;
 out_router:
     emx_router_free(s->router);
+    emx_cidr_list_free(&s->trusted);
+    emx_free_ptr(&s->drain_ids);
+    struct source_count *sc, *sctmp;
+    HASH_ITER(hh, s->sources, sc, sctmp)
+    {
+        HASH_DEL(s->sources, sc);
+        emx_free(sc);
+    }
+    while (s->setups) {
+        struct setup_gen *g = s->setups;
+        s->setups = g->next;
+        emx_setup_free(&g->setup);
+        emx_free(g);
+    }
 out_loop:
     uv_walk(&s->loop, close_walk, NULL);
     if (uv_loop_close(&s->loop) != 0)

@@ -1,0 +1,366 @@
+#include "ops.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+
+static const char *const refuse_names[EMX_REFUSE__COUNT] = {
+    [EMX_REFUSE_MAX_CONNECTIONS] = "max_connections",
+    [EMX_REFUSE_PER_SOURCE] = "max_connections_per_source",
+    [EMX_REFUSE_DRAINING] = "draining",
+    [EMX_REFUSE_NO_MEMORY] = "no_memory",
+};
+
+const char *emx_refuse_reason_name(enum emx_refuse_reason r)
+{
+    return (unsigned)r < EMX_REFUSE__COUNT ? refuse_names[r] : "unknown";
+}
+
+const char *emx_pipe_state_name(enum emx_pipe_state s)
+{
+    switch (s) {
+    case EMX_PIPE_DOWN:
+        return "down";
+    case EMX_PIPE_AUTHING:
+        return "authing";
+    case EMX_PIPE_UP:
+        return "up";
+    }
+    return "unknown";
+}
+
+const char *emx_edge_state_name(enum emx_edge_state s)
+{
+    switch (s) {
+    case EMX_EDGE_NEW:
+        return "new";
+    case EMX_EDGE_AUTHING:
+        return "authing";
+    case EMX_EDGE_AUTHED:
+        return "authed";
+    case EMX_EDGE_CLOSING:
+        return "closing";
+    }
+    return "unknown";
+}
+
+/* ---- Prometheus ---- */
+
+static void family(struct emx_textbuf *b, const char *name, const char *type, const char *help)
+{
+    emx_textbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void sample(struct emx_textbuf *b, const char *name, uint64_t v)
+{
+    emx_textbuf_printf(b, "%s %" PRIu64 "\n", name, v);
+}
+
+/* name{k="v"} value, the label value escaped. */
+static void sample1(struct emx_textbuf *b, const char *name, const char *k, const char *lv,
+                    uint64_t v)
+{
+    emx_textbuf_printf(b, "%s{%s=\"", name, k);
+    emx_textbuf_prom_label(b, lv);
+    emx_textbuf_printf(b, "\"} %" PRIu64 "\n", v);
+}
+
+static void sample2(struct emx_textbuf *b, const char *name, const char *k1, const char *v1,
+                    const char *k2, const char *v2, uint64_t v)
+{
+    emx_textbuf_printf(b, "%s{%s=\"", name, k1);
+    emx_textbuf_prom_label(b, v1);
+    emx_textbuf_printf(b, "\",%s=\"", k2);
+    emx_textbuf_prom_label(b, v2);
+    emx_textbuf_printf(b, "\"} %" PRIu64 "\n", v);
+}
+
+static void instance_sums(const struct emx_instance *inst, uint64_t out[4])
+{
+    out[0] = out[1] = out[2] = out[3] = 0;
+    for (unsigned i = 0; i < inst->npipes; i++) {
+        out[0] += inst->pipes[i].msgs_out;
+        out[1] += inst->pipes[i].msgs_in;
+        out[2] += inst->pipes[i].bytes_out;
+        out[3] += inst->pipes[i].bytes_in;
+    }
+}
+
+static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64_t now)
+{
+    struct emx_instance *inst;
+#define EACH_INSTANCE                                                                              \
+    for (inst = emx_router_instance_next(r, NULL); inst; inst = emx_router_instance_next(r, inst))
+    family(b, "emx_instance_messages_total", "counter",
+           "AlwaysOn messages on an instance's pipes, by direction");
+    EACH_INSTANCE
+    {
+        uint64_t s[4];
+        instance_sums(inst, s);
+        sample2(b, "emx_instance_messages_total", "instance", inst->id, "direction", "to_platform",
+                s[0]);
+        sample2(b, "emx_instance_messages_total", "instance", inst->id, "direction",
+                "from_platform", s[1]);
+    }
+    family(b, "emx_instance_bytes_total", "counter",
+           "AlwaysOn bytes on an instance's pipes, by direction");
+    EACH_INSTANCE
+    {
+        uint64_t s[4];
+        instance_sums(inst, s);
+        sample2(b, "emx_instance_bytes_total", "instance", inst->id, "direction", "to_platform",
+                s[2]);
+        sample2(b, "emx_instance_bytes_total", "instance", inst->id, "direction", "from_platform",
+                s[3]);
+    }
+    family(b, "emx_instance_requests_total", "counter", "device requests routed to an instance");
+    EACH_INSTANCE
+    sample1(b, "emx_instance_requests_total", "instance", inst->id, inst->requests);
+    family(b, "emx_instance_pending", "gauge",
+           "requests in flight on an instance, both directions");
+    EACH_INSTANCE
+    sample1(b, "emx_instance_pending", "instance", inst->id, inst->pending);
+    family(b, "emx_instance_maintenance", "gauge",
+           "1 while an instance is in maintenance (no new requests)");
+    EACH_INSTANCE
+    sample1(b, "emx_instance_maintenance", "instance", inst->id, inst->maintenance);
+    family(b, "emx_instance_draining", "gauge", "1 while an instance that left discovery drains");
+    EACH_INSTANCE
+    sample1(b, "emx_instance_draining", "instance", inst->id, inst->state == EMX_INSTANCE_DRAINING);
+    family(b, "emx_pipes", "gauge", "pipes of an instance by state");
+    EACH_INSTANCE
+    {
+        unsigned n[3] = {0, 0, 0};
+        for (unsigned i = 0; i < inst->npipes; i++)
+            if ((unsigned)inst->pipes[i].state < 3)
+                n[inst->pipes[i].state]++;
+        for (unsigned st = 0; st < 3; st++)
+            sample2(b, "emx_pipes", "instance", inst->id, "state",
+                    emx_pipe_state_name((enum emx_pipe_state)st), n[st]);
+    }
+    family(b, "emx_pipe_queued_bytes", "gauge",
+           "bytes queued to a pipe (edgemux's queue and the kernel's unsent bytes)");
+    EACH_INSTANCE
+    for (unsigned i = 0; i < inst->npipes; i++) {
+        char idx[16];
+        snprintf(idx, sizeof(idx), "%u", i);
+        sample2(b, "emx_pipe_queued_bytes", "instance", inst->id, "pipe", idx,
+                inst->pipes[i].wm.queued);
+    }
+    family(b, "emx_pipe_writable", "gauge", "1 while a pipe is connected and takes requests");
+    EACH_INSTANCE
+    for (unsigned i = 0; i < inst->npipes; i++) {
+        char idx[16];
+        snprintf(idx, sizeof(idx), "%u", i);
+        sample2(b, "emx_pipe_writable", "instance", inst->id, "pipe", idx,
+                emx_pipe_is_writable(r, &inst->pipes[i], now));
+    }
+#undef EACH_INSTANCE
+}
+
+void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct emx_ops_view *v,
+                     uint64_t now)
+{
+    const struct emx_router_stats *st = emx_router_stats(r);
+    const struct emx_server_counters *c = v->counters;
+
+    family(b, "emx_ready", "gauge", "1 while at least one pipe is connected and not draining");
+    sample(b, "emx_ready", v->ready);
+    family(b, "emx_draining", "gauge", "1 during a SIGTERM drain");
+    sample(b, "emx_draining", v->draining);
+    family(b, "emx_agent_weight_percent", "gauge", "weight the HAProxy agent reports");
+    sample(b, "emx_agent_weight_percent", v->agent_weight);
+    family(b, "emx_uptime_seconds", "gauge", "seconds since the server started");
+    sample(b, "emx_uptime_seconds", now >= v->start_ms ? (now - v->start_ms) / 1000 : 0);
+    family(b, "emx_pipes_connected", "gauge", "pipes connected (AUTH done), all instances");
+    sample(b, "emx_pipes_connected", emx_router_pipes_up(r));
+
+    family(b, "emx_edges_connected", "gauge", "device connections open");
+    sample(b, "emx_edges_connected", emx_router_edge_count(r));
+    family(b, "emx_edges_accepted_total", "counter",
+           "device connections accepted (WebSocket handshake done)");
+    sample(b, "emx_edges_accepted_total", st->edges_opened);
+    family(b, "emx_edges_closed_total", "counter", "device connections closed");
+    sample(b, "emx_edges_closed_total", st->edges_closed);
+    family(b, "emx_edges_refused_total", "counter", "device connections refused at accept");
+    for (unsigned i = 0; i < EMX_REFUSE__COUNT; i++)
+        sample1(b, "emx_edges_refused_total", "reason",
+                emx_refuse_reason_name((enum emx_refuse_reason)i), c ? c->refused[i] : 0);
+    family(b, "emx_edges_forwarded_for_total", "counter",
+           "devices whose address came from X-Forwarded-For of a trusted proxy");
+    sample(b, "emx_edges_forwarded_for_total", c ? c->forwarded_for : 0);
+    family(b, "emx_edges_kicked_total", "counter", "devices closed through the admin API");
+    sample(b, "emx_edges_kicked_total", c ? c->edges_kicked : 0);
+    family(b, "emx_edge_auth_total", "counter", "device AUTH outcomes");
+    sample1(b, "emx_edge_auth_total", "result", "ok", st->auth_ok);
+    sample1(b, "emx_edge_auth_total", "result", "failed", st->auth_failed);
+    sample1(b, "emx_edge_auth_total", "result", "timeout", st->auth_timeouts);
+    family(b, "emx_edge_messages_total", "counter", "AlwaysOn messages from and to devices");
+    sample1(b, "emx_edge_messages_total", "direction", "from_edge", st->edge_msgs_in);
+    sample1(b, "emx_edge_messages_total", "direction", "to_edge", st->edge_msgs_out);
+    family(b, "emx_edge_bytes_total", "counter", "AlwaysOn bytes from and to devices");
+    sample1(b, "emx_edge_bytes_total", "direction", "from_edge", st->edge_bytes_in);
+    sample1(b, "emx_edge_bytes_total", "direction", "to_edge", st->edge_bytes_out);
+    family(b, "emx_slow_consumer_closes_total", "counter", "devices closed 1008 slow consumer");
+    sample(b, "emx_slow_consumer_closes_total", st->slow_consumer_closes);
+    family(b, "emx_all_down_closes_total", "counter", "devices closed 1013 (no instance)");
+    sample(b, "emx_all_down_closes_total", st->all_down_closes);
+
+    family(b, "emx_answers_total", "counter", "requests answered by edgemux itself, by reason");
+    for (unsigned i = 0; i < EMX_ANS__COUNT; i++)
+        sample1(b, "emx_answers_total", "reason", emx_answer_reason_name((enum emx_answer_reason)i),
+                st->answers[i]);
+    family(b, "emx_late_answers_total", "counter",
+           "answers that matched nothing pending (late or unknown), by sender");
+    sample1(b, "emx_late_answers_total", "from", "platform", st->late_platform_answers);
+    sample1(b, "emx_late_answers_total", "from", "edge", st->late_edge_answers);
+    family(b, "emx_edge_answers_pipe_gone_total", "counter",
+           "device answers dropped because their pipe closed");
+    sample(b, "emx_edge_answers_pipe_gone_total", st->edge_answers_pipe_gone);
+    family(b, "emx_chunks_discarded_total", "counter", "multipart chunks discarded");
+    sample(b, "emx_chunks_discarded_total", st->chunks_discarded);
+    family(b, "emx_unbinds_on_leave_total", "counter", "UNBINDs sent for devices that left");
+    sample(b, "emx_unbinds_on_leave_total", st->unbinds_sent);
+    family(b, "emx_pipe_auth_failures_total", "counter", "pipe AUTHs refused by platforms");
+    sample(b, "emx_pipe_auth_failures_total", st->pipe_auth_failures);
+    family(b, "emx_pipe_garbage_total", "counter", "unexpected messages from platforms");
+    sample(b, "emx_pipe_garbage_total", st->pipe_garbage);
+
+    const char *dp = v->discovery_plugin ? v->discovery_plugin : "unknown";
+    family(b, "emx_discovery_updates_total", "counter", "instance sets reported by discovery");
+    sample1(b, "emx_discovery_updates_total", "plugin", dp, st->discovery_updates);
+    family(b, "emx_discovery_failures_total", "counter",
+           "discovery source failures (the last good set is kept)");
+    sample1(b, "emx_discovery_failures_total", "plugin", dp, st->discovery_failures);
+    if (st->discovery_updates) {
+        family(b, "emx_discovery_last_good_age_seconds", "gauge",
+               "seconds since discovery last reported a set");
+        uint64_t age = now >= st->discovery_last_good_ms ? now - st->discovery_last_good_ms : 0;
+        emx_textbuf_printf(b, "emx_discovery_last_good_age_seconds{plugin=\"");
+        emx_textbuf_prom_label(b, dp);
+        emx_textbuf_printf(b, "\"} %" PRIu64 ".%03" PRIu64 "\n", age / 1000, age % 1000);
+    }
+
+    family(b, "emx_reloads_total", "counter", "SIGHUP configuration reloads");
+    sample1(b, "emx_reloads_total", "result", "ok", c ? c->reloads_ok : 0);
+    sample1(b, "emx_reloads_total", "result", "failed", c ? c->reloads_failed : 0);
+
+    family(b, "emx_request_latency_milliseconds", "histogram",
+           "device request to platform answer delivered, in ms");
+    uint64_t cum = 0;
+    for (unsigned i = 0; i < EMX_LATENCY_BUCKETS; i++) {
+        cum += st->latency[i];
+        emx_textbuf_printf(
+            b, "emx_request_latency_milliseconds_bucket{le=\"%" PRIu64 "\"} %" PRIu64 "\n",
+            emx_latency_bounds_ms[i], cum);
+    }
+    cum += st->latency[EMX_LATENCY_BUCKETS];
+    emx_textbuf_printf(b, "emx_request_latency_milliseconds_bucket{le=\"+Inf\"} %" PRIu64 "\n",
+                       cum);
+    sample(b, "emx_request_latency_milliseconds_sum", st->latency_sum_ms);
+    sample(b, "emx_request_latency_milliseconds_count", st->latency_count);
+
+    instance_metrics(b, r, now);
+}
+
+/* ---- JSON ---- */
+
+static void json_key(struct emx_textbuf *b, const char *k, bool first)
+{
+    emx_textbuf_printf(b, "%s\"%s\":", first ? "" : ",", k);
+}
+
+void emx_ops_instances_json(struct emx_textbuf *b, struct emx_router *r, uint64_t now)
+{
+    emx_textbuf_puts(b, "{\"instances\":[");
+    bool first = true;
+    for (struct emx_instance *inst = emx_router_instance_next(r, NULL); inst;
+         inst = emx_router_instance_next(r, inst)) {
+        emx_textbuf_puts(b, first ? "{" : ",{");
+        first = false;
+        json_key(b, "id", true);
+        emx_textbuf_json_str(b, inst->id);
+        json_key(b, "host", false);
+        emx_textbuf_json_str(b, inst->host);
+        emx_textbuf_printf(
+            b,
+            ",\"port\":%u,\"tls\":%s,\"weight\":%" PRIu32 ",\"priority\":%" PRIu32
+            ",\"state\":\"%s\",\"maintenance\":%s,\"eligible\":%s,\"pending\":%" PRIu32
+            ",\"requests\":%" PRIu64 ",\"pipes_up\":%u,\"pipes\":[",
+            inst->port, inst->tls ? "true" : "false", inst->weight, inst->priority,
+            inst->state == EMX_INSTANCE_DRAINING ? "draining" : "active",
+            inst->maintenance ? "true" : "false",
+            emx_instance_is_eligible(r, inst, now) ? "true" : "false", inst->pending,
+            inst->requests, inst->up_pipes);
+        for (unsigned i = 0; i < inst->npipes; i++) {
+            const struct emx_pipe *p = &inst->pipes[i];
+            emx_textbuf_printf(b,
+                               "%s{\"index\":%u,\"state\":\"%s\",\"queued\":%" PRIu64
+                               ",\"writable\":%s,\"msgs_out\":%" PRIu64 ",\"msgs_in\":%" PRIu64
+                               ",\"bytes_out\":%" PRIu64 ",\"bytes_in\":%" PRIu64 "}",
+                               i ? "," : "", i, emx_pipe_state_name(p->state), p->wm.queued,
+                               emx_pipe_is_writable(r, p, now) ? "true" : "false", p->msgs_out,
+                               p->msgs_in, p->bytes_out, p->bytes_in);
+        }
+        emx_textbuf_puts(b, "]}");
+    }
+    emx_textbuf_puts(b, "]}\n");
+}
+
+void emx_ops_edge_json(struct emx_textbuf *b, const struct emx_edge *e, uint64_t now)
+{
+    emx_textbuf_printf(b,
+                       "{\"endpointId\":%" PRIu32 ",\"endpointIdHex\":\"%08" PRIx32
+                       "\",\"state\":\"%s\",\"address\":",
+                       e->id, e->id, emx_edge_state_name(e->state));
+    emx_textbuf_json_str(b, e->addr);
+    json_key(b, "peer", false);
+    emx_textbuf_json_str(b, e->peer);
+    emx_textbuf_printf(b,
+                       ",\"connected_s\":%" PRIu64 ",\"pending\":%" PRIu32 ",\"inbound\":%" PRIu32
+                       ",\"msgs_in\":%" PRIu64 ",\"msgs_out\":%" PRIu64 ",\"things_count\":%" PRIu32
+                       ",\"things\":[",
+                       now >= e->opened_at ? (now - e->opened_at) / 1000 : 0, e->npending,
+                       e->ninbound, e->msgs_in, e->msgs_out, e->nthings);
+    const void *cur = NULL;
+    const char *name;
+    bool first = true;
+    unsigned shown = 0;
+    while ((name = emx_edge_thing_next(e, &cur)) != NULL && shown < 1000) {
+        if (!first)
+            emx_textbuf_puts(b, ",");
+        first = false;
+        emx_textbuf_json_str(b, name);
+        shown++;
+    }
+    emx_textbuf_puts(b, "]}");
+}
+
+void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char *thing,
+                        uint32_t endpoint, size_t limit, uint64_t now)
+{
+    emx_textbuf_puts(b, "{\"edges\":[");
+    size_t n = 0;
+    bool truncated = false;
+    if (endpoint) {
+        struct emx_edge *e = emx_router_edge_find(r, endpoint);
+        if (e && (!thing || emx_edge_has_thing(e, thing)) && limit) {
+            emx_ops_edge_json(b, e, now);
+            n++;
+        }
+    } else {
+        for (struct emx_edge *e = emx_router_edge_next(r, NULL); e;
+             e = emx_router_edge_next(r, e)) {
+            if (thing && !emx_edge_has_thing(e, thing))
+                continue;
+            if (n == limit) {
+                truncated = true;
+                break;
+            }
+            if (n)
+                emx_textbuf_puts(b, ",");
+            emx_ops_edge_json(b, e, now);
+            n++;
+        }
+    }
+    emx_textbuf_printf(b, "],\"count\":%zu,\"truncated\":%s}\n", n, truncated ? "true" : "false");
+}

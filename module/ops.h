@@ -1,0 +1,56 @@
+/* What the admin API shows: Prometheus metrics, instances and edges as
+ * JSON, from the router's state plus counters only the server knows. Pure
+ * formatting over a router: no sockets, so unit tests drive it directly.
+ * Nothing here ever writes an app key or a token. */
+#ifndef EMX_OPS_H
+#define EMX_OPS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "router.h"
+#include "textbuf.h"
+
+/* Why an edge connection was refused at accept. */
+enum emx_refuse_reason {
+    EMX_REFUSE_MAX_CONNECTIONS = 0,
+    EMX_REFUSE_PER_SOURCE,
+    EMX_REFUSE_DRAINING,
+    EMX_REFUSE_NO_MEMORY,
+    EMX_REFUSE__COUNT
+};
+
+/* The server's own counters; owned by the loop that runs the server. */
+struct emx_server_counters {
+    uint64_t refused[EMX_REFUSE__COUNT];
+    uint64_t forwarded_for; /* edges whose address came from X-Forwarded-For */
+    uint64_t reloads_ok, reloads_failed;
+    uint64_t edges_kicked; /* closed through the admin API */
+};
+
+struct emx_ops_view {
+    const struct emx_server_counters *counters;
+    const char *discovery_plugin; /* plugin name, for labels */
+    bool ready;
+    bool draining;
+    unsigned agent_weight; /* percent the agent reports; 0 when draining */
+    uint64_t start_ms;     /* loop time the server started */
+};
+
+const char *emx_refuse_reason_name(enum emx_refuse_reason r);
+const char *emx_pipe_state_name(enum emx_pipe_state s);
+const char *emx_edge_state_name(enum emx_edge_state s);
+
+/* GET /metrics: Prometheus text exposition format 0.0.4. */
+void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct emx_ops_view *v,
+                     uint64_t now);
+/* GET /instances */
+void emx_ops_instances_json(struct emx_textbuf *b, struct emx_router *r, uint64_t now);
+/* One edge as a JSON object. */
+void emx_ops_edge_json(struct emx_textbuf *b, const struct emx_edge *e, uint64_t now);
+/* GET /edges: those bound to `thing` (NULL: any), or the one `endpoint`
+ * (0: any); at most `limit` of them. */
+void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char *thing,
+                        uint32_t endpoint, size_t limit, uint64_t now);
+
+#endif
