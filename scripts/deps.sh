@@ -7,6 +7,7 @@ packages=(
   build-essential cmake pkg-config clang libclang-rt-14-dev
   libuv1-dev libyaml-dev libcmocka-dev uthash-dev libssl-dev zlib1g-dev
   libwebsockets-dev libwebsockets-evlib-uv libcurl4-openssl-dev libjansson-dev
+  zookeeper libzookeeper-mt-dev
   libsystemd-dev man-db docker-compose
   haproxy python3 procps iproute2 curl valgrind
 )
