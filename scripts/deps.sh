@@ -9,7 +9,7 @@ packages=(
   libwebsockets-dev libwebsockets-evlib-uv libcurl4-openssl-dev libjansson-dev
   zookeeper libzookeeper-mt-dev
   libsystemd-dev man-db docker-compose
-  haproxy python3 procps iproute2 curl valgrind
+  haproxy python3 procps iproute2 curl valgrind openssl
 )
 
 missing=()
