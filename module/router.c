@@ -1871,10 +1871,16 @@ struct emx_router *emx_router_new(const struct emx_router_config *cfg,
 int emx_router_set_config(struct emx_router *r, const struct emx_router_config *cfg, uint64_t now)
 {
     unsigned worker = r->cfg.worker;
+    uint32_t old_rate = r->cfg.max_msgs_per_sec;
     int rc = copy_config(r, cfg);
     if (rc)
         return rc;
     r->cfg.worker = worker; /* endpointIds already handed out keep their bits */
+    if (r->cfg.max_msgs_per_sec != old_rate) /* a new limit starts with full buckets */
+        for (struct emx_edge *e = r->edges; e; e = e->hh.next) {
+            e->rate_tokens = (uint64_t)r->cfg.max_msgs_per_sec * 1000;
+            e->rate_at = now;
+        }
     struct emx_list *it, *tmp;
     emx_list_for_each_safe(it, tmp, &r->instances)
     {
