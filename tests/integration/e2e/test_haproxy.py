@@ -1,6 +1,7 @@
 """The demo front end (haproxy-conf/demo.cfg) in front of two edgemux:
-edges through HAProxy get answers from both, and HAProxy's /ready checks
-keep edges away from an edgemux that has no platform pipe."""
+edges through HAProxy get answers from both, HAProxy's /ready checks keep
+edges away from an edgemux that has no platform pipe, and edgemux logs the
+device's address from HAProxy's X-Forwarded-For."""
 
 import unittest
 
@@ -11,10 +12,11 @@ OVERRIDES = {"platform": {"request_timeout": "2s", "all_down_grace": "1s"}}
 
 
 class FrontEnd(E2ETest):
-    def two_edgemux(self, second_ports=None):
+    def two_edgemux(self, second_ports=None, trusted=None):
         self.plat = Platform(self.env, 3)
-        self.emx1 = Edgemux(self.env, "emx-1", self.plat.ports, overrides=OVERRIDES)
-        self.emx2 = Edgemux(self.env, "emx-2", second_ports or self.plat.ports, overrides=OVERRIDES)
+        ov = dict(OVERRIDES, **({"edge": {"trusted_proxies": trusted}} if trusted else {}))
+        self.emx1 = Edgemux(self.env, "emx-1", self.plat.ports, overrides=ov)
+        self.emx2 = Edgemux(self.env, "emx-2", second_ports or self.plat.ports, overrides=ov)
         self.emx1.wait_ready()
         self.hap = HAProxy(self.env, self.emx1, self.emx2)
 
@@ -54,17 +56,16 @@ class FrontEnd(E2ETest):
         self.assertNotIn("connected from", self.emx2.log(), "an edge reached the unready edgemux")
         self.assertIn("connected from", self.emx1.log())
 
-    @unittest.skip("edgemux does not log the device address from X-Forwarded-For yet "
-                   "(the ws transport passes it; server.c does not use it)")
     def test_device_address_from_x_forwarded_for_logged(self):
-        self.two_edgemux()
+        # HAProxy (option forwardfor) is a trusted proxy: edgemux logs the
+        # device's address from X-Forwarded-For. The device comes from
+        # 127.0.0.2; HAProxy connects from 127.0.0.1.
+        self.two_edgemux(trusted="[127.0.0.1]")
         self.emx2.wait_ready()
-        # The device comes from 127.0.0.2; HAProxy connects from 127.0.0.1
-        # and adds X-Forwarded-For: 127.0.0.2.
         e = RawEdge(self.hap.edge_port, app_key=self.env.app_key, source_address=("127.0.0.2", 0))
         self.assertEqual(e.auth(self.env.app_key)[0], SUCCESS)
-        wait_until(lambda: "127.0.0.2" in self.emx1.log() + self.emx2.log(), 5,
-                   what="the device address in an edgemux log")
+        wait_until(lambda: "connected from 127.0.0.2 via 127.0.0.1:" in self.emx1.log() + self.emx2.log(),
+                   5, what="the device address in an edgemux log")
 
 
 if __name__ == "__main__":
