@@ -5,6 +5,7 @@
 set -u
 dir=$1
 export EDGE_PORT=8080 EMX1_PORT=18081 EMX1_ADMIN=19901 EMX2_PORT=18082 EMX2_ADMIN=19902
+export PSIM_PORT=19001 PSIM_FRONT_PORT=18090
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 if ! openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=edgemux.test \
