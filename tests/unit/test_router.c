@@ -2581,6 +2581,144 @@ static void maintenance_stops_and_resumes_new_requests(void **state)
     assert_int_not_equal(emx_router_instance_maintenance(f->r, "nope", true, f->now), 0);
 }
 
+/* ---- per-edge limits and the latency histogram (operations) ---- */
+
+static void rate_limit_answers_a3_and_refills(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_msgs_per_sec = 4;
+    f->cfg.stall_after = 0; /* requests stay unanswered here */
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f); /* the AUTH took one of 4 tokens */
+    for (int i = 0; i < 3; i++)
+        assert_non_null(get(f, e, NULL));
+    size_t m = f->nev;
+    uint32_t rid;
+    assert_null(get(f, e, &rid));
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, rid));
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_RATE_LIMITED], 1);
+    /* 250 ms buys one token at 4/s */
+    f->now += 249;
+    assert_null(get(f, e, NULL));
+    f->now += 251; /* 500 ms in all: two tokens (a refused try does not waste time) */
+    assert_non_null(get(f, e, NULL));
+    assert_non_null(get(f, e, NULL));
+    assert_null(get(f, e, NULL));
+    /* answers from the edge and KEEP_ALIVE are never limited */
+    m = f->nev;
+    uint8_t buf[32];
+    edge_msg(f, e, buf, header_only(buf, EMX_AO_KEEP_ALIVE, 77, 0, SESSION));
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, 77));
+    /* a long pause refills the whole bucket, not more */
+    f->now += 5000;
+    for (int i = 0; i < 4; i++)
+        assert_non_null(get(f, e, NULL));
+    assert_null(get(f, e, NULL));
+}
+
+static void rate_limit_reload_starts_full_and_zero_is_off(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    for (int i = 0; i < 50; i++)
+        assert_non_null(get(f, e, NULL)); /* no limit by default */
+    struct emx_router_config c = f->cfg;
+    c.max_msgs_per_sec = 2;
+    c.max_pending = 1000;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    assert_non_null(get(f, e, NULL));
+    assert_non_null(get(f, e, NULL));
+    assert_null(get(f, e, NULL));
+    c.max_msgs_per_sec = 0;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    assert_non_null(get(f, e, NULL));
+}
+
+static void things_limit_answers_83_without_forwarding(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_things = 2;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    static const char *const ab[] = {"A", "B"};
+    static const char *const ac[] = {"A", "C"};
+    static const char *const b[] = {"B"};
+    static const char *const abc[] = {"A", "B", "C"};
+    size_t m = f->nev;
+    uint32_t rid = f->next_rid++;
+    edge_bind(f, e, EMX_AO_BIND, rid, abc, 3); /* three at once: over */
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_FORBIDDEN, rid));
+    m = f->nev;
+    rid = f->next_rid++;
+    edge_bind(f, e, EMX_AO_BIND, rid, ab, 2);
+    struct emx_pipe *p = forwarded_to(f, m, e->id, rid);
+    assert_non_null(p);
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    assert_int_equal(e->nthings, 2);
+    m = f->nev;
+    rid = f->next_rid++;
+    edge_bind(f, e, EMX_AO_BIND, rid, ac, 2); /* C would be the third */
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_FORBIDDEN, rid));
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_TOO_MANY_THINGS], 2);
+    m = f->nev;
+    rid = f->next_rid++;
+    edge_bind(f, e, EMX_AO_BIND, rid, b, 1); /* bound already: free */
+    assert_non_null(forwarded_to(f, m, e->id, rid));
+    m = f->nev;
+    rid = f->next_rid++;
+    edge_bind(f, e, EMX_AO_UNBIND, rid, b, 1); /* UNBIND is never limited */
+    assert_non_null(forwarded_to(f, m, e->id, rid));
+}
+
+static void latency_histogram_observes_answers(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f); /* answered at once: 0 ms */
+    uint32_t rid;
+    struct emx_pipe *p = get(f, e, &rid);
+    f->now += 3;
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    p = get(f, e, &rid);
+    f->now += 20000; /* over the last bound: +Inf (the timeout is not due: no tick) */
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    p = get(f, e, &rid); /* answered by edgemux (pipe lost): not observed */
+    instance_down(f, f->inst[0]);
+    const struct emx_router_stats *st = emx_router_stats(f->r);
+    assert_int_equal(st->latency_count, 3);
+    assert_int_equal(st->latency_sum_ms, 20003);
+    assert_int_equal(st->latency[0], 1);                   /* 0 ms: le 1 */
+    assert_int_equal(st->latency[2], 1);                   /* 3 ms: le 4 */
+    assert_int_equal(st->latency[EMX_LATENCY_BUCKETS], 1); /* 20 s: +Inf */
+    assert_int_equal(emx_latency_bounds_ms[EMX_LATENCY_BUCKETS - 1], 16384);
+}
+
+static void edge_close_and_thing_iteration(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    static const char *const ab[] = {"Alpha", "Beta"};
+    uint32_t rid = f->next_rid++;
+    size_t m = f->nev;
+    edge_bind(f, e, EMX_AO_BIND, rid, ab, 2);
+    pipe_answer(f, forwarded_to(f, m, e->id, rid), EMX_AO_SUCCESS, rid, e->id);
+    const void *cur = NULL;
+    const char *name;
+    int seen = 0;
+    while ((name = emx_edge_thing_next(e, &cur)) != NULL)
+        seen += strcmp(name, "Alpha") == 0 ? 1 : strcmp(name, "Beta") == 0 ? 2 : 100;
+    assert_int_equal(seen, 3);
+    m = f->nev;
+    emx_router_edge_close(f->r, e, 1008, "kicked");
+    emx_router_edge_close(f->r, e, 1008, "kicked"); /* once only */
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+}
+
 #define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
 
 int main(void)
@@ -2674,6 +2812,11 @@ int main(void)
         T(deadline_all_down_grace_and_spread),
         T(deadline_empty_confirm),
         T(maintenance_stops_and_resumes_new_requests),
-    };
+        T(rate_limit_answers_a3_and_refills),
+        T(rate_limit_reload_starts_full_and_zero_is_off),
+        T(things_limit_answers_83_without_forwarding),
+        T(latency_histogram_observes_answers),
+        T(edge_close_and_thing_iteration),
+};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
