@@ -12,7 +12,6 @@ for i in 1 2 3; do
   port=$((9000 + i))
   json="{\"name\":\"thingworx-http\",\"id\":\"platform-$i\",\"address\":\"172.28.0.10\",\"port\":$port,\"sslPort\":null,\"payload\":null,\"registrationTimeUTC\":0,\"serviceType\":\"DYNAMIC\",\"uriSpec\":null}"
   cli delete "/services/thingworx-http/platform-$i" || true
-  # zkCli splits its command line itself: single quotes keep the JSON whole.
-  cli create "/services/thingworx-http/platform-$i" "'$json'"
+  cli create "/services/thingworx-http/platform-$i" "$json"
 done
 echo "registered platform-1..3 under /services/thingworx-http"
