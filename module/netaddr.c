@@ -71,18 +71,20 @@ int emx_cidr_parse(const char *text, struct emx_cidr *out)
     struct emx_cidr c;
     if (emx_ip_parse(text, alen, &c.ip) != 0)
         return -EINVAL;
+    /* ::ffff:10.0.0.0/104 is written in IPv6 bits but names 10.0.0.0/8 */
+    bool v6_text = memchr(text, ':', alen) != NULL;
     unsigned max = c.ip.family == 4 ? 32 : 128;
+    unsigned text_max = v6_text ? 128 : max;
     unsigned bits = max;
     if (slash) {
         char *end;
         if (slash[1] < '0' || slash[1] > '9')
             return -EINVAL;
         unsigned long v = strtoul(slash + 1, &end, 10);
-        if (*end || v > max)
+        if (*end || v > text_max)
             return -EINVAL;
         bits = (unsigned)v;
-        /* ::ffff:10.0.0.0/104 names the IPv4 block 10.0.0.0/8 */
-        if (c.ip.family == 4 && strchr(text, ':')) {
+        if (c.ip.family == 4 && v6_text) {
             if (bits < 96)
                 return -EINVAL;
             bits -= 96;
