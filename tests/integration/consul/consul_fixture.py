@@ -23,7 +23,8 @@ A test drives it through POST /_fixture/<action> with a JSON body:
   stats       → {"queries", "blocking", "times", "token_in_query", "last_path"}
   reset_stats
   stop
-It binds 127.0.0.1 port 0 and writes the port to --port-file. It exits when
+It binds 127.0.0.1 (--port, default 0: a free one) and writes the port to
+--port-file. It exits when
 stopped, after --lifetime seconds, or when its parent process goes away.
 """
 import argparse
@@ -247,9 +248,19 @@ def watch_parent(parent, server):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port-file", required=True)
+    ap.add_argument("--port", type=int, default=0, help="0: a free port")
     ap.add_argument("--lifetime", type=float, default=300.0)
     args = ap.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    # A restart on the port of a stopped fixture may meet TIME_WAIT: retry.
+    ThreadingHTTPServer.allow_reuse_address = True
+    for attempt in range(50):
+        try:
+            server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+            break
+        except OSError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
     server.daemon_threads = True
     tmp = args.port_file + ".tmp"
     with open(tmp, "w") as f:
