@@ -259,6 +259,11 @@ static void assert_defaults_except_name(const struct emx_config *c)
     assert_int_equal(c->edge.max_queued, 1024 * 1024);
     assert_int_equal(c->edge.max_connections, 0);
     assert_true(c->edge.deflate);
+    assert_int_equal(c->edge.trusted_proxies.count, 0);
+    assert_int_equal(c->edge.max_connections_per_source, 0);
+    assert_int_equal(c->edge.max_msgs_per_sec, 0);
+    assert_int_equal(c->edge.max_things, 0);
+    assert_int_equal(c->edge.drain_spread, 5000);
     assert_string_equal(c->platform.path, "/Thingworx/WS");
     assert_null(c->platform.app_key);
     assert_null(c->platform.app_key_file);
@@ -388,6 +393,33 @@ static void test_sample_conf(void **state)
     assert_defaults_except_name(c);
     assert_string_equal(c->server.name, "edgemux-1");
     emx_config_free(c);
+}
+
+static void test_operations_keys(void **state)
+{
+    (void)state;
+    struct emx_config *c =
+        load_ok(NAME "edge:\n  trusted_proxies: [127.0.0.1, 10.0.0.0/8, 'fd00::/8']\n"
+                     "  max_connections_per_source: 20\n  max_msgs_per_sec: 50\n"
+                     "  max_things: 100\n  drain_spread: 30s\n");
+    assert_int_equal(c->edge.trusted_proxies.count, 3);
+    assert_string_equal(c->edge.trusted_proxies.items[1], "10.0.0.0/8");
+    assert_int_equal(c->edge.max_connections_per_source, 20);
+    assert_int_equal(c->edge.max_msgs_per_sec, 50);
+    assert_int_equal(c->edge.max_things, 100);
+    assert_int_equal(c->edge.drain_spread, 30000);
+    emx_config_free(c);
+    c = load_ok(NAME "edge:\n  trusted_proxies: 127.0.0.1\n");
+    assert_int_equal(c->edge.trusted_proxies.count, 1);
+    emx_config_free(c);
+    expect_error(NAME "edge:\n  trusted_proxies: [10.0.0.1/8]\n",
+                 "t.yaml:3: edge.trusted_proxies: '10.0.0.1/8' is not an IP address or CIDR "
+                 "block (host bits must be zero)");
+    expect_error(NAME "edge:\n  max_things: -1\n",
+                 "t.yaml:3: edge.max_things: must be between 0 and 1000000 (got -1)");
+    expect_error(NAME "edge:\n  max_connections_per_source: -2\n",
+                 "t.yaml:3: edge.max_connections_per_source: must be 0 (unlimited) or more "
+                 "(got -2)");
 }
 
 static void test_nulls_take_defaults(void **state)
@@ -952,6 +984,7 @@ int main(void)
         cmocka_unit_test(test_cx_aliases),
         cmocka_unit_test(test_sample_conf),
         cmocka_unit_test(test_nulls_take_defaults),
+        cmocka_unit_test(test_operations_keys),
         cmocka_unit_test(test_line_numbers),
         cmocka_unit_test(test_err_unknown_key),
         cmocka_unit_test(test_err_did_you_mean),
