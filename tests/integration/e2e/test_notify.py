@@ -106,6 +106,21 @@ class NotifyTest(E2ETest):
         self.assertEqual(emx.proc.p.returncode, 0, emx.log())
         self.assertEqual(ns.count("READY"), 1)
 
+    def test_reload_reports_reloading_then_ready(self):
+        # SIGHUP with the same (valid) config: RELOADING=1, then READY=1 again,
+        # and the service keeps running.
+        emx, ns = self.start("emx-reload", {})
+        ns.wait_for("READY", 10)
+        emx.wait_ready()
+        emx.proc.signal(signal.SIGHUP)
+        t_reload, pid, fields = ns.wait_for("RELOADING", 10)
+        self.assertEqual(pid, emx.proc.pid)
+        self.assertIn("MONOTONIC_USEC", fields)
+        wait_until(lambda: any("READY" in m[2] and m[0] >= t_reload for m in ns.msgs) or ns.poll(0.1),
+                   10, what="READY=1 after the reload")
+        self.assertTrue(emx.proc.alive(), emx.log())
+        self.assertEqual(emx.http("/health")[0], 200)
+
     def test_no_watchdog_unless_asked(self):
         # No WATCHDOG_USEC (WatchdogSec= unset): READY and STOPPING only.
         emx, ns = self.start("emx-nowd", {})
