@@ -8,7 +8,7 @@
 #include "alloc.h"
 
 #define ADMIN_MAX_REQUEST 8192
-#define ADMIN_TIMEOUT_MS 5000
+#define ADMIN_TIMEOUT_MS  5000
 
 struct emx_admin {
     uv_tcp_t tcp;

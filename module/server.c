@@ -25,12 +25,12 @@
 #include "router.h"
 #include "setup.h"
 
-#define TICK_MS 50           /* router timers: request timeouts are seconds */
+#define TICK_MS           50  /* router timers: request timeouts are seconds */
 #define QUEUED_REFRESH_MS 100 /* the kernel drains SIOCOUTQ without telling us */
 #define SHUTDOWN_GRACE_MS 5000
-#define DRAIN_STEP_MS 50
-#define DRAIN_SLACK_MS 3000 /* past drain_spread + request_timeout: stop anyway */
-#define EDGES_LIST_LIMIT 1000
+#define DRAIN_STEP_MS     50
+#define DRAIN_SLACK_MS    3000 /* past drain_spread + request_timeout: stop anyway */
+#define EDGES_LIST_LIMIT  1000
 
 /* Edges per real device address (edge.max_connections_per_source). */
 struct source_count {
@@ -117,7 +117,7 @@ struct emx_server {
     struct source_count *sources;
     uint64_t start_ms;
     const struct emx_host *dhost_active; /* discovery updates from others are ignored */
-    struct disc_gen *disc_gens;           /* the active one (after a reload) and retired ones */
+    struct disc_gen *disc_gens;          /* the active one (after a reload) and retired ones */
     struct setup_gen *setups;
     uint32_t *drain_ids;
     size_t drain_n, drain_idx, drain_waiting;
@@ -304,9 +304,9 @@ static void *edge_on_accept(void *listener_user, struct emx_conn *conn,
     s->counters.forwarded_for += fwd;
     snprintf(e->addr, sizeof(e->addr), "%s", addr);
     snprintf(e->peer, sizeof(e->peer), "%s", info->peer ? info->peer : "?");
-    emx_logf(&s->log, EMX_LOG_DEBUG, "edge", "edge %08" PRIx32 " connected from %s%s%s%s%s",
-             e->id, addr, fwd ? " via " : "", fwd ? e->peer : "",
-             info->deflate ? " (deflate)" : "", info->tls ? " (tls)" : "");
+    emx_logf(&s->log, EMX_LOG_DEBUG, "edge", "edge %08" PRIx32 " connected from %s%s%s%s%s", e->id,
+             addr, fwd ? " via " : "", fwd ? e->peer : "", info->deflate ? " (deflate)" : "",
+             info->tls ? " (tls)" : "");
     return e;
 }
 
@@ -624,8 +624,8 @@ static unsigned agent_weight(struct emx_server *s)
         return 0;
     double w = 100.0;
     if (s->cfg->edge.max_connections > 0) {
-        double used = (double)emx_router_edge_count(s->router) /
-                      (double)s->cfg->edge.max_connections;
+        double used =
+            (double)emx_router_edge_count(s->router) / (double)s->cfg->edge.max_connections;
         w *= used >= 1.0 ? 0.0 : 1.0 - used;
     }
     unsigned up = 0, writable = 0;
@@ -705,14 +705,13 @@ static void admin_edges(struct emx_server *s, const struct emx_admin_request *re
     }
     resp->status = 200;
     resp->content_type = "application/json";
-    emx_ops_edges_json(&resp->body, s->router, has_thing ? thing : NULL, endpoint,
-                       EDGES_LIST_LIMIT, now_ms(s));
+    emx_ops_edges_json(&resp->body, s->router, has_thing ? thing : NULL, endpoint, EDGES_LIST_LIMIT,
+                       now_ms(s));
 }
 
 /* POST /edges/ID/close[?code=1008|1001&reason=text] */
 static void admin_edge_close(struct emx_server *s, const char *id, size_t idlen,
-                             const struct emx_admin_request *req,
-                             struct emx_admin_response *resp)
+                             const struct emx_admin_request *req, struct emx_admin_response *resp)
 {
     uint32_t endpoint;
     if (!parse_endpoint(id, idlen, &endpoint)) {
@@ -747,8 +746,7 @@ static void admin_edge_close(struct emx_server *s, const char *id, size_t idlen,
 
 /* POST|PUT /instances/ID/maintenance[?on=0]; DELETE …/maintenance */
 static void admin_maintenance(struct emx_server *s, const char *id,
-                              const struct emx_admin_request *req,
-                              struct emx_admin_response *resp)
+                              const struct emx_admin_request *req, struct emx_admin_response *resp)
 {
     bool on;
     char v[8];
@@ -916,8 +914,7 @@ static void on_drain_step(uv_timer_t *t)
         if (!drain_close_one(s, s->drain_ids[s->drain_idx], force))
             s->drain_ids[w++] = s->drain_ids[s->drain_idx];
     s->drain_waiting = w;
-    bool edges_done = s->drain_idx >= s->drain_n && w == 0 &&
-                      emx_router_edge_count(s->router) == 0;
+    bool edges_done = s->drain_idx >= s->drain_n && w == 0 && emx_router_edge_count(s->router) == 0;
     if (edges_done && pending_on_pipes(s) == 0) {
         emx_logf(&s->log, EMX_LOG_INFO, "server", "drained in %" PRIu64 " ms", elapsed);
         finish_shutdown(s);
@@ -993,8 +990,8 @@ static unsigned report_restart_keys(struct emx_server *s, const struct emx_confi
 #define RESTART_IF(cond, key)                                                                      \
     do {                                                                                           \
         if (cond) {                                                                                \
-            emx_logf(&s->log, EMX_LOG_WARN, "server",                                             \
-                     "reload: %s changed: needs a restart; not applied", key);                    \
+            emx_logf(&s->log, EMX_LOG_WARN, "server",                                              \
+                     "reload: %s changed: needs a restart; not applied", key);                     \
             k++;                                                                                   \
         }                                                                                          \
     } while (0)
@@ -1077,8 +1074,8 @@ static void reload_config(struct emx_server *s)
     emx_logf(&s->log, EMX_LOG_INFO, "server", "SIGHUP: reloading %s", s->cfg->file);
     struct setup_gen *gen = emx_calloc(1, sizeof(*gen));
     struct emx_errors errs = {0};
-    int rc = gen ? emx_setup_load(s->cfg->file, s->setup->plugins_dir, &gen->setup, &errs)
-                 : -ENOMEM;
+    int rc =
+        gen ? emx_setup_load(s->cfg->file, s->setup->plugins_dir, &gen->setup, &errs) : -ENOMEM;
     if (rc != 0) {
         for (size_t i = 0; i < errs.count; i++)
             emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: %s", errs.msgs[i]);
@@ -1095,10 +1092,9 @@ static void reload_config(struct emx_server *s)
     const struct emx_config *o = s->cfg, *n = ns->cfg;
     struct emx_cidr_list trusted;
     char why[128];
-    if (emx_cidr_list_parse(n->edge.trusted_proxies.items, n->edge.trusted_proxies.count,
-                            &trusted, why, sizeof(why)) != 0) {
-        emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload refused: edge.trusted_proxies: %s",
-                 why);
+    if (emx_cidr_list_parse(n->edge.trusted_proxies.items, n->edge.trusted_proxies.count, &trusted,
+                            why, sizeof(why)) != 0) {
+        emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload refused: edge.trusted_proxies: %s", why);
         emx_setup_free(ns);
         emx_free(gen);
         s->counters.reloads_failed++;
@@ -1271,9 +1267,8 @@ int emx_server_run(struct emx_setup *setup)
     s->dhost_active = &s->dhost;
     s->start_ms = uv_now(&s->loop);
     char why[128];
-    if (emx_cidr_list_parse(s->cfg->edge.trusted_proxies.items,
-                            s->cfg->edge.trusted_proxies.count, &s->trusted, why,
-                            sizeof(why)) != 0) {
+    if (emx_cidr_list_parse(s->cfg->edge.trusted_proxies.items, s->cfg->edge.trusted_proxies.count,
+                            &s->trusted, why, sizeof(why)) != 0) {
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "edge.trusted_proxies: %s", why);
         rc = -EINVAL;
         goto out_router;
@@ -1312,12 +1307,13 @@ int emx_server_run(struct emx_setup *setup)
     /* Settings this version reads but does not act on yet: say so. */
     if (s->cfg->server.workers != 1)
         emx_logf(&s->log, EMX_LOG_WARN, "server",
-                 "server.workers %" PRId64 ": this version runs one worker loop", s->cfg->server.workers);
+                 "server.workers %" PRId64 ": this version runs one worker loop",
+                 s->cfg->server.workers);
     if (s->cfg->server.user)
         emx_logf(&s->log, EMX_LOG_WARN, "server",
                  "server.user is not applied by this version; running as started");
-    emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: edges on %s%s, boot %s",
-             s->cfg->server.name, listen_addr, s->cfg->edge.path, s->boot_hex);
+    emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: edges on %s%s, boot %s", s->cfg->server.name,
+             listen_addr, s->cfg->edge.path, s->boot_hex);
 
     struct emx_admin_ops aops = {
         .ctx = s, .ready = admin_ready, .handle = admin_handle, .agent_line = agent_line};

@@ -2817,6 +2817,6 @@ int main(void)
         T(things_limit_answers_83_without_forwarding),
         T(latency_histogram_observes_answers),
         T(edge_close_and_thing_iteration),
-};
+    };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
