@@ -134,7 +134,7 @@ static struct sim {
     const char *path, *bind_addr;
     uint32_t latency_ms, response_size, chunk_size;
     size_t max_message;
-    bool deflate, no_direct, quiet;
+    bool deflate, no_direct, quiet, any_session;
     struct instance inst[MAX_INSTANCES];
     int ninst;
     uint32_t session_base, sessions;
@@ -177,6 +177,8 @@ static uint32_t issue_session(void)
 
 static bool session_valid(uint32_t s)
 {
+    if (S.any_session) /* a cluster spread over processes that share no table */
+        return s != EMX_AO_AUTH_SESSION && s != 0;
     return s != EMX_AO_AUTH_SESSION && (uint32_t)(s - S.session_base) < S.sessions;
 }
 
@@ -1393,6 +1395,8 @@ static void usage(FILE *f)
                "  --max-message B      largest message accepted (default 64 MiB)\n"
                "  --deflate            accept permessage-deflate\n"
                "  --no-direct          refuse edges without the X-Edgemux headers\n"
+               "  --any-session        accept any sessionId but 0 and 0xFFFFFFFF (several\n"
+               "                       processes standing for one cluster)\n"
                "  --control PORT|PATH  control channel on 127.0.0.1:PORT or a UNIX socket\n"
                "  --quiet              no log lines for contract violations\n"
                "Control commands: crash N, restore N, stop-reading N, resume-reading N,\n"
@@ -1445,6 +1449,7 @@ int main(int argc, char **argv)
                                          {"max-message", required_argument, NULL, 'm'},
                                          {"deflate", no_argument, NULL, 'd'},
                                          {"no-direct", no_argument, NULL, 'D'},
+                                         {"any-session", no_argument, NULL, 'A'},
                                          {"control", required_argument, NULL, 'C'},
                                          {"quiet", no_argument, NULL, 'q'},
                                          {"help", no_argument, NULL, 'h'},
@@ -1500,6 +1505,9 @@ int main(int argc, char **argv)
             break;
         case 'D':
             S.no_direct = true;
+            break;
+        case 'A':
+            S.any_session = true;
             break;
         case 'C':
             control = optarg;
