@@ -14,7 +14,8 @@ class StaticReload(E2ETest):
         extra = ("--latency", str(latency)) if latency else ()
         self.plat = Platform(self.env, 3, extra=extra)
         self.emx = Edgemux(self.env, "emx-disc", [self.plat.ports[i] for i in ports_used],
-                           overrides={"platform": {"request_timeout": "4s", "all_down_grace": "1s"}})
+                           overrides={"platform": {"request_timeout": "4s", "all_down_grace": "1s"},
+                                      "edge": {"drain_spread": "100ms"}})
         self.emx.wait_ready()
         want = [2 if i in ports_used else 0 for i in range(3)]
         wait_until(lambda: self.plat.pipes_connected() == want, 10, what="pipes %r" % want)

@@ -31,7 +31,8 @@ class KilledInstance(E2ETest):
     def test_sigkill_inflight_answered_a3_and_nothing_more_sent(self):
         plats = [Platform(self.env, 1, extra=("--latency", str(self.LATENCY_MS))) for _ in range(3)]
         emx = Edgemux(self.env, "emx-kill", [p.ports[0] for p in plats],
-                      overrides={"platform": {"request_timeout": "5s", "all_down_grace": "1s"}})
+                      overrides={"platform": {"request_timeout": "5s", "all_down_grace": "1s"},
+                                 "edge": {"drain_spread": "100ms"}})
         emx.wait_ready()
         wait_until(lambda: all(p.pipes_connected() == [2] for p in plats), 10,
                    what="every pipe connected")
@@ -92,7 +93,8 @@ class KilledInstance(E2ETest):
 class StoppedReader(E2ETest):
     def cluster(self, platform_overrides):
         self.plat = Platform(self.env, 3)
-        ov = {"platform": dict({"request_timeout": "3s", "all_down_grace": "1s"}, **platform_overrides)}
+        ov = {"platform": dict({"request_timeout": "3s", "all_down_grace": "1s"}, **platform_overrides),
+              "edge": {"drain_spread": "100ms"}}
         self.emx = Edgemux(self.env, "emx-slow", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
         wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 10, what="every pipe connected")

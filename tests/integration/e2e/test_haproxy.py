@@ -8,13 +8,16 @@ import unittest
 from harness import (GET, SUCCESS, E2ETest, Edgemux, HAProxy, Platform, RawEdge, ao_parse,
                      ao_request, check_ledger, edge_sim, free_port, wait_until)
 
-OVERRIDES = {"platform": {"request_timeout": "2s", "all_down_grace": "1s"}}
+OVERRIDES = {"platform": {"request_timeout": "2s", "all_down_grace": "1s"},
+             "edge": {"drain_spread": "100ms"}}
 
 
 class FrontEnd(E2ETest):
     def two_edgemux(self, second_ports=None, trusted=None):
         self.plat = Platform(self.env, 3)
-        ov = dict(OVERRIDES, **({"edge": {"trusted_proxies": trusted}} if trusted else {}))
+        ov = {k: dict(v) for k, v in OVERRIDES.items()}
+        if trusted:
+            ov["edge"]["trusted_proxies"] = trusted
         self.emx1 = Edgemux(self.env, "emx-1", self.plat.ports, overrides=ov)
         self.emx2 = Edgemux(self.env, "emx-2", second_ports or self.plat.ports, overrides=ov)
         self.emx1.wait_ready()

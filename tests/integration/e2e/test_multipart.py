@@ -13,7 +13,8 @@ MIB = 1024 * 1024
 class Multipart(E2ETest):
     def cluster(self, overrides=None):
         self.plat = Platform(self.env, 3)
-        ov = {"platform": {"request_timeout": "4s", "all_down_grace": "1s"}}
+        ov = {"platform": {"request_timeout": "4s", "all_down_grace": "1s"},
+              "edge": {"drain_spread": "100ms"}}
         for k, v in (overrides or {}).items():
             ov.setdefault(k, {}).update(v)
         self.emx = Edgemux(self.env, "emx-mp", self.plat.ports, overrides=ov)

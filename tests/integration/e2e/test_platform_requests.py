@@ -13,7 +13,8 @@ from harness import (BIND, GET, SUCCESS, E2ETest, Edgemux, Platform, ao_bind, ao
 class PlatformRequests(E2ETest):
     def cluster(self, overrides=None):
         self.plat = Platform(self.env, 3)
-        ov = {"platform": {"request_timeout": "2s", "all_down_grace": "1s"}}
+        ov = {"platform": {"request_timeout": "2s", "all_down_grace": "1s"},
+              "edge": {"drain_spread": "100ms"}}
         for k, v in (overrides or {}).items():
             ov.setdefault(k, {}).update(v)
         self.emx = Edgemux(self.env, "emx-pr", self.plat.ports, overrides=ov)

@@ -22,7 +22,8 @@ class TLS(E2ETest):
         tls_port = free_port()
         HAProxyTCP(self.env, [(tls_port, self.plat.ports[0], plat_pem)])
         emx = Edgemux(self.env, "emx-tls", [tls_port], start=False,
-                      overrides={"edge": {"tls_cert": edge_crt, "tls_key": edge_key},
+                      overrides={"edge": {"tls_cert": edge_crt, "tls_key": edge_key,
+                                          "drain_spread": "100ms"},
                                  "platform": {"tls_ca": self.pki.cert}})
         emx.write_instances([tls_port], tls=True)
         emx.start()
