@@ -13,7 +13,7 @@
 #
 # Knobs (environment): RUNS (5), EDGES (1000), SIZE (512), WINDOW (1),
 # WARMUP (2s), DURATION (10s), SERVER_CPU (0), LOAD_CPU (1), IDLE_EDGES (19000),
-# CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests), BASE_PORT (23000),
+# CG_WHO ("edgemux haproxy"), CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests), BASE_PORT (23000),
 # OUT, BUILD, SRC (the source tree to build; default this checkout — point it
 # at a clean export, e.g. `git archive HEAD`, while the tree is being edited).
 set -euo pipefail
@@ -68,8 +68,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() { # port
-  for _ in $(seq 100); do
+wait_port() { # port (30 s: HAProxy under valgrind starts slowly)
+  for _ in $(seq 600); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.05
   done
@@ -260,7 +260,7 @@ if has_part callgrind; then
   log "== callgrind: instructions per routed message, $CG_EDGES edges, window 1, $CG_SHORT and $CG_LONG requests"
   # Ir(long) - Ir(short) over the extra requests: start-up and connection
   # set-up cancel out.
-  for who in edgemux haproxy; do
+  for who in ${CG_WHO:-edgemux haproxy}; do
     for n in $CG_SHORT $CG_LONG; do
       cg="$OUT/callgrind.$who.$n"
       start_psim
