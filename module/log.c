@@ -105,7 +105,9 @@ void emx_vlogf(const struct emx_log *log, enum emx_log_level level, const char *
                                when, emx_log_level_name(level));
         pos = json_escape(line, sizeof(line), pos, tag ? tag : "core");
         pos += (size_t)snprintf(line + pos, sizeof(line) - pos, "\",\"msg\":\"");
-        pos = json_escape(line, sizeof(line), pos, msg);
+        /* Leave room for the closing quote, brace and newline, so a long
+         * message is cut inside the string and the line stays valid JSON. */
+        pos = json_escape(line, sizeof(line) - 4, pos, msg);
         pos += (size_t)snprintf(line + pos, sizeof(line) - pos, "\"}\n");
     } else {
         pos = (size_t)snprintf(line, sizeof(line), "%s %-5s [%s] %s\n", when,
