@@ -443,8 +443,12 @@ static int conn_close_now(struct emx_conn *c, uint16_t code, const char *reason)
 {
     if (!c->close_code)
         c->close_code = code;
-    if (reason && !c->close_reason[0])
-        snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    if (reason && !c->close_reason[0]) {
+        /* memmove: callers may pass c->close_reason itself */
+        size_t n = strnlen(reason, sizeof(c->close_reason) - 1);
+        memmove(c->close_reason, reason, n);
+        c->close_reason[n] = '\0';
+    }
     if (c->wsi)
         lws_close_reason(c->wsi, (enum lws_close_status)c->close_code,
                          (unsigned char *)c->close_reason, strlen(c->close_reason));
