@@ -21,6 +21,7 @@
 #include "log.h"
 #include "netaddr.h"
 #include "notify.h"
+#include "privdrop.h"
 #include "ops.h"
 #include "router.h"
 #include "setup.h"
@@ -1309,9 +1310,6 @@ int emx_server_run(struct emx_setup *setup)
         emx_logf(&s->log, EMX_LOG_WARN, "server",
                  "server.workers %" PRId64 ": this version runs one worker loop",
                  s->cfg->server.workers);
-    if (s->cfg->server.user)
-        emx_logf(&s->log, EMX_LOG_WARN, "server",
-                 "server.user is not applied by this version; running as started");
     emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: edges on %s%s, boot %s", s->cfg->server.name,
              listen_addr, s->cfg->edge.path, s->boot_hex);
 
@@ -1332,6 +1330,18 @@ int emx_server_run(struct emx_setup *setup)
             rc = -EADDRINUSE;
             goto out_admin;
         }
+    }
+
+    /* Every listening socket is open: give up root before any plugin reads
+     * data from outside (discovery starts next). */
+    if (s->cfg->server.user) {
+        char drop_err[300];
+        rc = emx_drop_privileges(s->cfg->server.user, drop_err, sizeof(drop_err));
+        if (rc != 0) {
+            emx_logf(&s->log, EMX_LOG_ERROR, "server", "%s", drop_err);
+            goto out_admin;
+        }
+        emx_logf(&s->log, EMX_LOG_INFO, "server", "running as %s", s->cfg->server.user);
     }
 
     rc = s->dp->create(&s->dhost, setup->discovery_config, &s->dinst);
