@@ -87,7 +87,8 @@ class KilledInstance(E2ETest):
         # e's pending count is zero again: it can still send.
         e.send(ao_header(0x1F, 99, 0, sid))
         self.assertEqual(e.answers(lambda g: 99 in g, timeout=3)[99], [SUCCESS])
-        self.assertIn("pipe", emx.log())
+        for i in (0, 1):
+            self.assertIn("instance 127.0.0.1:%d pipe %d closed" % (victim.ports[0], i), emx.log())
 
 
 class StoppedReader(E2ETest):
