@@ -104,6 +104,32 @@ class Multipart(E2ETest):
         self.assertNotIn("0x02", st["requests_by_code"], "a PUT was reassembled somewhere")
         self.plat.cmd("restore %d" % pinned)
 
+    def test_pinned_pipe_stalled_past_pin_wait_one_a0(self):
+        # The pinned instance stops reading: its pipe stalls (stall_after),
+        # the next chunk waits multipart_pin_wait, then one 0xA0.
+        self.cluster({"platform": {"stall_after": "300ms", "multipart_pin_wait": "500ms"}})
+        e, sid = self.authed_edge()
+        chunks = ao_multipart_request(PUT, 2, sid, 40 * 1024)
+        before = self.plat.msgs_in()
+        e.send(chunks[0])
+        deltas = wait_until(lambda: [a - b for a, b in zip(self.plat.msgs_in(), before)]
+                            if sum(self.plat.msgs_in()) > sum(before) else None, 5,
+                            what="chunk 1 at an instance")
+        pinned = deltas.index(1) + 1
+        self.assertEqual(self.plat.cmd("stop-reading %d" % pinned), "ok")
+        e.answers_for(0.5)  # past stall_after
+        for c in chunks[1:]:
+            e.send(c)
+        got = e.answers(lambda g: 2 in g, timeout=5)
+        self.assertEqual(got[2], [INTERNAL_ERROR])
+        self.assertEqual(self.plat.cmd("resume-reading %d" % pinned), "ok")
+        e.send(ao_request(GET, 3, sid))
+        e.answers(lambda g: 3 in g, timeout=5, into=got)
+        e.answers_for(0.5, into=got)
+        self.assertEqual(got, {2: [INTERNAL_ERROR], 3: [SUCCESS]})
+        after = self.plat.msgs_in()
+        self.assertEqual(sum(after) - sum(before), 2, "chunks after the first were forwarded")
+
 
 if __name__ == "__main__":
     unittest.main()
