@@ -8,8 +8,8 @@ import time
 import unittest
 
 from harness import (GATEWAY_TIMEOUT, GET, SERVICE_UNAVAILABLE, SUCCESS, UNAUTHORIZED, E2ETest,
-                     Edgemux, Platform, ao_header, ao_infotable_blob, ao_request, ao_str,
-                     wait_until)
+                     Edgemux, Platform, ao_auth, ao_header, ao_infotable_blob, ao_parse, ao_request,
+                     ao_str, wait_until)
 
 
 def big_request(request_id, session_id, size):
@@ -176,6 +176,32 @@ class StoppedReader(E2ETest):
         after = self.plat.msgs_in()
         self.assertEqual(after[0] - before[0] + after[2] - before[2], 15)
         self.resumed_and_used_again(sent)
+
+
+class AuthInFlight(E2ETest):
+    def test_auth_in_flight_when_pipe_dies_a3_then_auth_again(self):
+        # Outcomes table: an AUTH answered by edgemux itself (0xA3, pipe
+        # lost) leaves the edge open and unauthenticated; it may AUTH again.
+        plat = Platform(self.env, 2)
+        emx = Edgemux(self.env, "emx-auth", plat.ports,
+                      overrides={"platform": {"request_timeout": "4s", "all_down_grace": "5s"},
+                                 "edge": {"drain_spread": "100ms"}})
+        emx.wait_ready()
+        wait_until(lambda: plat.pipes_connected() == [2, 2], 10, what="every pipe connected")
+        for n in (1, 2):
+            self.assertEqual(plat.cmd("stop-reading %d" % n), "ok")
+        e = emx.edge(app_key=self.env.app_key)
+        e.send(ao_auth(1, self.env.app_key))
+        self.assertEqual(e.quiet_for(0.3), [])  # held by a platform that does not read
+        for n in (1, 2):
+            self.assertEqual(plat.cmd("crash %d" % n), "ok")
+        code, rid, _, _, _ = ao_parse(e.recv(timeout=3))
+        self.assertEqual((code, rid), (SERVICE_UNAVAILABLE, 1))
+        for n in (1, 2):
+            self.assertEqual(plat.cmd("resume-reading %d" % n), "ok")
+            self.assertEqual(plat.cmd("restore %d" % n), "ok")
+        emx.wait_ready(5)
+        self.assertEqual(e.auth(self.env.app_key, request_id=2)[0], SUCCESS)
 
 
 if __name__ == "__main__":
