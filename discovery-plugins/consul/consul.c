@@ -104,6 +104,7 @@ struct consul_disc {
 
 static void maybe_free(struct consul_disc *cd);
 static void schedule(struct consul_disc *cd, uint64_t delay_ms);
+static void on_next(uv_timer_t *t);
 
 /* ---- small helpers ---- */
 
@@ -533,15 +534,30 @@ static int start_query(struct consul_disc *cd)
     }
     cd->easy = e;
     cd->started_ms = h->now_ms(h);
+    uv_timer_start(&cd->next, on_next, timeout + 5000, 0);
     h->log(h, EMX_LOG_DEBUG, "GET %s", url);
     return 0;
+}
+
+static void abort_query(struct consul_disc *cd, const char *what)
+{
+    char reason[REASON_MAX];
+    snprintf(reason, sizeof(reason), "%s: %s", cd->base, what);
+    end_query(cd);
+    report_failure(cd, reason);
 }
 
 static void on_next(uv_timer_t *t)
 {
     struct consul_disc *cd = t->data;
-    if (cd->stopped || cd->easy)
+    if (cd->stopped)
         return;
+    if (cd->easy) {
+        /* The watchdog set by start_query: libcurl neither answered nor
+         * timed out, so its events were lost; never wait forever. */
+        abort_query(cd, "query stuck past its timeout; abandoned");
+        return;
+    }
     int rc = start_query(cd);
     if (rc < 0) {
         char reason[REASON_MAX];
@@ -596,8 +612,11 @@ static void on_poll(uv_poll_t *p, int status, int events)
         flags |= CURL_CSELECT_IN;
     if (events & UV_WRITABLE)
         flags |= CURL_CSELECT_OUT;
-    curl_multi_socket_action(cd->multi, s->fd, flags, &running);
-    check_done(cd);
+    CURLMcode mc = curl_multi_socket_action(cd->multi, s->fd, flags, &running);
+    if (mc != CURLM_OK && cd->easy)
+        abort_query(cd, curl_multi_strerror(mc));
+    else
+        check_done(cd);
 }
 
 static int on_curl_socket(CURL *e, curl_socket_t fd, int what, void *userp, void *socketp)
@@ -619,7 +638,10 @@ static int on_curl_socket(CURL *e, curl_socket_t fd, int what, void *userp, void
         s = calloc(1, sizeof(*s));
         if (!s)
             return -1;
-        if (uv_poll_init_socket(cd->host->loop, &s->poll, fd) < 0) {
+        int rc = uv_poll_init_socket(cd->host->loop, &s->poll, fd);
+        if (rc < 0) {
+            cd->host->log(cd->host, EMX_LOG_ERROR, "cannot watch socket %d: %s", (int)fd,
+                          uv_strerror(rc));
             free(s);
             return -1;
         }
@@ -636,15 +658,22 @@ static int on_curl_socket(CURL *e, curl_socket_t fd, int what, void *userp, void
         events |= UV_READABLE;
     if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
         events |= UV_WRITABLE;
-    return uv_poll_start(&s->poll, events, on_poll) < 0 ? -1 : 0;
+    int rc = uv_poll_start(&s->poll, events, on_poll);
+    if (rc < 0)
+        cd->host->log(cd->host, EMX_LOG_ERROR, "cannot watch socket %d: %s", (int)fd,
+                      uv_strerror(rc));
+    return rc < 0 ? -1 : 0;
 }
 
 static void on_curl_timer_fire(uv_timer_t *t)
 {
     struct consul_disc *cd = t->data;
     int running;
-    curl_multi_socket_action(cd->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    check_done(cd);
+    CURLMcode mc = curl_multi_socket_action(cd->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    if (mc != CURLM_OK && cd->easy)
+        abort_query(cd, curl_multi_strerror(mc));
+    else
+        check_done(cd);
 }
 
 static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
