@@ -33,6 +33,7 @@
 
 #define PATH_MAX_LEN    1024
 #define RETRY_MS        2000 /* after a handle could not be created */
+#define ROUND_RETRY_MS  1000 /* after a listing or read failed on a live session */
 #define ZKLOG_WINDOW_MS 60000
 #define ZKLOG_PER_WIN   20 /* libzookeeper lines per window; it repeats itself in outages */
 #define ZK_LOG_SLOTS    16
@@ -89,6 +90,7 @@ struct round {
     struct zk_child *kids;
     char **datas;
     bool broken; /* a read failed for a reason other than the node being gone */
+    int broken_rc;
 };
 
 struct job {
@@ -113,6 +115,7 @@ struct zk_disc {
 
     uv_timer_t connect_timer; /* reports a failure when no session comes up */
     uv_timer_t retry_timer;   /* a new handle after one could not be made */
+    uv_timer_t round_timer;   /* a round again after a read failed */
     unsigned open_handles;
 
     struct zk_link *link; /* current handle, or NULL */
@@ -754,6 +757,23 @@ static void log_skip(void *arg, const char *msg)
     zd->host->log(zd->host, EMX_LOG_WARN, "%s: skipped: %s", zd->path, msg);
 }
 
+static void on_round_timer(uv_timer_t *t)
+{
+    request_round(t->data);
+}
+
+/* A listing or read failed while the session may still be fine (a request
+ * timed out, the server was not serving yet): try again shortly rather than
+ * wait for a watch that may never fire. A dead session reconnects and reads
+ * everything anyway. */
+static void round_failed(struct zk_disc *zd, int rc)
+{
+    zd->host->log(zd->host, EMX_LOG_DEBUG, "reading %s failed (%s); again in %d ms", zd->path,
+                  zerror(rc), ROUND_RETRY_MS);
+    if (!zd->stopped)
+        uv_timer_start(&zd->round_timer, on_round_timer, ROUND_RETRY_MS, 0);
+}
+
 static void finish_round(struct zk_disc *zd)
 {
     struct round *r = zd->round;
@@ -762,9 +782,9 @@ static void finish_round(struct zk_disc *zd)
     char err[512];
 
     if (r->broken) {
-        /* Connection trouble: the session events say so, a reconnect reads
-         * everything again. */
+        int rc = r->broken_rc;
         abort_round(zd);
+        round_failed(zd, rc);
         return;
     }
     int rc = zk_build_set(r->kids, r->count, zd->tls, &set, &bad, log_skip, zd, err, sizeof(err));
@@ -830,6 +850,7 @@ static void request_round(struct zk_disc *zd)
         call_drop(ev);
         /* A dead handle reports its state through the session watcher. */
         zd->host->log(zd->host, EMX_LOG_WARN, "cannot list %s: %s", zd->path, zerror(rc));
+        round_failed(zd, rc);
         return;
     }
     zd->listing = id;
@@ -869,6 +890,7 @@ static void on_listing(struct zk_disc *zd, struct event *ev)
             fail(zd, "not allowed to list %s (ZooKeeper ACL)", zd->path);
         else if (!transient(ev->rc))
             fail(zd, "listing %s: %s", zd->path, zerror(ev->rc));
+        round_failed(zd, ev->rc);
         return;
     }
     if (zd->parent_missing)
@@ -914,6 +936,7 @@ static void on_listing(struct zk_disc *zd, struct event *ev)
                 call_drop(cev);
             h->log(h, EMX_LOG_WARN, "cannot read %s: %s", path, zerror(rc));
             r->broken = true;
+            r->broken_rc = rc;
             break;
         }
         r->pending++;
@@ -945,6 +968,7 @@ static void on_read(struct zk_disc *zd, struct event *ev)
             zd->host->log(zd->host, EMX_LOG_WARN, "reading %s/%s: %s", zd->path, kid->name,
                           zerror(ev->rc));
         r->broken = true;
+        r->broken_rc = ev->rc;
     }
     if (--r->pending == 0)
         finish_round(zd);
@@ -1023,8 +1047,9 @@ static void on_close(uv_handle_t *h)
 
 static void close_handles(struct zk_disc *zd)
 {
-    uv_handle_t *hs[] = {(uv_handle_t *)&zd->connect_timer, (uv_handle_t *)&zd->retry_timer};
-    for (size_t i = 0; i < 2; i++)
+    uv_handle_t *hs[] = {(uv_handle_t *)&zd->connect_timer, (uv_handle_t *)&zd->retry_timer,
+                         (uv_handle_t *)&zd->round_timer};
+    for (size_t i = 0; i < sizeof(hs) / sizeof(hs[0]); i++)
         if (hs[i]->loop && !uv_is_closing(hs[i]))
             uv_close(hs[i], on_close);
 }
@@ -1155,6 +1180,10 @@ static int zk_start(void *instance)
         goto fail;
     zd->open_handles++;
     zd->retry_timer.data = zd;
+    if ((rc = uv_timer_init(loop, &zd->round_timer)) < 0)
+        goto fail;
+    zd->open_handles++;
+    zd->round_timer.data = zd;
     if ((rc = new_link(zd)) < 0)
         return rc;
     zd->host->log(zd->host, EMX_LOG_INFO, "watching %s on ZooKeeper '%s' (%s)", zd->path, zd->conn,
