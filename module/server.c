@@ -1305,6 +1305,8 @@ int emx_server_run(struct emx_setup *setup)
                  strerror(-rc));
         goto out_transport;
     }
+    for (size_t i = 0; i < setup->warnings.count; i++)
+        emx_logf(&s->log, EMX_LOG_WARN, "server", "%s", setup->warnings.msgs[i]);
     /* Settings this version reads but does not act on yet: say so. */
     if (s->cfg->server.workers != 1)
         emx_logf(&s->log, EMX_LOG_WARN, "server",
