@@ -8,6 +8,7 @@ packages=(
   libuv1-dev libyaml-dev libcmocka-dev uthash-dev libssl-dev zlib1g-dev
   libwebsockets-dev libwebsockets-evlib-uv libcurl4-openssl-dev libjansson-dev
   zookeeper libzookeeper-mt-dev
+  libc-ares-dev knot knot-dnsutils
   libsystemd-dev man-db docker-compose
   haproxy python3 procps iproute2 curl valgrind openssl
 )
@@ -25,3 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# knot: the dns-srv tests start a knotd of their own (own config, control
+# socket and a free port on 127.0.0.1). A knotd the package's service may
+# have started answers on port 53 and its own socket, which the tests never
+# use, so it is left alone.
