@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -146,6 +147,25 @@ struct emx_conn {
     char *hdrs; /* "Name: value\r\n"... */
     size_t hdrs_len;
     uint32_t sndbuf;
+    /* Pipes without deflate run on an lws raw socket with our own RFC 6455
+     * client framing: lws 4.1's client parser costs ~60 instructions per
+     * received byte and it masks sent bytes one at a time. */
+    bool raw;
+    bool raw_req_sent; /* upgrade request written */
+    bool raw_hdr;      /* frame header complete, payload follows */
+    bool raw_fin;
+    uint8_t raw_op;
+    uint8_t fh[14];
+    uint8_t fh_len;
+    uint8_t ctl_len;
+    uint8_t ctl[125];
+    uint64_t f_left;
+    uint32_t rng;
+    uint64_t last_rx, last_ping; /* uv_now() ms */
+    char *req;                   /* upgrade request */
+    size_t req_len;
+    char accept[32]; /* expected Sec-WebSocket-Accept */
+    struct emx_conn *pprev, *pnext; /* instance's list of raw pipes */
 };
 
 struct ws_listener {
@@ -183,6 +203,9 @@ struct ws_instance {
     uv_idle_t reap;
     uv_timer_t sweep;
     uv_timer_t teardown;
+    uv_timer_t pipe_timer; /* pings and silence checks of raw pipes */
+    struct emx_conn *pipes;
+    size_t pmd_conns; /* open connections with permessage-deflate */
     struct emx_conn *conns; /* attached connections */
     struct emx_conn *sweep_cursor;
     size_t conn_count;
@@ -197,7 +220,8 @@ struct ws_instance {
     struct lws_extension pipe_exts[2];
     lws_retry_bo_t edge_retry;
     lws_retry_bo_t pipe_retry;
-    uint8_t *scratch; /* LWS_PRE + WS_MAX_FRAME: direct writes of borrowed bytes */
+    lws_retry_bo_t raw_retry; /* all zero: raw pipes keep their own time */
+    uint8_t *scratch; /* LWS_PRE + a frame: direct writes of borrowed bytes */
 };
 
 /* lws logs through one process-wide hook; it goes to the first host. */
@@ -285,11 +309,23 @@ static void queue_free(struct emx_conn *c)
     c->qbytes = 0;
 }
 
+static void pipe_unlink(struct ws_instance *inst, struct emx_conn *c)
+{
+    if (c->pprev)
+        c->pprev->pnext = c->pnext;
+    else if (inst->pipes == c)
+        inst->pipes = c->pnext;
+    if (c->pnext)
+        c->pnext->pprev = c->pprev;
+    c->pprev = c->pnext = NULL;
+}
+
 static void conn_free(struct emx_conn *c)
 {
     queue_free(c);
     free(c->rx);
     free(c->hdrs);
+    free(c->req);
     free(c);
 }
 
@@ -332,6 +368,9 @@ static void conn_gone(struct emx_conn *c, uint16_t code, const char *reason)
     if (c->wsi)
         lws_set_wsi_user(c->wsi, NULL);
     conn_unlink(inst, c);
+    pipe_unlink(inst, c);
+    if (c->deflate && c->state == CONN_OPEN && inst->pmd_conns)
+        inst->pmd_conns--;
     c->wsi = NULL;
     c->state = CONN_GONE;
     if (!c->close_code)
@@ -511,7 +550,17 @@ static int write_fragment(struct emx_conn *c, uint8_t *payload, size_t len, size
 /* Drain the queue while lws holds nothing back. Returns 0 or -EIO. */
 static int queue_drain(struct emx_conn *c)
 {
-    while (c->qh) {
+    while (c->raw && c->qh && !lws_partial_buffered(c->wsi)) {
+        struct ws_qmsg *m = c->qh;
+
+        /* framed already; lws keeps whatever the socket does not take */
+        if (lws_write(c->wsi, m->buf + LWS_PRE + m->off, m->len - m->off, LWS_WRITE_RAW) < 0)
+            return -EIO;
+        c->qbytes -= m->len - m->off;
+        m->off = m->len;
+        queue_pop(c);
+    }
+    while (!c->raw && c->qh) {
         struct ws_qmsg *m = c->qh;
 
         if (c->deflate) {
@@ -563,6 +612,126 @@ static int queue_drain(struct emx_conn *c)
     return 0;
 }
 
+/* ---- raw pipes: RFC 6455 client framing ---------------------------------- */
+
+#define RAW_HDR_MAX 8 /* 2 + 16-bit length + mask key: frames stay <= 65535 */
+
+static size_t raw_wire_len(const struct emx_conn *c, size_t len)
+{
+    size_t frames = len ? (len + c->max_frame - 1) / c->max_frame : 1;
+    size_t last = len - (frames - 1) * c->max_frame;
+
+    /* every frame but the last is max_frame (> 125) long */
+    return len + (frames - 1) * RAW_HDR_MAX + (last > 125 ? 8 : 6);
+}
+
+static uint32_t raw_rand(struct emx_conn *c)
+{
+    /* xorshift32 seeded from lws's random source: mask keys only need to be
+     * unpredictable to scripts in a browser, which pipes never carry */
+    uint32_t x = c->rng;
+
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return c->rng = x;
+}
+
+/* Copy `len` bytes masked with `key` (bytes in wire order), 8 at a time. */
+static void raw_mask_copy(uint8_t *dst, const uint8_t *src, size_t len, const uint8_t key[4])
+{
+    uint64_t k8;
+    uint8_t kb[8];
+    size_t i = 0;
+
+    memcpy(kb, key, 4);
+    memcpy(kb + 4, key, 4);
+    memcpy(&k8, kb, 8);
+    for (; i + 8 <= len; i += 8) {
+        uint64_t v;
+
+        memcpy(&v, src + i, 8);
+        v ^= k8;
+        memcpy(dst + i, &v, 8);
+    }
+    for (; i < len; i++)
+        dst[i] = src[i] ^ key[i & 3];
+}
+
+/* Frame a whole message (fragmented at max_frame) into dst, which holds
+ * raw_wire_len() bytes. Returns the bytes written. */
+static size_t raw_frame(struct emx_conn *c, uint8_t *dst, uint8_t op, const uint8_t *data,
+                        size_t len)
+{
+    size_t off = 0, w = 0;
+
+    do {
+        size_t frag = len - off;
+        uint32_t r = raw_rand(c);
+        uint8_t key[4];
+
+        if (frag > c->max_frame)
+            frag = c->max_frame;
+        dst[w++] = (uint8_t)((off + frag == len ? 0x80 : 0) | (off == 0 ? op : 0));
+        if (frag > 125) {
+            dst[w++] = 0x80 | 126;
+            dst[w++] = (uint8_t)(frag >> 8);
+            dst[w++] = (uint8_t)frag;
+        } else {
+            dst[w++] = (uint8_t)(0x80 | frag);
+        }
+        memcpy(key, &r, 4);
+        memcpy(dst + w, key, 4);
+        w += 4;
+        if (frag)
+            raw_mask_copy(dst + w, data + off, frag, key);
+        w += frag;
+        off += frag;
+    } while (off < len);
+    return w;
+}
+
+static int queue_drain(struct emx_conn *c);
+static int send_close_frame(struct emx_conn *c);
+
+/* Send one message or control frame on a raw pipe: framed straight into the
+ * scratch buffer and written when nothing waits, else framed into the queue. */
+static int raw_send(struct emx_conn *c, uint8_t op, const uint8_t *data, size_t len)
+{
+    size_t wire = raw_wire_len(c, len);
+    struct ws_qmsg *m;
+    bool idle = !c->qh && !lws_partial_buffered(c->wsi);
+
+    if (idle && wire <= RAW_HDR_MAX + WS_MAX_FRAME) {
+        uint8_t *f = c->inst->scratch + LWS_PRE;
+
+        raw_frame(c, f, op, data, len);
+        /* lws keeps what the socket does not take and reports it partial */
+        return lws_write(c->wsi, f, wire, LWS_WRITE_RAW) < 0 ? -EIO : 0;
+    }
+    if (len > SIZE_MAX / 2)
+        return -EMSGSIZE;
+    m = malloc(sizeof(*m) + LWS_PRE + wire);
+    if (!m)
+        return -ENOMEM;
+    m->next = NULL;
+    m->len = raw_frame(c, m->buf + LWS_PRE, op, data, len);
+    m->off = 0;
+    m->inflight = false;
+    if (c->qt)
+        c->qt->next = m;
+    else
+        c->qh = m;
+    c->qt = m;
+    c->qbytes += m->len;
+    c->was_queued = true;
+    if (idle && queue_drain(c))
+        return -EIO;
+    if (c->qh)
+        lws_callback_on_writable(c->wsi);
+    return 0;
+}
+
 static int ws_send(struct emx_conn *c, const uint8_t *data, size_t len)
 {
     size_t off = 0;
@@ -572,6 +741,14 @@ static int ws_send(struct emx_conn *c, const uint8_t *data, size_t len)
         return -EPIPE;
     if (!data && len)
         return -EINVAL;
+    if (c->raw) {
+        rc = raw_send(c, 0x2, data, len);
+        if (rc == -EIO)
+            conn_kill(c, 1006, "write failed");
+        else if (rc)
+            conn_kill(c, 1011, "out of memory");
+        return rc;
+    }
     if (c->deflate || c->qh || lws_partial_buffered(c->wsi)) {
         bool idle = !c->qh && !lws_partial_buffered(c->wsi);
 
@@ -729,6 +906,274 @@ static int handle_rx(struct emx_conn *c, struct lws *wsi, uint8_t *in, size_t le
         c->rx_cap = 0;
     }
     return 0;
+}
+
+/* ---- raw pipes: upgrade and receive --------------------------------------- */
+
+static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/* The upgrade request and the Sec-WebSocket-Accept it must be answered with. */
+static int raw_build_request(struct emx_conn *c, const char *path, const char *hosthdr)
+{
+    struct lws_context *ctx = c->inst->ctx;
+    uint8_t nonce[16], sha[20];
+    char key[32], cat[32 + sizeof(ws_guid)];
+    size_t n;
+    int w;
+
+    if (lws_get_random(ctx, nonce, sizeof(nonce)) != sizeof(nonce) ||
+        lws_get_random(ctx, &c->rng, sizeof(c->rng)) != sizeof(c->rng))
+        return -EIO;
+    if (!c->rng)
+        c->rng = 0x9e3779b9u; /* xorshift must not start at 0 */
+    if (lws_b64_encode_string((const char *)nonce, sizeof(nonce), key, sizeof(key)) <= 0)
+        return -EIO;
+    snprintf(cat, sizeof(cat), "%s%s", key, ws_guid);
+    lws_SHA1((const unsigned char *)cat, strlen(cat), sha);
+    if (lws_b64_encode_string((const char *)sha, sizeof(sha), c->accept, sizeof(c->accept)) <= 0)
+        return -EIO;
+    n = strlen(path) + 2 * strlen(hosthdr) + c->hdrs_len + 200;
+    c->req = malloc(n);
+    if (!c->req)
+        return -ENOMEM;
+    w = snprintf(c->req, n,
+                 "GET %s HTTP/1.1\r\nHost: %s\r\nOrigin: %s\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
+                 "%.*s\r\n",
+                 path, hosthdr, hosthdr, key, (int)c->hdrs_len, c->hdrs ? c->hdrs : "");
+    if (w < 0 || (size_t)w >= n || (size_t)w > WS_MAX_FRAME)
+        return -EINVAL;
+    c->req_len = (size_t)w;
+    return 0;
+}
+
+/* A client masks; a zero key leaves the payload as is. No close frame while
+ * lws holds a partial write (it must not be interleaved). Returns -1. */
+static int raw_close_now(struct emx_conn *c, uint16_t code, const char *reason)
+{
+    if (!c->close_code)
+        c->close_code = code;
+    if (reason && !c->close_reason[0])
+        snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    if (!c->wsi || lws_partial_buffered(c->wsi))
+        return -1;
+    if (c->close_code == 1005 || c->close_code == 1006) {
+        static const uint8_t empty[] = {0x88, 0x80, 0, 0, 0, 0};
+        uint8_t buf[LWS_PRE + sizeof(empty)];
+
+        memcpy(buf + LWS_PRE, empty, sizeof(empty));
+        (void)lws_write(c->wsi, buf + LWS_PRE, sizeof(empty), LWS_WRITE_RAW);
+        return -1;
+    }
+    return send_close_frame(c);
+}
+
+static int raw_frame_end(struct emx_conn *c)
+{
+    switch (c->raw_op) {
+    case 0x9: /* ping: pong with its payload */
+        return raw_send(c, 0xA, c->ctl, c->ctl_len) ? -1 : 0;
+    case 0xA:
+        return 0;
+    case 0x8: { /* the peer closes: keep its code, echo it, hang up */
+        uint16_t code = c->ctl_len >= 2 ? (uint16_t)((c->ctl[0] << 8) | c->ctl[1]) : 1005;
+
+        if (!c->close_code) {
+            c->close_code = code;
+            if (c->ctl_len > 2)
+                snprintf(c->close_reason, sizeof(c->close_reason), "%.*s", (int)(c->ctl_len - 2),
+                         (const char *)c->ctl + 2);
+        }
+        return raw_close_now(c, code, NULL);
+    }
+    default:
+        if (!c->raw_fin)
+            return 0;
+        c->rx_in_msg = false;
+        c->cb->on_message(c->user, c->rx ? c->rx : c->ctl, c->rx_len);
+        c->rx_len = 0;
+        if (c->rx_cap > 16384) {
+            free(c->rx);
+            c->rx = NULL;
+            c->rx_cap = 0;
+        }
+        return 0;
+    }
+}
+
+static size_t raw_hdr_need(const uint8_t *fh)
+{
+    uint8_t l7 = fh[1] & 0x7f;
+
+    return 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + ((fh[1] & 0x80) ? 4 : 0);
+}
+
+static int raw_header(struct emx_conn *c)
+{
+    uint8_t b0 = c->fh[0], b1 = c->fh[1], op = b0 & 0x0f, l7 = b1 & 0x7f;
+    bool fin = (b0 & 0x80) != 0;
+    uint64_t plen = l7;
+    int i;
+
+    c->fh_len = 0;
+    /* no extension is negotiated and servers never mask */
+    if ((b0 & 0x70) || (b1 & 0x80))
+        return raw_close_now(c, 1002, "protocol error");
+    if (l7 == 126) {
+        plen = (uint64_t)c->fh[2] << 8 | c->fh[3];
+    } else if (l7 == 127) {
+        plen = 0;
+        for (i = 0; i < 8; i++)
+            plen = plen << 8 | c->fh[2 + i];
+        if (plen >> 63)
+            return raw_close_now(c, 1002, "protocol error");
+    }
+    if (op >= 0x8) {
+        if (!fin || plen > 125 || op > 0xA)
+            return raw_close_now(c, 1002, "protocol error");
+        c->ctl_len = 0;
+    } else if (op == 0x1) {
+        return raw_close_now(c, 1003, "text frames are not accepted");
+    } else if ((op == 0x0) != c->rx_in_msg || op > 0x2) {
+        return raw_close_now(c, 1002, "protocol error");
+    } else if (plen > c->max_msg - c->rx_len) {
+        return raw_close_now(c, 1009, "message too big");
+    }
+    c->raw_op = op;
+    c->raw_fin = fin;
+    if (op < 0x8)
+        c->rx_in_msg = !fin || c->rx_in_msg;
+    c->f_left = plen;
+    c->raw_hdr = true;
+    if (plen)
+        return 0;
+    c->raw_hdr = false;
+    return raw_frame_end(c);
+}
+
+/* Frames from the platform: headers byte by byte (at most 14), payloads in
+ * bulk; a message that is one frame inside this read is passed without a copy. */
+static int raw_rx(struct emx_conn *c, uint8_t *in, size_t len)
+{
+    int rc;
+
+    while (len && c->state == CONN_OPEN) {
+        size_t take;
+
+        if (!c->raw_hdr) {
+            c->fh[c->fh_len++] = *in++;
+            len--;
+            if (c->fh_len < 2 || c->fh_len < raw_hdr_need(c->fh))
+                continue;
+            rc = raw_header(c);
+            if (rc)
+                return rc;
+            continue;
+        }
+        take = c->f_left < len ? (size_t)c->f_left : len;
+        if (c->raw_op >= 0x8) {
+            memcpy(c->ctl + c->ctl_len, in, take);
+            c->ctl_len = (uint8_t)(c->ctl_len + take);
+        } else if (!c->rx_len && c->raw_fin && c->raw_op == 0x2 && take == c->f_left) {
+            c->f_left = 0;
+            c->raw_hdr = false;
+            c->rx_in_msg = false;
+            c->cb->on_message(c->user, in, take);
+            in += take;
+            len -= take;
+            continue;
+        } else if ((rc = rx_append(c, in, take)) != 0) {
+            return raw_close_now(c, rc == -EMSGSIZE ? 1009 : 1011,
+                                 rc == -EMSGSIZE ? "message too big" : "out of memory");
+        }
+        in += take;
+        len -= take;
+        c->f_left -= take;
+        if (!c->f_left) {
+            c->raw_hdr = false;
+            rc = raw_frame_end(c);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+static void on_client_established(struct ws_instance *inst, struct emx_conn *c, struct lws *wsi);
+
+/* The upgrade answer: gathered in c->rx up to the blank line, checked, then
+ * the bytes after it are frames. */
+static int raw_upgrade_rx(struct ws_instance *inst, struct emx_conn *c, struct lws *wsi,
+                          uint8_t *in, size_t len)
+{
+    size_t start = c->rx_len > 3 ? c->rx_len - 3 : 0, i, hl = 0, rest;
+    const char *line;
+    bool ok = false;
+
+    if (c->rx_len + len + 1 > 16384)
+        return raw_close_now(c, 1006, "upgrade answer too long");
+    if (rx_append(c, in, len) || rx_append(c, (const uint8_t *)"", 1))
+        return raw_close_now(c, 1006, "out of memory");
+    c->rx_len--; /* the NUL stays after the data */
+    for (i = start; i + 4 <= c->rx_len; i++)
+        if (!memcmp(c->rx + i, "\r\n\r\n", 4)) {
+            hl = i + 4;
+            break;
+        }
+    if (!hl)
+        return 0;
+    if (strncmp((char *)c->rx, "HTTP/1.1 101", 12) != 0) {
+        char why[64];
+
+        snprintf(why, sizeof(why), "upgrade refused: %.*s", (int)strcspn((char *)c->rx, "\r\n"),
+                 (char *)c->rx);
+        return raw_close_now(c, 1006, why);
+    }
+    for (line = (char *)c->rx; line && line < (char *)c->rx + hl;) {
+        if (!strncasecmp(line, "sec-websocket-accept:", 21)) {
+            const char *v = line + 21;
+            size_t vl;
+
+            v += strspn(v, " \t");
+            vl = strcspn(v, " \t\r\n");
+            ok = vl == strlen(c->accept) && !memcmp(v, c->accept, vl);
+        }
+        line = strstr(line, "\r\n");
+        if (line)
+            line += 2;
+    }
+    if (!ok)
+        return raw_close_now(c, 1006, "bad Sec-WebSocket-Accept");
+    rest = c->rx_len - hl;
+    c->rx_len = 0;
+    free(c->req);
+    c->req = NULL;
+    lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
+    c->last_rx = c->last_ping = uv_now(inst->loop);
+    c->pnext = inst->pipes;
+    if (inst->pipes)
+        inst->pipes->pprev = c;
+    inst->pipes = c;
+    on_client_established(inst, c, wsi);
+    /* frames that came with the answer (input after it is at the end of `in`) */
+    free(c->rx);
+    c->rx = NULL;
+    c->rx_cap = 0;
+    return rest ? raw_rx(c, in + len - rest, rest) : 0;
+}
+
+static int raw_on_rx(struct ws_instance *inst, struct emx_conn *c, struct lws *wsi, uint8_t *in,
+                     size_t len)
+{
+    if (c->state == CONN_GONE)
+        return 0;
+    if (c->state == CONN_CONNECTING) {
+        if (c->closing)
+            return -1;
+        return raw_upgrade_rx(inst, c, wsi, in, len);
+    }
+    c->last_rx = uv_now(inst->loop);
+    return raw_rx(c, in, len);
 }
 
 /* ---- writeable ------------------------------------------------------------ */
@@ -921,6 +1366,8 @@ static int on_established(struct ws_instance *inst, struct lws *wsi)
     }
     c->user = user;
     c->reported = true;
+    if (deflate)
+        inst->pmd_conns++;
     return 0;
 }
 
@@ -940,8 +1387,10 @@ static void on_client_established(struct ws_instance *inst, struct emx_conn *c, 
     info.peer = peer;
     info.deflate = c->deflate;
     info.tls = lws_is_ssl(wsi) != 0;
-    if (c->deflate)
+    if (c->deflate) {
+        inst->pmd_conns++;
         pmd_fit_frames(c);
+    }
     if (c->cb->on_open)
         c->cb->on_open(c->user, c, &info);
 }
@@ -1027,6 +1476,35 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
         *p += c->hdrs_len;
         return 0;
     }
+    case LWS_CALLBACK_RAW_ADOPT:
+    case LWS_CALLBACK_RAW_CONNECTED:
+        c = lws_wsi_user(wsi);
+        if (!c || !c->raw || c->raw_req_sent)
+            return 0;
+        c->wsi = wsi;
+        if (c->closing)
+            return -1;
+        /* one timeout for the whole upgrade, cleared when it is answered */
+        lws_set_timeout(wsi, PENDING_TIMEOUT_AWAITING_SERVER_RESPONSE,
+                        (int)secs_of(inst->cfg.handshake_timeout));
+        lws_callback_on_writable(wsi);
+        return 0;
+    case LWS_CALLBACK_RAW_RX:
+        c = lws_wsi_user(wsi);
+        if (!c || !c->raw)
+            return 0;
+        return raw_on_rx(inst, c, wsi, in, len);
+    case LWS_CALLBACK_RAW_WRITEABLE:
+        c = lws_wsi_user(wsi);
+        if (!c || !c->raw)
+            return 0;
+        if (!c->raw_req_sent && c->req) {
+            c->raw_req_sent = true;
+            memcpy(inst->scratch + LWS_PRE, c->req, c->req_len);
+            return lws_write(wsi, inst->scratch + LWS_PRE, c->req_len, LWS_WRITE_RAW) < 0 ? -1
+                                                                                          : 0;
+        }
+        return handle_writeable(c);
     case LWS_CALLBACK_RECEIVE:
     case LWS_CALLBACK_CLIENT_RECEIVE:
         c = lws_wsi_user(wsi);
@@ -1059,6 +1537,7 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
         return 0;
     case LWS_CALLBACK_CLOSED:
     case LWS_CALLBACK_CLIENT_CLOSED:
+    case LWS_CALLBACK_RAW_CLOSE:
     case LWS_CALLBACK_WSI_DESTROY:
         c = lws_wsi_user(wsi);
         if (c) {
@@ -1106,8 +1585,32 @@ static void check_cb(uv_check_t *h)
 
     /* A compressed message that inflates past the pmd rx buffer waits for
      * the next network event unless lws is woken while it has work left. */
-    if (inst->ctx && inst->state == INST_RUNNING && !lws_service_adjust_timeout(inst->ctx, 1, 0))
+    if (inst->pmd_conns && inst->ctx && inst->state == INST_RUNNING &&
+        !lws_service_adjust_timeout(inst->ctx, 1, 0))
         lws_cancel_service(inst->ctx);
+}
+
+/* ---- raw pipes: pings and silence ----------------------------------------- */
+
+static void pipe_timer_cb(uv_timer_t *t)
+{
+    struct ws_instance *inst = t->data;
+    uint64_t now = uv_now(inst->loop);
+    uint64_t ping = inst->cfg.ping_interval, hangup = inst->cfg.idle_read_timeout;
+    struct emx_conn *c, *n;
+
+    for (c = inst->pipes; c; c = n) {
+        n = c->pnext;
+        if (c->state != CONN_OPEN || c->closing || !c->wsi)
+            continue;
+        if (hangup && now - c->last_rx >= hangup) {
+            conn_kill(c, 1006, "no data or pong from the peer");
+        } else if (ping && now - c->last_rx >= ping && now - c->last_ping >= ping) {
+            c->last_ping = now;
+            if (raw_send(c, 0x9, NULL, 0))
+                conn_kill(c, 1006, "write failed");
+        }
+    }
 }
 
 /* ---- lifecycle ------------------------------------------------------------ */
@@ -1147,7 +1650,7 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
     inst = ws_zalloc(sizeof(*inst));
     if (!inst)
         return -ENOMEM;
-    inst->scratch = malloc(LWS_PRE + WS_MAX_FRAME);
+    inst->scratch = malloc(LWS_PRE + RAW_HDR_MAX + WS_MAX_FRAME);
     if (!inst->scratch) {
         free(inst);
         return -ENOMEM;
@@ -1220,7 +1723,9 @@ static int ws_start(void *instance)
     uv_idle_init(inst->loop, &inst->reap);
     uv_timer_init(inst->loop, &inst->sweep);
     uv_timer_init(inst->loop, &inst->teardown);
-    inst->handles_open = 4;
+    inst->pipe_timer.data = inst;
+    uv_timer_init(inst->loop, &inst->pipe_timer);
+    inst->handles_open = 5;
     uv_check_start(&inst->check, check_cb);
     /* the check handle must not keep the loop alive on its own */
     uv_unref((uv_handle_t *)&inst->check);
@@ -1232,6 +1737,16 @@ static int ws_start(void *instance)
         rc = uv_timer_start(&inst->sweep, sweep_cb, tick, tick);
         if (rc == 0)
             uv_unref((uv_handle_t *)&inst->sweep);
+    }
+    if (inst->cfg.ping_interval || inst->cfg.idle_read_timeout) {
+        uint64_t tick = 1000;
+
+        if (inst->cfg.ping_interval && inst->cfg.ping_interval < tick)
+            tick = inst->cfg.ping_interval;
+        if (inst->cfg.idle_read_timeout && inst->cfg.idle_read_timeout < tick)
+            tick = inst->cfg.idle_read_timeout;
+        if (uv_timer_start(&inst->pipe_timer, pipe_timer_cb, tick, tick) == 0)
+            uv_unref((uv_handle_t *)&inst->pipe_timer);
     }
     inst->state = INST_RUNNING;
     return 0;
@@ -1254,6 +1769,7 @@ static void teardown_finish(struct ws_instance *inst)
     close_handle(inst, (uv_handle_t *)&inst->reap);
     close_handle(inst, (uv_handle_t *)&inst->sweep);
     close_handle(inst, (uv_handle_t *)&inst->teardown);
+    close_handle(inst, (uv_handle_t *)&inst->pipe_timer);
 }
 
 static void teardown_cb(uv_timer_t *t)
@@ -1289,7 +1805,8 @@ static void walk_cb(uv_handle_t *h, void *arg)
     struct ws_instance *inst = w->inst;
 
     if (h == (uv_handle_t *)&inst->check || h == (uv_handle_t *)&inst->reap ||
-        h == (uv_handle_t *)&inst->sweep || h == (uv_handle_t *)&inst->teardown)
+        h == (uv_handle_t *)&inst->sweep || h == (uv_handle_t *)&inst->teardown ||
+        h == (uv_handle_t *)&inst->pipe_timer)
         return;
     /* lws's static handles carry the context; its socket watchers are polls */
     if (h->data == (void *)inst->ctx)
@@ -1312,6 +1829,7 @@ static void ws_stop(void *instance)
         return;
     inst->state = INST_STOPPING;
     uv_timer_stop(&inst->sweep);
+    uv_timer_stop(&inst->pipe_timer);
     uv_check_stop(&inst->check);
     /* first destroy at once from a timer callback, then poll every 10ms */
     uv_timer_start(&inst->teardown, teardown_cb, 0, 10);
@@ -1614,6 +2132,17 @@ static int ws_connect(void *instance, const struct emx_connect_spec *spec,
     c->sndbuf = spec->sndbuf;
     c->state = CONN_CONNECTING;
     snprintf(hosthdr, sizeof(hosthdr), "%s:%u", spec->host, (unsigned)spec->port);
+    /* Without deflate a plain pipe speaks WebSocket itself over a raw
+     * socket. lws 4.1.6 drops a raw client with TLS without a callback, so
+     * wss pipes stay on lws's WebSocket client. */
+    c->raw = !inst->cfg.pipe_deflate && !spec->tls;
+    if (c->raw) {
+        rc = raw_build_request(c, spec->path ? spec->path : "/", hosthdr);
+        if (rc) {
+            conn_free(c);
+            return rc;
+        }
+    }
 
     memset(&ci, 0, sizeof(ci));
     ci.context = inst->ctx;
@@ -1626,6 +2155,10 @@ static int ws_connect(void *instance, const struct emx_connect_spec *spec,
     ci.userdata = c;
     ci.local_protocol_name = "emx-pipe";
     ci.retry_and_idle_policy = &inst->pipe_retry;
+    if (c->raw) {
+        ci.method = "RAW";
+        ci.retry_and_idle_policy = &inst->raw_retry;
+    }
     if (spec->tls) {
         ci.ssl_connection = LCCSCF_USE_SSL;
         if (!spec->tls_verify)
