@@ -7,6 +7,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -493,6 +494,9 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
+    /* A peer that went away must cost a write error (EPIPE), not the
+     * process: libuv writes to sockets with write(2). */
+    signal(SIGPIPE, SIG_IGN);
     G.loop = uv_default_loop();
     G.rng = uv_hrtime() | 1;
     if (G.size) {

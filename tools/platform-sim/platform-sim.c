@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1531,6 +1532,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "platform-sim: --app-key or --app-key-file is required\n");
         return 2;
     }
+    /* A peer that went away must cost a write error (EPIPE), not the
+     * process: libuv writes to sockets with write(2). */
+    signal(SIGPIPE, SIG_IGN);
     S.loop = uv_default_loop();
     emx_list_init(&S.ctl_clients);
     hmap_init(&S.keys);
