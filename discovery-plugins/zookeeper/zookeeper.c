@@ -116,6 +116,7 @@ struct zk_disc {
     uv_timer_t connect_timer; /* reports a failure when no session comes up */
     uv_timer_t retry_timer;   /* a new handle after one could not be made */
     uv_timer_t round_timer;   /* a round again after a read failed */
+    uv_timer_t watchdog;      /* a round that gets no answer is read again */
     unsigned open_handles;
 
     struct zk_link *link; /* current handle, or NULL */
@@ -481,6 +482,8 @@ static void drop_link(struct zk_disc *zd)
 static void abort_round(struct zk_disc *zd)
 {
     struct round *r = zd->round;
+    if (zd->watchdog.loop)
+        uv_timer_stop(&zd->watchdog);
     zd->listing = 0;
     zd->again = false;
     if (!r)
@@ -831,6 +834,19 @@ static void watch_parent(struct zk_disc *zd)
     }
 }
 
+/* A listing or a read that never answers would stall discovery silently;
+ * libzookeeper promises every completion, but a round is cheap to redo. */
+static void on_watchdog(uv_timer_t *t)
+{
+    struct zk_disc *zd = t->data;
+    if (!zd->listing && !zd->round)
+        return;
+    zd->host->log(zd->host, EMX_LOG_WARN, "no answer reading %s within %d ms; reading again",
+                  zd->path, zd->timeout_ms);
+    abort_round(zd);
+    request_round(zd);
+}
+
 static void request_round(struct zk_disc *zd)
 {
     if (zd->stopped || !zd->connected || !zd->link || !zd->link->zh)
@@ -854,6 +870,7 @@ static void request_round(struct zk_disc *zd)
         return;
     }
     zd->listing = id;
+    uv_timer_start(&zd->watchdog, on_watchdog, (uint64_t)zd->timeout_ms, 0);
 }
 
 static bool transient(int rc)
@@ -878,7 +895,7 @@ static void on_listing(struct zk_disc *zd, struct event *ev)
         watch_parent(zd);
         struct zk_set none = {NULL, 0};
         bool again = zd->again;
-        zd->again = false;
+        abort_round(zd);
         report_set(zd, &none);
         if (again)
             request_round(zd);
@@ -1048,7 +1065,7 @@ static void on_close(uv_handle_t *h)
 static void close_handles(struct zk_disc *zd)
 {
     uv_handle_t *hs[] = {(uv_handle_t *)&zd->connect_timer, (uv_handle_t *)&zd->retry_timer,
-                         (uv_handle_t *)&zd->round_timer};
+                         (uv_handle_t *)&zd->round_timer, (uv_handle_t *)&zd->watchdog};
     for (size_t i = 0; i < sizeof(hs) / sizeof(hs[0]); i++)
         if (hs[i]->loop && !uv_is_closing(hs[i]))
             uv_close(hs[i], on_close);
@@ -1184,6 +1201,10 @@ static int zk_start(void *instance)
         goto fail;
     zd->open_handles++;
     zd->round_timer.data = zd;
+    if ((rc = uv_timer_init(loop, &zd->watchdog)) < 0)
+        goto fail;
+    zd->open_handles++;
+    zd->watchdog.data = zd;
     if ((rc = new_link(zd)) < 0)
         return rc;
     zd->host->log(zd->host, EMX_LOG_INFO, "watching %s on ZooKeeper '%s' (%s)", zd->path, zd->conn,
