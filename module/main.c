@@ -113,8 +113,6 @@ int main(int argc, char **argv)
         return 1;
     }
     emx_errors_free(&errs);
-    for (size_t i = 0; i < setup.warnings.count; i++)
-        fprintf(stderr, "warning: %s\n", setup.warnings.msgs[i]);
     if (test) {
         printf("edgemux: configuration %s is valid (transport %s %s, discovery %s %s)\n", config,
                setup.transport->hdr->name, setup.transport->hdr->version,

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -468,6 +469,9 @@ static void pipe_connect(struct pipe_ctx *pc)
         .header_count = 3,
         .max_message_size = cfg->edge.max_message_size,
         .sndbuf = (uint32_t)cfg->platform.sndbuf,
+        .ping_interval_ms = cfg->platform.ping_interval,
+        .idle_read_timeout_ms = cfg->platform.idle_read_timeout,
+        .connect_timeout_ms = cfg->platform.connect_timeout,
     };
     struct emx_conn *conn = NULL;
     int rc = s->tp->connect(s->tinst, &spec, &pipe_callbacks, pc, &conn);
@@ -1005,12 +1009,13 @@ static unsigned report_restart_keys(struct emx_server *s, const struct emx_confi
     RESTART_IF(!str_same(o->edge.path, n->edge.path), "edge.path");
     RESTART_IF(o->edge.max_message_size != n->edge.max_message_size, "edge.max_message_size");
     RESTART_IF(o->edge.deflate != n->edge.deflate, "edge.deflate");
+    RESTART_IF(o->edge.idle_timeout != n->edge.idle_timeout, "edge.idle_timeout");
     RESTART_IF(o->edge.tls_client_cert != n->edge.tls_client_cert, "edge.tls_client_cert");
-    /* The transport ABI has no way to swap a listener's certificate. */
-    RESTART_IF(!str_same(o->edge.tls_cert, n->edge.tls_cert) ||
-                   !str_same(o->edge.tls_key, n->edge.tls_key) ||
-                   !str_same(o->edge.tls_ca, n->edge.tls_ca),
-               "edge TLS certificate (the transport cannot reload it)");
+    /* A rotated certificate and key are reloaded in place (reload_edge_tls);
+     * turning TLS on or off, or changing who may present client
+     * certificates, needs a new listener. */
+    RESTART_IF(!o->edge.tls_cert != !n->edge.tls_cert, "edge.tls_cert (TLS on or off)");
+    RESTART_IF(!str_same(o->edge.tls_ca, n->edge.tls_ca), "edge.tls_ca");
     RESTART_IF(o->platform.pipes_per_instance != n->platform.pipes_per_instance,
                "platform.pipes_per_instance");
     RESTART_IF(!str_same(o->admin.listen, n->admin.listen), "admin.listen");
@@ -1024,6 +1029,34 @@ static unsigned report_restart_keys(struct emx_server *s, const struct emx_confi
 
 static struct emx_router_config router_config(const struct emx_setup *st);
 static int make_header(char **out, const char *name, const char *value);
+
+/* SIGHUP with TLS on the edge listener: read the certificate and key again
+ * (a rotated certificate usually keeps its path), keeping every device. */
+static void reload_edge_tls(struct emx_server *s, const struct emx_config *n)
+{
+    if (!n->edge.tls_cert || !s->listener)
+        return;
+    const struct emx_transport_plugin *tp = s->tp;
+    if (tp->hdr.struct_size < offsetof(struct emx_transport_plugin, reload_tls) +
+                                  sizeof(tp->reload_tls) ||
+        !tp->reload_tls) {
+        emx_logf(&s->log, EMX_LOG_WARN, "server",
+                 "reload: the transport cannot reload its certificate; restart to use a new one");
+        return;
+    }
+    int rc = tp->reload_tls(s->listener, n->edge.tls_cert, n->edge.tls_key);
+    if (rc == 0)
+        emx_logf(&s->log, EMX_LOG_INFO, "server", "reload: edge TLS certificate read from %s",
+                 n->edge.tls_cert);
+    else if (rc == -ENOTSUP)
+        emx_logf(&s->log, EMX_LOG_WARN, "server",
+                 "reload: edge.tls_cert/tls_key moved to other files: needs a restart; the "
+                 "running certificate stays");
+    else
+        emx_logf(&s->log, EMX_LOG_ERROR, "server",
+                 "reload: edge TLS certificate not reloaded (%s); the running one stays",
+                 strerror(-rc));
+}
 
 /* Swap discovery: stop the running instance (its later posts are ignored),
  * start one from the new config. The router keeps its instances until the
@@ -1126,6 +1159,7 @@ static void reload_config(struct emx_server *s)
         s->hdr_appkey = hdr;
         s->pipe_headers[0] = hdr;
     }
+    reload_edge_tls(s, n);
     if (disc_changed) {
         emx_logf(&s->log, EMX_LOG_INFO, "server", "reload: discovery changed: restarting %s",
                  ns->discovery->hdr->name);
@@ -1298,6 +1332,8 @@ int emx_server_run(struct emx_setup *setup)
         .tls_ca = s->cfg->edge.tls_ca,
         .tls_require_client_cert = s->cfg->edge.tls_client_cert,
         .max_message_size = s->cfg->edge.max_message_size,
+        .idle_timeout_ms = s->cfg->edge.idle_timeout,
+        .deflate = s->cfg->edge.deflate ? 1 : -1,
     };
     rc = s->tp->listen(s->tinst, &ls, &edge_callbacks, s, &s->listener);
     if (rc != 0) {
@@ -1305,8 +1341,6 @@ int emx_server_run(struct emx_setup *setup)
                  strerror(-rc));
         goto out_transport;
     }
-    for (size_t i = 0; i < setup->warnings.count; i++)
-        emx_logf(&s->log, EMX_LOG_WARN, "server", "%s", setup->warnings.msgs[i]);
     /* Settings this version reads but does not act on yet: say so. */
     if (s->cfg->server.workers != 1)
         emx_logf(&s->log, EMX_LOG_WARN, "server",

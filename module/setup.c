@@ -93,43 +93,6 @@ static int load_plugin(struct emx_setup *s, const char *dir, const char *section
     return 0;
 }
 
-/* Core keys whose work the ws transport does with options of its own in this
- * version: a value set here would have no effect, so say where it belongs. */
-static void warn_transport_keys(struct emx_setup *s)
-{
-    static const struct {
-        const char *section, *key, *plugin_key;
-        uint64_t def;
-        size_t offset;
-    } keys[] = {
-        {"edge", "idle_timeout", "edge_idle_timeout", 120000,
-         offsetof(struct emx_config, edge.idle_timeout)},
-        {"platform", "ping_interval", "ping_interval", 30000,
-         offsetof(struct emx_config, platform.ping_interval)},
-        {"platform", "idle_read_timeout", "idle_read_timeout", 60000,
-         offsetof(struct emx_config, platform.idle_read_timeout)},
-        {"platform", "connect_timeout", "handshake_timeout", 10000,
-         offsetof(struct emx_config, platform.connect_timeout)},
-    };
-    const struct emx_config *cfg = s->cfg;
-    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
-        uint64_t v;
-        memcpy(&v, (const char *)cfg + keys[i].offset, sizeof(v));
-        if (v == keys[i].def)
-            continue;
-        char key[64];
-        snprintf(key, sizeof(key), "%s.%s", keys[i].section, keys[i].key);
-        emx_errors_add(&s->warnings, cfg->file, node_line(cfg, keys[i].section, keys[i].key), key,
-                       "the transport does not take this key in this version; set "
-                       "transport.%s instead",
-                       keys[i].plugin_key);
-    }
-    if (!cfg->edge.deflate)
-        emx_errors_add(&s->warnings, cfg->file, node_line(cfg, "edge", "deflate"), "edge.deflate",
-                       "the transport does not take this key in this version; set "
-                       "transport.deflate instead");
-}
-
 int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_setup *out,
                    struct emx_errors *errs)
 {
@@ -171,8 +134,6 @@ int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_
                        "or EDGEMUX_APP_KEY in the environment)");
         bad = -EINVAL;
     }
-    if (!bad && !errs->count)
-        warn_transport_keys(out);
     if (bad || errs->count) {
         emx_setup_free(out);
         return bad ? (bad < 0 ? bad : -EINVAL) : -EINVAL;
@@ -182,7 +143,6 @@ int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_
 
 void emx_setup_free(struct emx_setup *s)
 {
-    emx_errors_free(&s->warnings);
     if (s->app_key) {
         explicit_bzero(s->app_key, strlen(s->app_key));
         emx_free_ptr(&s->app_key);

@@ -16,7 +16,6 @@ struct emx_setup {
     void *discovery_config;
     char *app_key;           /* from platform.app_key, app_key_file or EDGEMUX_APP_KEY */
     const char *plugins_dir; /* the directory the plugins came from */
-    struct emx_errors warnings; /* "file:line: key: ..." a valid config may still earn */
 };
 
 /* Load and check everything. `plugins_dir` overrides plugins.dir when not

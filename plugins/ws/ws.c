@@ -63,6 +63,12 @@ struct ws_config {
     int64_t max_http_header_pool;
 };
 
+/* Defaults of the options the core's settings can stand in for. */
+#define DEF_EDGE_IDLE_MS 120000
+#define DEF_PING_MS      30000
+#define DEF_IDLE_READ_MS 60000
+#define DEF_HANDSHAKE_MS 10000
+
 #define OPT(name_, type_, def_, field_, help_)                                                     \
     {                                                                                              \
         (name_), NULL, (type_), (def_), false, offsetof(struct ws_config, field_), (help_)         \
@@ -175,6 +181,7 @@ struct ws_listener {
     struct emx_conn_callbacks cb;
     void *user;
     char *path;
+    char *cert, *key; /* TLS files, for reload_tls */
     size_t max_msg;
     int port;
     bool tls;
@@ -192,6 +199,10 @@ enum ws_inst_state { INST_CREATED, INST_RUNNING, INST_STOPPING, INST_STOPPED };
 struct ws_instance {
     const struct emx_host *host;
     struct ws_config cfg;
+    /* Options left at their defaults: the core's own settings (ABI 1.1 spec
+     * fields) take their place; an option changed here wins. */
+    bool core_idle, core_deflate, core_ping, core_idle_read, core_handshake;
+    uint64_t pipe_tick; /* period of pipe_timer; 0: not running */
     uv_loop_t *loop;
     void *loops[1];
     struct lws_context *ctx;
@@ -1657,6 +1668,13 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
     }
     inst->host = host;
     inst->cfg = *cfg;
+    if (host->abi_minor >= 1) { /* older cores pass no settings of their own */
+        inst->core_idle = cfg->edge_idle_timeout == DEF_EDGE_IDLE_MS;
+        inst->core_deflate = cfg->deflate;
+        inst->core_ping = cfg->ping_interval == DEF_PING_MS;
+        inst->core_idle_read = cfg->idle_read_timeout == DEF_IDLE_READ_MS;
+        inst->core_handshake = cfg->handshake_timeout == DEF_HANDSHAKE_MS;
+    }
     inst->loop = host->loop;
     inst->loops[0] = host->loop;
     *out = inst;
@@ -1745,8 +1763,10 @@ static int ws_start(void *instance)
             tick = inst->cfg.ping_interval;
         if (inst->cfg.idle_read_timeout && inst->cfg.idle_read_timeout < tick)
             tick = inst->cfg.idle_read_timeout;
-        if (uv_timer_start(&inst->pipe_timer, pipe_timer_cb, tick, tick) == 0)
+        if (uv_timer_start(&inst->pipe_timer, pipe_timer_cb, tick, tick) == 0) {
             uv_unref((uv_handle_t *)&inst->pipe_timer);
+            inst->pipe_tick = tick;
+        }
     }
     inst->state = INST_RUNNING;
     return 0;
@@ -1853,6 +1873,8 @@ static void ws_destroy(void *instance)
 
         inst->listeners = l->next;
         free(l->path);
+        free(l->cert);
+        free(l->key);
         free(l);
     }
     while (inst->cvhosts) {
@@ -1927,6 +1949,10 @@ static int ws_listen(void *instance, const struct emx_listen_spec *spec,
         return -EINVAL;
     if (inst->state != INST_RUNNING)
         return -ESHUTDOWN;
+    if (inst->core_idle && spec->idle_timeout_ms)
+        inst->cfg.edge_idle_timeout = spec->idle_timeout_ms;
+    if (inst->core_deflate && spec->deflate != 0)
+        inst->cfg.deflate = spec->deflate > 0;
     rc = parse_address(spec->address, host, sizeof(host), &port);
     if (rc) {
         LOG(inst, EMX_LOG_ERROR, "ws: bad listen address \"%s\" (want host:port)",
@@ -1959,6 +1985,17 @@ static int ws_listen(void *instance, const struct emx_listen_spec *spec,
     l->user = user;
     l->max_msg = spec->max_message_size ? spec->max_message_size : SIZE_MAX;
     l->tls = spec->tls_cert != NULL;
+    if (l->tls) {
+        l->cert = ws_strdup(spec->tls_cert);
+        l->key = ws_strdup(spec->tls_key);
+        if (!l->cert || !l->key) {
+            free(l->cert);
+            free(l->key);
+            free(l->path);
+            free(l);
+            return -ENOMEM;
+        }
+    }
 
     snprintf(name, sizeof(name), "edge-%u", ++inst->vhost_seq);
     memset(&info, 0, sizeof(info));
@@ -1987,6 +2024,8 @@ static int ws_listen(void *instance, const struct emx_listen_spec *spec,
         LOG(inst, EMX_LOG_ERROR, "ws: cannot listen on %s (address in use or TLS setup failed)",
             spec->address);
         free(l->path);
+        free(l->cert);
+        free(l->key);
         free(l);
         return -EADDRINUSE;
     }
@@ -2009,6 +2048,25 @@ static void ws_unlisten(struct emx_listener *listener)
     if (l->inst->state == INST_RUNNING && l->vh)
         lws_vhost_destroy(l->vh);
     l->vh = NULL;
+}
+
+/* ABI 1.1: read a rotated certificate and key again from the same files.
+ * lws swaps the vhost's SSL context; connections keep the one they have. */
+static int ws_reload_tls(struct emx_listener *listener, const char *cert, const char *key)
+{
+    struct ws_listener *l = (struct ws_listener *)listener;
+
+    if (!l || !cert || !key || !l->tls || l->closed || !l->vh)
+        return -EINVAL;
+    if (strcmp(cert, l->cert) != 0 || strcmp(key, l->key) != 0)
+        return -ENOTSUP; /* lws finds the vhost by its certificate path */
+    if (!readable(cert) || !readable(key))
+        return -ENOENT;
+    if (lws_tls_cert_updated(l->inst->ctx, cert, key, NULL, 0, NULL, 0) != 0) {
+        LOG(l->inst, EMX_LOG_ERROR, "ws: cannot load the certificate %s or its key", cert);
+        return -EIO;
+    }
+    return 0;
 }
 
 /* ---- connect -------------------------------------------------------------- */
@@ -2096,6 +2154,29 @@ static int build_headers(struct emx_conn *c, const struct emx_connect_spec *s)
     return 0;
 }
 
+/* ABI 1.1: platform.ping_interval, idle_read_timeout and connect_timeout
+ * from the core, for options left at their defaults. The pipe timer ticks
+ * at least as often as the shortest of them. */
+static void pipe_settings_from_core(struct ws_instance *inst, const struct emx_connect_spec *spec)
+{
+    if (inst->core_ping && spec->ping_interval_ms)
+        inst->cfg.ping_interval = spec->ping_interval_ms;
+    if (inst->core_idle_read && spec->idle_read_timeout_ms)
+        inst->cfg.idle_read_timeout = spec->idle_read_timeout_ms;
+    if (inst->core_handshake && spec->connect_timeout_ms)
+        inst->cfg.handshake_timeout = spec->connect_timeout_ms;
+    inst->pipe_retry.secs_since_valid_ping = (uint16_t)secs_of(inst->cfg.ping_interval);
+    inst->pipe_retry.secs_since_valid_hangup = (uint16_t)secs_of(inst->cfg.idle_read_timeout);
+    uint64_t tick = 1000;
+    if (inst->cfg.ping_interval && inst->cfg.ping_interval < tick)
+        tick = inst->cfg.ping_interval;
+    if (inst->cfg.idle_read_timeout && inst->cfg.idle_read_timeout < tick)
+        tick = inst->cfg.idle_read_timeout;
+    if (inst->pipe_tick && tick < inst->pipe_tick &&
+        uv_timer_start(&inst->pipe_timer, pipe_timer_cb, tick, tick) == 0)
+        inst->pipe_tick = tick;
+}
+
 static int ws_connect(void *instance, const struct emx_connect_spec *spec,
                       const struct emx_conn_callbacks *cb, void *user, struct emx_conn **out)
 {
@@ -2112,6 +2193,7 @@ static int ws_connect(void *instance, const struct emx_connect_spec *spec,
         return -EINVAL;
     if (inst->state != INST_RUNNING)
         return -ESHUTDOWN;
+    pipe_settings_from_core(inst, spec);
     vh = client_vhost(inst, spec);
     if (!vh) {
         LOG(inst, EMX_LOG_ERROR, "ws: cannot set up a client context (TLS files?) for %s:%u",
@@ -2205,4 +2287,5 @@ EMX_PLUGIN_EXPORT const struct emx_transport_plugin emx_transport_plugin = {
     .buffered = ws_buffered,
     .pause_read = ws_pause_read,
     .close = ws_close,
+    .reload_tls = ws_reload_tls,
 };

@@ -43,9 +43,6 @@ check alias_conflict 1 'server\.name: set twice' "$base
 cx-server.thing.name: other-name" 
 check unknown_plugin_key 1 '^unknown_plugin_key.yaml:9: discovery\.endpiont: unknown key.*did you mean' "$base
   endpiont: zk1:2181"
-check transport_key_warning 0 'warning: transport_key_warning.yaml:[0-9]+: platform.ping_interval: .*transport.ping_interval' "$base
-  endpoint: zk1:2181
-cx-server.transport.websockets.connections.pingRate: 5s"
 check bad_plugin_value 1 '^bad_plugin_value.yaml:9: discovery\.interval: ' "$base
   interval: soon"
 check alias_twice 1 'endpoint' "$base

@@ -62,6 +62,10 @@ struct emx_listen_spec {
     const char *tls_ca;           /* for client certificates; NULL: none asked */
     bool tls_require_client_cert;
     size_t max_message_size;      /* one WebSocket message over this closes 1009 */
+    /* ABI 1.1 (read them only when host->abi_minor >= 1): the core's
+     * settings. 0: the core has none, use your own. */
+    uint64_t idle_timeout_ms;     /* edge.idle_timeout */
+    int deflate;                  /* edge.deflate: 1 offer, -1 refuse, 0 unset */
 };
 
 struct emx_connect_spec {
@@ -77,6 +81,10 @@ struct emx_connect_spec {
     size_t header_count;
     size_t max_message_size;
     uint32_t sndbuf;              /* SO_SNDBUF; 0: kernel default */
+    /* ABI 1.1 (read them only when host->abi_minor >= 1); 0: use your own. */
+    uint64_t ping_interval_ms;    /* platform.ping_interval */
+    uint64_t idle_read_timeout_ms; /* platform.idle_read_timeout */
+    uint64_t connect_timeout_ms;  /* platform.connect_timeout */
 };
 
 struct emx_transport_plugin {
@@ -106,6 +114,14 @@ struct emx_transport_plugin {
     int (*pause_read)(struct emx_conn *conn, bool pause);
     /* Close with a WebSocket close code; on_close follows. */
     void (*close)(struct emx_conn *conn, uint16_t code, const char *reason);
+
+    /* ---- ABI 1.1 (the core reads these only when hdr.struct_size covers them) ---- */
+
+    /* Reload a TLS listener's certificate and key from these files (a
+     * rotated certificate on SIGHUP), keeping every connection. Returns 0,
+     * -ENOTSUP when this listener cannot change them in place (the core then
+     * reports that a restart is needed), or another -errno. May be NULL. */
+    int (*reload_tls)(struct emx_listener *listener, const char *cert, const char *key);
 };
 
 #ifdef __cplusplus
