@@ -91,6 +91,10 @@ def srv(port, prio=0, weight=1, target="i"):
     return ("set", "_tw._tcp", 1, "SRV", prio, weight, port, target)
 
 
+# How long DNS stays down in the last phase (a minute, as for every source).
+DOWN_SECONDS = float(os.environ.get("EMX_DNS_DOWN_SECONDS", "60"))
+
+
 @unittest.skipUnless(os.access(KNOTD, os.X_OK), "knotd is not installed (scripts/deps.sh)")
 class DnsSrvDiscovery(E2ETest):
 
@@ -159,10 +163,17 @@ class DnsSrvDiscovery(E2ETest):
         knot.stop()
         wait_until(lambda: re.search(r"discovery source failed \(%s: SRV query: " % re.escape(NAME),
                                      emx.log()), 5, what="the DNS failure reported")
+        # ... and stays down for a minute (EMX_DNS_DOWN_SECONDS): nothing changes.
+        deadline = time.monotonic() + DOWN_SECONDS
+        while time.monotonic() < deadline:
+            self.assertEqual(plat.pipes_connected(), [2, 2, 0])
+            self.assertEqual(emx.http("/ready")[0], 200)
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
         got = traffic()
         self.assertGreater(got[0] + got[1], 0, got)
         self.assertEqual(plat.pipes_connected(), [2, 2, 0])
         self.assertEqual(emx.http("/ready")[0], 200)
+        self.assertNotIn("left discovery", emx.log().split("discovery source failed")[-1])
 
 
 if __name__ == "__main__":
