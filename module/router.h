@@ -113,6 +113,7 @@ struct emx_edge {
     uint64_t msgs_in, msgs_out;
     uint64_t rate_tokens;     /* token bucket of max_msgs_per_sec, in 1/1000 messages */
     uint64_t rate_at;         /* loop time the bucket was last filled */
+    uint64_t queued_bound;    /* server: ceiling of the transport's buffered() */
     /* Set by the server at accept, for logs, admin and per-source limits:
      * the device's address (X-Forwarded-For from a trusted proxy, else the
      * socket peer) and the socket peer itself. */

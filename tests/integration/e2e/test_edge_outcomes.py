@@ -1,6 +1,7 @@
 """What a device sees at the edge: AUTH gating, size limits, frame sizes,
 routing round robin, and the all-down rule, against the real binary."""
 
+import socket
 import struct
 import time
 import unittest
@@ -135,6 +136,23 @@ class EdgeOutcomes(E2ETest):
 
     def test_max_frame_size_4096_deflate_one_60k_message(self):
         self._big_answer(deflate=True, size=60000, chunk_size=65535)
+
+    def test_slow_consumer_closed_1008(self):
+        # An edge that sends requests but does not read its 60 KB answers:
+        # once the kernel buffers are full, edgemux's queue to it passes
+        # edge.max_queued and the edge is closed 1008 (the server checks the
+        # limit lazily; this shows it still holds end to end).
+        self.cluster(instances=1, overrides={"edge": {"max_queued": "256KiB"}},
+                     psim_extra=("--response-size", "60000"))
+        e = self.emx.edge(app_key=self.env.app_key)
+        e.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        code, sid = e.auth(self.env.app_key)
+        self.assertEqual(code, SUCCESS)
+        for i in range(2, 800):
+            e.send(ao_request(GET, i, sid))
+        time.sleep(1)
+        self.assertEqual(e.expect_close(timeout=30), 1008)
+        e.close()
 
     def test_all_down_closes_edges_1013_and_recovers(self):
         self.cluster(overrides={"platform": {"all_down_grace": "1s"}})
