@@ -505,6 +505,20 @@ class Chaos(unittest.TestCase):
                                    "edges_lost": len(t.lost_edges)} for k, t in tallies.items()}
         return tallies
 
+    def check_recovered(self, tallies):
+        """Every edge that got an error answer got a platform answer to a
+        later request: the fault ended for it within the phase."""
+        for label, t in tallies.items():
+            stuck = []
+            for edge, entries in t.by_edge.items():
+                errs = [e["request_id"] for e in entries
+                        if e["outcome"] == "answered" and e["code"] != SUCCESS]
+                if errs and not any(e["request_id"] > max(errs) and e["outcome"] == "answered"
+                                    and e["code"] == SUCCESS for e in entries):
+                    stuck.append(edge)
+            self.assertEqual(stuck, [], "%s: edges that saw no platform answer after their last error"
+                             % label)
+
     def check_alive(self, phase):
         for i, e in enumerate(self.emx):
             if i in self.killed_emx:
@@ -602,6 +616,7 @@ class Chaos(unittest.TestCase):
         time.sleep(3)
         self.finish(gens)
         t = self.check_gens("1 platform kill/restart", gens)
+        self.check_recovered(t)
         self.assertGreater(sum(x.codes.get(SERVICE_UNAVAILABLE, 0) + x.codes.get(INTERNAL_ERROR, 0)
                                for x in t.values()), 0, "no request was in flight on a killed platform?")
         self.after_phase("phase 1")
@@ -636,7 +651,7 @@ class Chaos(unittest.TestCase):
             log("  link %s up" % self.netns.ns_if)
         time.sleep(4)
         self.finish(gens)
-        self.check_gens("2 network cut", gens)
+        self.check_recovered(self.check_gens("2 network cut", gens))
         self.after_phase("phase 2")
 
     def test_3_platform_sigstop(self):
@@ -776,6 +791,7 @@ class Chaos(unittest.TestCase):
         time.sleep(4)
         self.finish(gens)
         t = self.check_gens("6 all platforms down", gens)
+        self.check_recovered(t)
         self.assertGreater(sum(x.codes.get(INTERNAL_ERROR, 0) for x in t.values()), 0,
                            "no 0xA0 while every platform was down")
         self.after_phase("phase 6")
