@@ -6,7 +6,8 @@
 #   B  edges -> HAProxy (tunnel) -> platform-sim
 #   C  edges -> edgemux -> platform-sim
 #   D  edges -> HAProxy -> edgemux -> platform-sim
-# Parts (PARTS, default all): throughput latency capacity callgrind memory storm
+# Parts (PARTS, default all): throughput latency capacity callgrind syscalls memory storm
+#   (only when named: memory-busy wss scale workers)
 #
 #   scripts/bench.sh                      # everything
 #   PARTS="throughput" RUNS=3 scripts/bench.sh
@@ -21,7 +22,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SRC=${SRC:-$ROOT}
 BUILD=${BUILD:-$ROOT/build/bench}
-PARTS=${PARTS:-"throughput latency capacity callgrind memory storm"}
+PARTS=${PARTS:-"throughput latency capacity callgrind syscalls memory storm"}
 RUNS=${RUNS:-5}
 EDGES=${EDGES:-1000}
 SIZE=${SIZE:-512}
@@ -286,6 +287,26 @@ if has_part callgrind; then
   done
 fi
 
+if has_part syscalls; then
+  # System calls of edgemux per routed message (perf tracepoints; callgrind
+  # sees only user space), path C, the callgrind part's load.
+  log "== syscalls: edgemux, $CG_EDGES edges, window 1, $CG_LONG requests"
+  start_psim
+  start_emx
+  perf stat -x, -e syscalls:sys_enter_ioctl,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_read,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl \
+    -p "$EMX_PID" -o "$OUT/syscalls.csv" &
+  PERF_PID=$!
+  sleep 1
+  taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of C)" --app-key "$KEY" --quiet \
+    --edges "$CG_EDGES" --window 1 --size "$SIZE" --warmup 0 --duration 600s --requests "$CG_LONG" \
+    --connect-spread 500ms --json "$OUT/sys.json" >"$OUT/sys.txt" 2>&1 || true
+  kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+  cleanup
+  a=$(jq .outcomes.answered "$OUT/sys.json")
+  awk -F, -v a="$a" '$3 ~ /syscalls/ {sub(/syscalls:sys_enter_/, "", $3); printf "%s %d (%.3f per answer)\n", $3, $1, $1 / a}' \
+    "$OUT/syscalls.csv" | while read -r l; do log "  $l"; done
+fi
+
 sockmem() { awk '/^TCP:/ {for (i=1;i<NF;i++) if ($i=="mem") print $(i+1)}' /proc/net/sockstat; }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
@@ -333,6 +354,187 @@ if has_part storm; then
     --json "$OUT/storm.json" >"$OUT/storm.txt" 2>&1 || true
   cleanup
   log "storm: all ready and bound again after $(jq .storm_recover_s "$OUT/storm.json")s (connect p99 $(jq .connect_ms.p99 "$OUT/storm.json") ms)"
+fi
+
+# ---- extra edgemux configurations (memory-busy, wss, scale, workers) ----
+# emx_conf NAME PORT ADMIN [lines of the edge section...] -> $OUT/NAME.yaml
+emx_conf() {
+  local name=$1 port=$2 admin=$3
+  shift 3
+  {
+    printf 'server:\n  name: %s\nlog:\n  level: warn\nedge:\n  address: 127.0.0.1\n  port: %s\n' "$name" "$port"
+    for l in "$@"; do printf '  %s\n' "$l"; done
+    printf 'platform:\n  app_key: %s\ndiscovery:\n  plugin: static\n  file: %s\nadmin:\n  listen: 127.0.0.1:%s\n' \
+      "$KEY" "$OUT/instances.yaml" "$admin"
+  } >"$OUT/$name.yaml"
+}
+# start_emx_conf NAME ADMIN [cpu list] -> EMX_PID
+start_emx_conf() {
+  taskset -c "${3:-$SERVER_CPU}" "$EMX" -c "$OUT/$1.yaml" -p "$PLUGINS" >>"$OUT/$1.log" 2>&1 &
+  EMX_PID=$!
+  PIDS+=("$EMX_PID")
+  for _ in $(seq 600); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$2/ready")" = 200 ] && return 0
+    sleep 0.1
+  done
+  echo "edgemux $1 never became ready" >&2
+  return 1
+}
+wait_bound() { # err-file: until the bench says its edges are ready and bound
+  for _ in $(seq 3000); do
+    grep -q 'ready and bound after' "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+bound_count() { grep -o '[0-9]*/[0-9]* edges ready and bound' "$1" | tail -1 | cut -d/ -f1; }
+
+BUSY_EDGES=${BUSY_EDGES:-2000}
+if has_part memory-busy; then
+  # RSS per busy edge, plain and permessage-deflate: edges exchanging
+  # messages (closed loop); peak RSS in the run against RSS before any edge.
+  for mode in plain deflate; do
+    log "== memory per busy edge ($mode): $BUSY_EDGES edges, closed loop window 1, $SIZE B, one edgemux"
+    if [ $mode = deflate ]; then
+      emx_conf mb "$EMX_PORT" "$EMX_ADMIN" "deflate: true"; flag=(--deflate)
+    else
+      emx_conf mb "$EMX_PORT" "$EMX_ADMIN" "deflate: false"; flag=()
+    fi
+    start_psim
+    start_emx_conf mb "$EMX_ADMIN"
+    sleep 2
+    rf=$(rss_kb "$EMX_PID")
+    taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of C)" --app-key "$KEY" --quiet "${flag[@]}" \
+      --edges "$BUSY_EDGES" --size "$SIZE" --window 1 --warmup 2s --duration 8s \
+      --json "$OUT/mb-$mode.json" >"$OUT/mb-$mode.txt" 2>&1 &
+    bp=$!
+    peak=0
+    while kill -0 "$bp" 2>/dev/null; do
+      r=$(rss_kb "$EMX_PID"); [ "$r" -gt "$peak" ] && peak=$r
+      sleep 0.2
+    done
+    wait "$bp" || true
+    after=$(rss_kb "$EMX_PID")
+    cleanup
+    log "$mode: edgemux RSS $rf KiB before any edge, peak $peak KiB with $BUSY_EDGES busy edges ($(jq .throughput "$OUT/mb-$mode.json") answers/s): $(awk -v a="$rf" -v b="$peak" -v n="$BUSY_EDGES" 'BEGIN{printf "%.0f", (b-a)*1024/n}') bytes per edge; $after KiB after they closed"
+  done
+fi
+
+WSS_EDGES=${WSS_EDGES:-9000}
+if has_part wss; then
+  # edgemux's memory per idle edge over wss. The bench has no TLS client, so
+  # HAProxy in tcp mode takes plain TCP from the bench and opens TLS to
+  # edgemux; one HAProxy holds ~9,900 client connections under the file limit.
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$OUT/key.pem" -out "$OUT/cert.pem" -days 2 \
+    -subj /CN=127.0.0.1 >/dev/null 2>&1
+  for mode in ws wss; do
+    log "== memory per idle edge over $mode (bench -> HAProxy tcp -> edgemux): $WSS_EDGES edges"
+    ssl=""
+    if [ $mode = wss ]; then
+      emx_conf mw "$EMX_PORT" "$EMX_ADMIN" "deflate: false" "tls_cert: $OUT/cert.pem" "tls_key: $OUT/key.pem"
+      ssl="ssl verify none"
+    else
+      emx_conf mw "$EMX_PORT" "$EMX_ADMIN" "deflate: false"
+    fi
+    printf '%s\n' global '  maxconn 9800' defaults '  mode tcp' '  timeout connect 5s' \
+      '  timeout client 1h' '  timeout server 1h' frontend\ edges "  bind 127.0.0.1:$HAP_EDGE_PORT" \
+      '  maxconn 9800' '  default_backend emx' backend\ emx \
+      "  server emx1 127.0.0.1:$EMX_PORT $ssl maxconn 9800" >"$OUT/hap-tcp.cfg"
+    start_psim
+    start_emx_conf mw "$EMX_ADMIN"
+    taskset -c "$LOAD_CPU" haproxy -db -f "$OUT/hap-tcp.cfg" >>"$OUT/haproxy-tcp.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$HAP_EDGE_PORT"
+    sleep 2
+    rf=$(rss_kb "$EMX_PID")
+    taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of D)" --app-key "$KEY" --idle --duration 0 \
+      --no-source-ips --edges "$WSS_EDGES" --connect-spread 10s --connect-timeout 120s \
+      --json "$OUT/mw-$mode.json" >"$OUT/mw-$mode.txt" 2>"$OUT/mw-$mode.err" &
+    bp=$!
+    wait_bound "$OUT/mw-$mode.err" || true
+    sleep 2
+    r1=$(rss_kb "$EMX_PID"); n=$(bound_count "$OUT/mw-$mode.err")
+    kill -INT "$bp"; wait "$bp" || true
+    cleanup
+    log "$mode: edgemux RSS $rf KiB before any edge, $r1 KiB at $n idle edges: $(awk -v a="$rf" -v b="$r1" -v n="$n" 'BEGIN{printf "%.0f", (b-a)*1024/n}') bytes per edge"
+  done
+fi
+
+SCALE_EDGES=${SCALE_EDGES:-100000}
+SCALE_EMX=${SCALE_EMX:-6}
+if has_part scale; then
+  # Idle edges across several edgemux processes (each under the 20,000-file
+  # limit), one bench process per edgemux; nothing pinned.
+  per=$(((SCALE_EDGES + SCALE_EMX - 1) / SCALE_EMX))
+  log "== scale: $SCALE_EDGES idle edges, $SCALE_EMX edgemux x $per, one bench process each"
+  k0=$(sockmem); s0=$(grep '^TCP:' /proc/net/sockstat)
+  start_psim
+  taskset -p -c 0-1 "$PSIM_PID" >/dev/null
+  EPIDS=(); BPIDS=(); rf=0
+  for i in $(seq 0 $((SCALE_EMX - 1))); do
+    emx_conf "sc$i" $((BASE_PORT + 10 + 2 * i)) $((BASE_PORT + 11 + 2 * i)) "deflate: false"
+    start_emx_conf "sc$i" $((BASE_PORT + 11 + 2 * i)) 0-1
+    EPIDS+=("$EMX_PID"); rf=$((rf + $(rss_kb "$EMX_PID")))
+  done
+  t0=$(date +%s.%N)
+  for i in $(seq 0 $((SCALE_EMX - 1))); do
+    n=$per; [ $(((i + 1) * per)) -gt "$SCALE_EDGES" ] && n=$((SCALE_EDGES - i * per))
+    "$BENCH" --url "ws://127.0.0.1:$((BASE_PORT + 10 + 2 * i))$WS_PATH" --app-key "$KEY" --idle \
+      --duration 0 --edges "$n" --connect-spread 30s --connect-timeout 300s \
+      --json "$OUT/sc$i.json" >"$OUT/sc$i.txt" 2>"$OUT/sc$i.err" &
+    BPIDS+=($!)
+  done
+  for i in $(seq 0 $((SCALE_EMX - 1))); do wait_bound "$OUT/sc$i.err" || true; done
+  t1=$(date +%s.%N)
+  sleep 3
+  re=0; rb=0; bound=0
+  for p in "${EPIDS[@]}"; do re=$((re + $(rss_kb "$p"))); done
+  for p in "${BPIDS[@]}"; do rb=$((rb + $(rss_kb "$p"))); done
+  for i in $(seq 0 $((SCALE_EMX - 1))); do bound=$((bound + $(bound_count "$OUT/sc$i.err"))); done
+  k1=$(sockmem); s1=$(grep '^TCP:' /proc/net/sockstat); slab=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
+  for p in "${BPIDS[@]}"; do kill -INT "$p"; done
+  for p in "${BPIDS[@]}"; do wait "$p" || true; done
+  cleanup
+  log "scale: $bound of $SCALE_EDGES edges ready and bound (AUTH and BIND answered) $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s after the first bench started"
+  log "scale: edgemux RSS total $re KiB ($rf KiB before any edge: $(awk -v a="$rf" -v b="$re" -v n="$bound" 'BEGIN{printf "%.0f", (b-a)*1024/n}') bytes per edge); bench processes $rb KiB; kernel TCP buffer pages $k0 -> $k1; Slab $slab KiB"
+  log "scale: sockstat before: $s0"
+  log "scale: sockstat at $bound edges: $s1"
+fi
+
+WK_EDGES=${WK_EDGES:-1000}
+if has_part workers; then
+  # One edgemux against two (server.workers > 1 is not implemented), the same
+  # edges split over two bench processes in both cases, every process free
+  # to run on both cores.
+  emx_conf wk0 $((BASE_PORT + 10)) $((BASE_PORT + 11)) "deflate: false"
+  emx_conf wk1 $((BASE_PORT + 12)) $((BASE_PORT + 13)) "deflate: false"
+  log "== workers: 1 vs 2 edgemux processes, $WK_EDGES edges, $SIZE B, window 1, $RUNS rounds, unpinned"
+  hz=$(getconf CLK_TCK)
+  for i in $(seq "$RUNS"); do
+    for k in 1 2; do
+      start_psim
+      taskset -p -c 0-1 "$PSIM_PID" >/dev/null
+      start_emx_conf wk0 $((BASE_PORT + 11)) 0-1; sv=("$PSIM_PID" "$EMX_PID")
+      if [ $k = 2 ]; then start_emx_conf wk1 $((BASE_PORT + 13)) 0-1; sv+=("$EMX_PID"); fi
+      t0=$(cpu_ticks "${sv[@]}"); bp=()
+      for j in 0 1; do
+        port=$((BASE_PORT + 10 + (k == 2 ? 2 * j : 0)))
+        "$BENCH" --url "ws://127.0.0.1:$port$WS_PATH" --app-key "$KEY" --quiet \
+          --edges $((WK_EDGES / 2)) --size "$SIZE" --window 1 --warmup 2s --duration 8s \
+          --json "$OUT/wk$k-$i-$j.json" >"$OUT/wk$k-$i-$j.txt" 2>&1 &
+        bp+=($!)
+      done
+      for p in "${bp[@]}"; do wait "$p" || true; done
+      t1=$(cpu_ticks "${sv[@]}")
+      cleanup
+      tp=$(jq -s 'map(.throughput) | add' "$OUT/wk$k-$i-0.json" "$OUT/wk$k-$i-1.json")
+      gen=$(jq -s 'map(.generator_cpu_s) | add' "$OUT/wk$k-$i-0.json" "$OUT/wk$k-$i-1.json")
+      echo "$tp" >"$OUT/wk$k-$i.tp"
+      log "workers $k round $i: $tp answers/s; server side CPU over the whole run $(awk -v a="$t0" -v b="$t1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}') s; generator CPU in the 8 s window $gen s"
+    done
+  done
+  m1=$(cat "$OUT"/wk1-*.tp | median); m2=$(cat "$OUT"/wk2-*.tp | median)
+  log "workers: median answers/s: 1 process $m1, 2 processes $m2: ratio $(awk -v a="$m2" -v b="$m1" 'BEGIN{printf "%.3f", a/b}')"
 fi
 
 log "results in $OUT"
