@@ -26,12 +26,20 @@ A test drives it through POST /_fixture/<action> with a JSON body:
 It binds 127.0.0.1 (--port, default 0: a free one) and writes the port to
 --port-file. It exits when
 stopped, after --lifetime seconds, or when its parent process goes away.
+
+With --tls-cert PEM and --tls-key PEM it speaks HTTPS instead (the control
+endpoint too): the server certificate (followed by any intermediates) and its
+key. The TLS handshake runs in the connection's own thread, so a client that
+rejects the certificate (an alert, a reset) or stalls costs that thread only;
+a failed handshake is logged as one line on stderr.
 """
 import argparse
 import json
 import os
 import random
 import re
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -39,6 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 WAIT_MAX = 600.0
+HANDSHAKE_TIMEOUT = 10.0
 
 
 class State:
@@ -106,6 +115,15 @@ def entry_json(e):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            # Accepted without a handshake (see FixtureServer): do it here,
+            # bounded, then block without a timeout as a held query may.
+            self.request.settimeout(HANDSHAKE_TIMEOUT)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+        super().setup()
 
     def log_message(self, fmt, *args):  # keep the test's output quiet
         pass
@@ -239,6 +257,30 @@ class Handler(BaseHTTPRequestHandler):
         self.send(200, json.dumps(result))
 
 
+class FixtureServer(ThreadingHTTPServer):
+    # A restart on the port of a stopped fixture may meet TIME_WAIT: retry.
+    allow_reuse_address = True
+    daemon_threads = True
+    tls = None  # an ssl.SSLContext: HTTPS
+
+    def server_activate(self):
+        super().server_activate()
+        if self.tls is not None:
+            # Handshakes are left to the connection's thread (Handler.setup):
+            # accept() must not block the serving loop on one client.
+            self.socket = self.tls.wrap_socket(self.socket, server_side=True,
+                                               do_handshake_on_connect=False)
+
+    def handle_error(self, request, client_address):
+        err = sys.exc_info()[1]
+        if isinstance(err, (ssl.SSLError, ConnectionError, socket.timeout)):
+            # A client that refused the certificate, or went away: one line.
+            print("fixture: connection from %s:%d: %s" % (client_address[0], client_address[1],
+                                                          err), file=sys.stderr, flush=True)
+            return
+        super().handle_error(request, client_address)
+
+
 def watch_parent(parent, server):
     while os.getppid() == parent:
         time.sleep(0.5)
@@ -250,18 +292,23 @@ def main():
     ap.add_argument("--port-file", required=True)
     ap.add_argument("--port", type=int, default=0, help="0: a free port")
     ap.add_argument("--lifetime", type=float, default=300.0)
+    ap.add_argument("--tls-cert", help="PEM server certificate (and chain): serve HTTPS")
+    ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = ap.parse_args()
-    # A restart on the port of a stopped fixture may meet TIME_WAIT: retry.
-    ThreadingHTTPServer.allow_reuse_address = True
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        FixtureServer.tls = ctx
     for attempt in range(50):
         try:
-            server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+            server = FixtureServer(("127.0.0.1", args.port), Handler)
             break
         except OSError:
             if attempt == 49:
                 raise
             time.sleep(0.1)
-    server.daemon_threads = True
     tmp = args.port_file + ".tmp"
     with open(tmp, "w") as f:
         f.write(str(server.server_address[1]))
