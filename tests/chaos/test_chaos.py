@@ -338,6 +338,14 @@ class Chaos(unittest.TestCase):
         cls.env = Env()
         _CLEANUPS.append(cls._teardown_all)
         cls.addClassCleanup(_run_cleanups)
+        try:
+            cls._set_up_cluster()
+        except BaseException:
+            cls.failed = True  # print the logs' tails in the cleanup
+            raise
+
+    @classmethod
+    def _set_up_cluster(cls):
         cls.netns = None
         cls.netns_why = None
         if os.geteuid() != 0:
@@ -428,6 +436,7 @@ class Chaos(unittest.TestCase):
 
     def setUp(self):
         self.t_start = time.monotonic()
+        sys.stdout.write("\n")  # after unittest's "test_x ... " so each log line is whole
 
     def tearDown(self):
         result = getattr(self._outcome, "result", None)
@@ -482,7 +491,8 @@ class Chaos(unittest.TestCase):
             self.assertIsNotNone(g.ledger, "%s wrote no ledger:\n%s" % (g.label, g.out))
             t = Tally(g.ledger)
             tallies[g.label] = t
-            log("  %-22s %s" % (g.label, t.describe()))
+            lat = re.search(r"latency: (p50 [\d.]+ ms, p99 [\d.]+ ms, max [\d.]+ ms)", g.out or "")
+            log("  %-22s %s%s" % (g.label, t.describe(), "; latency " + lat.group(1) if lat else ""))
             self.assertGreater(t.requests, 0, g.out)
             self.assertEqual(t.duplicates, [], "requests listed twice by %s" % g.label)
             self.assertEqual(t.outcomes.get("no_answer", 0), 0,
