@@ -9,13 +9,13 @@
  * good set. A slow periodic re-read covers lost events.
  */
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
 #include "edgemux/discovery.h"
+#include "instset.h"
 #include "static_parse.h"
 
 /* Error lines of one read kept for the log; the rest are only counted. */
@@ -65,7 +65,7 @@ struct static_disc {
     bool stopped;
     bool destroyed;
 
-    struct static_set good; /* last set reported */
+    struct emx_instset good; /* last set reported */
     bool have_good;
     char *last_failure; /* reason last reported, or NULL after a good read */
 };
@@ -110,123 +110,44 @@ static void work_cb(uv_work_t *req)
     free(text);
 }
 
-/* Appends to a bounded line; a full line ends in "...". */
-struct line {
-    char buf[1024];
-    size_t len;
-    bool full;
-};
-
-__attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const char *fmt, ...)
+/* The parser's set in the shape the core takes; the plugin decides nothing
+ * here, every field is the file's. 0 or -ENOMEM. */
+static int to_instset(const struct static_set *set, struct emx_instset *out)
 {
-    if (l->full)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(l->buf + l->len, sizeof(l->buf) - l->len, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof(l->buf) - l->len) {
-        l->full = true;
-        memcpy(l->buf + sizeof(l->buf) - 4, "...", 4);
-        l->len = sizeof(l->buf) - 1;
-        return;
-    }
-    l->len += (size_t)n;
-}
-
-static bool instance_same(const struct static_instance *a, const struct static_instance *b)
-{
-    struct static_set x = {(struct static_instance *)a, 1}, y = {(struct static_instance *)b, 1};
-    return static_set_equal(&x, &y);
-}
-
-/* One of added / removed / changed, listing ids in the order of both sets. */
-static void diff_list(struct line *l, const struct static_set *old, const struct static_set *new,
-                      int which, const char *label)
-{
-    size_t i = 0, j = 0, n = 0;
-    while (i < old->count || j < new->count) {
-        int c;
-        if (i == old->count)
-            c = 1;
-        else if (j == new->count)
-            c = -1;
-        else
-            c = strcmp(old->items[i].id, new->items[j].id);
-        const char *id = NULL;
-        if (c < 0) {
-            if (which == 'r')
-                id = old->items[i].id;
-            i++;
-        } else if (c > 0) {
-            if (which == 'a')
-                id = new->items[j].id;
-            j++;
-        } else {
-            if (which == 'c' && !instance_same(&old->items[i], &new->items[j]))
-                id = new->items[j].id;
-            i++;
-            j++;
-        }
-        if (id) {
-            line_add(l, "%s%s%s", n ? ", " : "; ", n ? "" : label, id);
-            n++;
+    for (size_t i = 0; i < set->count; i++) {
+        const struct static_instance *in = &set->items[i];
+        if (emx_instset_add(out, in->id, in->host, in->port, in->tls, in->weight, in->priority,
+                            in->metadata) < 0) {
+            emx_instset_free(out);
+            return -ENOMEM;
         }
     }
-}
-
-static void log_changes(struct static_disc *sd, const struct static_set *new)
-{
-    struct line l = {.len = 0, .full = false};
-    static const struct static_set none = {NULL, 0};
-    const struct static_set *old = sd->have_good ? &sd->good : &none;
-
-    line_add(&l, "%s: %zu instance%s", sd->path, new->count, new->count == 1 ? "" : "s");
-    diff_list(&l, old, new, 'a', "added ");
-    diff_list(&l, old, new, 'r', "removed ");
-    diff_list(&l, old, new, 'c', "changed ");
-    sd->host->log(sd->host, EMX_LOG_INFO, "%s", l.buf);
+    return 0;
 }
 
 static void report_good(struct static_disc *sd, struct job *job)
 {
     const struct emx_host *h = sd->host;
-    struct emx_instance_info *info = NULL;
+    struct emx_instset set = {NULL, 0, 0};
 
-    if (sd->have_good && static_set_equal(&sd->good, &job->set) && !sd->last_failure) {
-        h->log(h, EMX_LOG_DEBUG, "%s: unchanged", sd->path);
+    if (to_instset(&job->set, &set) < 0) {
+        /* Nothing changes on our side, so the next event or poll retries. */
+        h->log(h, EMX_LOG_ERROR, "%s: out of memory reporting %zu instances", sd->path,
+               job->set.count);
         return;
     }
-    if (job->set.count) {
-        info = calloc(job->set.count, sizeof(*info));
-        if (!info) {
-            /* Nothing changes on our side, so the next event or poll retries. */
-            h->log(h, EMX_LOG_ERROR, "%s: out of memory reporting %zu instances", sd->path,
-                   job->set.count);
-            return;
-        }
-    }
-    for (size_t i = 0; i < job->set.count; i++) {
-        const struct static_instance *in = &job->set.items[i];
-        info[i] = (struct emx_instance_info){
-            .id = in->id,
-            .host = in->host,
-            .port = in->port,
-            .tls = in->tls,
-            .weight = in->weight,
-            .priority = in->priority,
-            .metadata = in->metadata,
-        };
+    if (sd->have_good && emx_instset_equal(&sd->good, &set) && !sd->last_failure) {
+        h->log(h, EMX_LOG_DEBUG, "%s: unchanged", sd->path);
+        emx_instset_free(&set);
+        return;
     }
     if (sd->last_failure)
         h->log(h, EMX_LOG_INFO, "%s: valid again", sd->path);
-    log_changes(sd, &job->set);
-    h->discovery_update(h, info, job->set.count);
-    free(info);
+    emx_instset_log_changes(h, sd->path, NULL, sd->have_good ? &sd->good : NULL, &set);
+    emx_instset_report(h, &set);
 
-    static_set_free(&sd->good);
-    sd->good = job->set;
-    job->set = (struct static_set){NULL, 0};
+    emx_instset_free(&sd->good);
+    sd->good = set;
     sd->have_good = true;
     free(sd->last_failure);
     sd->last_failure = NULL;
@@ -399,7 +320,7 @@ static void close_all(struct static_disc *sd)
 
 static void disc_free(struct static_disc *sd)
 {
-    static_set_free(&sd->good);
+    emx_instset_free(&sd->good);
     free(sd->last_failure);
     free(sd->path);
     free(sd->dir);
