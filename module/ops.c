@@ -88,8 +88,11 @@ static void instance_sums(const struct emx_instance *inst, uint64_t out[4])
 static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64_t now)
 {
     struct emx_instance *inst;
+/* A draining instance whose id an active one took over (it moved) is left
+ * out: two series with one label set would spoil the whole scrape. */
 #define EACH_INSTANCE                                                                              \
-    for (inst = emx_router_instance_next(r, NULL); inst; inst = emx_router_instance_next(r, inst))
+    for (inst = emx_router_instance_next(r, NULL); inst; inst = emx_router_instance_next(r, inst)) \
+        if (inst->state != EMX_INSTANCE_DRAINING || emx_router_instance_find(r, inst->id) == inst)
     family(b, "emx_instance_messages_total", "counter",
            "AlwaysOn messages on an instance's pipes, by direction");
     EACH_INSTANCE

@@ -648,7 +648,9 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         q->state = REQ_WAITING;
     }
     arm_request_timer(r, q, now);
-    if (q->flags & REQ_F_AUTH)
+    /* A first AUTH gates the edge; a later one (re-AUTH) leaves an
+     * authenticated edge working while it is answered. */
+    if ((q->flags & REQ_F_AUTH) && e->state == EMX_EDGE_NEW)
         e->state = EMX_EDGE_AUTHING;
     return;
 
@@ -659,10 +661,16 @@ no_memory:
 }
 
 /* Forward one chunk on the request's pinned pipe, or hold it. */
+static void flush_blocked(struct emx_router *r, struct emx_pipe *p, uint64_t now);
+
 static void forward_chunk(struct emx_router *r, struct emx_req *q, const uint8_t *data, size_t len,
                           bool last, uint64_t now)
 {
     struct emx_pipe *p = q->pipe;
+    /* The pipe may have become writable without an event that flushed
+     * (a stall cleared by answers or timeouts): send what was held first. */
+    if (q->held && pipe_ok(r, p, now))
+        flush_blocked(r, p, now);
     if (!q->held && pipe_ok(r, p, now)) {
         if (send_pipe(r, p, data, len) != 0) {
             answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
@@ -1055,6 +1063,12 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
     }
     bool final = !h->multipart || h->chunk_id == h->chunk_count;
     if (q->flags & REQ_F_SYSTEM) {
+        /* edgemux's own requests are answered on the pipe they went out on
+         * (another pipe's AUTH must not be taken for this one's) */
+        if (q->pipe != p) {
+            r->stats.late_platform_answers++;
+            return;
+        }
         if (final) {
             if (q->flags & REQ_F_LEAVE)
                 r->stats.unbind_answers++;
@@ -1082,7 +1096,8 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
             close_edge(r, e, 1008, "authentication failed");
         }
     } else if ((q->flags & (REQ_F_BIND | REQ_F_UNBIND)) && h->code == EMX_AO_SUCCESS) {
-        things_apply(r, e, q, p->inst->serial);
+        /* the instance the BIND went to holds it, whichever pipe answered */
+        things_apply(r, e, q, q->pipe ? q->pipe->inst->serial : p->inst->serial);
     }
     if (q->state == REQ_SENDING)
         tombstone(r, q, now); /* answered early: discard the chunks still coming */
@@ -1772,6 +1787,18 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
         HASH_DEL(r->quarantine, qq);
         emx_free(qq);
     }
+    /* Held multipart chunks whose pipe became writable without a watermark
+     * or receive event (its stall ended as requests finished). */
+    if (!emx_list_empty(&r->t_pin)) {
+        struct emx_list *pit, *ptmp;
+        emx_list_for_each_safe(pit, ptmp, &r->instances)
+        {
+            struct emx_instance *inst = emx_container_of(pit, struct emx_instance, link);
+            for (unsigned i = 0; i < inst->npipes; i++)
+                if (!emx_list_empty(&inst->pipes[i].blocked) && pipe_ok(r, &inst->pipes[i], now))
+                    flush_blocked(r, &inst->pipes[i], now);
+        }
+    }
     run_all_down(r, now);
     if (r->empty_pending && now - r->empty_since >= r->cfg.empty_confirm) {
         r->empty_pending = false;
@@ -1868,13 +1895,47 @@ struct emx_router *emx_router_new(const struct emx_router_config *cfg,
     return r;
 }
 
+/* Every entry of a timer FIFO was armed with the list's duration; when the
+ * duration changes, move every deadline by the difference. The order stays,
+ * new entries go behind, and the new timeout applies at once. */
+static uint64_t shift_deadline(uint64_t d, uint64_t old_ms, uint64_t new_ms)
+{
+    if (new_ms >= old_ms)
+        return d + (new_ms - old_ms);
+    return d > old_ms - new_ms ? d - (old_ms - new_ms) : 0;
+}
+
+static void shift_timers(struct emx_router *r, const struct emx_router_config *old)
+{
+    struct emx_list *it;
+    if (old->request_timeout != r->cfg.request_timeout)
+        for (it = r->t_requests.next; it != &r->t_requests; it = it->next) {
+            struct emx_req *q = emx_container_of(it, struct emx_req, timer_link);
+            q->deadline = shift_deadline(q->deadline, old->request_timeout, r->cfg.request_timeout);
+        }
+    if (old->multipart_pin_wait != r->cfg.multipart_pin_wait)
+        for (it = r->t_pin.next; it != &r->t_pin; it = it->next) {
+            struct emx_req *q = emx_container_of(it, struct emx_req, wait_link);
+            q->wait_deadline =
+                shift_deadline(q->wait_deadline, old->multipart_pin_wait, r->cfg.multipart_pin_wait);
+        }
+    if (old->edge_request_timeout != r->cfg.edge_request_timeout)
+        for (it = r->t_inbound.next; it != &r->t_inbound; it = it->next) {
+            struct emx_inbound *in = emx_container_of(it, struct emx_inbound, timer_link);
+            in->deadline =
+                shift_deadline(in->deadline, old->edge_request_timeout, r->cfg.edge_request_timeout);
+        }
+}
+
 int emx_router_set_config(struct emx_router *r, const struct emx_router_config *cfg, uint64_t now)
 {
     unsigned worker = r->cfg.worker;
     uint32_t old_rate = r->cfg.max_msgs_per_sec;
+    struct emx_router_config old = r->cfg;
     int rc = copy_config(r, cfg);
     if (rc)
         return rc;
+    shift_timers(r, &old);
     r->cfg.worker = worker; /* endpointIds already handed out keep their bits */
     if (r->cfg.max_msgs_per_sec != old_rate) /* a new limit starts with full buckets */
         for (struct emx_edge *e = r->edges; e; e = e->hh.next) {

@@ -120,6 +120,7 @@ struct emx_server {
     uint64_t start_ms;
     const struct emx_host *dhost_active; /* discovery updates from others are ignored */
     struct disc_gen *disc_gens;          /* the active one (after a reload) and retired ones */
+    bool discovery_stale; /* a reload's discovery failed to start: the next reload retries */
     struct setup_gen *setups;
     uint32_t *drain_ids;
     size_t drain_n, drain_idx, drain_waiting;
@@ -181,8 +182,9 @@ static int host_post(const struct emx_host *h, void (*fn)(void *), void *arg)
     }
     *s->post_tail = it;
     s->post_tail = &it->next;
-    pthread_mutex_unlock(&s->post_mu);
+    /* Under the lock: the loop cannot close the handle in between. */
     uv_async_send(&s->async);
+    pthread_mutex_unlock(&s->post_mu);
     return 0;
 }
 
@@ -481,7 +483,10 @@ static void pipe_connect(struct pipe_ctx *pc)
         pipe_schedule_retry(pc);
         return;
     }
-    /* on_open or on_close follows; conn is known from on_open */
+    /* Known from now on, so removing the instance while this connect is
+     * still under way can close it; on_open or on_close follows (never from
+     * inside connect), and pc lives until on_close has run. */
+    pc->conn = conn;
 }
 
 static void retry_closed(uv_handle_t *h)
@@ -861,10 +866,6 @@ static void finish_shutdown(struct emx_server *s)
     uv_close((uv_handle_t *)&s->sigterm, NULL);
     uv_close((uv_handle_t *)&s->sigint, NULL);
     uv_close((uv_handle_t *)&s->sighup, NULL);
-    pthread_mutex_lock(&s->post_mu);
-    s->post_closed = true;
-    pthread_mutex_unlock(&s->post_mu);
-    uv_close((uv_handle_t *)&s->async, NULL);
     emx_admin_stop(s->admin);
     s->admin = NULL;
     emx_agent_stop(s->agent);
@@ -880,6 +881,13 @@ static void finish_shutdown(struct emx_server *s)
     if (s->discovery_started)
         s->dp->stop(s->dinst);
     s->discovery_started = false;
+    /* Posts accepted so far still run (a plugin frees what it posted in its
+     * callback); later ones are refused and stay with their plugin. */
+    pthread_mutex_lock(&s->post_mu);
+    s->post_closed = true;
+    pthread_mutex_unlock(&s->post_mu);
+    on_async(&s->async);
+    uv_close((uv_handle_t *)&s->async, NULL);
     s->tp->stop(s->tinst);
 }
 
@@ -1067,48 +1075,53 @@ static void reload_edge_tls(struct emx_server *s, const struct emx_config *n)
                  strerror(-rc));
 }
 
-/* Swap discovery: stop the running instance (its later posts are ignored),
- * start one from the new config. The router keeps its instances until the
- * new source reports. */
+/* Swap discovery: start an instance from the new config first, and only
+ * once it runs stop the old one (its later posts are ignored). If the new
+ * one cannot start, the old one keeps running. The router keeps its
+ * instances until the new source reports. */
 static int reload_discovery(struct emx_server *s, struct emx_setup *ns)
 {
     struct disc_gen *g = emx_calloc(1, sizeof(*g));
-    if (!g)
+    struct disc_gen *old = emx_calloc(1, sizeof(*old));
+    if (!g || !old) {
+        emx_free(g);
+        emx_free(old);
         return -ENOMEM;
+    }
     snprintf(g->tag, sizeof(g->tag), "discovery:%s.%u", ns->discovery->hdr->name,
              (unsigned)(s->counters.reloads_ok + 1));
     host_init(s, &g->host, g->tag);
-    g->dp = ns->discovery->u.discovery;
-    int rc = g->dp->create(&g->host, ns->discovery_config, &g->dinst);
+    /* g (with its host table) stays on the list until exit, whatever
+     * happens: a plugin may still use its host while it closes. */
+    g->next = s->disc_gens;
+    s->disc_gens = g;
+    const struct emx_discovery_plugin *dp = ns->discovery->u.discovery;
+    void *dinst = NULL;
+    int rc = dp->create(&g->host, ns->discovery_config, &dinst);
     if (rc != 0) {
-        emx_free(g);
+        emx_free(old);
         return rc;
     }
-    /* Retire the old one: stopped now, destroyed after the loop. */
-    struct disc_gen *old = emx_calloc(1, sizeof(*old));
-    if (!old) {
-        g->dp->destroy(g->dinst);
-        emx_free(g);
-        return -ENOMEM;
+    const struct emx_host *prev_active = s->dhost_active;
+    s->dhost_active = &g->host; /* its reports count from its start on */
+    rc = dp->start(dinst);
+    if (rc != 0) {
+        s->dhost_active = prev_active;
+        dp->destroy(dinst);
+        emx_free(old);
+        return rc;
     }
+    /* The new source runs: retire the old one (destroyed after the loop). */
     if (s->discovery_started)
         s->dp->stop(s->dinst);
-    s->discovery_started = false;
     old->dp = s->dp;
     old->dinst = s->dinst;
     old->next = s->disc_gens;
     s->disc_gens = old;
-    s->dp = g->dp;
-    s->dinst = g->dinst;
-    s->dhost_active = &g->host;
-    g->dp = NULL; /* g now only keeps the host and tag alive */
-    g->dinst = NULL;
-    g->next = s->disc_gens;
-    s->disc_gens = g;
-    rc = s->dp->start(s->dinst);
-    if (rc == 0)
-        s->discovery_started = true;
-    return rc;
+    s->dp = dp;
+    s->dinst = dinst;
+    s->discovery_started = true;
+    return 0;
 }
 
 static void reload_config(struct emx_server *s)
@@ -1145,8 +1158,12 @@ static void reload_config(struct emx_server *s)
         return;
     }
     unsigned restart = report_restart_keys(s, o, n);
-    bool disc_changed = !str_same(o->discovery.plugin, n->discovery.plugin) ||
+    bool disc_changed = s->discovery_stale || !str_same(o->discovery.plugin, n->discovery.plugin) ||
                         !node_same(o->discovery.node, n->discovery.node);
+
+    /* Keys that need a restart keep their running values, so what the
+     * process does matches what the log just said. */
+    ((struct emx_config *)n)->edge.max_message_size = o->edge.max_message_size;
 
     /* From here on the new configuration is the running one. */
     gen->next = s->setups;
@@ -1173,9 +1190,11 @@ static void reload_config(struct emx_server *s)
         emx_logf(&s->log, EMX_LOG_INFO, "server", "reload: discovery changed: restarting %s",
                  ns->discovery->hdr->name);
         rc = reload_discovery(s, ns);
+        s->discovery_stale = rc != 0;
         if (rc != 0)
             emx_logf(&s->log, EMX_LOG_ERROR, "server",
-                     "reload: discovery %s failed to start (%s); instances kept as they are",
+                     "reload: discovery %s failed to start (%s); the running source stays "
+                     "and the next reload tries again",
                      ns->discovery->hdr->name, strerror(-rc));
     }
     s->counters.reloads_ok++;
@@ -1230,6 +1249,19 @@ static struct emx_router_config router_config(const struct emx_setup *st)
         .app_key = st->app_key,
     };
     return rc;
+}
+
+/* Start-up failed or the loop ended early: close the handles the server
+ * made itself so the loop can close. */
+static void close_own_handles(struct emx_server *s)
+{
+    uv_handle_t *hs[] = {(uv_handle_t *)&s->tick,   (uv_handle_t *)&s->queued_timer,
+                         (uv_handle_t *)&s->shutdown_timer, (uv_handle_t *)&s->check,
+                         (uv_handle_t *)&s->sigterm, (uv_handle_t *)&s->sigint,
+                         (uv_handle_t *)&s->sighup, (uv_handle_t *)&s->async};
+    for (size_t i = 0; i < sizeof(hs) / sizeof(hs[0]); i++)
+        if (!uv_is_closing(hs[i]))
+            uv_close(hs[i], NULL);
 }
 
 int emx_server_run(struct emx_setup *setup)
@@ -1315,16 +1347,19 @@ int emx_server_run(struct emx_setup *setup)
                             &s->trusted, why, sizeof(why)) != 0) {
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "edge.trusted_proxies: %s", why);
         rc = -EINVAL;
-        goto out_router;
+        goto out_handles;
     }
 
     rc = s->tp->create(&s->thost, setup->transport_config, &s->tinst);
-    if (rc == 0)
+    if (rc == 0) {
         rc = s->tp->start(s->tinst);
+        if (rc != 0)
+            s->tp->destroy(s->tinst); /* the ABI allows destroy after a failed start */
+    }
     if (rc != 0) {
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "transport %s failed to start (%s)",
                  setup->transport->hdr->name, strerror(-rc));
-        goto out_router;
+        goto out_handles;
     }
     char listen_addr[300];
     if (strchr(s->cfg->edge.address, ':'))
@@ -1431,14 +1466,7 @@ out_listener:
     s->tp->unlisten(s->listener);
 out_transport:
     s->tp->stop(s->tinst);
-    uv_close((uv_handle_t *)&s->tick, NULL);
-    uv_close((uv_handle_t *)&s->queued_timer, NULL);
-    uv_close((uv_handle_t *)&s->shutdown_timer, NULL);
-    uv_close((uv_handle_t *)&s->check, NULL);
-    uv_close((uv_handle_t *)&s->sigterm, NULL);
-    uv_close((uv_handle_t *)&s->sigint, NULL);
-    uv_close((uv_handle_t *)&s->sighup, NULL);
-    uv_close((uv_handle_t *)&s->async, NULL);
+    close_own_handles(s);
     uv_run(&s->loop, UV_RUN_DEFAULT);
 out_destroy:
     if (s->dinst)
@@ -1452,6 +1480,9 @@ out_destroy:
     }
     s->tp->destroy(s->tinst);
     goto out_router;
+out_handles:
+    close_own_handles(s);
+    uv_run(&s->loop, UV_RUN_DEFAULT);
 out_router:
     emx_router_free(s->router);
     emx_cidr_list_free(&s->trusted);

@@ -134,6 +134,16 @@ int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_
                        "or EDGEMUX_APP_KEY in the environment)");
         bad = -EINVAL;
     }
+    /* The key goes into an HTTP header: a control character in it would
+     * fail every pipe later, so refuse it now (without quoting it). */
+    if (out->app_key)
+        for (const char *k = out->app_key; *k; k++)
+            if ((unsigned char)*k < 0x20 || *k == 0x7f) {
+                emx_errors_add(errs, cfg->file, node_line(cfg, "platform", NULL), "platform.app_key",
+                               "the app key contains a control character");
+                bad = -EINVAL;
+                break;
+            }
     if (bad || errs->count) {
         emx_setup_free(out);
         return bad ? (bad < 0 ? bad : -EINVAL) : -EINVAL;

@@ -348,6 +348,11 @@ static void reap_flush(struct ws_instance *inst)
         inst->reap_head = c->reap_next;
         if (!inst->reap_head)
             inst->reap_tail = NULL;
+        /* The reason may be a peer's text (close frame, refused upgrade):
+         * no control characters reach the core's logs. */
+        for (char *r = c->close_reason; *r; r++)
+            if ((unsigned char)*r < 0x20 || *r == 0x7f)
+                *r = '?';
         if (c->cb->on_close)
             c->cb->on_close(c->user, c->close_code ? c->close_code : 1006,
                             c->close_reason[0] ? c->close_reason : "");

@@ -89,6 +89,16 @@ transport:
 discovery:
   plugin: good" 
 
+printf 'bad\001key\n' >"$work/ctlkey" && chmod 600 "$work/ctlkey"
+check control_char_key 1 'platform\.app_key: the app key contains a control character' "server:
+  name: e
+platform:
+  app_key_file: ctlkey
+transport:
+  plugin: good
+discovery:
+  plugin: good"
+
 chmod 644 "$work/appkey"
 check readable_key 1 'platform\.app_key_file: .*readable by everyone' "$base"
 chmod 600 "$work/appkey"

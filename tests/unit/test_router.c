@@ -2721,6 +2721,75 @@ static void edge_close_and_thing_iteration(void **state)
 
 #define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
 
+
+/* ==== fixes from review ==== */
+
+/* A re-AUTH from an authenticated edge leaves it working while it is
+ * answered: a KEEP_ALIVE meanwhile is answered, not a reason to close. */
+static void reauth_keeps_edge_authenticated(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m = f->nev;
+    edge_send_auth(f, e, rid);
+    assert_int_equal(e->state, EMX_EDGE_AUTHED);
+    uint8_t buf[32];
+    edge_msg(f, e, buf, header_only(buf, EMX_AO_KEEP_ALIVE, 77, 0, SESSION));
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, 77));
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+    /* edgemux's own answer to it (pipe lost) leaves the edge authenticated */
+    struct emx_pipe *p = forwarded_to(f, m, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_closed(f->r, p, f->now);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, rid));
+    assert_int_equal(e->state, EMX_EDGE_AUTHED);
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+}
+
+/* A reload that shortens request_timeout applies to requests already
+ * pending, and the timer order holds for new ones. */
+static void reload_shorter_request_timeout_applies_at_once(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid_old, rid_new;
+    size_t m = f->nev;
+    assert_non_null(get(f, e, &rid_old));
+    f->now += 1000;
+    struct emx_router_config c = f->cfg;
+    c.request_timeout = 2000;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    assert_non_null(get(f, e, &rid_new));
+    tick_at(f, f->now + 1500); /* 2.5 s after the first: its 8 s became 2 s */
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_GATEWAY_TIMEOUT, rid_old));
+    assert_null(find_edge_send(f, m, e->id, EMX_AO_GATEWAY_TIMEOUT, rid_new));
+    tick_at(f, f->now + 600);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_GATEWAY_TIMEOUT, rid_new));
+}
+
+/* A pipe's own AUTH answered on another pipe does not count for it: the
+ * pipe stays AUTHING and its AUTH is still pending. */
+static void pipe_auth_answer_on_another_pipe_ignored(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_instance *inst = emx_router_instance_next(f->r, NULL);
+    struct emx_pipe *a = &inst->pipes[0], *b = &inst->pipes[1];
+    emx_router_pipe_closed(f->r, b, f->now);
+    size_t m = f->nev;
+    emx_router_pipe_opened(f->r, b, f->now);
+    const struct ev *auth = find_pipe_send(f, m, EMX_AO_AUTH, ANY, 0);
+    assert_non_null(auth);
+    assert_ptr_equal(auth->pipe, b);
+    pipe_answer(f, a, EMX_AO_SUCCESS, auth->h.request_id, 0); /* wrong pipe */
+    assert_int_equal(b->state, EMX_PIPE_AUTHING);
+    pipe_answer(f, b, EMX_AO_SUCCESS, auth->h.request_id, 0);
+    assert_int_equal(b->state, EMX_PIPE_UP);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2817,6 +2886,9 @@ int main(void)
         T(things_limit_answers_83_without_forwarding),
         T(latency_histogram_observes_answers),
         T(edge_close_and_thing_iteration),
+        T(reauth_keeps_edge_authenticated),
+        T(reload_shorter_request_timeout_applies_at_once),
+        T(pipe_auth_answer_on_another_pipe_ignored),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,6 +1,7 @@
 """What a device sees at the edge: AUTH gating, size limits, frame sizes,
 routing round robin, and the all-down rule, against the real binary."""
 
+import re
 import socket
 import struct
 import time
@@ -148,11 +149,20 @@ class EdgeOutcomes(E2ETest):
         e.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         code, sid = e.auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
-        for i in range(2, 800):
-            e.send(ao_request(GET, i, sid))
-        time.sleep(1)
-        self.assertEqual(e.expect_close(timeout=30), 1008)
+        # edgemux closes it 1008; with the device's unread requests still in
+        # edgemux's receive buffer the kernel may turn that close into a
+        # reset (seen by a send or a read here), and then the close frame
+        # never reaches the device.
+        try:
+            for i in range(2, 800):
+                e.send(ao_request(GET, i, sid))
+            time.sleep(1)
+            self.assertEqual(e.expect_close(timeout=30), 1008)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
         e.close()
+        wait_until(lambda: re.search(r"closed \(1008 slow consumer\)", self.emx.log()), 5,
+                   what="edgemux's 1008 slow consumer close")
 
     def test_all_down_closes_edges_1013_and_recovers(self):
         self.cluster(overrides={"platform": {"all_down_grace": "1s"}})
