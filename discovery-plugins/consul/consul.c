@@ -26,6 +26,7 @@
 
 #include "consul_parse.h"
 #include "edgemux/discovery.h"
+#include "instset.h"
 
 #define TOKEN_MAX       512
 #define WAIT_MAX_MS     (10u * 60 * 1000) /* Consul caps wait at 10 minutes */
@@ -95,7 +96,7 @@ struct consul_disc {
     unsigned failures;
     uint64_t rng;
 
-    struct consul_set good;
+    struct emx_instset good;
     bool have_good;
     bool failing; /* the last query failed: report the next good answer even if unchanged */
 
@@ -134,120 +135,51 @@ static uint64_t rand_next(struct consul_disc *cd)
     return x * 0x2545F4914F6CDD1Dull;
 }
 
-/* Appends to a bounded line; a full line ends in "...". */
-struct line {
-    char buf[1024];
-    size_t len;
-    bool full;
-};
-
-__attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const char *fmt, ...)
-{
-    if (l->full)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(l->buf + l->len, sizeof(l->buf) - l->len, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof(l->buf) - l->len) {
-        l->full = true;
-        memcpy(l->buf + sizeof(l->buf) - 4, "...", 4);
-        l->len = sizeof(l->buf) - 1;
-        return;
-    }
-    l->len += (size_t)n;
-}
-
 /* ---- reporting ---- */
 
-static bool instance_same(const struct consul_instance *a, const struct consul_instance *b)
+/* The parser's set in the shape the core takes. 0 or -ENOMEM. */
+static int to_instset(const struct consul_set *set, struct emx_instset *out)
 {
-    struct consul_set x = {(struct consul_instance *)a, 1, 0};
-    struct consul_set y = {(struct consul_instance *)b, 1, 0};
-    return consul_set_equal(&x, &y);
-}
-
-/* One of added / removed / changed, walking both sorted sets. */
-static void diff_list(struct line *l, const struct consul_set *old, const struct consul_set *new,
-                      int which, const char *label)
-{
-    size_t i = 0, j = 0, n = 0;
-    while (i < old->count || j < new->count) {
-        int c;
-        if (i == old->count)
-            c = 1;
-        else if (j == new->count)
-            c = -1;
-        else
-            c = strcmp(old->items[i].id, new->items[j].id);
-        const char *id = NULL;
-        if (c < 0) {
-            if (which == 'r')
-                id = old->items[i].id;
-            i++;
-        } else if (c > 0) {
-            if (which == 'a')
-                id = new->items[j].id;
-            j++;
-        } else {
-            if (which == 'c' && !instance_same(&old->items[i], &new->items[j]))
-                id = new->items[j].id;
-            i++;
-            j++;
-        }
-        if (id) {
-            line_add(l, "%s%s%s", n ? ", " : "; ", n ? "" : label, id);
-            n++;
+    for (size_t i = 0; i < set->count; i++) {
+        const struct consul_instance *in = &set->items[i];
+        if (emx_instset_add(out, in->id, in->host, in->port, in->tls, in->weight, in->priority,
+                            in->metadata) < 0) {
+            emx_instset_free(out);
+            return -ENOMEM;
         }
     }
+    return 0;
 }
 
-static void report_good(struct consul_disc *cd, struct consul_set *set)
+static void report_good(struct consul_disc *cd, struct consul_set *parsed)
 {
     const struct emx_host *h = cd->host;
-    struct emx_instance_info *info = NULL;
+    struct emx_instset set = {NULL, 0, 0};
 
-    if (cd->have_good && !cd->failing && consul_set_equal(&cd->good, set)) {
-        h->log(h, EMX_LOG_DEBUG, "unchanged (%zu instances, index %llu)", set->count,
-               (unsigned long long)cd->index);
-        return;
-    }
-    if (set->count && !(info = calloc(set->count, sizeof(*info)))) {
+    if (to_instset(parsed, &set) < 0) {
         /* Keep "failing" set so the next answer is reported whatever it is. */
-        h->log(h, EMX_LOG_ERROR, "out of memory reporting %zu instances", set->count);
+        h->log(h, EMX_LOG_ERROR, "out of memory reporting %zu instances", parsed->count);
         cd->failing = true;
         return;
     }
-    for (size_t i = 0; i < set->count; i++) {
-        const struct consul_instance *in = &set->items[i];
-        info[i] = (struct emx_instance_info){
-            .id = in->id,
-            .host = in->host,
-            .port = in->port,
-            .tls = in->tls,
-            .weight = in->weight,
-            .priority = in->priority,
-            .metadata = in->metadata,
-        };
+    if (cd->have_good && !cd->failing && emx_instset_equal(&cd->good, &set)) {
+        h->log(h, EMX_LOG_DEBUG, "unchanged (%zu instances, index %llu)", set.count,
+               (unsigned long long)cd->index);
+        emx_instset_free(&set);
+        return;
     }
     if (cd->failing && cd->have_good)
         h->log(h, EMX_LOG_INFO, "consul answers again");
 
-    static const struct consul_set none = {NULL, 0, 0};
-    struct line l = {.len = 0, .full = false};
-    line_add(&l, "%zu instance%s", set->count, set->count == 1 ? "" : "s");
-    if (set->skipped)
-        line_add(&l, " (%zu entr%s filtered out)", set->skipped, set->skipped == 1 ? "y" : "ies");
-    diff_list(&l, cd->have_good ? &cd->good : &none, set, 'a', "added ");
-    diff_list(&l, cd->have_good ? &cd->good : &none, set, 'r', "removed ");
-    diff_list(&l, cd->have_good ? &cd->good : &none, set, 'c', "changed ");
-    h->log(h, EMX_LOG_INFO, "%s", l.buf);
+    char note[64] = "";
+    if (parsed->skipped)
+        snprintf(note, sizeof(note), " (%zu entr%s filtered out)", parsed->skipped,
+                 parsed->skipped == 1 ? "y" : "ies");
+    emx_instset_log_changes(h, NULL, note, cd->have_good ? &cd->good : NULL, &set);
 
-    h->discovery_update(h, info, set->count);
-    free(info);
-    consul_set_free(&cd->good);
-    cd->good = *set;
-    *set = (struct consul_set){NULL, 0, 0};
+    emx_instset_report(h, &set);
+    emx_instset_free(&cd->good);
+    cd->good = set;
     cd->have_good = true;
     cd->failing = false;
 }
@@ -702,7 +634,7 @@ static void wipe_headers(struct consul_disc *cd)
 static void disc_free(struct consul_disc *cd)
 {
     wipe_headers(cd);
-    consul_set_free(&cd->good);
+    emx_instset_free(&cd->good);
     free(cd->body);
     free(cd->base);
     free(cd->path_query);

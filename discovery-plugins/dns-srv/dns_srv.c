@@ -23,6 +23,7 @@
 #include <uv.h>
 
 #include "edgemux/discovery.h"
+#include "instset.h"
 #include "srv_parse.h"
 
 #define NAMES_MAX     64
@@ -147,7 +148,7 @@ struct srv_disc {
     unsigned open_handles;
     bool stopped, destroyed;
 
-    struct part reported; /* the union last reported */
+    struct emx_instset reported; /* the union last reported */
     bool have_reported;
     bool failed_since_report;
     uint64_t rng;
@@ -227,13 +228,6 @@ static int item_cmp(const void *a, const void *b)
     return 0;
 }
 
-static bool item_same(const struct item *a, const struct item *b)
-{
-    return strcmp(a->id, b->id) == 0 && strcmp(a->host, b->host) == 0 && a->port == b->port &&
-           a->weight == b->weight && a->priority == b->priority &&
-           strcmp(a->metadata, b->metadata) == 0;
-}
-
 /* Sorts by id and drops all but the preferred item of each id. */
 static void part_normalize(struct part *p)
 {
@@ -251,52 +245,33 @@ static void part_normalize(struct part *p)
     p->count = k;
 }
 
-static int item_copy(struct item *dst, const struct item *src)
+/* Same preference as item_cmp, for the union. */
+static int info_prefer(const struct emx_instance_info *x, const struct emx_instance_info *y)
 {
-    *dst = *src;
-    dst->id = dup_str(src->id);
-    dst->host = dup_str(src->host);
-    dst->metadata = dup_str(src->metadata);
-    if (!dst->id || !dst->host || !dst->metadata) {
-        item_free(dst);
-        return -ENOMEM;
-    }
+    if (x->priority != y->priority)
+        return x->priority < y->priority ? -1 : 1;
+    if (x->weight != y->weight)
+        return x->weight > y->weight ? -1 : 1;
     return 0;
 }
 
-static int union_build(struct srv_disc *sd, struct part *out)
+/* Every name's part, one instance per id; tls is the plugin's setting. */
+static int union_build(struct srv_disc *sd, struct emx_instset *out)
 {
-    size_t total = 0;
-    for (size_t i = 0; i < sd->nnames; i++)
-        total += sd->names[i].good.count;
-    out->items = NULL;
-    out->count = 0;
-    if (!total)
-        return 0;
-    if (!(out->items = calloc(total, sizeof(*out->items))))
-        return -ENOMEM;
+    *out = (struct emx_instset){NULL, 0, 0};
     for (size_t i = 0; i < sd->nnames; i++) {
         const struct part *g = &sd->names[i].good;
         for (size_t j = 0; j < g->count; j++) {
-            if (item_copy(&out->items[out->count], &g->items[j])) {
-                part_free(out);
+            const struct item *it = &g->items[j];
+            if (emx_instset_add(out, it->id, it->host, it->port, sd->tls, it->weight, it->priority,
+                                it->metadata) < 0) {
+                emx_instset_free(out);
                 return -ENOMEM;
             }
-            out->count++;
         }
     }
-    part_normalize(out);
+    emx_instset_normalize(out, info_prefer);
     return 0;
-}
-
-static bool part_equal(const struct part *a, const struct part *b)
-{
-    if (a->count != b->count)
-        return false;
-    for (size_t i = 0; i < a->count; i++)
-        if (!item_same(&a->items[i], &b->items[i]))
-            return false;
-    return true;
 }
 
 /* A bounded log line. */
@@ -323,41 +298,9 @@ __attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const
     l->len += (size_t)n;
 }
 
-/* Added ('a'), removed ('r') or changed ('c') ids of two sorted parts. */
-static void diff_list(struct line *l, const struct part *old, const struct part *new, int which,
-                      const char *label)
-{
-    size_t i = 0, j = 0, n = 0;
-    while (i < old->count || j < new->count) {
-        int c = i == old->count   ? 1
-                : j == new->count ? -1
-                                  : strcmp(old->items[i].id, new->items[j].id);
-        const char *id = NULL;
-        if (c < 0) {
-            if (which == 'r')
-                id = old->items[i].id;
-            i++;
-        } else if (c > 0) {
-            if (which == 'a')
-                id = new->items[j].id;
-            j++;
-        } else {
-            if (which == 'c' && !item_same(&old->items[i], &new->items[j]))
-                id = new->items[j].id;
-            i++;
-            j++;
-        }
-        if (id) {
-            line_add(l, "%s%s%s", n ? ", " : "; ", n ? "" : label, id);
-            n++;
-        }
-    }
-}
-
 static void report(struct srv_disc *sd, bool force)
 {
-    const struct emx_host *h = sd->host;
-    struct part u;
+    struct emx_instset u;
 
     if (sd->stopped)
         return;
@@ -365,39 +308,13 @@ static void report(struct srv_disc *sd, bool force)
         LOG(sd, EMX_LOG_ERROR, "out of memory building the instance set");
         return;
     }
-    if (sd->have_reported && !force && part_equal(&u, &sd->reported)) {
-        part_free(&u);
+    if (sd->have_reported && !force && emx_instset_equal(&u, &sd->reported)) {
+        emx_instset_free(&u);
         return;
     }
-    struct emx_instance_info *info = NULL;
-    if (u.count && !(info = calloc(u.count, sizeof(*info)))) {
-        LOG(sd, EMX_LOG_ERROR, "out of memory reporting %zu instances", u.count);
-        part_free(&u);
-        return;
-    }
-    for (size_t i = 0; i < u.count; i++) {
-        const struct item *it = &u.items[i];
-        info[i] = (struct emx_instance_info){
-            .id = it->id,
-            .host = it->host,
-            .port = it->port,
-            .tls = sd->tls,
-            .weight = it->weight,
-            .priority = it->priority,
-            .metadata = it->metadata,
-        };
-    }
-    struct line l = {.len = 0, .full = false};
-    static const struct part none = {NULL, 0};
-    line_add(&l, "%zu instance%s", u.count, u.count == 1 ? "" : "s");
-    diff_list(&l, sd->have_reported ? &sd->reported : &none, &u, 'a', "added ");
-    diff_list(&l, sd->have_reported ? &sd->reported : &none, &u, 'r', "removed ");
-    diff_list(&l, sd->have_reported ? &sd->reported : &none, &u, 'c', "changed ");
-    LOG(sd, EMX_LOG_INFO, "%s", l.buf);
-
-    h->discovery_update(h, info, u.count);
-    free(info);
-    part_free(&sd->reported);
+    emx_instset_log_changes(sd->host, NULL, NULL, sd->have_reported ? &sd->reported : NULL, &u);
+    emx_instset_report(sd->host, &u);
+    emx_instset_free(&sd->reported);
     sd->reported = u;
     sd->have_reported = true;
     sd->failed_since_report = false;
@@ -951,7 +868,7 @@ static void disc_free(struct srv_disc *sd)
         free(ns->skipped);
     }
     free(sd->names);
-    part_free(&sd->reported);
+    emx_instset_free(&sd->reported);
     if (sd->lib_up)
         ares_library_cleanup();
     free(sd);

@@ -29,6 +29,7 @@
 #include <zookeeper/zookeeper.h>
 
 #include "edgemux/discovery.h"
+#include "instset.h"
 #include "zk_instance.h"
 
 #define PATH_MAX_LEN    1024
@@ -128,7 +129,7 @@ struct zk_disc {
     bool again; /* a change was seen while a round ran */
     bool parent_missing;
 
-    struct zk_set good;
+    struct emx_instset good;
     bool have_good;
     char *last_failure;
 
@@ -653,102 +654,43 @@ static void on_session(struct zk_disc *zd, int state)
 
 /* ---- reporting ---- */
 
-/* Appends to a bounded line; a full line ends in "...". */
-struct line {
-    char buf[1024];
-    size_t len;
-    bool full;
-};
-
-__attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const char *fmt, ...)
+/* The record set in the shape the core takes. 0 or -ENOMEM. */
+static int to_instset(const struct zk_set *set, struct emx_instset *out)
 {
-    if (l->full)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(l->buf + l->len, sizeof(l->buf) - l->len, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof(l->buf) - l->len) {
-        l->full = true;
-        memcpy(l->buf + sizeof(l->buf) - 4, "...", 4);
-        l->len = sizeof(l->buf) - 1;
-        return;
-    }
-    l->len += (size_t)n;
-}
-
-/* Ids added ('a'), removed ('r') or changed ('c'); both sets sorted by id. */
-static void diff_list(struct line *l, const struct zk_set *old, const struct zk_set *new, int which,
-                      const char *label)
-{
-    size_t i = 0, j = 0, n = 0;
-    while (i < old->count || j < new->count) {
-        int c = i == old->count   ? 1
-                : j == new->count ? -1
-                                  : strcmp(old->items[i].id, new->items[j].id);
-        const char *id = NULL;
-        if (c < 0) {
-            if (which == 'r')
-                id = old->items[i].id;
-            i++;
-        } else if (c > 0) {
-            if (which == 'a')
-                id = new->items[j].id;
-            j++;
-        } else {
-            if (which == 'c' && !zk_instance_equal(&old->items[i], &new->items[j]))
-                id = new->items[j].id;
-            i++;
-            j++;
-        }
-        if (id) {
-            line_add(l, "%s%s%s", n ? ", " : "; ", n ? "" : label, id);
-            n++;
+    for (size_t i = 0; i < set->count; i++) {
+        const struct zk_instance *in = &set->items[i];
+        if (emx_instset_add(out, in->id, in->host, in->port, in->tls, in->weight, in->priority,
+                            in->metadata) < 0) {
+            emx_instset_free(out);
+            return -ENOMEM;
         }
     }
+    return 0;
 }
 
 /* Takes the set. */
-static void report_set(struct zk_disc *zd, struct zk_set *set)
+static void report_set(struct zk_disc *zd, struct zk_set *parsed)
 {
     const struct emx_host *h = zd->host;
-    struct emx_instance_info *info = NULL;
+    struct emx_instset set = {NULL, 0, 0};
+    int rc = to_instset(parsed, &set);
+    size_t count = parsed->count;
 
-    if (zd->have_good && !zd->last_failure && zk_set_equal(&zd->good, set)) {
+    zk_set_free(parsed);
+    if (rc < 0) {
+        h->log(h, EMX_LOG_ERROR, "out of memory reporting %zu instances", count);
+        return; /* the next change or reconnect tries again */
+    }
+    if (zd->have_good && !zd->last_failure && emx_instset_equal(&zd->good, &set)) {
         h->log(h, EMX_LOG_DEBUG, "%s: unchanged", zd->path);
-        zk_set_free(set);
+        emx_instset_free(&set);
         return;
     }
-    if (set->count && !(info = calloc(set->count, sizeof(*info)))) {
-        h->log(h, EMX_LOG_ERROR, "out of memory reporting %zu instances", set->count);
-        zk_set_free(set); /* the next change or reconnect tries again */
-        return;
-    }
-    for (size_t i = 0; i < set->count; i++) {
-        const struct zk_instance *in = &set->items[i];
-        info[i] = (struct emx_instance_info){
-            .id = in->id,
-            .host = in->host,
-            .port = in->port,
-            .tls = in->tls,
-            .weight = in->weight,
-            .priority = in->priority,
-            .metadata = in->metadata,
-        };
-    }
-    struct line l = {.len = 0, .full = false};
-    static const struct zk_set none = {NULL, 0};
-    line_add(&l, "%s: %zu instance%s", zd->path, set->count, set->count == 1 ? "" : "s");
-    diff_list(&l, zd->have_good ? &zd->good : &none, set, 'a', "added ");
-    diff_list(&l, zd->have_good ? &zd->good : &none, set, 'r', "removed ");
-    diff_list(&l, zd->have_good ? &zd->good : &none, set, 'c', "changed ");
-    h->log(h, EMX_LOG_INFO, "%s", l.buf);
-    h->discovery_update(h, info, set->count);
-    free(info);
+    emx_instset_log_changes(h, zd->path, NULL, zd->have_good ? &zd->good : NULL, &set);
+    emx_instset_report(h, &set);
 
-    zk_set_free(&zd->good);
-    zd->good = *set;
-    *set = (struct zk_set){NULL, 0};
+    emx_instset_free(&zd->good);
+    zd->good = set;
     zd->have_good = true;
     free(zd->last_failure);
     zd->last_failure = NULL;
@@ -1073,7 +1015,7 @@ static void close_handles(struct zk_disc *zd)
 
 static void disc_free(struct zk_disc *zd)
 {
-    zk_set_free(&zd->good);
+    emx_instset_free(&zd->good);
     free(zd->last_failure);
     free(zd->conn);
     free(zd->path);
