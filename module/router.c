@@ -10,6 +10,14 @@
 #include "alloc.h"
 #include "codec.h"
 
+/* uthash allocates 32 buckets (512 bytes) with a table's first item; each
+ * bound edge has a Things table, usually of one name, so that was ~0.5 KiB
+ * of every idle edge. Tables still double as they fill. */
+#undef HASH_INITIAL_NUM_BUCKETS
+#undef HASH_INITIAL_NUM_BUCKETS_LOG2
+#define HASH_INITIAL_NUM_BUCKETS 4U
+#define HASH_INITIAL_NUM_BUCKETS_LOG2 2U
+
 #define TAG "router"
 
 enum req_state {

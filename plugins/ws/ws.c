@@ -95,7 +95,10 @@ static const struct emx_option ws_options[] = {
         "unanswered keepalive probes before the kernel drops the socket"),
     OPT("tcp_user_timeout", EMX_OPT_DURATION, "30s", tcp_user_timeout,
         "TCP_USER_TIMEOUT: drop a socket whose sent data stays unacknowledged this long"),
-    OPT("rx_buffer_size", EMX_OPT_SIZE, "2KiB", rx_buffer_size,
+    /* 1 KiB: lws allocates it per connection and keeps it while idle (~1 KiB
+     * of the 4 KiB per idle edge); larger frames arrive in pieces, which the
+     * receive path gathers (tx_packet_size stays 64 KiB, see init_tables). */
+    OPT("rx_buffer_size", EMX_OPT_SIZE, "1KiB", rx_buffer_size,
         "libwebsockets receive buffer per protocol (memory per idle edge)"),
     OPT("default_max_frame_size", EMX_OPT_SIZE, "8192", default_max_frame_size,
         "largest frame sent to an edge that announced no Max-Frame-Size"),
