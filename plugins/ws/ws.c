@@ -152,14 +152,18 @@ struct emx_conn {
     size_t qbytes;
     uint16_t close_code;
     char close_reason[WS_REASON_MAX + 1];
-    /* pipes */
-    char *hdrs; /* "Name: value\r\n"... */
-    size_t hdrs_len;
-    uint32_t sndbuf;
     /* Pipes without deflate run on an lws raw socket with our own RFC 6455
      * client framing: lws 4.1's client parser costs ~60 instructions per
      * received byte and it masks sent bytes one at a time. */
     bool raw;
+    struct ws_pipe *pp; /* pipes only: edges, the many, do without it */
+};
+
+/* What only a pipe needs (~270 bytes an idle edge no longer carries). */
+struct ws_pipe {
+    char *hdrs; /* "Name: value\r\n"... */
+    size_t hdrs_len;
+    uint32_t sndbuf;
     bool raw_req_sent; /* upgrade request written */
     bool raw_hdr;      /* frame header complete, payload follows */
     bool raw_fin;
@@ -325,21 +329,26 @@ static void queue_free(struct emx_conn *c)
 
 static void pipe_unlink(struct ws_instance *inst, struct emx_conn *c)
 {
-    if (c->pprev)
-        c->pprev->pnext = c->pnext;
+    if (!c->pp)
+        return;
+    if (c->pp->pprev)
+        c->pp->pprev->pp->pnext = c->pp->pnext;
     else if (inst->pipes == c)
-        inst->pipes = c->pnext;
-    if (c->pnext)
-        c->pnext->pprev = c->pprev;
-    c->pprev = c->pnext = NULL;
+        inst->pipes = c->pp->pnext;
+    if (c->pp->pnext)
+        c->pp->pnext->pp->pprev = c->pp->pprev;
+    c->pp->pprev = c->pp->pnext = NULL;
 }
 
 static void conn_free(struct emx_conn *c)
 {
     queue_free(c);
     free(c->rx);
-    free(c->hdrs);
-    free(c->req);
+    if (c->pp) {
+        free(c->pp->hdrs);
+        free(c->pp->req);
+        free(c->pp);
+    }
     free(c);
 }
 
@@ -648,12 +657,12 @@ static uint32_t raw_rand(struct emx_conn *c)
 {
     /* xorshift32 seeded from lws's random source: mask keys only need to be
      * unpredictable to scripts in a browser, which pipes never carry */
-    uint32_t x = c->rng;
+    uint32_t x = c->pp->rng;
 
     x ^= x << 13;
     x ^= x >> 17;
     x ^= x << 5;
-    return c->rng = x;
+    return c->pp->rng = x;
 }
 
 /* Copy `len` bytes masked with `key` (bytes in wire order), 8 at a time. */
@@ -941,28 +950,28 @@ static int raw_build_request(struct emx_conn *c, const char *path, const char *h
     int w;
 
     if (lws_get_random(ctx, nonce, sizeof(nonce)) != sizeof(nonce) ||
-        lws_get_random(ctx, &c->rng, sizeof(c->rng)) != sizeof(c->rng))
+        lws_get_random(ctx, &c->pp->rng, sizeof(c->pp->rng)) != sizeof(c->pp->rng))
         return -EIO;
-    if (!c->rng)
-        c->rng = 0x9e3779b9u; /* xorshift must not start at 0 */
+    if (!c->pp->rng)
+        c->pp->rng = 0x9e3779b9u; /* xorshift must not start at 0 */
     if (lws_b64_encode_string((const char *)nonce, sizeof(nonce), key, sizeof(key)) <= 0)
         return -EIO;
     snprintf(cat, sizeof(cat), "%s%s", key, ws_guid);
     lws_SHA1((const unsigned char *)cat, strlen(cat), sha);
-    if (lws_b64_encode_string((const char *)sha, sizeof(sha), c->accept, sizeof(c->accept)) <= 0)
+    if (lws_b64_encode_string((const char *)sha, sizeof(sha), c->pp->accept, sizeof(c->pp->accept)) <= 0)
         return -EIO;
-    n = strlen(path) + 2 * strlen(hosthdr) + c->hdrs_len + 200;
-    c->req = malloc(n);
-    if (!c->req)
+    n = strlen(path) + 2 * strlen(hosthdr) + c->pp->hdrs_len + 200;
+    c->pp->req = malloc(n);
+    if (!c->pp->req)
         return -ENOMEM;
-    w = snprintf(c->req, n,
+    w = snprintf(c->pp->req, n,
                  "GET %s HTTP/1.1\r\nHost: %s\r\nOrigin: %s\r\nUpgrade: websocket\r\n"
                  "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
                  "%.*s\r\n",
-                 path, hosthdr, hosthdr, key, (int)c->hdrs_len, c->hdrs ? c->hdrs : "");
+                 path, hosthdr, hosthdr, key, (int)c->pp->hdrs_len, c->pp->hdrs ? c->pp->hdrs : "");
     if (w < 0 || (size_t)w >= n || (size_t)w > WS_MAX_FRAME)
         return -EINVAL;
-    c->req_len = (size_t)w;
+    c->pp->req_len = (size_t)w;
     return 0;
 }
 
@@ -989,27 +998,27 @@ static int raw_close_now(struct emx_conn *c, uint16_t code, const char *reason)
 
 static int raw_frame_end(struct emx_conn *c)
 {
-    switch (c->raw_op) {
+    switch (c->pp->raw_op) {
     case 0x9: /* ping: pong with its payload */
-        return raw_send(c, 0xA, c->ctl, c->ctl_len) ? -1 : 0;
+        return raw_send(c, 0xA, c->pp->ctl, c->pp->ctl_len) ? -1 : 0;
     case 0xA:
         return 0;
     case 0x8: { /* the peer closes: keep its code, echo it, hang up */
-        uint16_t code = c->ctl_len >= 2 ? (uint16_t)((c->ctl[0] << 8) | c->ctl[1]) : 1005;
+        uint16_t code = c->pp->ctl_len >= 2 ? (uint16_t)((c->pp->ctl[0] << 8) | c->pp->ctl[1]) : 1005;
 
         if (!c->close_code) {
             c->close_code = code;
-            if (c->ctl_len > 2)
-                snprintf(c->close_reason, sizeof(c->close_reason), "%.*s", (int)(c->ctl_len - 2),
-                         (const char *)c->ctl + 2);
+            if (c->pp->ctl_len > 2)
+                snprintf(c->close_reason, sizeof(c->close_reason), "%.*s", (int)(c->pp->ctl_len - 2),
+                         (const char *)c->pp->ctl + 2);
         }
         return raw_close_now(c, code, NULL);
     }
     default:
-        if (!c->raw_fin)
+        if (!c->pp->raw_fin)
             return 0;
         c->rx_in_msg = false;
-        c->cb->on_message(c->user, c->rx ? c->rx : c->ctl, c->rx_len);
+        c->cb->on_message(c->user, c->rx ? c->rx : c->pp->ctl, c->rx_len);
         c->rx_len = 0;
         if (c->rx_cap > 16384) {
             free(c->rx);
@@ -1029,28 +1038,28 @@ static size_t raw_hdr_need(const uint8_t *fh)
 
 static int raw_header(struct emx_conn *c)
 {
-    uint8_t b0 = c->fh[0], b1 = c->fh[1], op = b0 & 0x0f, l7 = b1 & 0x7f;
+    uint8_t b0 = c->pp->fh[0], b1 = c->pp->fh[1], op = b0 & 0x0f, l7 = b1 & 0x7f;
     bool fin = (b0 & 0x80) != 0;
     uint64_t plen = l7;
     int i;
 
-    c->fh_len = 0;
+    c->pp->fh_len = 0;
     /* no extension is negotiated and servers never mask */
     if ((b0 & 0x70) || (b1 & 0x80))
         return raw_close_now(c, 1002, "protocol error");
     if (l7 == 126) {
-        plen = (uint64_t)c->fh[2] << 8 | c->fh[3];
+        plen = (uint64_t)c->pp->fh[2] << 8 | c->pp->fh[3];
     } else if (l7 == 127) {
         plen = 0;
         for (i = 0; i < 8; i++)
-            plen = plen << 8 | c->fh[2 + i];
+            plen = plen << 8 | c->pp->fh[2 + i];
         if (plen >> 63)
             return raw_close_now(c, 1002, "protocol error");
     }
     if (op >= 0x8) {
         if (!fin || plen > 125 || op > 0xA)
             return raw_close_now(c, 1002, "protocol error");
-        c->ctl_len = 0;
+        c->pp->ctl_len = 0;
     } else if (op == 0x1) {
         return raw_close_now(c, 1003, "text frames are not accepted");
     } else if ((op == 0x0) != c->rx_in_msg || op > 0x2) {
@@ -1058,15 +1067,15 @@ static int raw_header(struct emx_conn *c)
     } else if (plen > c->max_msg - c->rx_len) {
         return raw_close_now(c, 1009, "message too big");
     }
-    c->raw_op = op;
-    c->raw_fin = fin;
+    c->pp->raw_op = op;
+    c->pp->raw_fin = fin;
     if (op < 0x8)
         c->rx_in_msg = !fin || c->rx_in_msg;
-    c->f_left = plen;
-    c->raw_hdr = true;
+    c->pp->f_left = plen;
+    c->pp->raw_hdr = true;
     if (plen)
         return 0;
-    c->raw_hdr = false;
+    c->pp->raw_hdr = false;
     return raw_frame_end(c);
 }
 
@@ -1079,23 +1088,23 @@ static int raw_rx(struct emx_conn *c, uint8_t *in, size_t len)
     while (len && c->state == CONN_OPEN) {
         size_t take;
 
-        if (!c->raw_hdr) {
-            c->fh[c->fh_len++] = *in++;
+        if (!c->pp->raw_hdr) {
+            c->pp->fh[c->pp->fh_len++] = *in++;
             len--;
-            if (c->fh_len < 2 || c->fh_len < raw_hdr_need(c->fh))
+            if (c->pp->fh_len < 2 || c->pp->fh_len < raw_hdr_need(c->pp->fh))
                 continue;
             rc = raw_header(c);
             if (rc)
                 return rc;
             continue;
         }
-        take = c->f_left < len ? (size_t)c->f_left : len;
-        if (c->raw_op >= 0x8) {
-            memcpy(c->ctl + c->ctl_len, in, take);
-            c->ctl_len = (uint8_t)(c->ctl_len + take);
-        } else if (!c->rx_len && c->raw_fin && c->raw_op == 0x2 && take == c->f_left) {
-            c->f_left = 0;
-            c->raw_hdr = false;
+        take = c->pp->f_left < len ? (size_t)c->pp->f_left : len;
+        if (c->pp->raw_op >= 0x8) {
+            memcpy(c->pp->ctl + c->pp->ctl_len, in, take);
+            c->pp->ctl_len = (uint8_t)(c->pp->ctl_len + take);
+        } else if (!c->rx_len && c->pp->raw_fin && c->pp->raw_op == 0x2 && take == c->pp->f_left) {
+            c->pp->f_left = 0;
+            c->pp->raw_hdr = false;
             c->rx_in_msg = false;
             c->cb->on_message(c->user, in, take);
             in += take;
@@ -1107,9 +1116,9 @@ static int raw_rx(struct emx_conn *c, uint8_t *in, size_t len)
         }
         in += take;
         len -= take;
-        c->f_left -= take;
-        if (!c->f_left) {
-            c->raw_hdr = false;
+        c->pp->f_left -= take;
+        if (!c->pp->f_left) {
+            c->pp->raw_hdr = false;
             rc = raw_frame_end(c);
             if (rc)
                 return rc;
@@ -1155,7 +1164,7 @@ static int raw_upgrade_rx(struct ws_instance *inst, struct emx_conn *c, struct l
 
             v += strspn(v, " \t");
             vl = strcspn(v, " \t\r\n");
-            ok = vl == strlen(c->accept) && !memcmp(v, c->accept, vl);
+            ok = vl == strlen(c->pp->accept) && !memcmp(v, c->pp->accept, vl);
         }
         line = strstr(line, "\r\n");
         if (line)
@@ -1165,13 +1174,13 @@ static int raw_upgrade_rx(struct ws_instance *inst, struct emx_conn *c, struct l
         return raw_close_now(c, 1006, "bad Sec-WebSocket-Accept");
     rest = c->rx_len - hl;
     c->rx_len = 0;
-    free(c->req);
-    c->req = NULL;
+    free(c->pp->req);
+    c->pp->req = NULL;
     lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
-    c->last_rx = c->last_ping = uv_now(inst->loop);
-    c->pnext = inst->pipes;
+    c->pp->last_rx = c->pp->last_ping = uv_now(inst->loop);
+    c->pp->pnext = inst->pipes;
     if (inst->pipes)
-        inst->pipes->pprev = c;
+        inst->pipes->pp->pprev = c;
     inst->pipes = c;
     on_client_established(inst, c, wsi);
     /* frames that came with the answer (input after it is at the end of `in`) */
@@ -1191,7 +1200,7 @@ static int raw_on_rx(struct ws_instance *inst, struct emx_conn *c, struct lws *w
             return -1;
         return raw_upgrade_rx(inst, c, wsi, in, len);
     }
-    c->last_rx = uv_now(inst->loop);
+    c->pp->last_rx = uv_now(inst->loop);
     return raw_rx(c, in, len);
 }
 
@@ -1400,8 +1409,8 @@ static void on_client_established(struct ws_instance *inst, struct emx_conn *c, 
     inst->pmd_wsi = NULL;
     c->state = CONN_OPEN;
     c->max_frame = WS_MAX_FRAME; /* platforms take any frame; stay under 64-bit lengths */
-    if (c->sndbuf && fd >= 0)
-        set_int_opt(fd, SOL_SOCKET, SO_SNDBUF, (int)c->sndbuf);
+    if (c->pp->sndbuf && fd >= 0)
+        set_int_opt(fd, SOL_SOCKET, SO_SNDBUF, (int)c->pp->sndbuf);
     peer_string(fd, peer, sizeof(peer));
     info.peer = peer;
     info.deflate = c->deflate;
@@ -1486,19 +1495,19 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
         char **p = in;
 
         c = lws_wsi_user(wsi);
-        if (!c || !p)
+        if (!c || !c->pp || !p)
             return 0;
         c->wsi = wsi;
-        if (c->hdrs_len + 1 > len)
+        if (c->pp->hdrs_len + 1 > len)
             return -1;
-        memcpy(*p, c->hdrs, c->hdrs_len);
-        *p += c->hdrs_len;
+        memcpy(*p, c->pp->hdrs, c->pp->hdrs_len);
+        *p += c->pp->hdrs_len;
         return 0;
     }
     case LWS_CALLBACK_RAW_ADOPT:
     case LWS_CALLBACK_RAW_CONNECTED:
         c = lws_wsi_user(wsi);
-        if (!c || !c->raw || c->raw_req_sent)
+        if (!c || !c->raw || c->pp->raw_req_sent)
             return 0;
         c->wsi = wsi;
         if (c->closing)
@@ -1517,10 +1526,10 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
         c = lws_wsi_user(wsi);
         if (!c || !c->raw)
             return 0;
-        if (!c->raw_req_sent && c->req) {
-            c->raw_req_sent = true;
-            memcpy(inst->scratch + LWS_PRE, c->req, c->req_len);
-            return lws_write(wsi, inst->scratch + LWS_PRE, c->req_len, LWS_WRITE_RAW) < 0 ? -1
+        if (!c->pp->raw_req_sent && c->pp->req) {
+            c->pp->raw_req_sent = true;
+            memcpy(inst->scratch + LWS_PRE, c->pp->req, c->pp->req_len);
+            return lws_write(wsi, inst->scratch + LWS_PRE, c->pp->req_len, LWS_WRITE_RAW) < 0 ? -1
                                                                                           : 0;
         }
         return handle_writeable(c);
@@ -1619,13 +1628,13 @@ static void pipe_timer_cb(uv_timer_t *t)
     struct emx_conn *c, *n;
 
     for (c = inst->pipes; c; c = n) {
-        n = c->pnext;
+        n = c->pp->pnext;
         if (c->state != CONN_OPEN || c->closing || !c->wsi)
             continue;
-        if (hangup && now - c->last_rx >= hangup) {
+        if (hangup && now - c->pp->last_rx >= hangup) {
             conn_kill(c, 1006, "no data or pong from the peer");
-        } else if (ping && now - c->last_rx >= ping && now - c->last_ping >= ping) {
-            c->last_ping = now;
+        } else if (ping && now - c->pp->last_rx >= ping && now - c->pp->last_ping >= ping) {
+            c->pp->last_ping = now;
             if (raw_send(c, 0x9, NULL, 0))
                 conn_kill(c, 1006, "write failed");
         }
@@ -2145,10 +2154,10 @@ static int build_headers(struct emx_conn *c, const struct emx_connect_spec *s)
     }
     if (!total)
         return 0;
-    c->hdrs = malloc(total + 1);
-    if (!c->hdrs)
+    c->pp->hdrs = malloc(total + 1);
+    if (!c->pp->hdrs)
         return -ENOMEM;
-    p = c->hdrs;
+    p = c->pp->hdrs;
     for (i = 0; i < s->header_count; i++) {
         size_t n = strlen(s->headers[i]);
 
@@ -2158,7 +2167,7 @@ static int build_headers(struct emx_conn *c, const struct emx_connect_spec *s)
         p += n + 2;
     }
     *p = '\0';
-    c->hdrs_len = total;
+    c->pp->hdrs_len = total;
     return 0;
 }
 
@@ -2209,8 +2218,13 @@ static int ws_connect(void *instance, const struct emx_connect_spec *spec,
         return -EINVAL;
     }
     c = conn_new(inst);
-    if (!c)
+    if (c)
+        c->pp = ws_zalloc(sizeof(*c->pp));
+    if (!c || !c->pp) {
+        if (c)
+            conn_free(c);
         return -ENOMEM;
+    }
     rc = build_headers(c, spec);
     if (rc) {
         conn_free(c);
@@ -2219,7 +2233,7 @@ static int ws_connect(void *instance, const struct emx_connect_spec *spec,
     c->cb = cb;
     c->user = user;
     c->max_msg = spec->max_message_size ? spec->max_message_size : SIZE_MAX;
-    c->sndbuf = spec->sndbuf;
+    c->pp->sndbuf = spec->sndbuf;
     c->state = CONN_CONNECTING;
     snprintf(hosthdr, sizeof(hosthdr), "%s:%u", spec->host, (unsigned)spec->port);
     /* Without deflate a plain pipe speaks WebSocket itself over a raw
