@@ -1,5 +1,5 @@
-/* The built emx-discovery-dns-srv.so, loaded with dlopen against a host table
- * of the test's own, its options bound by the core's own binder.
+/* The built emx-discovery-dns-srv.so, loaded with dlopen against the host table
+ * of tests/integration/common, its options bound by the core's own binder.
  *
  *   test_dns_srv_plugin fixture   a DNS responder of this test on the same
  *                                 loop: additional records or separate A/AAAA,
@@ -14,7 +14,6 @@
  *                                 zone-commit while the plugin watches.
  *
  * Every wait is bounded by a uv timer. */
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -39,6 +38,7 @@
 #include "config.h"
 #include "dnspkt.h"
 #include "edgemux/discovery.h"
+#include "test_host.h"
 
 extern char **environ;
 
@@ -47,27 +47,6 @@ extern char **environ;
 #define LOG_LEN 400
 #define SET_MAX 128
 #define ZONE    "example.test"
-
-/* ---- what the plugin told the host ---- */
-
-struct rec_instance {
-    char *id, *host, *metadata;
-    uint16_t port;
-    bool tls;
-    uint32_t weight, priority;
-};
-
-struct rec {
-    int updates;
-    struct rec_instance set[SET_MAX];
-    size_t count;
-    int failures;
-    char reason[1024];
-    char (*logs)[LOG_LEN];
-    int nlogs;
-    bool stopped;
-    int calls_after_stop;
-};
 
 /* ---- the DNS fixture ---- */
 
@@ -106,14 +85,8 @@ struct dns_fixture {
 };
 
 struct fx {
-    uv_loop_t loop;
-    struct emx_host host;
-    struct rec rec;
-    void *dl;
-    const struct emx_discovery_plugin *d;
-    void *cfg;
+    struct th_host th;
     struct emx_node *yaml;
-    void *inst;
     struct dns_fixture dns;
 };
 
@@ -129,180 +102,26 @@ struct knot {
 
 static struct knot K;
 
-/* ---- host ---- */
-
-static void rec_clear_set(struct rec *r)
-{
-    for (size_t i = 0; i < r->count; i++) {
-        free(r->set[i].id);
-        free(r->set[i].host);
-        free(r->set[i].metadata);
-    }
-    r->count = 0;
-}
-
-static struct rec *rec_of(const struct emx_host *h)
-{
-    return &((struct fx *)h->core)->rec;
-}
-
-static char *dup_or_null(const char *s)
-{
-    return s ? strdup(s) : NULL;
-}
-
-static void host_log(const struct emx_host *h, enum emx_log_level level, const char *fmt, ...)
-{
-    struct rec *r = rec_of(h);
-    char line[LOG_LEN - 4];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof(line), fmt, ap);
-    va_end(ap);
-    if (getenv("EMX_TEST_VERBOSE"))
-        fprintf(stderr, "[%s] %d %s\n", h->tag, (int)level, line);
-    if (r->nlogs < LOG_MAX)
-        snprintf(r->logs[r->nlogs++], LOG_LEN, "%d %s", (int)level, line);
-}
-
-static bool host_log_enabled(const struct emx_host *h, enum emx_log_level level)
-{
-    (void)h;
-    (void)level;
-    return true;
-}
-
-static int host_post(const struct emx_host *h, void (*fn)(void *), void *arg)
-{
-    (void)h;
-    (void)fn;
-    (void)arg;
-    return -ESHUTDOWN; /* the plugin has no thread of its own */
-}
-
-static uint64_t host_now(const struct emx_host *h)
-{
-    return uv_now(h->loop);
-}
-
-static void host_update(const struct emx_host *h, const struct emx_instance_info *set, size_t count)
-{
-    struct rec *r = rec_of(h);
-    if (r->stopped)
-        r->calls_after_stop++;
-    rec_clear_set(r);
-    assert_true(count <= SET_MAX);
-    assert_true(count == 0 || set != NULL);
-    for (size_t i = 0; i < count; i++) {
-        r->set[i] = (struct rec_instance){
-            .id = dup_or_null(set[i].id),
-            .host = dup_or_null(set[i].host),
-            .metadata = dup_or_null(set[i].metadata),
-            .port = set[i].port,
-            .tls = set[i].tls,
-            .weight = set[i].weight,
-            .priority = set[i].priority,
-        };
-    }
-    r->count = count;
-    r->updates++;
-    if (getenv("EMX_TEST_VERBOSE"))
-        fprintf(stderr, "update %d: %zu instances\n", r->updates, count);
-}
-
-static void host_failed(const struct emx_host *h, const char *reason)
-{
-    struct rec *r = rec_of(h);
-    if (r->stopped)
-        r->calls_after_stop++;
-    snprintf(r->reason, sizeof(r->reason), "%s", reason);
-    r->failures++;
-    if (getenv("EMX_TEST_VERBOSE"))
-        fprintf(stderr, "failure %d: %s\n", r->failures, reason);
-}
-
 /* ---- loop ---- */
 
-static void on_deadline(uv_timer_t *t)
+static bool udp_queries_over(struct th_host *th, long n)
 {
-    *(bool *)t->data = true;
-}
-
-typedef bool (*pred_fn)(struct fx *fx, long arg);
-
-/* Runs the loop until pred holds or ms pass; returns whether it held. */
-static bool wait_until(struct fx *fx, pred_fn pred, long arg, uint64_t ms)
-{
-    uv_timer_t t;
-    bool expired = false;
-    uv_timer_init(&fx->loop, &t);
-    t.data = &expired;
-    uv_timer_start(&t, on_deadline, ms, 0);
-    while (!(pred && pred(fx, arg)) && !expired)
-        uv_run(&fx->loop, UV_RUN_ONCE);
-    uv_close((uv_handle_t *)&t, NULL);
-    uv_run(&fx->loop, UV_RUN_NOWAIT);
-    return pred && pred(fx, arg);
-}
-
-static void run_for(struct fx *fx, uint64_t ms)
-{
-    wait_until(fx, NULL, 0, ms);
-}
-
-static bool updates_over(struct fx *fx, long n)
-{
-    return fx->rec.updates > n;
-}
-
-static bool failures_over(struct fx *fx, long n)
-{
-    return fx->rec.failures > n;
-}
-
-static bool count_is(struct fx *fx, long n)
-{
-    return fx->rec.updates > 0 && (long)fx->rec.count == n;
-}
-
-static bool udp_queries_over(struct fx *fx, long n)
-{
-    return fx->dns.udp_queries > n;
-}
-
-static void wait_update(struct fx *fx, int before)
-{
-    if (!wait_until(fx, updates_over, before, WAIT_MS))
-        fail_msg("no update after %d (failures %d: %s)", before, fx->rec.failures, fx->rec.reason);
-}
-
-static void wait_failure(struct fx *fx, int before)
-{
-    if (!wait_until(fx, failures_over, before, WAIT_MS))
-        fail_msg("no failure after %d (updates %d)", before, fx->rec.updates);
+    return ((struct fx *)th->user)->dns.udp_queries > n;
 }
 
 static void wait_count(struct fx *fx, size_t n, uint64_t ms)
 {
-    if (!wait_until(fx, count_is, (long)n, ms))
+    if (!th_wait_until(&fx->th, th_count_is, (long)n, ms))
         fail_msg("the set did not reach %zu instances in %llu ms (it has %zu; failures %d: %s)", n,
-                 (unsigned long long)ms, fx->rec.count, fx->rec.failures, fx->rec.reason);
+                 (unsigned long long)ms, fx->th.rec.count, fx->th.rec.failures, fx->th.rec.reason);
 }
 
-static const struct rec_instance *find(struct fx *fx, const char *id)
+static const struct th_instance *expect(struct fx *fx, const char *id, const char *host,
+                                        uint16_t port, uint32_t priority, uint32_t weight)
 {
-    for (size_t i = 0; i < fx->rec.count; i++)
-        if (strcmp(fx->rec.set[i].id, id) == 0)
-            return &fx->rec.set[i];
-    return NULL;
-}
-
-static const struct rec_instance *expect(struct fx *fx, const char *id, const char *host,
-                                         uint16_t port, uint32_t priority, uint32_t weight)
-{
-    const struct rec_instance *in = find(fx, id);
+    const struct th_instance *in = th_find(&fx->th, id);
     if (!in)
-        fail_msg("no instance %s in the set of %zu", id, fx->rec.count);
+        fail_msg("no instance %s in the set of %zu", id, fx->th.rec.count);
     assert_string_equal(in->host, host);
     assert_int_equal(in->port, port);
     assert_int_equal(in->priority, priority);
@@ -310,18 +129,10 @@ static const struct rec_instance *expect(struct fx *fx, const char *id, const ch
     return in;
 }
 
-static int log_count(struct fx *fx, const char *needle)
-{
-    int n = 0;
-    for (int i = 0; i < fx->rec.nlogs; i++)
-        n += strstr(fx->rec.logs[i], needle) != NULL;
-    return n;
-}
-
 static uint64_t now_ms(struct fx *fx)
 {
-    uv_update_time(&fx->loop);
-    return uv_now(&fx->loop);
+    uv_update_time(&fx->th.loop);
+    return uv_now(&fx->th.loop);
 }
 
 /* ---- the DNS fixture: a responder on this loop ---- */
@@ -599,13 +410,13 @@ static void dns_start(struct fx *fx)
         struct sockaddr_storage got;
         int glen = sizeof(got);
         uv_ip4_addr("127.0.0.1", 0, &sa);
-        assert_int_equal(uv_udp_init(&fx->loop, &d->udp), 0);
+        assert_int_equal(uv_udp_init(&fx->th.loop, &d->udp), 0);
         d->udp.data = d;
         assert_int_equal(uv_udp_bind(&d->udp, (struct sockaddr *)&sa, 0), 0);
         assert_int_equal(uv_udp_getsockname(&d->udp, (struct sockaddr *)&got, &glen), 0);
         d->port = ntohs(((struct sockaddr_in *)&got)->sin_port);
         uv_ip4_addr("127.0.0.1", d->port, &sa);
-        assert_int_equal(uv_tcp_init(&fx->loop, &d->tcp), 0);
+        assert_int_equal(uv_tcp_init(&fx->th.loop, &d->tcp), 0);
         d->tcp.data = d;
         if (uv_tcp_bind(&d->tcp, (struct sockaddr *)&sa, 0) == 0 &&
             uv_listen((uv_stream_t *)&d->tcp, 16, tcp_accept) == 0) {
@@ -615,7 +426,7 @@ static void dns_start(struct fx *fx)
         }
         uv_close((uv_handle_t *)&d->udp, NULL);
         uv_close((uv_handle_t *)&d->tcp, NULL);
-        uv_run(&fx->loop, UV_RUN_NOWAIT);
+        uv_run(&fx->th.loop, UV_RUN_NOWAIT);
     }
     fail_msg("no free port for the DNS fixture");
 }
@@ -865,33 +676,17 @@ static int setup(void **state)
 {
     struct fx *fx = calloc(1, sizeof(*fx));
     assert_non_null(fx);
-    fx->rec.logs = calloc(LOG_MAX, LOG_LEN);
-    assert_non_null(fx->rec.logs);
-    assert_int_equal(uv_loop_init(&fx->loop), 0);
-    fx->dl = dlopen(EMX_DNS_SRV_PLUGIN, RTLD_NOW | RTLD_LOCAL);
-    if (!fx->dl)
-        fail_msg("dlopen: %s", dlerror());
-    fx->d = dlsym(fx->dl, EMX_DISCOVERY_SYMBOL);
-    assert_non_null(fx->d);
-    assert_int_equal(fx->d->hdr.magic, EMX_PLUGIN_MAGIC);
-    assert_int_equal(fx->d->hdr.kind, EMX_PLUGIN_DISCOVERY);
-    assert_string_equal(fx->d->hdr.name, "dns-srv");
-    fx->host = (struct emx_host){
-        .struct_size = sizeof(struct emx_host),
-        .abi_major = EMX_ABI_MAJOR,
-        .abi_minor = EMX_ABI_MINOR,
-        .tag = "discovery:dns-srv.0",
-        .loop = &fx->loop,
-        .core = fx,
-        .log = host_log,
-        .log_enabled = host_log_enabled,
-        .post = host_post,
-        .now_ms = host_now,
+    const struct th_config conf = {
+        .plugin = EMX_DNS_SRV_PLUGIN,
+        .name = "dns-srv",
+        .set_max = SET_MAX,
+        .log_max = LOG_MAX,
+        .log_len = LOG_LEN,
+        .line_len = LOG_LEN - 4,
         .parse_size = emx_parse_size,
         .parse_duration = emx_parse_duration,
-        .discovery_update = host_update,
-        .discovery_failed = host_failed,
     };
+    th_open(&fx->th, &conf, fx);
     fx->dns.additional = true;
     *state = fx;
     return 0;
@@ -910,13 +705,13 @@ __attribute__((format(printf, 2, 3))) static int configure(struct fx *fx, const 
     if (fx->yaml)
         emx_node_free(fx->yaml);
     fx->yaml = NULL;
-    free(fx->cfg);
-    fx->cfg = calloc(1, fx->d->config_size);
-    assert_non_null(fx->cfg);
+    free(fx->th.cfg);
+    fx->th.cfg = calloc(1, fx->th.d->config_size);
+    assert_non_null(fx->th.cfg);
     int rc = emx_yaml_parse("discovery.yaml", text, strlen(text), &fx->yaml, &errs);
     assert_int_equal(rc, 0);
-    int n =
-        emx_options_bind_section(fx->d->options, fx->yaml, NULL, "discovery", NULL, fx->cfg, &errs);
+    int n = emx_options_bind_section(fx->th.d->options, fx->yaml, NULL, "discovery", NULL,
+                                     fx->th.cfg, &errs);
     for (size_t i = 0; i < errs.count; i++)
         fprintf(stderr, "config: %s\n", errs.msgs[i]);
     emx_errors_free(&errs);
@@ -945,49 +740,23 @@ static void configure_fixture(struct fx *fx, const char *names, const char *extr
     assert_int_equal(configure(fx, "%s", text), 0);
 }
 
-static void start(struct fx *fx)
-{
-    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &fx->inst), 0);
-    assert_non_null(fx->inst);
-    assert_int_equal(fx->d->start(fx->inst), 0);
-}
-
 /* stop, let libuv close every handle, destroy: the loop must then close. */
 static void finish(struct fx *fx)
 {
-    if (fx->inst) {
-        fx->d->stop(fx->inst);
-        fx->rec.stopped = true;
-        fx->d->destroy(fx->inst);
-        fx->inst = NULL;
-    }
+    th_stop(&fx->th, true);
     dns_stop(fx);
-    uv_timer_t t;
-    bool expired = false;
-    uv_timer_init(&fx->loop, &t);
-    t.data = &expired;
-    uv_timer_start(&t, on_deadline, WAIT_MS, 0);
-    uv_unref((uv_handle_t *)&t);
-    while (uv_loop_alive(&fx->loop) && !expired)
-        uv_run(&fx->loop, UV_RUN_ONCE);
-    assert_false(expired);
-    uv_close((uv_handle_t *)&t, NULL);
-    uv_run(&fx->loop, UV_RUN_DEFAULT);
-    assert_int_equal(fx->rec.calls_after_stop, 0);
-    assert_int_equal(uv_loop_close(&fx->loop), 0);
+    th_await_idle(&fx->th, WAIT_MS);
+    th_close_loop(&fx->th);
 }
 
 static int teardown(void **state)
 {
     struct fx *fx = *state;
-    if (!fx->rec.stopped)
+    if (!fx->th.rec.stopped)
         finish(fx);
-    rec_clear_set(&fx->rec);
-    free(fx->cfg);
     if (fx->yaml)
         emx_node_free(fx->yaml);
-    dlclose(fx->dl);
-    free(fx->rec.logs);
+    th_close(&fx->th);
     free(fx);
     return 0;
 }
@@ -1010,22 +779,22 @@ static void test_initial_set_additional(void **state)
     dns_start(fx);
     fixture_two_records(fx);
     configure_fixture(fx, "_tw._tcp.example.test.", "tls: true\n");
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 2);
-    const struct rec_instance *a = expect(fx, "p1.example.test:8443", "10.0.0.1", 8443, 0, 10);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
+    const struct th_instance *a = expect(fx, "p1.example.test:8443", "10.0.0.1", 8443, 0, 10);
     assert_true(a->tls);
     assert_string_equal(a->metadata, "srv _tw._tcp.example.test target p1.example.test");
     /* weight 0 is reported as 0 */
     expect(fx, "p2.example.test:8444", "10.0.0.2", 8444, 0, 0);
     /* only the SRV question: the addresses came with it */
     assert_int_equal(fx->dns.addr_queries, 0);
-    assert_int_equal(fx->rec.failures, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     /* the same answer again is no new update */
-    int updates = fx->rec.updates;
+    int updates = fx->th.rec.updates;
     int queries = fx->dns.srv_queries;
-    assert_true(wait_until(fx, udp_queries_over, queries + 1, 3000));
-    assert_int_equal(fx->rec.updates, updates);
+    assert_true(th_wait_until(&fx->th, udp_queries_over, queries + 1, 3000));
+    assert_int_equal(fx->th.rec.updates, updates);
     finish(fx);
 }
 
@@ -1046,17 +815,18 @@ static void test_targets_resolved_separately(void **state)
     z_addr(&fx->dns, "v6only." ZONE, 30, "fd00::6");
     z_txt(&fx->dns, "noaddr." ZONE);
     configure_fixture(fx, "_tw._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 3);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 3);
     expect(fx, "p1.example.test:8443", "10.0.0.1", 8443, 0, 1);
     expect(fx, "p1.example.test:8444", "10.0.0.1", 8444, 0, 1);
     expect(fx, "v6only.example.test:8443", "fd00::6", 8443, 1, 1);
     /* p1 asked once for A and once for AAAA, not once per record */
     assert_int_equal(fx->dns.addr_queries, 3 * 2);
-    assert_true(log_count(fx, "targets without an address left out: noaddr.example.test") == 1);
+    assert_true(th_log_count(&fx->th, "targets without an address left out: noaddr.example.test") ==
+                1);
     /* the A record's TTL (1 s) sets the next query, not the SRV's 30 s */
-    assert_true(log_count(fx, "next query in 1000 ms (ttl 1 s)") >= 1);
+    assert_true(th_log_count(&fx->th, "next query in 1000 ms (ttl 1 s)") >= 1);
     finish(fx);
 }
 
@@ -1071,9 +841,9 @@ static void test_family_ipv6(void **state)
     z_addr(&fx->dns, "p1." ZONE, 30, "fd00::1");
     z_addr(&fx->dns, "v4only." ZONE, 30, "10.0.0.4");
     configure_fixture(fx, "_tw._tcp.example.test", "family: ipv6\n");
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 1);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 1);
     expect(fx, "p1.example.test:8443", "fd00::1", 8443, 0, 1);
     /* only AAAA questions */
     assert_int_equal(fx->dns.addr_queries, 2);
@@ -1088,9 +858,9 @@ static void test_truncated_udp_retried_over_tcp(void **state)
     fixture_two_records(fx);
     fx->dns.mode = M_TC_UDP;
     configure_fixture(fx, "_tw._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 2);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
     assert_true(fx->dns.udp_queries >= 1);
     assert_true(fx->dns.tcp_queries >= 1);
     finish(fx);
@@ -1114,9 +884,9 @@ static void test_many_records_over_tcp(void **state)
         z_addr(&fx->dns, target, 5, addr);
     }
     configure_fixture(fx, "_big._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 60);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 60);
     expect(fx, "h60.example.test:9060", "127.0.1.60", 9060, 0, 1);
     assert_true(fx->dns.tcp_queries >= 1);
     assert_int_equal(fx->dns.addr_queries, 0);
@@ -1127,21 +897,21 @@ static void test_many_records_over_tcp(void **state)
  * changes nothing; the answer coming back is reported again. */
 static void failure_keeps_set(struct fx *fx, enum dns_mode mode, const char *reason_part)
 {
-    int updates = fx->rec.updates, failures = fx->rec.failures;
+    int updates = fx->th.rec.updates, failures = fx->th.rec.failures;
     fx->dns.mode = mode;
-    wait_failure(fx, failures);
-    if (!strstr(fx->rec.reason, reason_part))
-        fail_msg("reason '%s' lacks '%s'", fx->rec.reason, reason_part);
-    assert_non_null(strstr(fx->rec.reason, "_tw._tcp.example.test"));
-    run_for(fx, 500); /* retries happen meanwhile */
-    assert_int_equal(fx->rec.updates, updates);
-    assert_int_equal(fx->rec.count, 2);
+    th_wait_failure(&fx->th, failures, WAIT_MS);
+    if (!strstr(fx->th.rec.reason, reason_part))
+        fail_msg("reason '%s' lacks '%s'", fx->th.rec.reason, reason_part);
+    assert_non_null(strstr(fx->th.rec.reason, "_tw._tcp.example.test"));
+    th_run_for(&fx->th, 500); /* retries happen meanwhile */
+    assert_int_equal(fx->th.rec.updates, updates);
+    assert_int_equal(fx->th.rec.count, 2);
     /* the same failure again is not reported again */
-    assert_int_equal(fx->rec.failures, failures + 1);
+    assert_int_equal(fx->th.rec.failures, failures + 1);
     fx->dns.mode = M_NORMAL;
-    wait_update(fx, updates);
-    assert_int_equal(fx->rec.count, 2);
-    assert_int_equal(fx->rec.failures, failures + 1);
+    th_wait_update(&fx->th, updates, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
+    assert_int_equal(fx->th.rec.failures, failures + 1);
 }
 
 static void test_failures_keep_last_good_set(void **state)
@@ -1150,14 +920,14 @@ static void test_failures_keep_last_good_set(void **state)
     dns_start(fx);
     fixture_two_records(fx);
     configure_fixture(fx, "_tw._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 2);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
     failure_keeps_set(fx, M_SERVFAIL, "SERVFAIL");
     failure_keeps_set(fx, M_REFUSED, "REFUSED");
     failure_keeps_set(fx, M_DROP, "timed out");
     failure_keeps_set(fx, M_MALFORMED, "malformed answer");
-    assert_true(log_count(fx, "answers again") >= 4);
+    assert_true(th_log_count(&fx->th, "answers again") >= 4);
     finish(fx);
 }
 
@@ -1172,10 +942,10 @@ static void test_network_error(void **state)
                       "timeout: 200ms\ntries: 1\nretry_min: 100ms\nretry_max: 200ms\n",
                       free_port());
     assert_int_equal(n, 0);
-    start(fx);
-    wait_failure(fx, 0);
-    assert_int_equal(fx->rec.updates, 0);
-    assert_non_null(strstr(fx->rec.reason, "_tw._tcp.example.test: SRV query: "));
+    th_start(&fx->th);
+    th_wait_failure(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.updates, 0);
+    assert_non_null(strstr(fx->th.rec.reason, "_tw._tcp.example.test: SRV query: "));
     finish(fx);
 }
 
@@ -1191,19 +961,19 @@ static void test_resolver_failover(void **state)
     snprintf(extra, sizeof(extra), "resolvers: [\"127.0.0.1:%u\", \"127.0.0.1:%u\"]\n", dead,
              fx->dns.port);
     configure_fixture(fx, "_tw._tcp.example.test", extra);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 2);
-    assert_int_equal(fx->rec.failures, 0);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
+    assert_int_equal(fx->th.rec.failures, 0);
     fx->dns.mode = M_SERVFAIL;
-    wait_failure(fx, 0);
+    th_wait_failure(&fx->th, 0, WAIT_MS);
     char want[128];
     snprintf(want, sizeof(want),
              "SRV query: 127.0.0.1:%u connection refused; 127.0.0.1:%u SERVFAIL", dead,
              fx->dns.port);
-    if (!strstr(fx->rec.reason, want))
-        fail_msg("reason '%s' lacks '%s'", fx->rec.reason, want);
-    assert_int_equal(fx->rec.count, 2);
+    if (!strstr(fx->th.rec.reason, want))
+        fail_msg("reason '%s' lacks '%s'", fx->th.rec.reason, want);
+    assert_int_equal(fx->th.rec.count, 2);
     finish(fx);
 }
 
@@ -1215,13 +985,13 @@ static void test_failure_at_start(void **state)
     fixture_two_records(fx);
     fx->dns.mode = M_SERVFAIL;
     configure_fixture(fx, "_tw._tcp.example.test", NULL);
-    start(fx);
-    wait_failure(fx, 0);
-    run_for(fx, 300);
-    assert_int_equal(fx->rec.updates, 0);
+    th_start(&fx->th);
+    th_wait_failure(&fx->th, 0, WAIT_MS);
+    th_run_for(&fx->th, 300);
+    assert_int_equal(fx->th.rec.updates, 0);
     fx->dns.mode = M_NORMAL;
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 2);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
     finish(fx);
 }
 
@@ -1232,30 +1002,30 @@ static void test_empty_answers(void **state)
     dns_start(fx);
     fixture_two_records(fx);
     configure_fixture(fx, "_tw._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 2);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
 
     /* NODATA: the name has a TXT record only */
     z_clear(&fx->dns);
     z_txt(&fx->dns, "_tw._tcp." ZONE);
-    int updates = fx->rec.updates;
-    wait_update(fx, updates);
-    assert_int_equal(fx->rec.count, 0);
-    assert_int_equal(fx->rec.failures, 0);
+    int updates = fx->th.rec.updates;
+    th_wait_update(&fx->th, updates, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
 
     /* back, then NXDOMAIN */
     fixture_two_records(fx);
     wait_count(fx, 2, WAIT_MS);
     z_clear(&fx->dns);
-    updates = fx->rec.updates;
-    wait_update(fx, updates);
-    assert_int_equal(fx->rec.count, 0);
-    assert_int_equal(fx->rec.failures, 0);
+    updates = fx->th.rec.updates;
+    th_wait_update(&fx->th, updates, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     /* an empty answer that stays empty is not reported again */
-    updates = fx->rec.updates;
-    run_for(fx, 1500);
-    assert_int_equal(fx->rec.updates, updates);
+    updates = fx->th.rec.updates;
+    th_run_for(&fx->th, 1500);
+    assert_int_equal(fx->th.rec.updates, updates);
     finish(fx);
 }
 
@@ -1275,14 +1045,14 @@ static void test_several_names(void **state)
     snprintf(fx->dns.fail_name, sizeof(fx->dns.fail_name), "_b._tcp." ZONE);
     fx->dns.fail_mode = M_SERVFAIL;
     configure_fixture(fx, "[_a._tcp.example.test, _b._tcp.example.test]", NULL);
-    start(fx);
+    th_start(&fx->th);
 
     /* the first report waits for both names' first answer */
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.updates, 1);
-    assert_int_equal(fx->rec.failures, 1);
-    assert_non_null(strstr(fx->rec.reason, "_b._tcp.example.test: SRV query: SERVFAIL"));
-    assert_int_equal(fx->rec.count, 1);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.updates, 1);
+    assert_int_equal(fx->th.rec.failures, 1);
+    assert_non_null(strstr(fx->th.rec.reason, "_b._tcp.example.test: SRV query: SERVFAIL"));
+    assert_int_equal(fx->th.rec.count, 1);
     expect(fx, "p1.example.test:8001", "10.0.0.1", 8001, 0, 1);
 
     /* _b answers: the union */
@@ -1294,9 +1064,9 @@ static void test_several_names(void **state)
     /* _b stops answering: its part stays while _a changes */
     snprintf(fx->dns.fail_name, sizeof(fx->dns.fail_name), "_b._tcp." ZONE);
     fx->dns.fail_mode = M_DROP;
-    int failures = fx->rec.failures;
-    wait_failure(fx, failures);
-    assert_non_null(strstr(fx->rec.reason, "_b._tcp.example.test: SRV query: timed out"));
+    int failures = fx->th.rec.failures;
+    th_wait_failure(&fx->th, failures, WAIT_MS);
+    assert_non_null(strstr(fx->th.rec.reason, "_b._tcp.example.test: SRV query: timed out"));
     z_srv(&fx->dns, "_a._tcp." ZONE, 1, 0, 1, 8003, "p2." ZONE);
     wait_count(fx, 3, WAIT_MS);
     expect(fx, "p2.example.test:8002", "10.0.0.2", 8002, 1, 1);
@@ -1311,21 +1081,21 @@ static void test_backoff(void **state)
     dns_start(fx);
     fx->dns.mode = M_SERVFAIL;
     configure_fixture(fx, "_tw._tcp.example.test", NULL);
-    start(fx);
+    th_start(&fx->th);
     uint64_t t0 = now_ms(fx);
-    wait_failure(fx, 0);
+    th_wait_failure(&fx->th, 0, WAIT_MS);
     /* retries at ~100, ~200, ~400, ~400 ms (75..100 % of each) */
-    assert_true(wait_until(fx, udp_queries_over, 4, 3000));
+    assert_true(th_wait_until(&fx->th, udp_queries_over, 4, 3000));
     uint64_t spent = now_ms(fx) - t0;
     assert_true(spent >= (75 + 150 + 300 + 300) * 1 - 50);
-    assert_true(log_count(fx, "retry in") >= 4);
+    assert_true(th_log_count(&fx->th, "retry in") >= 4);
     /* no retry waited more than retry_max */
-    for (int i = 0; i < fx->rec.nlogs; i++) {
-        const char *r = strstr(fx->rec.logs[i], "retry in ");
+    for (int i = 0; i < fx->th.rec.nlogs; i++) {
+        const char *r = strstr(th_log(&fx->th, i), "retry in ");
         if (r)
             assert_true(atoi(r + 9) <= 400);
     }
-    assert_int_equal(fx->rec.updates, 0);
+    assert_int_equal(fx->th.rec.updates, 0);
     finish(fx);
 }
 
@@ -1337,26 +1107,26 @@ static void test_ttl_timing(void **state)
     z_srv(&fx->dns, "_tw._tcp." ZONE, 0, 0, 1, 8443, "p1." ZONE);
     z_addr(&fx->dns, "p1." ZONE, 0, "10.0.0.1");
     configure_fixture(fx, "_tw._tcp.example.test", "min_ttl: 200ms\nmax_ttl: 400ms\n");
-    start(fx);
-    wait_update(fx, 0);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
     int q0 = fx->dns.srv_queries;
-    run_for(fx, 1000);
+    th_run_for(&fx->th, 1000);
     int q = fx->dns.srv_queries - q0;
     /* every 200 ms: about 5 in a second (fewer on a loaded machine), never a
      * busy loop */
     assert_true(q >= 2 && q <= 6);
-    assert_true(log_count(fx, "next query in 200 ms (ttl 0 s)") >= 3);
+    assert_true(th_log_count(&fx->th, "next query in 200 ms (ttl 0 s)") >= 3);
 
     /* TTL 3600 is clamped to max_ttl */
     z_clear(&fx->dns);
     z_srv(&fx->dns, "_tw._tcp." ZONE, 3600, 0, 1, 8443, "p1." ZONE);
     z_addr(&fx->dns, "p1." ZONE, 3600, "10.0.0.1");
-    run_for(fx, 300);
+    th_run_for(&fx->th, 300);
     q0 = fx->dns.srv_queries;
-    run_for(fx, 1300);
+    th_run_for(&fx->th, 1300);
     q = fx->dns.srv_queries - q0;
     assert_true(q >= 2 && q <= 4);
-    assert_true(log_count(fx, "next query in 400 ms (ttl 3600 s)") >= 2);
+    assert_true(th_log_count(&fx->th, "next query in 400 ms (ttl 3600 s)") >= 2);
     finish(fx);
 }
 
@@ -1367,25 +1137,25 @@ static void test_changes(void **state)
     dns_start(fx);
     fixture_two_records(fx);
     configure_fixture(fx, "_tw._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
     z_srv(&fx->dns, "_tw._tcp." ZONE, 1, 0, 5, 8445, "p1." ZONE);
     uint64_t t0 = now_ms(fx);
     wait_count(fx, 3, 2000);
     assert_true(now_ms(fx) - t0 <= 2000);
     expect(fx, "p1.example.test:8445", "10.0.0.1", 8445, 0, 5);
-    assert_true(log_count(fx, "added p1.example.test:8445") == 1);
+    assert_true(th_log_count(&fx->th, "added p1.example.test:8445") == 1);
     /* an address change is a change of that id */
     fx->dns.recs[2].data[7] = '9'; /* p1: 10.0.0.1 -> 10.0.0.9 */
-    int updates = fx->rec.updates;
-    wait_update(fx, updates);
+    int updates = fx->th.rec.updates;
+    th_wait_update(&fx->th, updates, WAIT_MS);
     expect(fx, "p1.example.test:8443", "10.0.0.9", 8443, 0, 10);
-    assert_true(log_count(fx, "changed p1.example.test:8443, p1.example.test:8445") == 1);
+    assert_true(th_log_count(&fx->th, "changed p1.example.test:8443, p1.example.test:8445") == 1);
     z_clear(&fx->dns);
     z_srv(&fx->dns, "_tw._tcp." ZONE, 1, 0, 0, 8444, "p2." ZONE);
     z_addr(&fx->dns, "p2." ZONE, 1, "10.0.0.2");
     wait_count(fx, 1, 2000);
-    assert_non_null(find(fx, "p2.example.test:8444"));
+    assert_non_null(th_find(&fx->th, "p2.example.test:8444"));
     finish(fx);
 }
 
@@ -1397,11 +1167,11 @@ static void test_stop_mid_query(void **state)
     dns_start(fx);
     fx->dns.mode = M_DROP;
     configure_fixture(fx, "[_tw._tcp.example.test, _x._tcp.example.test]", "timeout: 5s\n");
-    start(fx);
-    assert_true(wait_until(fx, udp_queries_over, 1, WAIT_MS));
+    th_start(&fx->th);
+    assert_true(th_wait_until(&fx->th, udp_queries_over, 1, WAIT_MS));
     finish(fx);
-    assert_int_equal(fx->rec.updates, 0);
-    assert_int_equal(fx->rec.failures, 0);
+    assert_int_equal(fx->th.rec.updates, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
 }
 
 /* Stopped while targets' address queries are in flight. */
@@ -1414,10 +1184,10 @@ static void test_stop_mid_address_query(void **state)
     snprintf(fx->dns.fail_name, sizeof(fx->dns.fail_name), "p2." ZONE);
     fx->dns.fail_mode = M_DROP;
     configure_fixture(fx, "_tw._tcp.example.test", "timeout: 5s\n");
-    start(fx);
-    assert_true(wait_until(fx, udp_queries_over, 4, WAIT_MS));
+    th_start(&fx->th);
+    assert_true(th_wait_until(&fx->th, udp_queries_over, 4, WAIT_MS));
     finish(fx);
-    assert_int_equal(fx->rec.updates, 0);
+    assert_int_equal(fx->th.rec.updates, 0);
 }
 
 static void test_option_errors(void **state)
@@ -1442,7 +1212,7 @@ static void test_option_errors(void **state)
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         assert_int_equal(configure(fx, "%s", bad[i]), 0);
-        int rc = fx->d->create(&fx->host, fx->cfg, &inst);
+        int rc = fx->th.d->create(&fx->th.host, fx->th.cfg, &inst);
         if (rc != -EINVAL)
             fail_msg("accepted: %s", bad[i]);
         assert_null(inst);
@@ -1456,9 +1226,9 @@ static void test_option_errors(void **state)
                                    "resolvers: [\"::1\", \"[::1]:5353\", \"[::1]\", "
                                    "\"127.0.0.1:53\", \"10.1.2.3\"]\n"),
                      0);
-    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), 0);
-    fx->d->destroy(inst);
-    assert_int_equal(fx->d->reconfigure(NULL, fx->cfg), -ENOTSUP);
+    assert_int_equal(fx->th.d->create(&fx->th.host, fx->th.cfg, &inst), 0);
+    fx->th.d->destroy(inst);
+    assert_int_equal(fx->th.d->reconfigure(NULL, fx->th.cfg), -ENOTSUP);
 }
 
 /* destroy without start frees at once: nothing was given to libuv. */
@@ -1467,9 +1237,9 @@ static void test_destroy_without_start(void **state)
     struct fx *fx = *state;
     void *inst = NULL;
     assert_int_equal(configure(fx, "names: [_a._tcp.x]\n"), 0);
-    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), 0);
-    fx->d->destroy(inst);
-    assert_false(uv_loop_alive(&fx->loop));
+    assert_int_equal(fx->th.d->create(&fx->th.host, fx->th.cfg, &inst), 0);
+    fx->th.d->destroy(inst);
+    assert_false(uv_loop_alive(&fx->th.loop));
 }
 
 /* ================================= knot ================================= */
@@ -1491,14 +1261,14 @@ static void test_knot_initial_set(void **state)
 {
     struct fx *fx = *state;
     configure_knot(fx, "[_initial._tcp.example.test.]", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 3);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 3);
     expect(fx, "p1.example.test:8443", "127.0.0.11", 8443, 0, 10);
     expect(fx, "p2.example.test:8444", "127.0.0.12", 8444, 0, 20);
-    const struct rec_instance *v6 = expect(fx, "p6.example.test:8445", "fd00::16", 8445, 1, 0);
+    const struct th_instance *v6 = expect(fx, "p6.example.test:8445", "fd00::16", 8445, 1, 0);
     assert_false(v6->tls);
-    assert_int_equal(fx->rec.failures, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     finish(fx);
 }
 
@@ -1509,7 +1279,7 @@ static void test_knot_changes(void **state)
     static const char *const init[] = {"set _chg._tcp 1 SRV 0 10 8443 p1"};
     knot_txn(init, 1);
     configure_knot(fx, "_chg._tcp.example.test", NULL);
-    start(fx);
+    th_start(&fx->th);
     wait_count(fx, 1, WAIT_MS);
     expect(fx, "p1.example.test:8443", "127.0.0.11", 8443, 0, 10);
 
@@ -1533,16 +1303,16 @@ static void test_knot_changes(void **state)
     t0 = now_ms(fx);
     wait_count(fx, 2, 2000);
     assert_true(now_ms(fx) - t0 <= 2000);
-    assert_null(find(fx, "p1.example.test:8443"));
+    assert_null(th_find(&fx->th, "p1.example.test:8443"));
 
     /* a target's address changes: an update of that id */
     static const char *const mv[] = {"unset p3 A", "set p3 1 A 127.0.0.33"};
     knot_txn(mv, 2);
-    assert_true(wait_until(fx, updates_over, fx->rec.updates, 2000));
+    assert_true(th_wait_until(&fx->th, th_updates_over, fx->th.rec.updates, 2000));
     expect(fx, "p3.example.test:8445", "127.0.0.33", 8445, 5, 3);
     static const char *const back[] = {"unset p3 A", "set p3 1 A 127.0.0.13"};
     knot_txn(back, 2);
-    assert_int_equal(fx->rec.failures, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     finish(fx);
 }
 
@@ -1555,16 +1325,16 @@ static void test_knot_ttl_zero(void **state)
     static const char *const init[] = {"set _zero._tcp 0 SRV 0 1 8443 p1"};
     knot_txn(init, 1);
     configure_knot(fx, "_zero._tcp.example.test", "min_ttl: 300ms\n");
-    start(fx);
+    th_start(&fx->th);
     wait_count(fx, 1, WAIT_MS);
     static const char *const add[] = {"set _zero._tcp 0 SRV 0 1 8444 p2"};
     knot_txn(add, 1);
     uint64_t t0 = now_ms(fx);
     wait_count(fx, 2, 1000);
     assert_true(now_ms(fx) - t0 <= 1000);
-    int before = log_count(fx, "next query in 300 ms (ttl 0 s)");
-    run_for(fx, 1000);
-    int n = log_count(fx, "next query in 300 ms (ttl 0 s)") - before;
+    int before = th_log_count(&fx->th, "next query in 300 ms (ttl 0 s)");
+    th_run_for(&fx->th, 1000);
+    int n = th_log_count(&fx->th, "next query in 300 ms (ttl 0 s)") - before;
     assert_true(n >= 2 && n <= 4); /* every 300 ms, not a busy loop */
     static const char *const rm[] = {"unset _zero._tcp"};
     knot_txn(rm, 1);
@@ -1576,16 +1346,16 @@ static void test_knot_truncation(void **state)
 {
     struct fx *fx = *state;
     configure_knot(fx, "_big._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 60);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 60);
     char id[64], host[32];
     for (int i = 1; i <= 60; i++) {
         snprintf(id, sizeof(id), "h%d.example.test:%d", i, 9000 + i);
         snprintf(host, sizeof(host), "127.0.1.%d", i);
         expect(fx, id, host, (uint16_t)(9000 + i), 0, 1);
     }
-    assert_int_equal(fx->rec.failures, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     finish(fx);
 }
 
@@ -1595,10 +1365,10 @@ static void test_knot_empty(void **state)
 {
     struct fx *fx = *state;
     configure_knot(fx, "_nothing._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 0);
-    assert_int_equal(fx->rec.failures, 0);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     finish(fx);
 }
 
@@ -1606,10 +1376,10 @@ static void test_knot_nodata(void **state)
 {
     struct fx *fx = *state;
     configure_knot(fx, "_nodata._tcp.example.test", NULL);
-    start(fx);
-    wait_update(fx, 0);
-    assert_int_equal(fx->rec.count, 0);
-    assert_int_equal(fx->rec.failures, 0);
+    th_start(&fx->th);
+    th_wait_update(&fx->th, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     finish(fx);
 }
 
@@ -1620,7 +1390,7 @@ static void test_knot_emptied(void **state)
                                        "set _gone._tcp 1 TXT keep-the-name"};
     knot_txn(init, 2);
     configure_knot(fx, "_gone._tcp.example.test", NULL);
-    start(fx);
+    th_start(&fx->th);
     wait_count(fx, 1, WAIT_MS);
     /* the SRV records go, the name stays: NODATA */
     static const char *const rm[] = {"unset _gone._tcp SRV"};
@@ -1633,7 +1403,7 @@ static void test_knot_emptied(void **state)
     static const char *const all[] = {"unset _gone._tcp"};
     knot_txn(all, 1);
     wait_count(fx, 0, 2500);
-    assert_int_equal(fx->rec.failures, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
     finish(fx);
 }
 

@@ -1,11 +1,10 @@
 /* The built emx-discovery-zookeeper.so, loaded with dlopen against a host
- * table of the test's own, watching a real ZooKeeper server that this
+ * table of tests/integration/common, watching a real ZooKeeper server that this
  * program starts once (standalone, loopback, free port, data in a temp dir)
  * from Debian's zookeeper package. The test registers and removes platforms
  * itself with ephemeral znodes through libzookeeper-mt, as Curator does.
  * Every wait is bounded; the server dies with this process (PDEATHSIG). */
 #include <arpa/inet.h>
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -32,6 +31,7 @@
 #include <cmocka.h>
 
 #include "edgemux/discovery.h"
+#include "test_host.h"
 
 #define WAIT_MS     10000 /* bound of every wait for something that must happen */
 #define PROMPT_MS   1000  /* a change at the source reaches the core within this */
@@ -433,26 +433,6 @@ static void reg_del(zhandle_t *zh, const char *parent, const char *node)
 
 /* ---- the host table ---- */
 
-struct rec_instance {
-    char *id, *host, *metadata;
-    uint16_t port;
-    bool tls;
-    uint32_t weight, priority;
-};
-
-struct rec {
-    int updates;
-    int empty_updates;
-    struct rec_instance set[SET_MAX];
-    size_t count;
-    int failures;
-    char reason[1024];
-    char logs[LOG_MAX][640];
-    int nlogs;
-    bool stopped;
-    int calls_after_stop;
-};
-
 struct post {
     struct post *next;
     void (*fn)(void *);
@@ -460,61 +440,20 @@ struct post {
 };
 
 struct fx {
-    uv_loop_t loop;
+    struct th_host th;
     uv_async_t async;
     pthread_mutex_t mu;
     struct post *head, **tail;
     bool closed;
     int posts_after_stop;
 
-    struct emx_host host;
-    struct rec rec;
-    void *dl;
-    const struct emx_discovery_plugin *d;
-    void *cfg;
-    void *inst;
     zhandle_t *reg;
     char parent[128];
 };
 
 static struct fx *fx_of(const struct emx_host *h)
 {
-    return h->core;
-}
-
-static void rec_clear_set(struct rec *r)
-{
-    for (size_t i = 0; i < r->count; i++) {
-        free(r->set[i].id);
-        free(r->set[i].host);
-        free(r->set[i].metadata);
-    }
-    r->count = 0;
-}
-
-static char *dup_or_null(const char *s)
-{
-    return s ? strdup(s) : NULL;
-}
-
-static void host_log(const struct emx_host *h, enum emx_log_level level, const char *fmt, ...)
-{
-    struct rec *r = &fx_of(h)->rec;
-    char line[600];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof(line), fmt, ap);
-    va_end(ap);
-    if (getenv("EMX_TEST_VERBOSE"))
-        fprintf(stderr, "[%s] %d %s\n", h->tag, (int)level, line);
-    if (r->nlogs < LOG_MAX)
-        snprintf(r->logs[r->nlogs++], sizeof(r->logs[0]), "%d %s", (int)level, line);
-}
-
-static bool host_log_enabled(const struct emx_host *h, enum emx_log_level level)
-{
-    (void)h;
-    return level <= EMX_LOG_INFO;
+    return ((struct th_host *)h->core)->user;
 }
 
 /* Like the core's: a locked list and a uv_async. Any thread. */
@@ -531,7 +470,7 @@ static int host_post(const struct emx_host *h, void (*fn)(void *), void *arg)
         free(p);
         return -ESHUTDOWN;
     }
-    if (fx->rec.stopped)
+    if (fx->th.rec.stopped)
         fx->posts_after_stop++;
     *fx->tail = p;
     fx->tail = &p->next;
@@ -560,11 +499,6 @@ static void on_async(uv_async_t *a)
     drain_posts(a->data);
 }
 
-static uint64_t host_now(const struct emx_host *h)
-{
-    return uv_now(h->loop);
-}
-
 static int host_parse(const char *text, uint64_t *out)
 {
     (void)text;
@@ -572,152 +506,37 @@ static int host_parse(const char *text, uint64_t *out)
     return -EINVAL; /* the plugin parses nothing itself */
 }
 
-static void host_update(const struct emx_host *h, const struct emx_instance_info *set, size_t count)
-{
-    struct rec *r = &fx_of(h)->rec;
-    if (r->stopped)
-        r->calls_after_stop++;
-    rec_clear_set(r);
-    assert_true(count <= SET_MAX);
-    assert_true(count == 0 || set != NULL);
-    for (size_t i = 0; i < count; i++) {
-        r->set[i] = (struct rec_instance){
-            .id = dup_or_null(set[i].id),
-            .host = dup_or_null(set[i].host),
-            .metadata = dup_or_null(set[i].metadata),
-            .port = set[i].port,
-            .tls = set[i].tls,
-            .weight = set[i].weight,
-            .priority = set[i].priority,
-        };
-    }
-    r->count = count;
-    r->updates++;
-    if (count == 0)
-        r->empty_updates++;
-}
-
-static void host_failed(const struct emx_host *h, const char *reason)
-{
-    struct rec *r = &fx_of(h)->rec;
-    if (r->stopped)
-        r->calls_after_stop++;
-    snprintf(r->reason, sizeof(r->reason), "%s", reason);
-    r->failures++;
-}
-
 /* ---- the loop ---- */
 
-static void on_deadline(uv_timer_t *t)
+static bool log_pred(struct th_host *th, long needle)
 {
-    *(bool *)t->data = true;
-}
-
-typedef bool (*pred_fn)(struct fx *fx, long arg);
-
-static bool wait_until(struct fx *fx, pred_fn pred, long arg, uint64_t ms)
-{
-    uv_timer_t t;
-    bool expired = false;
-    uv_timer_init(&fx->loop, &t);
-    t.data = &expired;
-    uv_timer_start(&t, on_deadline, ms, 0);
-    while (!(pred && pred(fx, arg)) && !expired)
-        uv_run(&fx->loop, UV_RUN_ONCE);
-    uv_close((uv_handle_t *)&t, NULL);
-    uv_run(&fx->loop, UV_RUN_NOWAIT);
-    return pred && pred(fx, arg);
-}
-
-static void run_for(struct fx *fx, uint64_t ms)
-{
-    wait_until(fx, NULL, 0, ms);
-}
-
-static bool updates_over(struct fx *fx, long n)
-{
-    return fx->rec.updates > n;
-}
-
-static bool failures_over(struct fx *fx, long n)
-{
-    return fx->rec.failures > n;
-}
-
-static bool count_is(struct fx *fx, long n)
-{
-    return fx->rec.updates > 0 && fx->rec.count == (size_t)n;
-}
-
-static bool log_has(struct fx *fx, const char *needle)
-{
-    for (int i = 0; i < fx->rec.nlogs; i++)
-        if (strstr(fx->rec.logs[i], needle))
-            return true;
-    return false;
-}
-
-static bool log_pred(struct fx *fx, long needle)
-{
-    return log_has(fx, (const char *)needle);
-}
-
-static const struct rec_instance *find(struct fx *fx, const char *id)
-{
-    for (size_t i = 0; i < fx->rec.count; i++)
-        if (strcmp(fx->rec.set[i].id, id) == 0)
-            return &fx->rec.set[i];
-    return NULL;
-}
-
-static void dump_logs(struct fx *fx)
-{
-    for (int i = 0; i < fx->rec.nlogs; i++)
-        fprintf(stderr, "  log: %s\n", fx->rec.logs[i]);
+    return th_log_has(th, (const char *)needle);
 }
 
 #define WAIT(fx, pred, arg, ms)                                                                    \
     do {                                                                                           \
-        if (!wait_until((fx), (pred), (long)(arg), (ms))) {                                        \
-            dump_logs(fx);                                                                         \
+        if (!th_wait_until(&(fx)->th, (pred), (long)(arg), (ms))) {                                \
+            th_dump_logs(&(fx)->th);                                                               \
             fail_msg("timed out after %d ms waiting for %s(%s)", (int)(ms), #pred, #arg);          \
         }                                                                                          \
     } while (0)
 
 /* ---- the plugin ---- */
 
-static const struct emx_option *option(struct fx *fx, const char *name)
-{
-    for (const struct emx_option *o = fx->d->options; o && o->name; o++)
-        if (strcmp(o->name, name) == 0)
-            return o;
-    fail_msg("option %s not in the table", name);
-    return NULL;
-}
-
-static void set_str(struct fx *fx, const char *name, const char *value)
-{
-    const struct emx_option *o = option(fx, name);
-    assert_true(o->type == EMX_OPT_STRING || o->type == EMX_OPT_SECRET);
-    memcpy((char *)fx->cfg + o->offset, &value, sizeof(value));
-}
-
 static void set_ms(struct fx *fx, const char *name, uint64_t value)
 {
-    const struct emx_option *o = option(fx, name);
-    assert_int_equal(o->type, EMX_OPT_DURATION);
-    memcpy((char *)fx->cfg + o->offset, &value, sizeof(value));
+    th_set(&fx->th, name, TH_TYPE(EMX_OPT_DURATION), &value, sizeof(value));
 }
 
 /* Binds the defaults the way the core would; options without one unset. */
 static void set_defaults(struct fx *fx)
 {
-    memset(fx->cfg, 0, fx->d->config_size);
-    for (const struct emx_option *o = fx->d->options; o->name; o++) {
+    memset(fx->th.cfg, 0, fx->th.d->config_size);
+    for (const struct emx_option *o = fx->th.d->options; o->name; o++) {
         if (!o->def)
             continue;
         if (o->type == EMX_OPT_STRING) {
-            set_str(fx, o->name, o->def);
+            th_set_str(&fx->th, o->name, o->def);
         } else if (o->type == EMX_OPT_DURATION) {
             char *end;
             unsigned long long v = strtoull(o->def, &end, 10);
@@ -735,104 +554,68 @@ static int setup(void **state)
 {
     struct fx *fx = calloc(1, sizeof(*fx));
     assert_non_null(fx);
-    assert_int_equal(uv_loop_init(&fx->loop), 0);
-    assert_int_equal(uv_async_init(&fx->loop, &fx->async, on_async), 0);
+    const struct th_config conf = {
+        .plugin = EMX_ZK_PLUGIN,
+        .name = "zookeeper",
+        .set_max = SET_MAX,
+        .log_max = LOG_MAX,
+        .log_len = 640,
+        .line_len = 600,
+        .debug_disabled = true,
+        .parse_size = host_parse,
+        .parse_duration = host_parse,
+    };
+    th_open(&fx->th, &conf, fx);
+    fx->th.host.post = host_post;
+    assert_int_equal(uv_async_init(&fx->th.loop, &fx->async, on_async), 0);
     fx->async.data = fx;
     pthread_mutex_init(&fx->mu, NULL);
     fx->tail = &fx->head;
 
-    fx->dl = dlopen(EMX_ZK_PLUGIN, RTLD_NOW | RTLD_LOCAL);
-    if (!fx->dl)
-        fail_msg("dlopen: %s", dlerror());
-    fx->d = dlsym(fx->dl, EMX_DISCOVERY_SYMBOL);
-    assert_non_null(fx->d);
-    assert_int_equal(fx->d->hdr.magic, EMX_PLUGIN_MAGIC);
-    assert_int_equal(fx->d->hdr.kind, EMX_PLUGIN_DISCOVERY);
-    assert_string_equal(fx->d->hdr.name, "zookeeper");
-
-    fx->host = (struct emx_host){
-        .struct_size = sizeof(struct emx_host),
-        .abi_major = EMX_ABI_MAJOR,
-        .abi_minor = EMX_ABI_MINOR,
-        .tag = "discovery:zookeeper.0",
-        .loop = &fx->loop,
-        .core = fx,
-        .log = host_log,
-        .log_enabled = host_log_enabled,
-        .post = host_post,
-        .now_ms = host_now,
-        .parse_size = host_parse,
-        .parse_duration = host_parse,
-        .discovery_update = host_update,
-        .discovery_failed = host_failed,
-    };
-    fx->cfg = calloc(1, fx->d->config_size);
-    assert_non_null(fx->cfg);
     set_defaults(fx);
-    set_str(fx, "connection_string", srv.hostport);
+    th_set_str(&fx->th, "connection_string", srv.hostport);
     /* Each test has its own base path, so tests never see each other. */
     snprintf(fx->parent, sizeof(fx->parent), "/t%d/thingworx-https", ++test_counter);
     static char base[64];
     snprintf(base, sizeof(base), "/t%d", test_counter);
-    set_str(fx, "base_path", base);
+    th_set_str(&fx->th, "base_path", base);
     *state = fx;
     return 0;
-}
-
-static void start(struct fx *fx)
-{
-    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &fx->inst), 0);
-    assert_non_null(fx->inst);
-    assert_int_equal(fx->d->start(fx->inst), 0);
 }
 
 /* stop, let the plugin's handle close on the pool, destroy: the loop must
  * then close, and nothing may reach the host after stop. */
 static void finish(struct fx *fx)
 {
-    if (fx->inst) {
-        fx->d->stop(fx->inst);
-        fx->rec.stopped = true;
+    if (fx->th.inst) {
+        th_stop(&fx->th, false);
         /* Events posted before stop still run (the core runs them too). */
         drain_posts(fx);
         pthread_mutex_lock(&fx->mu);
         fx->closed = true;
         pthread_mutex_unlock(&fx->mu);
         uv_close((uv_handle_t *)&fx->async, NULL);
-        fx->d->destroy(fx->inst);
-        fx->inst = NULL;
+        fx->th.d->destroy(fx->th.inst);
+        fx->th.inst = NULL;
     } else if (!uv_is_closing((uv_handle_t *)&fx->async)) {
         uv_close((uv_handle_t *)&fx->async, NULL);
     }
-    uv_timer_t t;
-    bool expired = false;
-    uv_timer_init(&fx->loop, &t);
-    t.data = &expired;
-    uv_timer_start(&t, on_deadline, WAIT_MS, 0);
-    uv_unref((uv_handle_t *)&t);
-    while (uv_loop_alive(&fx->loop) && !expired)
-        uv_run(&fx->loop, UV_RUN_ONCE);
-    assert_false(expired);
-    uv_close((uv_handle_t *)&t, NULL);
-    uv_run(&fx->loop, UV_RUN_DEFAULT);
-    assert_int_equal(fx->rec.calls_after_stop, 0);
+    th_await_idle(&fx->th, WAIT_MS);
     assert_int_equal(fx->posts_after_stop, 0);
-    assert_int_equal(uv_loop_close(&fx->loop), 0);
+    th_close_loop(&fx->th);
 }
 
 static int teardown(void **state)
 {
     struct fx *fx = *state;
-    if (!fx->rec.stopped)
+    if (!fx->th.rec.stopped)
         finish(fx);
     relay_stop();
-    for (int i = 0; i < fx->rec.nlogs; i++)
-        assert_null(strstr(fx->rec.logs[i], SECRET));
+    for (int i = 0; i < fx->th.rec.nlogs; i++)
+        assert_null(strstr(th_log(&fx->th, i), SECRET));
     if (fx->reg)
         zookeeper_close(fx->reg);
-    rec_clear_set(&fx->rec);
-    free(fx->cfg);
-    dlclose(fx->dl);
+    th_close(&fx->th);
     pthread_mutex_destroy(&fx->mu);
     free(fx);
     return 0;
@@ -856,11 +639,11 @@ static void test_initial_set(void **state)
              "{\"id\":\"p2\",\"address\":\"::1\",\"port\":8080,\"sslPort\":8444,"
              "\"payload\":{\"zone\":\"b\",\"weight\":3,\"priority\":1}}");
     reg_add(fx->reg, fx->parent, "node-of-p2", data);
-    set_str(fx, "digest", "edgemux:" SECRET);
-    start(fx);
-    WAIT(fx, updates_over, 0, WAIT_MS);
-    assert_int_equal(fx->rec.count, 2);
-    const struct rec_instance *p1 = find(fx, "p1"), *p2 = find(fx, "p2");
+    th_set_str(&fx->th, "digest", "edgemux:" SECRET);
+    th_start(&fx->th);
+    WAIT(fx, th_updates_over, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
+    const struct th_instance *p1 = th_find(&fx->th, "p1"), *p2 = th_find(&fx->th, "p2");
     assert_non_null(p1);
     assert_non_null(p2);
     assert_string_equal(p1->host, "127.0.0.1");
@@ -874,11 +657,11 @@ static void test_initial_set(void **state)
     assert_int_equal(p2->weight, 3);
     assert_int_equal(p2->priority, 1);
     assert_string_equal(p2->metadata, "{\"zone\":\"b\",\"weight\":3,\"priority\":1}");
-    assert_true(log_has(fx, "added p1, p2"));
-    assert_int_equal(fx->rec.failures, 0);
+    assert_true(th_log_has(&fx->th, "added p1, p2"));
+    assert_int_equal(fx->th.rec.failures, 0);
     /* Nothing changes: nothing is reported. */
-    run_for(fx, 300);
-    assert_int_equal(fx->rec.updates, 1);
+    th_run_for(&fx->th, 300);
+    assert_int_equal(fx->th.rec.updates, 1);
 }
 
 static void test_add_and_remove_promptly(void **state)
@@ -886,20 +669,20 @@ static void test_add_and_remove_promptly(void **state)
     struct fx *fx = *state;
     registered(fx);
     reg_platform(fx->reg, fx->parent, "p1", 8443);
-    start(fx);
-    WAIT(fx, count_is, 1, WAIT_MS);
+    th_start(&fx->th);
+    WAIT(fx, th_count_is, 1, WAIT_MS);
 
     uint64_t t0 = mono_ms();
     reg_platform(fx->reg, fx->parent, "p2", 8444);
-    WAIT(fx, count_is, 2, PROMPT_MS);
-    assert_non_null(find(fx, "p2"));
+    WAIT(fx, th_count_is, 2, PROMPT_MS);
+    assert_non_null(th_find(&fx->th, "p2"));
     uint64_t added_ms = mono_ms() - t0;
 
     t0 = mono_ms();
     reg_del(fx->reg, fx->parent, "p1");
-    WAIT(fx, count_is, 1, PROMPT_MS);
-    assert_non_null(find(fx, "p2"));
-    assert_true(log_has(fx, "removed p1"));
+    WAIT(fx, th_count_is, 1, PROMPT_MS);
+    assert_non_null(th_find(&fx->th, "p2"));
+    assert_true(th_log_has(&fx->th, "removed p1"));
     fprintf(stderr, "  added seen after %llu ms, removed after %llu ms\n",
             (unsigned long long)added_ms, (unsigned long long)(mono_ms() - t0));
 
@@ -908,13 +691,13 @@ static void test_add_and_remove_promptly(void **state)
     record(data, sizeof(data), "p2", 8080, 9443);
     char path[256];
     snprintf(path, sizeof(path), "%s/p2", fx->parent);
-    int before = fx->rec.updates;
+    int before = fx->th.rec.updates;
     assert_int_equal(reg_call(fx->reg, 's', path, data, 0), ZOK);
-    WAIT(fx, updates_over, before, PROMPT_MS);
-    assert_int_equal(find(fx, "p2")->port, 9443);
-    assert_true(log_has(fx, "changed p2"));
-    assert_int_equal(fx->rec.empty_updates, 0);
-    assert_int_equal(fx->rec.failures, 0);
+    WAIT(fx, th_updates_over, before, PROMPT_MS);
+    assert_int_equal(th_find(&fx->th, "p2")->port, 9443);
+    assert_true(th_log_has(&fx->th, "changed p2"));
+    assert_int_equal(fx->th.rec.empty_updates, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
 }
 
 static void test_registering_session_closed(void **state)
@@ -924,13 +707,13 @@ static void test_registering_session_closed(void **state)
     reg_platform(fx->reg, fx->parent, "p1", 8443);
     zhandle_t *other = reg_open();
     reg_platform(other, fx->parent, "p9", 8449);
-    start(fx);
-    WAIT(fx, count_is, 2, WAIT_MS);
+    th_start(&fx->th);
+    WAIT(fx, th_count_is, 2, WAIT_MS);
     /* The platform dies: its session ends, its ephemeral node goes. */
     zookeeper_close(other);
-    WAIT(fx, count_is, 1, PROMPT_MS);
-    assert_non_null(find(fx, "p1"));
-    assert_int_equal(fx->rec.failures, 0);
+    WAIT(fx, th_count_is, 1, PROMPT_MS);
+    assert_non_null(th_find(&fx->th, "p1"));
+    assert_int_equal(fx->th.rec.failures, 0);
 }
 
 static void test_bad_records_skipped(void **state)
@@ -940,45 +723,45 @@ static void test_bad_records_skipped(void **state)
     reg_platform(fx->reg, fx->parent, "p1", 8443);
     reg_add(fx->reg, fx->parent, "badjson", "{\"address\": \"10.0.0.1\", ");
     reg_add(fx->reg, fx->parent, "noport", "{\"id\":\"x\",\"address\":\"10.0.0.2\",\"port\":80}");
-    start(fx);
-    WAIT(fx, updates_over, 0, WAIT_MS);
-    assert_int_equal(fx->rec.count, 1);
-    assert_non_null(find(fx, "p1"));
-    assert_true(log_has(fx, "node 'badjson': not valid JSON"));
-    assert_true(log_has(fx, "node 'noport': no sslPort"));
-    assert_int_equal(fx->rec.failures, 0);
+    th_start(&fx->th);
+    WAIT(fx, th_updates_over, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 1);
+    assert_non_null(th_find(&fx->th, "p1"));
+    assert_true(th_log_has(&fx->th, "node 'badjson': not valid JSON"));
+    assert_true(th_log_has(&fx->th, "node 'noport': no sslPort"));
+    assert_int_equal(fx->th.rec.failures, 0);
 
     /* Every record bad: a failing source, the last good set kept. */
-    int updates = fx->rec.updates;
+    int updates = fx->th.rec.updates;
     reg_del(fx->reg, fx->parent, "p1");
-    WAIT(fx, failures_over, 0, PROMPT_MS);
-    assert_non_null(strstr(fx->rec.reason, "every instance record is invalid"));
-    assert_int_equal(fx->rec.updates, updates);
-    assert_int_equal(fx->rec.count, 1);
+    WAIT(fx, th_failures_over, 0, PROMPT_MS);
+    assert_non_null(strstr(fx->th.rec.reason, "every instance record is invalid"));
+    assert_int_equal(fx->th.rec.updates, updates);
+    assert_int_equal(fx->th.rec.count, 1);
 
     /* A good one again: reported. */
     reg_platform(fx->reg, fx->parent, "p3", 8443);
-    WAIT(fx, updates_over, updates, PROMPT_MS);
-    assert_int_equal(fx->rec.count, 1);
-    assert_non_null(find(fx, "p3"));
-    assert_int_equal(fx->rec.empty_updates, 0);
+    WAIT(fx, th_updates_over, updates, PROMPT_MS);
+    assert_int_equal(fx->th.rec.count, 1);
+    assert_non_null(th_find(&fx->th, "p3"));
+    assert_int_equal(fx->th.rec.empty_updates, 0);
 }
 
 static void test_service_node_missing(void **state)
 {
     struct fx *fx = *state;
     fx->reg = reg_open();
-    start(fx);
+    th_start(&fx->th);
     /* No platform registered yet: an empty answer, not a failure. */
-    WAIT(fx, updates_over, 0, WAIT_MS);
-    assert_int_equal(fx->rec.count, 0);
-    assert_int_equal(fx->rec.failures, 0);
-    assert_true(log_has(fx, "does not exist"));
+    WAIT(fx, th_updates_over, 0, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 0);
+    assert_int_equal(fx->th.rec.failures, 0);
+    assert_true(th_log_has(&fx->th, "does not exist"));
 
     reg_mkdirs(fx->reg, fx->parent);
     reg_platform(fx->reg, fx->parent, "p1", 8443);
-    WAIT(fx, count_is, 1, PROMPT_MS);
-    assert_int_equal(fx->rec.failures, 0);
+    WAIT(fx, th_count_is, 1, PROMPT_MS);
+    assert_int_equal(fx->th.rec.failures, 0);
 }
 
 static void test_http_service(void **state)
@@ -989,11 +772,11 @@ static void test_http_service(void **state)
     reg_add(fx->reg, fx->parent, "h1",
             "{\"name\":\"thingworx-http\",\"id\":\"h1\",\"address\":\"127.0.0.1\",\"port\":8080,"
             "\"sslPort\":null,\"payload\":null,\"serviceType\":\"DYNAMIC\"}");
-    set_str(fx, "service", "thingworx-http");
-    start(fx);
-    WAIT(fx, count_is, 1, WAIT_MS);
-    assert_int_equal(fx->rec.set[0].port, 8080);
-    assert_false(fx->rec.set[0].tls);
+    th_set_str(&fx->th, "service", "thingworx-http");
+    th_start(&fx->th);
+    WAIT(fx, th_count_is, 1, WAIT_MS);
+    assert_int_equal(fx->th.rec.set[0].port, 8080);
+    assert_false(fx->th.rec.set[0].tls);
 }
 
 static void test_create_errors(void **state)
@@ -1008,24 +791,24 @@ static void test_create_errors(void **state)
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         set_defaults(fx);
-        set_str(fx, "connection_string", srv.hostport);
-        set_str(fx, bad[i].name, bad[i].value);
-        assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), -EINVAL);
+        th_set_str(&fx->th, "connection_string", srv.hostport);
+        th_set_str(&fx->th, bad[i].name, bad[i].value);
+        assert_int_equal(fx->th.d->create(&fx->th.host, fx->th.cfg, &inst), -EINVAL);
     }
     set_defaults(fx);
-    set_str(fx, "connection_string", NULL);
-    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), -EINVAL);
+    th_set_str(&fx->th, "connection_string", NULL);
+    assert_int_equal(fx->th.d->create(&fx->th.host, fx->th.cfg, &inst), -EINVAL);
     set_defaults(fx);
-    set_str(fx, "connection_string", srv.hostport);
+    th_set_str(&fx->th, "connection_string", srv.hostport);
     set_ms(fx, "session_timeout", 10);
-    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), -EINVAL);
+    assert_int_equal(fx->th.d->create(&fx->th.host, fx->th.cfg, &inst), -EINVAL);
     /* And one that is fine, destroyed without a start. */
     set_defaults(fx);
-    set_str(fx, "connection_string", srv.hostport);
-    set_str(fx, "base_path", "/services/");
-    set_str(fx, "tls", "false");
-    assert_int_equal(fx->d->create(&fx->host, fx->cfg, &inst), 0);
-    fx->d->destroy(inst);
+    th_set_str(&fx->th, "connection_string", srv.hostport);
+    th_set_str(&fx->th, "base_path", "/services/");
+    th_set_str(&fx->th, "tls", "false");
+    assert_int_equal(fx->th.d->create(&fx->th.host, fx->th.cfg, &inst), 0);
+    fx->th.d->destroy(inst);
 }
 
 static void test_unreachable_at_start(void **state)
@@ -1033,12 +816,12 @@ static void test_unreachable_at_start(void **state)
     struct fx *fx = *state;
     char cs[64];
     snprintf(cs, sizeof(cs), "127.0.0.1:%d", free_port());
-    set_str(fx, "connection_string", cs);
+    th_set_str(&fx->th, "connection_string", cs);
     set_ms(fx, "session_timeout", 1000);
-    start(fx);
-    WAIT(fx, failures_over, 0, WAIT_MS);
-    assert_non_null(strstr(fx->rec.reason, "no ZooKeeper session"));
-    assert_int_equal(fx->rec.updates, 0);
+    th_start(&fx->th);
+    WAIT(fx, th_failures_over, 0, WAIT_MS);
+    assert_non_null(strstr(fx->th.rec.reason, "no ZooKeeper session"));
+    assert_int_equal(fx->th.rec.updates, 0);
 }
 
 /* Freezing the server longer than the plugin's session timeout: the
@@ -1053,37 +836,37 @@ static void test_server_frozen(void **state)
     reg_platform(fx->reg, fx->parent, "p1", 8443);
     reg_platform(fx->reg, fx->parent, "p2", 8444);
     set_ms(fx, "session_timeout", 2000);
-    start(fx);
-    WAIT(fx, count_is, 2, WAIT_MS);
-    int updates = fx->rec.updates;
+    th_start(&fx->th);
+    WAIT(fx, th_count_is, 2, WAIT_MS);
+    int updates = fx->th.rec.updates;
 
     assert_int_equal(kill(srv.pid, SIGSTOP), 0);
     uint64_t t0 = mono_ms();
-    bool lost = wait_until(fx, failures_over, 0, 5000);
+    bool lost = th_wait_until(&fx->th, th_failures_over, 0, 5000);
     /* Past the session timeout with margin, so the server expires it. */
     long left = 4500 - (long)(mono_ms() - t0);
     if (left > 0)
-        run_for(fx, (uint64_t)left);
+        th_run_for(&fx->th, (uint64_t)left);
     assert_int_equal(kill(srv.pid, SIGCONT), 0);
     if (!lost) {
-        dump_logs(fx);
+        th_dump_logs(&fx->th);
         fail_msg("no failure reported while the server was stopped");
     }
-    assert_non_null(strstr(fx->rec.reason, "connection to ZooKeeper lost"));
-    assert_int_equal(fx->rec.updates, updates);
-    assert_int_equal(fx->rec.count, 2);
+    assert_non_null(strstr(fx->th.rec.reason, "connection to ZooKeeper lost"));
+    assert_int_equal(fx->th.rec.updates, updates);
+    assert_int_equal(fx->th.rec.count, 2);
 
     /* A platform registers while the plugin is away. */
     reg_platform(fx->reg, fx->parent, "p3", 8445);
-    WAIT(fx, count_is, 3, WAIT_MS);
-    assert_non_null(find(fx, "p3"));
-    assert_int_equal(fx->rec.empty_updates, 0);
+    WAIT(fx, th_count_is, 3, WAIT_MS);
+    assert_non_null(th_find(&fx->th, "p3"));
+    assert_int_equal(fx->th.rec.empty_updates, 0);
     fprintf(stderr, "  session %s\n",
-            log_has(fx, "ZooKeeper session expired") ? "expired and renewed" : "resumed");
+            th_log_has(&fx->th, "ZooKeeper session expired") ? "expired and renewed" : "resumed");
 
     /* And the (new) session watches again. */
     reg_del(fx->reg, fx->parent, "p1");
-    WAIT(fx, count_is, 2, PROMPT_MS);
+    WAIT(fx, th_count_is, 2, PROMPT_MS);
 }
 
 /* The plugin cut off (through the relay) longer than its session timeout:
@@ -1099,35 +882,35 @@ static void test_session_expiry(void **state)
     relay_start();
     char cs[64];
     snprintf(cs, sizeof(cs), "127.0.0.1:%d", relay.port);
-    set_str(fx, "connection_string", cs);
+    th_set_str(&fx->th, "connection_string", cs);
     set_ms(fx, "session_timeout", 2000);
-    start(fx);
-    WAIT(fx, count_is, 2, WAIT_MS);
-    int updates = fx->rec.updates;
+    th_start(&fx->th);
+    WAIT(fx, th_count_is, 2, WAIT_MS);
+    int updates = fx->th.rec.updates;
 
     relay.cut = 1;
-    WAIT(fx, failures_over, 0, 5000);
-    assert_non_null(strstr(fx->rec.reason, "connection to ZooKeeper lost"));
+    WAIT(fx, th_failures_over, 0, 5000);
+    assert_non_null(strstr(fx->th.rec.reason, "connection to ZooKeeper lost"));
     /* Changes while it is away; then well past the timeout. */
     reg_platform(fx->reg, fx->parent, "p3", 8445);
     reg_del(fx->reg, fx->parent, "p1");
-    run_for(fx, 4000);
-    assert_int_equal(fx->rec.updates, updates);
-    assert_int_equal(fx->rec.count, 2);
-    assert_non_null(find(fx, "p1"));
+    th_run_for(&fx->th, 4000);
+    assert_int_equal(fx->th.rec.updates, updates);
+    assert_int_equal(fx->th.rec.count, 2);
+    assert_non_null(th_find(&fx->th, "p1"));
 
     relay.cut = 0;
     WAIT(fx, log_pred, "ZooKeeper session expired", WAIT_MS);
-    WAIT(fx, updates_over, updates, WAIT_MS);
-    assert_int_equal(fx->rec.count, 2);
-    assert_non_null(find(fx, "p2"));
-    assert_non_null(find(fx, "p3"));
-    assert_true(fx->rec.failures >= 2);
-    assert_int_equal(fx->rec.empty_updates, 0);
+    WAIT(fx, th_updates_over, updates, WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 2);
+    assert_non_null(th_find(&fx->th, "p2"));
+    assert_non_null(th_find(&fx->th, "p3"));
+    assert_true(fx->th.rec.failures >= 2);
+    assert_int_equal(fx->th.rec.empty_updates, 0);
 
     /* The new session watches again. */
     reg_del(fx->reg, fx->parent, "p2");
-    WAIT(fx, count_is, 1, PROMPT_MS);
+    WAIT(fx, th_count_is, 1, PROMPT_MS);
     finish(fx);
     relay_stop();
 }
@@ -1141,23 +924,23 @@ static void test_server_down(void **state)
     reg_platform(fx->reg, fx->parent, "p1", 8443);
     reg_platform(fx->reg, fx->parent, "p2", 8444);
     set_ms(fx, "session_timeout", 4000);
-    start(fx);
-    WAIT(fx, count_is, 2, WAIT_MS);
-    int updates = fx->rec.updates;
+    th_start(&fx->th);
+    WAIT(fx, th_count_is, 2, WAIT_MS);
+    int updates = fx->th.rec.updates;
 
     server_stop();
-    WAIT(fx, failures_over, 0, WAIT_MS);
-    assert_non_null(strstr(fx->rec.reason, "connection to ZooKeeper lost"));
-    run_for(fx, 2500);
-    assert_int_equal(fx->rec.updates, updates);
-    assert_int_equal(fx->rec.count, 2);
-    assert_int_equal(fx->rec.empty_updates, 0);
+    WAIT(fx, th_failures_over, 0, WAIT_MS);
+    assert_non_null(strstr(fx->th.rec.reason, "connection to ZooKeeper lost"));
+    th_run_for(&fx->th, 2500);
+    assert_int_equal(fx->th.rec.updates, updates);
+    assert_int_equal(fx->th.rec.count, 2);
+    assert_int_equal(fx->th.rec.empty_updates, 0);
 
     assert_int_equal(server_start(), 0);
-    WAIT(fx, updates_over, updates, 20000);
-    assert_int_equal(fx->rec.count, 2);
-    assert_non_null(find(fx, "p1"));
-    assert_int_equal(fx->rec.empty_updates, 0);
+    WAIT(fx, th_updates_over, updates, 20000);
+    assert_int_equal(fx->th.rec.count, 2);
+    assert_non_null(th_find(&fx->th, "p1"));
+    assert_int_equal(fx->th.rec.empty_updates, 0);
 }
 
 int main(void)
