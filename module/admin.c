@@ -17,6 +17,9 @@ struct emx_admin {
     unsigned conns;
     bool stopping;
     bool listener_closed;
+    uv_tcp_t spare;     /* accepts and drops a connection when memory ran out */
+    bool spare_busy;
+    bool refuse_wanted; /* another one came while the spare was busy */
 };
 
 struct admin_conn {
@@ -338,14 +341,50 @@ static void timeout_cb(uv_timer_t *t)
     conn_close(t->data);
 }
 
+static void refuse_one(struct emx_admin *a);
+
+static void spare_closed(uv_handle_t *h)
+{
+    struct emx_admin *a = h->data;
+    a->spare_busy = false;
+    a->conns--;
+    if (a->refuse_wanted && !a->listener_closed && !a->stopping) {
+        a->refuse_wanted = false;
+        refuse_one(a);
+        return;
+    }
+    if (a->listener_closed && a->conns == 0)
+        emx_free(a);
+}
+
+/* Out of memory for a connection: accept it into the spare handle and drop
+ * it. libuv stops polling a listener until its pending connection has been
+ * accepted, so leaving it would stop the admin port for good. */
+static void refuse_one(struct emx_admin *a)
+{
+    if (a->spare_busy) {
+        a->refuse_wanted = true;
+        return;
+    }
+    if (uv_tcp_init(a->tcp.loop, &a->spare) != 0)
+        return;
+    a->spare.data = a;
+    a->spare_busy = true;
+    a->conns++;
+    (void)uv_accept((uv_stream_t *)&a->tcp, (uv_stream_t *)&a->spare); /* EAGAIN: none pending */
+    uv_close((uv_handle_t *)&a->spare, spare_closed);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     struct emx_admin *a = server->data;
     if (status < 0 || a->stopping)
         return;
     struct admin_conn *c = emx_calloc(1, sizeof(*c));
-    if (!c)
+    if (!c) {
+        refuse_one(a);
         return;
+    }
     c->admin = a;
     uv_tcp_init(server->loop, &c->tcp);
     uv_timer_init(server->loop, &c->timer);
@@ -410,6 +449,9 @@ struct emx_agent {
     struct emx_admin_ops ops;
     unsigned conns;
     bool listener_closed;
+    uv_tcp_t spare; /* as the admin listener's: drops a connection when memory ran out */
+    bool spare_busy;
+    bool refuse_wanted;
 };
 
 struct agent_conn {
@@ -441,6 +483,37 @@ static void agent_written(uv_write_t *w, int status)
     uv_close((uv_handle_t *)&c->tcp, agent_conn_closed);
 }
 
+static void agent_refuse_one(struct emx_agent *ag);
+
+static void agent_spare_closed(uv_handle_t *h)
+{
+    struct emx_agent *ag = h->data;
+    ag->spare_busy = false;
+    ag->conns--;
+    if (ag->refuse_wanted && !ag->listener_closed) {
+        ag->refuse_wanted = false;
+        agent_refuse_one(ag);
+        return;
+    }
+    agent_free_if_done(ag);
+}
+
+/* See refuse_one: keep libuv polling the agent port after an allocation failed. */
+static void agent_refuse_one(struct emx_agent *ag)
+{
+    if (ag->spare_busy) {
+        ag->refuse_wanted = true;
+        return;
+    }
+    if (uv_tcp_init(ag->tcp.loop, &ag->spare) != 0)
+        return;
+    ag->spare.data = ag;
+    ag->spare_busy = true;
+    ag->conns++;
+    (void)uv_accept((uv_stream_t *)&ag->tcp, (uv_stream_t *)&ag->spare);
+    uv_close((uv_handle_t *)&ag->spare, agent_spare_closed);
+}
+
 /* One line and close: HAProxy reads the reply until the connection ends. */
 static void agent_on_connection(uv_stream_t *server, int status)
 {
@@ -448,8 +521,10 @@ static void agent_on_connection(uv_stream_t *server, int status)
     if (status < 0 || ag->listener_closed)
         return;
     struct agent_conn *c = emx_calloc(1, sizeof(*c));
-    if (!c)
+    if (!c) {
+        agent_refuse_one(ag);
         return;
+    }
     c->ag = ag;
     uv_tcp_init(server->loop, &c->tcp);
     c->tcp.data = c;
