@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -24,6 +25,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -61,6 +63,8 @@ struct ws_config {
     uint64_t handshake_timeout;
     uint64_t close_timeout;
     int64_t max_http_header_pool;
+    int64_t listen_backlog;
+    int64_t fd_reserve;
 };
 
 /* Defaults of the options the core's settings can stand in for. */
@@ -111,7 +115,13 @@ static const struct emx_option ws_options[] = {
     OPT("close_timeout", EMX_OPT_DURATION, "5s", close_timeout,
         "time allowed to flush queued data and the close frame before dropping"),
     OPT("max_http_header_pool", EMX_OPT_INT, "256", max_http_header_pool,
-        "concurrent handshakes in progress (header buffers); bounds reconnect storms"),
+        "edges accepted and not yet upgraded at once (header buffers); the rest wait in "
+        "the listen backlog"),
+    OPT("listen_backlog", EMX_OPT_INT, "65535", listen_backlog,
+        "listen backlog of edge listeners; the kernel caps it at net.core.somaxconn"),
+    OPT("fd_reserve", EMX_OPT_INT, "256", fd_reserve,
+        "open files kept for pipes and the rest of the process: edges are accepted up to "
+        "the open-file limit minus this"),
     EMX_OPTION_END,
 };
 
@@ -177,7 +187,7 @@ struct ws_pipe {
     uint64_t last_rx, last_ping; /* uv_now() ms */
     char *req;                   /* upgrade request */
     size_t req_len;
-    char accept[32]; /* expected Sec-WebSocket-Accept */
+    char accept[32];                /* expected Sec-WebSocket-Accept */
     struct emx_conn *pprev, *pnext; /* instance's list of raw pipes */
 };
 
@@ -191,6 +201,9 @@ struct ws_listener {
     char *cert, *key; /* TLS files, for reload_tls */
     size_t max_msg;
     int port;
+    int fd;          /* listening socket, accepted from by accept_cb */
+    uv_poll_t *poll; /* NULL once closing (freed by its close callback) */
+    bool polling;
     bool tls;
     bool closed;
 };
@@ -221,9 +234,16 @@ struct ws_instance {
     uv_idle_t reap;
     uv_timer_t sweep;
     uv_timer_t teardown;
-    uv_timer_t pipe_timer; /* pings and silence checks of raw pipes */
+    uv_timer_t pipe_timer;   /* pings and silence checks of raw pipes */
+    uv_timer_t accept_retry; /* ends the pause after an accept error */
+    /* Edge sockets adopted by lws and not yet destroyed, and those of them
+     * not yet upgraded; wsi opaque data points at one of the tags. */
+    unsigned edge_socks, edge_shakes, edge_sock_cap;
+    uint8_t tag_shaking, tag_open;
+    bool accept_paused;
+    uint64_t accept_err_logged;
     struct emx_conn *pipes;
-    size_t pmd_conns; /* open connections with permessage-deflate */
+    size_t pmd_conns;       /* open connections with permessage-deflate */
     struct emx_conn *conns; /* attached connections */
     struct emx_conn *sweep_cursor;
     size_t conn_count;
@@ -239,7 +259,7 @@ struct ws_instance {
     lws_retry_bo_t edge_retry;
     lws_retry_bo_t pipe_retry;
     lws_retry_bo_t raw_retry; /* all zero: raw pipes keep their own time */
-    uint8_t *scratch; /* LWS_PRE + a frame: direct writes of borrowed bytes */
+    uint8_t *scratch;         /* LWS_PRE + a frame: direct writes of borrowed bytes */
 };
 
 /* lws logs through one process-wide hook; it goes to the first host. */
@@ -958,7 +978,8 @@ static int raw_build_request(struct emx_conn *c, const char *path, const char *h
         return -EIO;
     snprintf(cat, sizeof(cat), "%s%s", key, ws_guid);
     lws_SHA1((const unsigned char *)cat, strlen(cat), sha);
-    if (lws_b64_encode_string((const char *)sha, sizeof(sha), c->pp->accept, sizeof(c->pp->accept)) <= 0)
+    if (lws_b64_encode_string((const char *)sha, sizeof(sha), c->pp->accept,
+                              sizeof(c->pp->accept)) <= 0)
         return -EIO;
     n = strlen(path) + 2 * strlen(hosthdr) + c->pp->hdrs_len + 200;
     c->pp->req = malloc(n);
@@ -1004,13 +1025,14 @@ static int raw_frame_end(struct emx_conn *c)
     case 0xA:
         return 0;
     case 0x8: { /* the peer closes: keep its code, echo it, hang up */
-        uint16_t code = c->pp->ctl_len >= 2 ? (uint16_t)((c->pp->ctl[0] << 8) | c->pp->ctl[1]) : 1005;
+        uint16_t code =
+            c->pp->ctl_len >= 2 ? (uint16_t)((c->pp->ctl[0] << 8) | c->pp->ctl[1]) : 1005;
 
         if (!c->close_code) {
             c->close_code = code;
             if (c->pp->ctl_len > 2)
-                snprintf(c->close_reason, sizeof(c->close_reason), "%.*s", (int)(c->pp->ctl_len - 2),
-                         (const char *)c->pp->ctl + 2);
+                snprintf(c->close_reason, sizeof(c->close_reason), "%.*s",
+                         (int)(c->pp->ctl_len - 2), (const char *)c->pp->ctl + 2);
         }
         return raw_close_now(c, code, NULL);
     }
@@ -1319,6 +1341,227 @@ static void pmd_fit_frames(struct emx_conn *c)
     lws_set_extension_option(c->wsi, "permessage-deflate", "tx_buf_size", v);
 }
 
+/* ---- accepting edges ------------------------------------------------------ */
+
+/* The plugin accepts edge sockets itself and hands them to lws
+ * (lws_adopt_descriptor_vhost). lws 4.1 accepts the whole listen backlog at
+ * once, and each connection it holds before its upgrade has a timeout in one
+ * sorted list that every insertion walks: a reconnect storm of N edges cost
+ * O(N^2) there (docs/benchmarks.md). Here at most max_http_header_pool
+ * sockets are between accept and upgrade; the others wait in the kernel's
+ * backlog. Accepting also stops at the open-file limit minus fd_reserve, so
+ * a storm that arrives while the old sockets are still open waits in the
+ * backlog instead of failing with EMFILE. */
+
+#define ACCEPT_BATCH    64  /* accepts per poll callback: other sockets get their turn */
+#define ACCEPT_PAUSE_MS 100 /* after EMFILE, ENFILE, ENOBUFS, ENOMEM */
+
+static unsigned edge_socket_cap(struct ws_instance *inst)
+{
+    struct rlimit rl;
+    uint64_t reserve = (uint64_t)inst->cfg.fd_reserve, cur;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return UINT_MAX;
+    cur = (uint64_t)rl.rlim_cur;
+    if (cur <= reserve) {
+        LOG(inst, EMX_LOG_WARN,
+            "ws: open-file limit %" PRIu64 " is not above fd_reserve %" PRIu64
+            ": edges capped at %" PRIu64,
+            cur, reserve, cur / 2);
+        return (unsigned)(cur / 2);
+    }
+    return cur - reserve > UINT_MAX ? UINT_MAX : (unsigned)(cur - reserve);
+}
+
+/* Stop polling at the caps; poll again once three quarters of the handshake
+ * cap is free, so polling is not switched for every connection. */
+static bool accept_allowed(const struct ws_instance *inst, bool resuming)
+{
+    unsigned cap = (unsigned)inst->cfg.max_http_header_pool;
+
+    if (inst->state != INST_RUNNING || inst->accept_paused ||
+        inst->edge_socks >= inst->edge_sock_cap)
+        return false;
+    return resuming ? inst->edge_shakes <= cap - (cap * 3 + 3) / 4 : inst->edge_shakes < cap;
+}
+
+static void accept_cb(uv_poll_t *h, int status, int events);
+
+static void accept_modulate(struct ws_instance *inst)
+{
+    for (struct ws_listener *l = inst->listeners; l; l = l->next) {
+        bool want;
+
+        if (l->closed || !l->poll)
+            continue;
+        want = accept_allowed(inst, !l->polling);
+        if (want == l->polling)
+            continue;
+        if (!want)
+            uv_poll_stop(l->poll);
+        else if (uv_poll_start(l->poll, UV_READABLE, accept_cb) != 0)
+            continue;
+        l->polling = want;
+    }
+}
+
+static void accept_retry_cb(uv_timer_t *t)
+{
+    struct ws_instance *inst = t->data;
+
+    inst->accept_paused = false;
+    accept_modulate(inst);
+}
+
+static void accept_pause(struct ws_instance *inst, int err)
+{
+    uint64_t now = uv_now(inst->loop);
+
+    if (!inst->accept_err_logged || now - inst->accept_err_logged >= 10000) {
+        inst->accept_err_logged = now;
+        LOG(inst, EMX_LOG_WARN, "ws: accept failed (%s) with %u edge sockets open: pausing %d ms",
+            strerror(err), inst->edge_socks, ACCEPT_PAUSE_MS);
+    }
+    inst->accept_paused = true;
+    uv_timer_start(&inst->accept_retry, accept_retry_cb, ACCEPT_PAUSE_MS, 0);
+    accept_modulate(inst);
+}
+
+static void accept_cb(uv_poll_t *h, int status, int events)
+{
+    struct ws_listener *l = h->data;
+    struct ws_instance *inst = l->inst;
+    int n;
+
+    (void)events;
+    if (status < 0) {
+        accept_pause(inst, -status);
+        return;
+    }
+    for (n = 0; n < ACCEPT_BATCH && !l->closed && accept_allowed(inst, false); n++) {
+        lws_sock_file_fd_type d;
+        struct lws *wsi;
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+
+        if (fd < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            /* the peer gave up while it waited in the backlog */
+            if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM)
+                continue;
+            accept_pause(inst, errno);
+            break;
+        }
+        set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+        tune_edge_socket(inst, fd);
+        d.sockfd = fd;
+        wsi = lws_adopt_descriptor_vhost(
+            l->vh, LWS_ADOPT_SOCKET | LWS_ADOPT_HTTP | (l->tls ? LWS_ADOPT_ALLOW_SSL : 0), d, NULL,
+            NULL);
+        if (!wsi)
+            continue; /* lws closed the socket */
+        lws_set_opaque_user_data(wsi, &inst->tag_shaking);
+        inst->edge_socks++;
+        inst->edge_shakes++;
+    }
+    accept_modulate(inst);
+}
+
+/* The edge's upgrade finished (accepted or refused by the core). */
+static void edge_upgraded(struct ws_instance *inst, struct lws *wsi)
+{
+    if (lws_get_opaque_user_data(wsi) != &inst->tag_shaking)
+        return;
+    lws_set_opaque_user_data(wsi, &inst->tag_open);
+    inst->edge_shakes--;
+    accept_modulate(inst);
+}
+
+static void edge_socket_gone(struct ws_instance *inst, struct lws *wsi)
+{
+    void *tag = lws_get_opaque_user_data(wsi);
+
+    if (tag != &inst->tag_shaking && tag != &inst->tag_open)
+        return;
+    lws_set_opaque_user_data(wsi, NULL);
+    inst->edge_socks--;
+    if (tag == &inst->tag_shaking)
+        inst->edge_shakes--;
+    accept_modulate(inst);
+}
+
+static void listener_poll_closed(uv_handle_t *h)
+{
+    struct ws_listener *l = h->data;
+
+    if (l->fd >= 0)
+        close(l->fd);
+    l->fd = -1;
+    l->inst->handles_open--;
+    free(h);
+}
+
+/* No more accepts; the socket closes once libuv has let go of it. */
+static void listener_stop(struct ws_listener *l)
+{
+    l->polling = false;
+    if (l->poll) {
+        uv_close((uv_handle_t *)l->poll, listener_poll_closed);
+        l->poll = NULL;
+    } else if (l->fd >= 0) {
+        close(l->fd);
+        l->fd = -1;
+    }
+}
+
+/* A listening socket: host "" "*" or "::" is every address, IPv6 and IPv4
+ * (IPv4 alone where there is no IPv6); anything else as getaddrinfo reads it. */
+static int listen_socket(struct ws_instance *inst, const char *host, int port, int *out)
+{
+    struct addrinfo hints, *res = NULL, *ai;
+    bool any6 = !host[0] || !strcmp(host, "*") || !strcmp(host, "::");
+    char service[8];
+    int rc, err = EADDRNOTAVAIL;
+
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    hints.ai_family = any6 ? AF_INET6 : AF_UNSPEC;
+    snprintf(service, sizeof(service), "%d", port);
+    rc = getaddrinfo(any6 ? NULL : host, service, &hints, &res);
+    if (rc != 0 && any6) {
+        hints.ai_family = AF_INET;
+        rc = getaddrinfo(NULL, service, &hints, &res);
+    }
+    if (rc != 0) {
+        LOG(inst, EMX_LOG_ERROR, "ws: cannot resolve listen address \"%s\": %s", host,
+            gai_strerror(rc));
+        return -EINVAL;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+        if (ai->ai_family == AF_INET6 && any6)
+            set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
+            listen(fd, (int)inst->cfg.listen_backlog) == 0) {
+            freeaddrinfo(res);
+            *out = fd;
+            return 0;
+        }
+        err = errno;
+        close(fd);
+    }
+    freeaddrinfo(res);
+    return -err;
+}
+
 /* ---- lws protocol callback ------------------------------------------------ */
 
 static struct emx_conn *conn_new(struct ws_instance *inst)
@@ -1341,6 +1584,7 @@ static int on_established(struct ws_instance *inst, struct lws *wsi)
     void *user;
 
     inst->pmd_wsi = NULL;
+    edge_upgraded(inst, wsi);
     if (!l || l->closed || inst->state != INST_RUNNING)
         return -1;
     c = conn_new(inst);
@@ -1458,13 +1702,6 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
     if (!inst)
         return 0;
     switch (reason) {
-    case LWS_CALLBACK_FILTER_NETWORK_CONNECTION: {
-        struct lws_filter_network_conn_args *a = user;
-
-        if (a)
-            tune_edge_socket(inst, (int)a->accept_fd);
-        return 0;
-    }
     case LWS_CALLBACK_HTTP:
         return http_404(wsi);
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE: {
@@ -1530,7 +1767,7 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
             c->pp->raw_req_sent = true;
             memcpy(inst->scratch + LWS_PRE, c->pp->req, c->pp->req_len);
             return lws_write(wsi, inst->scratch + LWS_PRE, c->pp->req_len, LWS_WRITE_RAW) < 0 ? -1
-                                                                                          : 0;
+                                                                                              : 0;
         }
         return handle_writeable(c);
     case LWS_CALLBACK_RECEIVE:
@@ -1567,6 +1804,8 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
     case LWS_CALLBACK_CLIENT_CLOSED:
     case LWS_CALLBACK_RAW_CLOSE:
     case LWS_CALLBACK_WSI_DESTROY:
+        if (reason == LWS_CALLBACK_WSI_DESTROY)
+            edge_socket_gone(inst, wsi);
         c = lws_wsi_user(wsi);
         if (c) {
             c->wsi = c->wsi ? c->wsi : wsi;
@@ -1668,11 +1907,13 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
         cfg->deflate_mem_level < 1 || cfg->deflate_mem_level > 9 || cfg->rx_buffer_size < 128 ||
         cfg->rx_buffer_size > (1u << 20) || cfg->default_max_frame_size < WS_MIN_FRAME ||
         cfg->default_max_frame_size > WS_MAX_FRAME || cfg->max_http_header_pool < 1 ||
-        cfg->max_http_header_pool > 65535) {
+        cfg->max_http_header_pool > 65535 || cfg->listen_backlog < 1 ||
+        cfg->listen_backlog > 65535 || cfg->fd_reserve < 16 || cfg->fd_reserve > 1000000) {
         host->log(host, EMX_LOG_ERROR,
                   "ws: invalid option (deflate_window_bits 9..15, deflate_mem_level 1..9, "
                   "rx_buffer_size 128..1MiB, default_max_frame_size 64..65535, "
-                  "max_http_header_pool 1..65535)");
+                  "max_http_header_pool 1..65535, listen_backlog 1..65535, "
+                  "fd_reserve 16..1000000)");
         return -EINVAL;
     }
     inst = ws_zalloc(sizeof(*inst));
@@ -1760,7 +2001,10 @@ static int ws_start(void *instance)
     uv_timer_init(inst->loop, &inst->teardown);
     inst->pipe_timer.data = inst;
     uv_timer_init(inst->loop, &inst->pipe_timer);
-    inst->handles_open = 5;
+    inst->accept_retry.data = inst;
+    uv_timer_init(inst->loop, &inst->accept_retry);
+    inst->handles_open = 6;
+    inst->edge_sock_cap = edge_socket_cap(inst);
     uv_check_start(&inst->check, check_cb);
     /* the check handle must not keep the loop alive on its own */
     uv_unref((uv_handle_t *)&inst->check);
@@ -1807,6 +2051,7 @@ static void teardown_finish(struct ws_instance *inst)
     close_handle(inst, (uv_handle_t *)&inst->sweep);
     close_handle(inst, (uv_handle_t *)&inst->teardown);
     close_handle(inst, (uv_handle_t *)&inst->pipe_timer);
+    close_handle(inst, (uv_handle_t *)&inst->accept_retry);
 }
 
 static void teardown_cb(uv_timer_t *t)
@@ -1843,7 +2088,7 @@ static void walk_cb(uv_handle_t *h, void *arg)
 
     if (h == (uv_handle_t *)&inst->check || h == (uv_handle_t *)&inst->reap ||
         h == (uv_handle_t *)&inst->sweep || h == (uv_handle_t *)&inst->teardown ||
-        h == (uv_handle_t *)&inst->pipe_timer)
+        h == (uv_handle_t *)&inst->pipe_timer || h == (uv_handle_t *)&inst->accept_retry)
         return;
     /* lws's static handles carry the context; its socket watchers are polls */
     if (h->data == (void *)inst->ctx)
@@ -1865,6 +2110,9 @@ static void ws_stop(void *instance)
     if (!inst || inst->state != INST_RUNNING)
         return;
     inst->state = INST_STOPPING;
+    for (struct ws_listener *l = inst->listeners; l; l = l->next)
+        listener_stop(l);
+    uv_timer_stop(&inst->accept_retry);
     uv_timer_stop(&inst->sweep);
     uv_timer_stop(&inst->pipe_timer);
     uv_check_stop(&inst->check);
@@ -1981,8 +2229,8 @@ static int ws_listen(void *instance, const struct emx_listen_spec *spec,
         LOG(inst, EMX_LOG_ERROR, "ws: TLS certificate, key or CA file not readable");
         return -ENOENT;
     }
-    /* lws would share the socket of a vhost on the same port (name-based
-     * virtual hosting); one listener per port here. */
+    /* One listener per port: a second would only fail to bind, or with a
+     * different address share the port in a way nobody asked for. */
     for (l = inst->listeners; l; l = l->next)
         if (!l->closed && l->port == port) {
             LOG(inst, EMX_LOG_ERROR, "ws: %s: port already has a listener", spec->address);
@@ -2014,41 +2262,63 @@ static int ws_listen(void *instance, const struct emx_listen_spec *spec,
         }
     }
 
-    snprintf(name, sizeof(name), "edge-%u", ++inst->vhost_seq);
-    memset(&info, 0, sizeof(info));
-    info.vhost_name = name;
-    info.port = port;
-    if (host[0] && strcmp(host, "0.0.0.0") != 0 && strcmp(host, "::") != 0 &&
-        strcmp(host, "*") != 0)
-        info.iface = host;
-    info.protocols = inst->edge_protocols;
-    info.extensions = inst->cfg.deflate ? inst->edge_exts : NULL;
-    info.retry_and_idle_policy = &inst->edge_retry;
-    info.timeout_secs = secs_of(inst->cfg.handshake_timeout);
-    info.user = l;
-    info.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
-    if (l->tls) {
-        info.ssl_cert_filepath = spec->tls_cert;
-        info.ssl_private_key_filepath = spec->tls_key;
-        if (spec->tls_ca) {
-            info.ssl_ca_filepath = spec->tls_ca;
-            if (spec->tls_require_client_cert)
-                info.options |= LWS_SERVER_OPTION_REQUIRE_VALID_OPENSSL_CLIENT_CERT;
+    l->fd = -1;
+    rc = listen_socket(inst, host, port, &l->fd);
+    if (rc == 0) {
+        l->poll = ws_zalloc(sizeof(*l->poll));
+        if (!l->poll || uv_poll_init(inst->loop, l->poll, l->fd) != 0) {
+            free(l->poll);
+            l->poll = NULL;
+            rc = -ENOMEM;
+        } else {
+            l->poll->data = l;
+            inst->handles_open++;
         }
     }
-    l->vh = lws_create_vhost(inst->ctx, &info);
-    if (!l->vh) {
-        LOG(inst, EMX_LOG_ERROR, "ws: cannot listen on %s (address in use or TLS setup failed)",
-            spec->address);
-        free(l->path);
-        free(l->cert);
-        free(l->key);
-        free(l);
-        return -EADDRINUSE;
+    if (rc == 0) {
+        snprintf(name, sizeof(name), "edge-%u", ++inst->vhost_seq);
+        memset(&info, 0, sizeof(info));
+        info.vhost_name = name;
+        /* sockets come from accept_cb; the vhost only serves them */
+        info.port = CONTEXT_PORT_NO_LISTEN_SERVER;
+        info.protocols = inst->edge_protocols;
+        info.extensions = inst->cfg.deflate ? inst->edge_exts : NULL;
+        info.retry_and_idle_policy = &inst->edge_retry;
+        info.timeout_secs = secs_of(inst->cfg.handshake_timeout);
+        /* a socket that sends no request holds a header buffer: lws's own
+         * limit for that is 10 s whatever timeout_secs says */
+        info.timeout_secs_ah_idle = secs_of(inst->cfg.handshake_timeout);
+        info.user = l;
+        info.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+        if (l->tls) {
+            info.ssl_cert_filepath = spec->tls_cert;
+            info.ssl_private_key_filepath = spec->tls_key;
+            if (spec->tls_ca) {
+                info.ssl_ca_filepath = spec->tls_ca;
+                if (spec->tls_require_client_cert)
+                    info.options |= LWS_SERVER_OPTION_REQUIRE_VALID_OPENSSL_CLIENT_CERT;
+            }
+        }
+        l->vh = lws_create_vhost(inst->ctx, &info);
+        if (!l->vh) {
+            LOG(inst, EMX_LOG_ERROR, "ws: cannot serve %s (TLS setup failed)", spec->address);
+            rc = -EINVAL;
+        }
+    } else if (rc != -EINVAL) {
+        LOG(inst, EMX_LOG_ERROR, "ws: cannot listen on %s: %s", spec->address, strerror(-rc));
+    }
+    if (rc != 0) {
+        listener_stop(l);
+        /* the poll handle (if any) refers to l until it has closed */
+        l->closed = true;
+        l->next = inst->listeners;
+        inst->listeners = l;
+        return rc;
     }
     l->next = inst->listeners;
     inst->listeners = l;
     *out = (struct emx_listener *)l;
+    accept_modulate(inst);
     return 0;
 }
 
@@ -2062,6 +2332,7 @@ static void ws_unlisten(struct emx_listener *listener)
     if (!l || l->closed)
         return;
     l->closed = true;
+    listener_stop(l);
     if (l->inst->state == INST_RUNNING && l->vh)
         lws_vhost_destroy(l->vh);
     l->vh = NULL;
