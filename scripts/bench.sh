@@ -200,6 +200,7 @@ write_emx_conf
   echo "libwebsockets: $(dpkg-query -W -f '${Version}' libwebsockets17 2>/dev/null || echo '?'), libuv: $(dpkg-query -W -f '${Version}' libuv1 2>/dev/null || echo '?')"
   echo "edgemux: built from $SRC ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') checked out)"
   echo "pinning: server side on cpu $SERVER_CPU, load generator on cpu $LOAD_CPU"
+  echo "kernel: net.core.somaxconn $(cat /proc/sys/net/core/somaxconn), tcp_max_syn_backlog $(cat /proc/sys/net/ipv4/tcp_max_syn_backlog), open files $(ulimit -n)"
 } | tee "$OUT/conditions.txt" >&2
 
 LOAD_ARGS=(--edges "$EDGES" --size "$SIZE" --window "$WINDOW" --warmup "$WARMUP" --duration "$DURATION")
