@@ -189,6 +189,10 @@ struct ws_pipe {
     size_t req_len;
     char accept[32];                /* expected Sec-WebSocket-Accept */
     struct emx_conn *pprev, *pnext; /* instance's list of raw pipes */
+    /* Frames sent while the socket is idle gather here and go out in one
+     * write per loop iteration (flush_pipes), however many edges sent. */
+    uint8_t *batch; /* LWS_PRE headroom, then BATCH_CAP bytes */
+    size_t batch_len;
 };
 
 struct ws_listener {
@@ -231,6 +235,7 @@ struct ws_instance {
     unsigned teardown_ticks;
     int handles_open;
     uv_check_t check;
+    uv_prepare_t flush_prep; /* writes gathered pipe frames before the loop polls */
     uv_idle_t reap;
     uv_timer_t sweep;
     uv_timer_t teardown;
@@ -367,6 +372,7 @@ static void conn_free(struct emx_conn *c)
     if (c->pp) {
         free(c->pp->hdrs);
         free(c->pp->req);
+        free(c->pp->batch);
         free(c->pp);
     }
     free(c);
@@ -417,6 +423,8 @@ static void conn_gone(struct emx_conn *c, uint16_t code, const char *reason)
         lws_set_wsi_user(c->wsi, NULL);
     conn_unlink(inst, c);
     pipe_unlink(inst, c);
+    if (c->pp)
+        c->pp->batch_len = 0; /* the socket is gone with what was gathered */
     if (c->deflate && c->state == CONN_OPEN && inst->pmd_conns)
         inst->pmd_conns--;
     c->wsi = NULL;
@@ -595,9 +603,13 @@ static int write_fragment(struct emx_conn *c, uint8_t *payload, size_t len, size
     return 0;
 }
 
+static int raw_flush(struct emx_conn *c);
+
 /* Drain the queue while lws holds nothing back. Returns 0 or -EIO. */
 static int queue_drain(struct emx_conn *c)
 {
+    if (c->raw && raw_flush(c))
+        return -EIO;
     while (c->raw && c->qh && !lws_partial_buffered(c->wsi)) {
         struct ws_qmsg *m = c->qh;
 
@@ -742,14 +754,66 @@ static size_t raw_frame(struct emx_conn *c, uint8_t *dst, uint8_t op, const uint
 static int queue_drain(struct emx_conn *c);
 static int send_close_frame(struct emx_conn *c);
 
-/* Send one message or control frame on a raw pipe: framed straight into the
- * scratch buffer and written when nothing waits, else framed into the queue. */
+#define BATCH_CAP       65536u /* gathered bytes per pipe before an early write */
+#define BATCH_FRAME_MAX 16384u /* larger messages are written on their own */
+
+/* Write what a pipe gathered: one system call for every frame the loop
+ * iteration produced. lws keeps what the socket does not take. */
+static int raw_flush(struct emx_conn *c)
+{
+    size_t n = c->pp->batch_len;
+
+    if (!n || !c->wsi)
+        return 0;
+    c->pp->batch_len = 0;
+    if (lws_write(c->wsi, c->pp->batch + LWS_PRE, n, LWS_WRITE_RAW) < 0)
+        return -EIO;
+    if (lws_partial_buffered(c->wsi))
+        c->was_queued = true; /* on_writable once lws has written the rest */
+    return 0;
+}
+
+static void flush_pipes(struct ws_instance *inst)
+{
+    struct emx_conn *c, *n;
+
+    for (c = inst->pipes; c; c = n) {
+        n = c->pp->pnext;
+        if (c->pp->batch_len && raw_flush(c))
+            conn_kill(c, 1006, "write failed");
+    }
+}
+
+static void flush_prep_cb(uv_prepare_t *h)
+{
+    flush_pipes(h->data);
+}
+
+/* Send one message or control frame on a raw pipe. When nothing waits,
+ * small frames are gathered for one write per loop iteration and larger
+ * ones framed into the scratch buffer and written at once; otherwise the
+ * frame goes to the queue. */
 static int raw_send(struct emx_conn *c, uint8_t op, const uint8_t *data, size_t len)
 {
     size_t wire = raw_wire_len(c, len);
     struct ws_qmsg *m;
     bool idle = !c->qh && !lws_partial_buffered(c->wsi);
 
+    if (idle && wire <= BATCH_FRAME_MAX && c->inst->state == INST_RUNNING) {
+        if (c->pp->batch_len + wire > BATCH_CAP && raw_flush(c))
+            return -EIO;
+        if (!c->pp->batch)
+            c->pp->batch = malloc(LWS_PRE + BATCH_CAP);
+        if (c->pp->batch && !lws_partial_buffered(c->wsi)) {
+            c->pp->batch_len +=
+                raw_frame(c, c->pp->batch + LWS_PRE + c->pp->batch_len, op, data, len);
+            return 0;
+        }
+    }
+    /* what was gathered goes first */
+    if (raw_flush(c))
+        return -EIO;
+    idle = !c->qh && !lws_partial_buffered(c->wsi);
     if (idle && wire <= RAW_HDR_MAX + WS_MAX_FRAME) {
         uint8_t *f = c->inst->scratch + LWS_PRE;
 
@@ -852,7 +916,7 @@ static size_t ws_buffered(struct emx_conn *c)
 
     if (!c || c->state == CONN_GONE || !c->wsi)
         return 0;
-    n = c->qbytes;
+    n = c->qbytes + (c->pp ? c->pp->batch_len : 0);
     fd = (int)lws_get_socket_fd(c->wsi);
     if (fd >= 0 && ioctl(fd, SIOCOUTQ, &q) == 0 && q > 0)
         n += (size_t)q;
@@ -1004,7 +1068,7 @@ static int raw_close_now(struct emx_conn *c, uint16_t code, const char *reason)
         c->close_code = code;
     if (reason && !c->close_reason[0])
         snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
-    if (!c->wsi || lws_partial_buffered(c->wsi))
+    if (!c->wsi || raw_flush(c) || lws_partial_buffered(c->wsi))
         return -1;
     if (c->close_code == 1005 || c->close_code == 1006) {
         static const uint8_t empty[] = {0x88, 0x80, 0, 0, 0, 0};
@@ -1844,11 +1908,14 @@ static void sweep_cb(uv_timer_t *t)
     }
 }
 
-/* ---- pmd stall fix -------------------------------------------------------- */
+/* ---- after each loop iteration: pipe writes, pmd stall fix ---------------- */
 
 static void check_cb(uv_check_t *h)
 {
     struct ws_instance *inst = h->data;
+
+    /* what this iteration's callbacks sent to pipes, in one write each */
+    flush_pipes(inst);
 
     /* A compressed message that inflates past the pmd rx buffer waits for
      * the next network event unless lws is woken while it has work left. */
@@ -1988,6 +2055,10 @@ static int ws_start(void *instance)
     info.user = inst;
     info.max_http_header_pool = (unsigned short)inst->cfg.max_http_header_pool;
     info.timeout_secs = secs_of(inst->cfg.handshake_timeout);
+    /* lws reads every socket into this one per-loop buffer (4 KiB by
+     * default): a pipe carrying many edges' answers is read in 64 KiB
+     * gulps instead of ~7 answers per system call */
+    info.pt_serv_buf_size = 65536;
     inst->ctx = lws_create_context(&info);
     if (!inst->ctx) {
         LOG(inst, EMX_LOG_ERROR, "ws: cannot create the libwebsockets context");
@@ -2003,11 +2074,15 @@ static int ws_start(void *instance)
     uv_timer_init(inst->loop, &inst->pipe_timer);
     inst->accept_retry.data = inst;
     uv_timer_init(inst->loop, &inst->accept_retry);
-    inst->handles_open = 6;
+    inst->flush_prep.data = inst;
+    uv_prepare_init(inst->loop, &inst->flush_prep);
+    inst->handles_open = 7;
     inst->edge_sock_cap = edge_socket_cap(inst);
     uv_check_start(&inst->check, check_cb);
-    /* the check handle must not keep the loop alive on its own */
+    uv_prepare_start(&inst->flush_prep, flush_prep_cb);
+    /* neither must keep the loop alive on its own */
     uv_unref((uv_handle_t *)&inst->check);
+    uv_unref((uv_handle_t *)&inst->flush_prep);
     if (inst->cfg.edge_idle_timeout) {
         uint64_t tick = 1000;
 
@@ -2052,6 +2127,7 @@ static void teardown_finish(struct ws_instance *inst)
     close_handle(inst, (uv_handle_t *)&inst->teardown);
     close_handle(inst, (uv_handle_t *)&inst->pipe_timer);
     close_handle(inst, (uv_handle_t *)&inst->accept_retry);
+    close_handle(inst, (uv_handle_t *)&inst->flush_prep);
 }
 
 static void teardown_cb(uv_timer_t *t)
@@ -2088,7 +2164,8 @@ static void walk_cb(uv_handle_t *h, void *arg)
 
     if (h == (uv_handle_t *)&inst->check || h == (uv_handle_t *)&inst->reap ||
         h == (uv_handle_t *)&inst->sweep || h == (uv_handle_t *)&inst->teardown ||
-        h == (uv_handle_t *)&inst->pipe_timer || h == (uv_handle_t *)&inst->accept_retry)
+        h == (uv_handle_t *)&inst->pipe_timer || h == (uv_handle_t *)&inst->accept_retry ||
+        h == (uv_handle_t *)&inst->flush_prep)
         return;
     /* lws's static handles carry the context; its socket watchers are polls */
     if (h->data == (void *)inst->ctx)
@@ -2113,6 +2190,8 @@ static void ws_stop(void *instance)
     for (struct ws_listener *l = inst->listeners; l; l = l->next)
         listener_stop(l);
     uv_timer_stop(&inst->accept_retry);
+    flush_pipes(inst);
+    uv_prepare_stop(&inst->flush_prep);
     uv_timer_stop(&inst->sweep);
     uv_timer_stop(&inst->pipe_timer);
     uv_check_stop(&inst->check);
