@@ -23,6 +23,13 @@ struct growbuf {
 };
 static _Thread_local uint8_t *rd_scratch;
 static _Thread_local struct growbuf enc_buf, inf_buf, def_buf;
+/* Messages sent to the connection whose input is being processed gather in
+ * `cork_buf` and go out in one write once that input is done (on_read): a
+ * pipe bringing many requests in one read is answered with one system call,
+ * as a server that flushes once per read does. */
+static _Thread_local struct growbuf cork_buf;
+static _Thread_local size_t cork_len;
+static _Thread_local struct ws_conn *cork_conn;
 
 static int grow(struct growbuf *b, size_t need)
 {
@@ -46,7 +53,9 @@ void ws_thread_cleanup(void)
     free(enc_buf.p);
     free(inf_buf.p);
     free(def_buf.p);
-    enc_buf = inf_buf = def_buf = (struct growbuf){0};
+    free(cork_buf.p);
+    enc_buf = inf_buf = def_buf = cork_buf = (struct growbuf){0};
+    cork_len = 0;
 }
 
 /* ---- HTTP ---- */
@@ -279,10 +288,8 @@ static void on_written(uv_write_t *req, int status)
     }
 }
 
-int ws_write_raw(struct ws_conn *c, const void *data, size_t len)
+static int write_now(struct ws_conn *c, const void *data, size_t len)
 {
-    if (c->state == WS_CLOSED || c->state == WS_CONNECTING)
-        return -1;
     size_t off = 0;
     if (c->queued == 0) {
         uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
@@ -294,7 +301,6 @@ int ws_write_raw(struct ws_conn *c, const void *data, size_t len)
             return -1;
         }
     }
-    c->stats.bytes_out += len;
     if (off == len)
         return 0;
     size_t n = len - off;
@@ -313,6 +319,26 @@ int ws_write_raw(struct ws_conn *c, const void *data, size_t len)
     }
     c->queued += n;
     return 0;
+}
+
+/* Write what was gathered for `c` now (before anything else goes to it). */
+static int uncork(struct ws_conn *c)
+{
+    if (c != cork_conn || cork_len == 0)
+        return 0;
+    size_t n = cork_len;
+    cork_len = 0;
+    return write_now(c, cork_buf.p, n);
+}
+
+int ws_write_raw(struct ws_conn *c, const void *data, size_t len)
+{
+    if (c->state == WS_CLOSED || c->state == WS_CONNECTING)
+        return -1;
+    if (uncork(c))
+        return -1;
+    c->stats.bytes_out += len;
+    return write_now(c, data, len);
 }
 
 static z_stream *get_deflater(struct ws_conn *c)
@@ -385,6 +411,12 @@ int ws_send(struct ws_conn *c, int opcode, const void *data, size_t len)
         return -1;
     }
     c->stats.msgs_out++;
+    if (c == cork_conn && c->queued == 0 && grow(&cork_buf, cork_len + n) == 0) {
+        memcpy(cork_buf.p + cork_len, out, n);
+        cork_len += n;
+        c->stats.bytes_out += n;
+        return 0;
+    }
     return ws_write_raw(c, out, n);
 }
 
@@ -884,7 +916,13 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         p = c->rbuf;
         n = c->rlen;
     }
+    cork_conn = c;
+    cork_len = 0;
     long used = process(c, p, n);
+    if (cork_len && c->state != WS_CLOSED)
+        uncork(c);
+    cork_conn = NULL;
+    cork_len = 0;
     if (used < 0 || c->state == WS_CLOSED)
         return;
     size_t rest = n - (size_t)used;
