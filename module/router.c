@@ -15,7 +15,7 @@
  * of every idle edge. Tables still double as they fill. */
 #undef HASH_INITIAL_NUM_BUCKETS
 #undef HASH_INITIAL_NUM_BUCKETS_LOG2
-#define HASH_INITIAL_NUM_BUCKETS 4U
+#define HASH_INITIAL_NUM_BUCKETS      4U
 #define HASH_INITIAL_NUM_BUCKETS_LOG2 2U
 
 #define TAG "router"
@@ -27,7 +27,7 @@ enum req_state {
 };
 
 enum req_flags {
-    REQ_F_AUTH = 1u << 0,      /* an edge's AUTH */
+    REQ_F_AUTH = 1u << 0, /* an edge's AUTH */
     REQ_F_BIND = 1u << 1,
     REQ_F_UNBIND = 1u << 2,
     REQ_F_PIPE_AUTH = 1u << 3, /* edgemux's own AUTH on a pipe */
@@ -70,7 +70,22 @@ struct emx_req {
     uint8_t *names; /* BIND/UNBIND: the names as on the wire */
     size_t names_len;
     uint16_t nnames;
+    struct emx_req *pool_next; /* in r->req_pool once finished */
 };
+
+/* Finished requests are kept for the next ones, so routing a message
+ * allocates nothing; the pool is bounded so a burst is given back. Under
+ * AddressSanitizer nothing is kept, so a stale pointer still faults. */
+#if defined(__SANITIZE_ADDRESS__)
+#define REQ_POOL_MAX 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define REQ_POOL_MAX 0
+#endif
+#endif
+#ifndef REQ_POOL_MAX
+#define REQ_POOL_MAX 4096
+#endif
 
 /* One platform request in flight to an edge. */
 struct emx_inbound {
@@ -101,6 +116,8 @@ struct quarantined {
 
 struct emx_router {
     struct emx_router_config cfg;
+    struct emx_req *req_pool;
+    unsigned req_pooled;
     char *app_key;
     size_t app_key_len;
     struct emx_router_io io;
@@ -139,8 +156,8 @@ struct emx_router {
     bool reap_needed;
 
     /* Round robin state (rules 1 and 3) */
-    uint64_t rr_sig;                 /* which instances were eligible last time */
-    struct emx_instance *rr_last;    /* picked last; ties go to the one after it */
+    uint64_t rr_sig;              /* which instances were eligible last time */
+    struct emx_instance *rr_last; /* picked last; ties go to the one after it */
 };
 
 static inline uint64_t req_key(uint32_t endpoint_id, uint32_t request_id)
@@ -270,8 +287,8 @@ static void answer_edge(struct emx_router *r, struct emx_edge *e, uint8_t code, 
                         enum emx_answer_reason why)
 {
     uint8_t buf[160];
-    size_t n = emx_ao_build_response(buf, sizeof(buf), code, request_id, endpoint_id, session_id,
-                                     reason);
+    size_t n =
+        emx_ao_build_response(buf, sizeof(buf), code, request_id, endpoint_id, session_id, reason);
     r->stats.answers[why]++;
     if (n)
         send_edge(r, e, buf, n);
@@ -282,8 +299,8 @@ static void answer_pipe(struct emx_router *r, struct emx_pipe *p, uint8_t code, 
                         enum emx_answer_reason why)
 {
     uint8_t buf[160];
-    size_t n = emx_ao_build_response(buf, sizeof(buf), code, request_id, endpoint_id, session_id,
-                                     reason);
+    size_t n =
+        emx_ao_build_response(buf, sizeof(buf), code, request_id, endpoint_id, session_id, reason);
     r->stats.answers[why]++;
     if (n && p->state == EMX_PIPE_UP)
         send_pipe(r, p, buf, n);
@@ -370,8 +387,7 @@ static struct emx_pipe *route(struct emx_router *r, uint64_t now)
         emx_list_for_each_safe(it, tmp, &r->instances)
         {
             struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
-            inst->rr_eligible = inst->priority == tier &&
-                                (inst->weight == 0) == (zero_pass == 1) &&
+            inst->rr_eligible = inst->priority == tier && (inst->weight == 0) == (zero_pass == 1) &&
                                 emx_instance_is_eligible(r, inst, now);
             if (inst->rr_eligible) {
                 sig = (sig ^ inst->serial) * 1099511628211ull;
@@ -384,7 +400,8 @@ static struct emx_pipe *route(struct emx_router *r, uint64_t now)
         if (sig != r->rr_sig) {
             r->rr_sig = sig;
             emx_list_for_each_safe(it, tmp, &r->instances)
-                emx_container_of(it, struct emx_instance, link)->swrr_current = 0;
+                emx_container_of(it, struct emx_instance, link)
+                    ->swrr_current = 0;
         }
         struct emx_instance *best = NULL;
         int64_t total = 0;
@@ -468,6 +485,19 @@ static void detach_from_pipe(struct emx_router *r, struct emx_req *q)
     q->pipe = NULL;
 }
 
+static void req_release(struct emx_router *r, struct emx_req *q)
+{
+    emx_free(q->names);
+    q->names = NULL;
+    if (r->req_pooled >= REQ_POOL_MAX) {
+        emx_free(q);
+        return;
+    }
+    q->pool_next = r->req_pool;
+    r->req_pool = q;
+    r->req_pooled++;
+}
+
 static void req_free(struct emx_router *r, struct emx_req *q)
 {
     detach_from_pipe(r, q);
@@ -477,8 +507,7 @@ static void req_free(struct emx_router *r, struct emx_req *q)
     emx_list_unlink(&q->timer_link);
     if (q->edge && q->state != REQ_TOMBSTONE && q->edge->npending > 0)
         q->edge->npending--;
-    emx_free(q->names);
-    emx_free(q);
+    req_release(r, q);
 }
 
 static void arm_request_timer(struct emx_router *r, struct emx_req *q, uint64_t now)
@@ -502,9 +531,14 @@ static void tombstone(struct emx_router *r, struct emx_req *q, uint64_t now)
 
 static struct emx_req *req_new(struct emx_router *r, struct emx_edge *e, uint64_t key)
 {
-    struct emx_req *q = emx_calloc(1, sizeof(*q));
-    if (!q)
+    struct emx_req *q = r->req_pool;
+    if (q) {
+        r->req_pool = q->pool_next;
+        r->req_pooled--;
+        memset(q, 0, sizeof(*q));
+    } else if (!(q = emx_calloc(1, sizeof(*q)))) {
         return NULL;
+    }
     q->key = key;
     q->edge = e;
     emx_list_init(&q->edge_link);
@@ -579,13 +613,13 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         req_free(r, q); /* the edge moved on: forget the old message */
     }
     if (e->npending >= r->cfg.max_pending) {
-        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
-                    h->session_id, "too many pending", EMX_ANS_TOO_MANY_PENDING);
+        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
+                    "too many pending", EMX_ANS_TOO_MANY_PENDING);
         return;
     }
     if (!rate_take(r, e, now)) {
-        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
-                    h->session_id, "rate limited", EMX_ANS_RATE_LIMITED);
+        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
+                    "rate limited", EMX_ANS_RATE_LIMITED);
         return;
     }
     struct emx_ao_bind bind = {0};
@@ -636,8 +670,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
     if (send_pipe(r, p, data, len) != 0) {
         HASH_DEL(r->reqs, q);
         emx_list_unlink(&q->edge_link);
-        emx_free(q->names);
-        emx_free(q);
+        req_release(r, q);
         answer_edge(r, e, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
                     "no platform instance available", EMX_ANS_NO_INSTANCE);
         return;
@@ -992,8 +1025,8 @@ static void unbind_on_leave(struct emx_router *r, struct emx_edge *e, uint64_t n
             p = route(r, now);
         uint32_t rid = next_own_request_id(r);
         if (names && buf)
-            len = emx_ao_build_bind(buf, cap, EMX_AO_UNBIND, rid, e->id, e->session_id, names,
-                                    count);
+            len =
+                emx_ao_build_bind(buf, cap, EMX_AO_UNBIND, rid, e->id, e->session_id, names, count);
         if (p && len && send_pipe(r, p, buf, len) == 0) {
             struct emx_req *q = req_new(r, NULL, req_key(e->id, rid));
             if (q) {
@@ -1114,8 +1147,7 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
 }
 
 static void platform_request(struct emx_router *r, struct emx_pipe *p,
-                             const struct emx_ao_header *h, uint8_t *data, size_t len,
-                             uint64_t now)
+                             const struct emx_ao_header *h, uint8_t *data, size_t len, uint64_t now)
 {
     struct emx_edge *e = emx_router_edge_find(r, h->endpoint_id);
     bool first = !h->multipart || h->chunk_id == 1;
@@ -1138,8 +1170,8 @@ static void platform_request(struct emx_router *r, struct emx_pipe *p,
         return;
     }
     if (!e || e->state == EMX_EDGE_CLOSING || e->state != EMX_EDGE_AUTHED) {
-        answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
-                    h->session_id, "endpoint not connected", EMX_ANS_ENDPOINT_GONE);
+        answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
+                    "endpoint not connected", EMX_ANS_ENDPOINT_GONE);
         return;
     }
     if (h->code == EMX_AO_KEEP_ALIVE) {
@@ -1153,8 +1185,8 @@ static void platform_request(struct emx_router *r, struct emx_pipe *p,
         return;
     }
     if (e->ninbound >= r->cfg.max_pending) {
-        answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
-                    h->session_id, "too many pending", EMX_ANS_TOO_MANY_PENDING);
+        answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
+                    "too many pending", EMX_ANS_TOO_MANY_PENDING);
         return;
     }
     struct emx_inbound *in = emx_calloc(1, sizeof(*in));
@@ -1251,8 +1283,7 @@ void emx_router_pipe_opened(struct emx_router *r, struct emx_pipe *p, uint64_t n
     }
 }
 
-void emx_router_pipe_queued(struct emx_router *r, struct emx_pipe *p, uint64_t queued,
-                            uint64_t now)
+void emx_router_pipe_queued(struct emx_router *r, struct emx_pipe *p, uint64_t queued, uint64_t now)
 {
     if (emx_wm_set_queued(&p->wm, queued) && p->wm.writable && pipe_ok(r, p, now))
         flush_blocked(r, p, now);
@@ -1277,8 +1308,7 @@ static void pipe_down(struct emx_router *r, struct emx_pipe *p, uint64_t now)
         struct emx_req *q = emx_container_of(it, struct emx_req, pipe_link);
         if (q->flags & REQ_F_SYSTEM) {
             req_free(r, q);
-        } else if (q->state == REQ_SENDING ||
-                   (q->state == REQ_WAITING && q->held)) {
+        } else if (q->state == REQ_SENDING || (q->state == REQ_WAITING && q->held)) {
             /* The pin is lost midway: one 0xA0, the rest discarded. */
             answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
                         q->session_id, "platform connection lost", EMX_ANS_PIN_LOST);
@@ -1390,8 +1420,7 @@ void emx_router_edge_closed(struct emx_router *r, struct emx_edge *e, uint64_t n
     {
         if (in->pipe) {
             answer_pipe(r, in->pipe, EMX_AO_SERVICE_UNAVAILABLE, in->orig_request_id,
-                        in->endpoint_id, e->session_id, "endpoint disconnected",
-                        EMX_ANS_EDGE_LEFT);
+                        in->endpoint_id, e->session_id, "endpoint disconnected", EMX_ANS_EDGE_LEFT);
             emx_list_unlink(&in->pipe_link);
             inst_pending_dec(r, in->pipe->inst);
         }
@@ -1532,8 +1561,8 @@ static void apply_set(struct emx_router *r, const struct emx_instance_info *set,
                       uint64_t now)
 {
     struct emx_list *it, *tmp;
-    emx_list_for_each_safe(it, tmp, &r->instances)
-        emx_container_of(it, struct emx_instance, link)->seen = false;
+    emx_list_for_each_safe(it, tmp, &r->instances) emx_container_of(it, struct emx_instance, link)
+        ->seen = false;
 
     for (size_t i = 0; i < count; i++) {
         const struct emx_instance_info *info = &set[i];
@@ -1567,8 +1596,8 @@ static void apply_set(struct emx_router *r, const struct emx_instance_info *set,
         }
         if (inst) {
             if (inst->weight != info->weight || inst->priority != info->priority)
-                rlog(r, EMX_LOG_INFO, "instance %s: weight %u→%u, priority %u→%u", id,
-                     inst->weight, info->weight, inst->priority, info->priority);
+                rlog(r, EMX_LOG_INFO, "instance %s: weight %u→%u, priority %u→%u", id, inst->weight,
+                     info->weight, inst->priority, info->priority);
             inst->weight = info->weight;
             inst->priority = info->priority;
             if (info->metadata && (!inst->metadata || strcmp(inst->metadata, info->metadata))) {
@@ -1587,8 +1616,8 @@ static void apply_set(struct emx_router *r, const struct emx_instance_info *set,
             continue;
         }
         inst->seen = true;
-        rlog(r, EMX_LOG_INFO, "instance %s added (%s:%u%s, weight %u, priority %u)", id,
-             info->host, info->port, info->tls ? " tls" : "", info->weight, info->priority);
+        rlog(r, EMX_LOG_INFO, "instance %s added (%s:%u%s, weight %u, priority %u)", id, info->host,
+             info->port, info->tls ? " tls" : "", info->weight, info->priority);
         r->io.instance_added(r->io.ctx, inst);
     }
     emx_list_for_each_safe(it, tmp, &r->instances)
@@ -1683,8 +1712,8 @@ static void expire_request(struct emx_router *r, struct emx_req *q, uint64_t now
         return;
     }
     struct emx_edge *e = q->edge;
-    answer_edge(r, e, EMX_AO_GATEWAY_TIMEOUT, (uint32_t)q->key, q->orig_endpoint_id,
-                q->session_id, "request timed out", EMX_ANS_TIMEOUT);
+    answer_edge(r, e, EMX_AO_GATEWAY_TIMEOUT, (uint32_t)q->key, q->orig_endpoint_id, q->session_id,
+                "request timed out", EMX_ANS_TIMEOUT);
     if ((q->flags & REQ_F_AUTH) && e->state == EMX_EDGE_AUTHING)
         e->state = EMX_EDGE_NEW;
     if (q->state == REQ_SENDING && q->next_chunk <= q->chunk_count)
@@ -1769,9 +1798,8 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
             break;
         struct emx_edge *e = in->edge;
         if (in->pipe) {
-            answer_pipe(r, in->pipe, EMX_AO_GATEWAY_TIMEOUT, in->orig_request_id,
-                        in->endpoint_id, e->session_id, "endpoint did not answer",
-                        EMX_ANS_EDGE_TIMEOUT);
+            answer_pipe(r, in->pipe, EMX_AO_GATEWAY_TIMEOUT, in->orig_request_id, in->endpoint_id,
+                        e->session_id, "endpoint did not answer", EMX_ANS_EDGE_TIMEOUT);
             emx_list_unlink(&in->pipe_link);
             inst_pending_dec(r, in->pipe->inst);
         }
@@ -1810,8 +1838,9 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
     run_all_down(r, now);
     if (r->empty_pending && now - r->empty_since >= r->cfg.empty_confirm) {
         r->empty_pending = false;
-        rlog(r, EMX_LOG_WARN, "discovery has reported no instances for %" PRIu64
-                              " ms: draining all", now - r->empty_since);
+        rlog(r, EMX_LOG_WARN,
+             "discovery has reported no instances for %" PRIu64 " ms: draining all",
+             now - r->empty_since);
         apply_set(r, NULL, 0, now);
     }
     if (r->reap_needed) {
@@ -1832,14 +1861,13 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
     if (!emx_list_empty(&r->t_pin))
         next = min_u64(next, emx_list_first(&r->t_pin, struct emx_req, wait_link)->wait_deadline);
     if (!emx_list_empty(&r->t_inbound))
-        next = min_u64(next,
-                       emx_list_first(&r->t_inbound, struct emx_inbound, timer_link)->deadline);
+        next =
+            min_u64(next, emx_list_first(&r->t_inbound, struct emx_inbound, timer_link)->deadline);
     if (!emx_list_empty(&r->t_auth))
         next = min_u64(next, emx_list_first(&r->t_auth, struct emx_edge, auth_link)->opened_at +
                                  r->cfg.auth_timeout);
     if (!emx_list_empty(&r->t_quarantine))
-        next = min_u64(next,
-                       emx_list_first(&r->t_quarantine, struct quarantined, link)->until);
+        next = min_u64(next, emx_list_first(&r->t_quarantine, struct quarantined, link)->until);
     if (r->down && !r->down_handled)
         next = min_u64(next, r->down_since + r->cfg.all_down_grace);
     if (r->closing && r->nclosing) {
@@ -1924,14 +1952,14 @@ static void shift_timers(struct emx_router *r, const struct emx_router_config *o
     if (old->multipart_pin_wait != r->cfg.multipart_pin_wait)
         for (it = r->t_pin.next; it != &r->t_pin; it = it->next) {
             struct emx_req *q = emx_container_of(it, struct emx_req, wait_link);
-            q->wait_deadline =
-                shift_deadline(q->wait_deadline, old->multipart_pin_wait, r->cfg.multipart_pin_wait);
+            q->wait_deadline = shift_deadline(q->wait_deadline, old->multipart_pin_wait,
+                                              r->cfg.multipart_pin_wait);
         }
     if (old->edge_request_timeout != r->cfg.edge_request_timeout)
         for (it = r->t_inbound.next; it != &r->t_inbound; it = it->next) {
             struct emx_inbound *in = emx_container_of(it, struct emx_inbound, timer_link);
-            in->deadline =
-                shift_deadline(in->deadline, old->edge_request_timeout, r->cfg.edge_request_timeout);
+            in->deadline = shift_deadline(in->deadline, old->edge_request_timeout,
+                                          r->cfg.edge_request_timeout);
         }
 }
 
@@ -1944,7 +1972,7 @@ int emx_router_set_config(struct emx_router *r, const struct emx_router_config *
     if (rc)
         return rc;
     shift_timers(r, &old);
-    r->cfg.worker = worker; /* endpointIds already handed out keep their bits */
+    r->cfg.worker = worker;                  /* endpointIds already handed out keep their bits */
     if (r->cfg.max_msgs_per_sec != old_rate) /* a new limit starts with full buckets */
         for (struct emx_edge *e = r->edges; e; e = e->hh.next) {
             e->rate_tokens = (uint64_t)r->cfg.max_msgs_per_sec * 1000;
@@ -2007,6 +2035,11 @@ void emx_router_free(struct emx_router *r)
         HASH_DEL(r->reqs, q);
         free_held(q);
         emx_free(q->names);
+        emx_free(q);
+    }
+    while (r->req_pool) {
+        q = r->req_pool;
+        r->req_pool = q->pool_next;
         emx_free(q);
     }
     struct quarantined *qq, *qqtmp;
