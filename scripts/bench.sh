@@ -12,7 +12,7 @@
 #   scripts/bench.sh                      # everything
 #   PARTS="throughput" RUNS=3 scripts/bench.sh
 #
-# Knobs (environment): RUNS (5), EDGES (1000), SIZE (512), WINDOW (1),
+# Knobs (environment): RUNS (5), LAT_RUNS (5), EDGES (1000), SIZE (512), WINDOW (1),
 # WARMUP (2s), DURATION (10s), SERVER_CPU (0), LOAD_CPU (1), IDLE_EDGES (19000),
 # CG_WHO ("edgemux haproxy"), CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests), BASE_PORT (23000),
 # OUT, BUILD, SRC (the source tree to build; default this checkout — point it
@@ -24,6 +24,7 @@ SRC=${SRC:-$ROOT}
 BUILD=${BUILD:-$ROOT/build/bench}
 PARTS=${PARTS:-"throughput latency capacity callgrind syscalls memory storm"}
 RUNS=${RUNS:-5}
+LAT_RUNS=${LAT_RUNS:-5}
 EDGES=${EDGES:-1000}
 SIZE=${SIZE:-512}
 WINDOW=${WINDOW:-1}
@@ -237,19 +238,23 @@ fi
 
 if has_part latency; then
   if [ -z "${TP_C:-}" ]; then
-    TP_C=$(jq -r .throughput "$(ls "$OUT"/tp-C-*.json 2>/dev/null | head -1)" 2>/dev/null || echo 0)
+    # C's peak: the median of this run's throughput rounds
+    TP_C=$(field_median tp-C .throughput 2>/dev/null || true)
   fi
   RATE=$(awk -v t="${TP_C:-0}" 'BEGIN{printf "%d", t / 2}')
   if [ "$RATE" -gt 0 ]; then
-    log "== latency at half of C's peak: open loop $RATE requests/s, $EDGES edges, 3 x (A C)"
-    for i in 1 2 3; do
+    log "== latency at half of C's peak: open loop $RATE requests/s, $EDGES edges, $LAT_RUNS x (A C)"
+    for i in $(seq "$LAT_RUNS"); do
       for L in A C; do
         run_bench "lat-$L-$i" "$L" --edges "$EDGES" --size "$SIZE" --rate "$RATE" --warmup "$WARMUP" --duration "$DURATION"
       done
     done
     LA=$(field_median lat-A .latency_ms.p99)
     LC=$(field_median lat-C .latency_ms.p99)
-    log "p99 at $RATE/s: A $LA ms  C $LC ms  C-A $(awk -v a="$LC" -v b="$LA" 'BEGIN{printf "%.3f", a-b}') ms (medians of 3)"
+    log "p99 at $RATE/s: A $LA ms  C $LC ms  C-A $(awk -v a="$LC" -v b="$LA" 'BEGIN{printf "%.3f", a-b}') ms (medians of $LAT_RUNS)"
+    PA=$(field_median lat-A .latency_ms.p50)
+    PC=$(field_median lat-C .latency_ms.p50)
+    log "p50 at $RATE/s: A $PA ms  C $PC ms (medians of $LAT_RUNS)"
   else
     log "== latency: skipped (no throughput figure for C)"
   fi
