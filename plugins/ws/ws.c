@@ -916,6 +916,11 @@ static size_t ws_buffered(struct emx_conn *c)
 
     if (!c || c->state == CONN_GONE || !c->wsi)
         return 0;
+    /* The core asks at the end of a loop iteration: what a pipe gathered
+     * goes to the socket now, so a full gathering buffer (as large as the
+     * default high watermark) never reads as a pipe that cannot keep up. */
+    if (c->raw && c->pp->batch_len && raw_flush(c))
+        conn_kill(c, 1006, "write failed");
     n = c->qbytes + (c->pp ? c->pp->batch_len : 0);
     fd = (int)lws_get_socket_fd(c->wsi);
     if (fd >= 0 && ioctl(fd, SIOCOUTQ, &q) == 0 && q > 0)
