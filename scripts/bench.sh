@@ -12,7 +12,7 @@
 #   scripts/bench.sh                      # everything
 #   PARTS="throughput" RUNS=3 scripts/bench.sh
 #
-# Knobs (environment): RUNS (5), LAT_RUNS (5), EDGES (1000), SIZE (512), WINDOW (1),
+# Knobs (environment): RUNS (5), LAT_RUNS (5), STORM_RATE (none), EDGES (1000), SIZE (512), WINDOW (1),
 # WARMUP (2s), DURATION (10s), SERVER_CPU (0), LOAD_CPU (1), IDLE_EDGES (19000),
 # CG_WHO ("edgemux haproxy"), CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests), BASE_PORT (23000),
 # OUT, BUILD, SRC (the source tree to build; default this checkout — point it
@@ -355,11 +355,13 @@ if has_part storm; then
   log "== reconnect storm: $IDLE_EDGES edges on one edgemux dropped at once, reconnect every 1s"
   start_psim
   start_emx
+  # STORM_RATE: requests per second from the connected edges meanwhile
   taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of C)" --app-key "$KEY" --storm --duration 0 \
     --edges "$IDLE_EDGES" --connect-spread 10s --connect-timeout 120s --retry-interval 1s --quiet \
-    --json "$OUT/storm.json" >"$OUT/storm.txt" 2>&1 || true
+    ${STORM_RATE:+--rate "$STORM_RATE"} --json "$OUT/storm.json" >"$OUT/storm.txt" 2>&1 || true
   cleanup
   log "storm: all ready and bound again after $(jq .storm_recover_s "$OUT/storm.json")s (connect p99 $(jq .connect_ms.p99 "$OUT/storm.json") ms)"
+  grep -E "answers by code|AUTH/BIND|outcomes|connects" "$OUT/storm.txt" | while read -r l; do log "  $l"; done
 fi
 
 # ---- extra edgemux configurations (memory-busy, wss, scale, workers) ----
