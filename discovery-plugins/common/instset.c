@@ -116,14 +116,7 @@ bool emx_instset_equal(const struct emx_instset *a, const struct emx_instset *b)
     return true;
 }
 
-/* Appends to a bounded line; a full line ends in "...". */
-struct line {
-    char buf[1024];
-    size_t len;
-    bool full;
-};
-
-__attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const char *fmt, ...)
+void emx_logline_add(struct emx_logline *l, const char *fmt, ...)
 {
     if (l->full)
         return;
@@ -141,8 +134,8 @@ __attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const
 }
 
 /* Ids added ('a'), removed ('r') or changed ('c'), walking both sorted sets. */
-static void diff_list(struct line *l, const struct emx_instset *old, const struct emx_instset *new,
-                      int which, const char *label)
+static void diff_list(struct emx_logline *l, const struct emx_instset *old,
+                      const struct emx_instset *new, int which, const char *label)
 {
     size_t i = 0, j = 0, n = 0;
     while (i < old->count || j < new->count) {
@@ -165,7 +158,7 @@ static void diff_list(struct line *l, const struct emx_instset *old, const struc
             j++;
         }
         if (id) {
-            line_add(l, "%s%s%s", n ? ", " : "; ", n ? "" : label, id);
+            emx_logline_add(l, "%s%s%s", n ? ", " : "; ", n ? "" : label, id);
             n++;
         }
     }
@@ -175,11 +168,11 @@ void emx_instset_log_changes(const struct emx_host *h, const char *prefix, const
                              const struct emx_instset *old, const struct emx_instset *new)
 {
     static const struct emx_instset none = {NULL, 0, 0};
-    struct line l = {.len = 0, .full = false};
+    struct emx_logline l = {.len = 0, .full = false};
     if (!old)
         old = &none;
-    line_add(&l, "%s%s%zu instance%s%s", prefix ? prefix : "", prefix ? ": " : "", new->count,
-             new->count == 1 ? "" : "s", note ? note : "");
+    emx_logline_add(&l, "%s%s%zu instance%s%s", prefix ? prefix : "", prefix ? ": " : "",
+                    new->count, new->count == 1 ? "" : "s", note ? note : "");
     diff_list(&l, old, new, 'a', "added ");
     diff_list(&l, old, new, 'r', "removed ");
     diff_list(&l, old, new, 'c', "changed ");

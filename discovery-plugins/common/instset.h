@@ -51,4 +51,14 @@ void emx_instset_log_changes(const struct emx_host *h, const char *prefix, const
 /* Hands the set to the core. */
 void emx_instset_report(const struct emx_host *h, const struct emx_instset *s);
 
+/* A bounded log line built piece by piece; a full line ends in "...". */
+struct emx_logline {
+    char buf[1024];
+    size_t len;
+    bool full;
+};
+
+__attribute__((format(printf, 2, 3))) void emx_logline_add(struct emx_logline *l, const char *fmt,
+                                                           ...);
+
 #endif

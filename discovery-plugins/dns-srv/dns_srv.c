@@ -274,30 +274,6 @@ static int union_build(struct srv_disc *sd, struct emx_instset *out)
     return 0;
 }
 
-/* A bounded log line. */
-struct line {
-    char buf[1024];
-    size_t len;
-    bool full;
-};
-
-__attribute__((format(printf, 2, 3))) static void line_add(struct line *l, const char *fmt, ...)
-{
-    if (l->full)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(l->buf + l->len, sizeof(l->buf) - l->len, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof(l->buf) - l->len) {
-        l->full = true;
-        memcpy(l->buf + sizeof(l->buf) - 4, "...", 4);
-        l->len = sizeof(l->buf) - 1;
-        return;
-    }
-    l->len += (size_t)n;
-}
-
 static void report(struct srv_disc *sd, bool force)
 {
     struct emx_instset u;
@@ -476,7 +452,7 @@ static void lookup_complete(struct lookup *lk)
     struct name_state *ns = lk->ns;
     struct srv_disc *sd = lk->sd;
     struct part p = {NULL, 0};
-    struct line skipped = {.len = 0, .full = false};
+    struct emx_logline skipped = {.len = 0, .full = false};
     uint32_t ttl = lk->ans.ttl;
     bool ttl_known = lk->ans.ttl_known;
 
@@ -497,7 +473,7 @@ static void lookup_complete(struct lookup *lk)
         if (!t->name[0])
             continue; /* target ".": no service there (RFC 2782) */
         if (t->port == 0) {
-            line_add(&skipped, "%s%s (port 0)", skipped.len ? ", " : "", t->name);
+            emx_logline_add(&skipped, "%s%s (port 0)", skipped.len ? ", " : "", t->name);
             continue;
         }
         int picked = srv_pick_addr(t->addrs, t->naddrs, sd->family, addr, sizeof(addr));
@@ -507,7 +483,7 @@ static void lookup_complete(struct lookup *lk)
                 picked = srv_pick_addr(j->addrs, j->naddrs, sd->family, addr, sizeof(addr));
         }
         if (picked < 0) {
-            line_add(&skipped, "%s%s", skipped.len ? ", " : "", t->name);
+            emx_logline_add(&skipped, "%s%s", skipped.len ? ", " : "", t->name);
             continue;
         }
         struct item *it = &p.items[p.count++];
