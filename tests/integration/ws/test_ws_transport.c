@@ -205,11 +205,13 @@ static void *core_accept(void *luser, struct emx_conn *conn, const struct emx_co
 
 static uint8_t *pattern(size_t n, uint32_t seed);
 
-/* "burst" asks for BURST_COUNT messages sent from this one callback: no
- * socket takes 4 MiB at once, so they queue and on_writable must follow
- * once the client has read them (a timing-free check of that path). */
-#define BURST_COUNT 64
-#define BURST_LEN   (64u * 1024u)
+/* "burst" asks for BURST_COUNT messages sent from this one callback. 16 MiB
+ * is more than any socket holds here (tcp_wmem caps a send buffer at
+ * 4 MiB, the client's receive buffer is 64 KiB), so they queue and
+ * on_writable must follow once the client has read them: a check of that
+ * path that does not depend on timing. */
+#define BURST_COUNT 128
+#define BURST_LEN   (128u * 1024u)
 
 static void core_message(void *user, uint8_t *data, size_t len)
 {
