@@ -1085,7 +1085,7 @@ const struct emx_option emx_core_options_platform[] = {
     OPT(platform, idle_read_timeout, CX_WS "connections.idleReadTimeout", DURATION, "60s", false,
         "close a pipe that received nothing (not even a pong) this long"),
     OPT(platform, connect_timeout, CX_WS "connections.timeout-ms", DURATION, "10s", false,
-        "limit on opening and authenticating a pipe"),
+        "limit on a pipe's TCP connect, TLS and WebSocket upgrade (its AUTH: request_timeout)"),
     OPT(platform, request_timeout, CX_WS "request.default_timeout-ms", DURATION, "8s", false,
         "a platform must answer within this (else 0xA4; under the SDK's 10 s)"),
     OPT(platform, stall_after, NULL, DURATION, "2s", false,
@@ -1336,6 +1336,21 @@ static void check_range(struct binder *b, const struct emx_config *cfg, int si, 
               (long long)hi, (long long)v);
 }
 
+static void check_positive(struct binder *b, const struct emx_config *cfg, int si, const char *name,
+                           uint64_t v)
+{
+    if (v == 0)
+        check(b, cfg, si, name, "must be more than 0");
+}
+
+static void check_size(struct binder *b, const struct emx_config *cfg, int si, const char *name,
+                       uint64_t v, uint64_t lo, uint64_t hi)
+{
+    if (v < lo || v > hi)
+        check(b, cfg, si, name, "must be between %llu and %llu bytes (got %llu)",
+              (unsigned long long)lo, (unsigned long long)hi, (unsigned long long)v);
+}
+
 static void check_path(struct binder *b, const struct emx_config *cfg, int si, const char *name,
                        const char *v)
 {
@@ -1384,6 +1399,14 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
               (long long)cfg->edge.max_connections_per_source);
     check_range(b, cfg, S_EDGE, "max_msgs_per_sec", cfg->edge.max_msgs_per_sec, 0, 1000000);
     check_range(b, cfg, S_EDGE, "max_things", cfg->edge.max_things, 0, 1000000);
+    /* An AUTH with its app key must fit; more than 1 GiB per message is a
+     * memory hazard, not a setting. */
+    check_size(b, cfg, S_EDGE, "max_message_size", cfg->edge.max_message_size, 1024, 1ull << 30);
+    /* Zero here would fail every device or request at once, or (idle_timeout,
+     * handed to the transport) silently mean its default. */
+    check_positive(b, cfg, S_EDGE, "auth_timeout", cfg->edge.auth_timeout);
+    check_positive(b, cfg, S_EDGE, "idle_timeout", cfg->edge.idle_timeout);
+    check_positive(b, cfg, S_EDGE, "request_timeout", cfg->edge.request_timeout);
     for (size_t i = 0; i < cfg->edge.trusted_proxies.count; i++) {
         struct emx_cidr c;
         if (emx_cidr_parse(cfg->edge.trusted_proxies.items[i], &c) != 0)
@@ -1415,6 +1438,23 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
         check(b, cfg, S_PLATFORM, "app_key_file", "set together with app_key; keep one");
     if (cfg->platform.reconnect_min > cfg->platform.reconnect_max)
         check(b, cfg, S_PLATFORM, "reconnect_min", "must not exceed reconnect_max");
+    /* 0 would answer every request 0xA4, close every pipe, reconnect in a
+     * hot loop, or (handed to the transport) silently mean its default. */
+    check_positive(b, cfg, S_PLATFORM, "request_timeout", cfg->platform.request_timeout);
+    check_positive(b, cfg, S_PLATFORM, "connect_timeout", cfg->platform.connect_timeout);
+    check_positive(b, cfg, S_PLATFORM, "ping_interval", cfg->platform.ping_interval);
+    check_positive(b, cfg, S_PLATFORM, "idle_read_timeout", cfg->platform.idle_read_timeout);
+    check_positive(b, cfg, S_PLATFORM, "stall_after", cfg->platform.stall_after);
+    check_positive(b, cfg, S_PLATFORM, "reconnect_min", cfg->platform.reconnect_min);
+    check_positive(b, cfg, S_PLATFORM, "reconnect_max", cfg->platform.reconnect_max);
+    /* A quiet pipe is pinged before it is given up, or it dies every
+     * idle_read_timeout. */
+    if (cfg->platform.ping_interval && cfg->platform.idle_read_timeout &&
+        cfg->platform.ping_interval >= cfg->platform.idle_read_timeout)
+        check(b, cfg, S_PLATFORM, "ping_interval",
+              "must be below idle_read_timeout (%llu >= %llu ms)",
+              (unsigned long long)cfg->platform.ping_interval,
+              (unsigned long long)cfg->platform.idle_read_timeout);
     check_pair(b, cfg, S_PLATFORM, cfg->platform.tls_cert, cfg->platform.tls_key);
 }
 

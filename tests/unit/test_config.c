@@ -608,6 +608,57 @@ static void test_err_semantic(void **state)
     expect_error(NAME "edge:\n  tls_cert: /c.pem\n", "t.yaml:3: edge.tls_cert: needs tls_key too");
 }
 
+/* Values that parse but make no sense: each refused at its own line. */
+static void test_err_senseless(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *section, *key, *value, *msg;
+    } cases[] = {
+        {"edge", "request_timeout", "0", "must be more than 0"},
+        {"edge", "auth_timeout", "0", "must be more than 0"},
+        {"edge", "idle_timeout", "0", "must be more than 0"},
+        {"edge", "max_message_size", "0", "must be between 1024 and 1073741824 bytes (got 0)"},
+        {"edge", "max_message_size", "1000",
+         "must be between 1024 and 1073741824 bytes (got 1000)"},
+        {"edge", "max_message_size", "2GiB",
+         "must be between 1024 and 1073741824 bytes (got 2147483648)"},
+        {"platform", "request_timeout", "0", "must be more than 0"},
+        {"platform", "connect_timeout", "0", "must be more than 0"},
+        {"platform", "idle_read_timeout", "0", "must be more than 0"},
+        {"platform", "stall_after", "0", "must be more than 0"},
+        {"platform", "reconnect_min", "0", "must be more than 0"},
+        {"platform", "ping_interval", "60s", "must be below idle_read_timeout (60000 >= 60000 ms)"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char text[256], msg[256];
+        /* Two lines of filler put the key on line 5: the message must name it. */
+        snprintf(text, sizeof(text), NAME "# a\n# b\n%s:\n  %s: %s\n", cases[i].section,
+                 cases[i].key, cases[i].value);
+        snprintf(msg, sizeof(msg), "t.yaml:5: %s.%s: %s", cases[i].section, cases[i].key,
+                 cases[i].msg);
+        expect_error(text, msg);
+    }
+    /* Both ends of the reconnect delay: max 0 (with min 0) gives two errors. */
+    expect_error(NAME "platform:\n  reconnect_min: 0\n  reconnect_max: 0\n",
+                 "t.yaml:4: platform.reconnect_max: must be more than 0");
+    /* The CX alias is named as written. */
+    expect_error(NAME "cx-server.transport.websockets.request.default_timeout-ms: 0\n",
+                 "t.yaml:2: cx-server.transport.websockets.request.default_timeout-ms: must be "
+                 "more than 0");
+    /* The limits themselves are accepted. */
+    const char *ok = NAME "edge:\n  max_message_size: 1KiB\n  request_timeout: 1ms\n"
+                          "platform:\n  ping_interval: 59s\n  reconnect_min: 1ms\n";
+    struct emx_errors e = {0};
+    struct emx_config *cfg = NULL;
+    int rc = emx_config_load_string("t.yaml", ok, strlen(ok), &cfg, &e);
+    if (rc != 0)
+        dump(&e);
+    assert_int_equal(rc, 0);
+    emx_config_free(cfg);
+    emx_errors_free(&e);
+}
+
 static void test_err_secret_never_shown(void **state)
 {
     (void)state;
@@ -995,6 +1046,7 @@ int main(void)
         cmocka_unit_test(test_err_missing_required),
         cmocka_unit_test(test_err_alias_conflict),
         cmocka_unit_test(test_err_semantic),
+        cmocka_unit_test(test_err_senseless),
         cmocka_unit_test(test_err_secret_never_shown),
         cmocka_unit_test(test_err_yaml),
         cmocka_unit_test(test_err_files),
