@@ -216,6 +216,9 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
            "answers that matched nothing pending (late or unknown), by sender");
     sample1(b, "emx_late_answers_total", "from", "platform", st->late_platform_answers);
     sample1(b, "emx_late_answers_total", "from", "edge", st->late_edge_answers);
+    family(b, "emx_platform_answers_wrong_pipe_total", "counter",
+           "platform answers dropped because their request went out on another pipe");
+    sample(b, "emx_platform_answers_wrong_pipe_total", st->platform_answers_wrong_pipe);
     family(b, "emx_edge_answers_pipe_gone_total", "counter",
            "device answers dropped because their pipe closed");
     sample(b, "emx_edge_answers_pipe_gone_total", st->edge_answers_pipe_gone);

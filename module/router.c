@@ -1102,14 +1102,14 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
         r->stats.late_platform_answers++;
         return;
     }
+    /* An answer counts only on the pipe its request went out on: another
+     * instance (or pipe) must not answer for it, by guess or by probing. */
+    if (q->pipe != p) {
+        r->stats.platform_answers_wrong_pipe++;
+        return;
+    }
     bool final = !h->multipart || h->chunk_id == h->chunk_count;
     if (q->flags & REQ_F_SYSTEM) {
-        /* edgemux's own requests are answered on the pipe they went out on
-         * (another pipe's AUTH must not be taken for this one's) */
-        if (q->pipe != p) {
-            r->stats.late_platform_answers++;
-            return;
-        }
         if (final) {
             if (q->flags & REQ_F_LEAVE)
                 r->stats.unbind_answers++;
@@ -1137,8 +1137,7 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
             close_edge(r, e, 1008, "authentication failed");
         }
     } else if ((q->flags & (REQ_F_BIND | REQ_F_UNBIND)) && h->code == EMX_AO_SUCCESS) {
-        /* the instance the BIND went to holds it, whichever pipe answered */
-        things_apply(r, e, q, q->pipe ? q->pipe->inst->serial : p->inst->serial);
+        things_apply(r, e, q, p->inst->serial);
     }
     if (q->state == REQ_SENDING)
         tombstone(r, q, now); /* answered early: discard the chunks still coming */

@@ -193,6 +193,7 @@ struct emx_router_stats {
     uint64_t auth_ok, auth_failed, auth_timeouts;
     uint64_t edge_msgs_in, edge_bytes_in, edge_msgs_out, edge_bytes_out;
     uint64_t late_platform_answers;  /* platform answers matching nothing pending */
+    uint64_t platform_answers_wrong_pipe; /* answers on a pipe their request did not take */
     uint64_t late_edge_answers;      /* edge answers matching nothing pending */
     uint64_t edge_answers_pipe_gone; /* edge answers whose pipe closed (rule 5) */
     uint64_t chunks_discarded;       /* chunks of tombstoned multipart messages */

@@ -2790,6 +2790,31 @@ static void pipe_auth_answer_on_another_pipe_ignored(void **state)
     assert_int_equal(b->state, EMX_PIPE_UP);
 }
 
+/* ==== issue 12: hostile peers and rule interactions ==== */
+
+/* Item 5: an answer counts only on the pipe its request went out on; an
+ * answer for it from another instance, or another pipe of the same one, is
+ * counted and dropped, and the request still takes its real answer. */
+static void platform_answer_on_another_pipe_is_dropped(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid;
+    size_t m = f->nev;
+    struct emx_pipe *p = get(f, e, &rid);
+    assert_non_null(p);
+    struct emx_instance *other = p->inst == f->inst[0] ? f->inst[1] : f->inst[0];
+    struct emx_pipe *sibling = &p->inst->pipes[p->index ^ 1];
+    pipe_answer(f, &other->pipes[0], EMX_AO_SUCCESS, rid, e->id);
+    pipe_answer(f, sibling, EMX_AO_NOT_FOUND, rid, e->id);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 0);
+    assert_int_equal(emx_router_stats(f->r)->platform_answers_wrong_pipe, 2);
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 1);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, rid));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2889,6 +2914,7 @@ int main(void)
         T(reauth_keeps_edge_authenticated),
         T(reload_shorter_request_timeout_applies_at_once),
         T(pipe_auth_answer_on_another_pipe_ignored),
+        T(platform_answer_on_another_pipe_is_dropped),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
