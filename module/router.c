@@ -518,7 +518,9 @@ static void arm_request_timer(struct emx_router *r, struct emx_req *q, uint64_t 
 }
 
 /* Edgemux answered a multipart message itself: remember its requestId so
- * later chunks are discarded, until its last chunk or request_timeout. */
+ * later chunks are discarded, until its last chunk or request_timeout after
+ * the latest one (each discarded chunk re-arms it), so a slow device never
+ * gets a second answer for the same request. */
 static void tombstone(struct emx_router *r, struct emx_req *q, uint64_t now)
 {
     detach_from_pipe(r, q);
@@ -801,6 +803,8 @@ static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct em
         r->stats.chunks_discarded++;
         if (last)
             req_free(r, q);
+        else
+            arm_request_timer(r, q, now); /* lives request_timeout past the latest chunk */
         return;
     }
     if (q->state != REQ_SENDING) {

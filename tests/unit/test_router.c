@@ -2815,6 +2815,42 @@ static void platform_answer_on_another_pipe_is_dropped(void **state)
     assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, rid));
 }
 
+/* Item 2: a tombstone lives until the device's last chunk, or
+ * request_timeout after its latest chunk: a slow device sending chunks 5 s
+ * apart after its 0xA0 never gets a second answer (0x80). */
+static void tombstone_lives_request_timeout_past_latest_chunk(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 6, 300);
+    struct emx_pipe *p = forwarded_to(f, m0, e->id, rid);
+    assert_non_null(p);
+    emx_router_pipe_closed(f->r, p, f->now); /* one 0xA0, the rest discarded */
+    for (uint16_t id = 2; id <= 6; id++) {
+        tick_at(f, f->now + 5000);
+        edge_chunk(f, e, rid, id, 6, 300);
+    }
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    assert_non_null(find_edge_send(f, m0, e->id, EMX_AO_INTERNAL_ERROR, rid));
+    assert_int_equal(emx_router_stats(f->r)->chunks_discarded, 5);
+    /* and one that stays silent past request_timeout is forgotten */
+    rid = f->next_rid++;
+    m0 = f->nev;
+    edge_chunk(f, e, rid, 1, 3, 300);
+    p = forwarded_to(f, m0, e->id, rid);
+    emx_router_pipe_closed(f->r, p, f->now);
+    tick_at(f, f->now + f->cfg.request_timeout - 1);
+    edge_chunk(f, e, rid, 2, 3, 300);
+    tick_at(f, f->now + f->cfg.request_timeout - 1);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 1);
+    tick_at(f, f->now + 2);
+    edge_chunk(f, e, rid, 3, 3, 300); /* its tombstone expired: an orphan now */
+    assert_int_equal(count_edge_sends(f, m0, e->id, EMX_AO_BAD_REQUEST, rid), 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2915,6 +2951,7 @@ int main(void)
         T(reload_shorter_request_timeout_applies_at_once),
         T(pipe_auth_answer_on_another_pipe_ignored),
         T(platform_answer_on_another_pipe_is_dropped),
+        T(tombstone_lives_request_timeout_past_latest_chunk),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
