@@ -193,6 +193,25 @@ struct ws_pipe {
      * write per loop iteration (flush_pipes), however many edges sent. */
     uint8_t *batch; /* LWS_PRE headroom, then BATCH_CAP bytes */
     size_t batch_len;
+    /* Connect by name: the lookup runs in libuv's thread pool (lws 4.1.6
+     * would resolve synchronously on the loop), then lws dials the address. */
+    struct ws_resolve *res; /* lookup this connect waits on, or NULL */
+    struct emx_conn *rnext; /* next waiter of the same lookup */
+    uint64_t res_deadline;  /* uv_now() ms: the lookup gives up */
+    struct lws_vhost *vh;
+    char *path, *hosthdr; /* "host:port", for Host, SNI and the name check */
+    uint16_t port;
+    int ssl_flags;
+};
+
+/* One host name lookup. Connects to the same name share it; it outlives
+ * connections that stop waiting (a running getaddrinfo cannot be stopped). */
+struct ws_resolve {
+    uv_getaddrinfo_t req;
+    struct ws_instance *inst;
+    struct ws_resolve *next;
+    struct emx_conn *waiters; /* through pp->rnext */
+    char host[];
 };
 
 struct ws_listener {
@@ -255,6 +274,9 @@ struct ws_instance {
     struct emx_conn *reap_head, *reap_tail;
     struct ws_listener *listeners;
     struct ws_client_vhost *cvhosts;
+    struct ws_resolve *resolves; /* lookups under way */
+    char res_failed[64];         /* last name that did not resolve, and when it was logged */
+    uint64_t res_failed_logged;
     unsigned vhost_seq;
     struct lws *pmd_wsi; /* wsi whose permessage-deflate was just constructed */
     struct lws_protocols edge_protocols[2];
@@ -373,6 +395,8 @@ static void conn_free(struct emx_conn *c)
         free(c->pp->hdrs);
         free(c->pp->req);
         free(c->pp->batch);
+        free(c->pp->path);
+        free(c->pp->hosthdr);
         free(c->pp);
     }
     free(c);
@@ -412,6 +436,8 @@ static void reap_arm(struct ws_instance *inst)
         uv_idle_start(&inst->reap, reap_cb);
 }
 
+static void resolve_detach(struct emx_conn *c);
+
 /* lws is done with the wsi: detach and hand on_close to the reap idle. */
 static void conn_gone(struct emx_conn *c, uint16_t code, const char *reason)
 {
@@ -419,6 +445,8 @@ static void conn_gone(struct emx_conn *c, uint16_t code, const char *reason)
 
     if (c->state == CONN_GONE)
         return;
+    if (c->pp && c->pp->res)
+        resolve_detach(c);
     if (c->wsi)
         lws_set_wsi_user(c->wsi, NULL);
     conn_unlink(inst, c);
@@ -942,6 +970,11 @@ static int ws_pause_read(struct emx_conn *c, bool pause)
 
 static void ws_close(struct emx_conn *c, uint16_t code, const char *reason)
 {
+    if (c && c->state == CONN_CONNECTING && c->pp && c->pp->res) {
+        /* still looking its host up: no socket yet, on_close follows */
+        conn_gone(c, code ? code : 1000, reason);
+        return;
+    }
     if (!c || c->state == CONN_GONE || c->closing || !c->wsi)
         return;
     c->closing = true;
@@ -1931,6 +1964,8 @@ static void check_cb(uv_check_t *h)
 
 /* ---- raw pipes: pings and silence ----------------------------------------- */
 
+static void resolve_expire(struct ws_instance *inst, uint64_t now);
+
 static void pipe_timer_cb(uv_timer_t *t)
 {
     struct ws_instance *inst = t->data;
@@ -1938,6 +1973,7 @@ static void pipe_timer_cb(uv_timer_t *t)
     uint64_t ping = inst->cfg.ping_interval, hangup = inst->cfg.idle_read_timeout;
     struct emx_conn *c, *n;
 
+    resolve_expire(inst, now);
     for (c = inst->pipes; c; c = n) {
         n = c->pp->pnext;
         if (c->state != CONN_OPEN || c->closing || !c->wsi)
@@ -2097,7 +2133,8 @@ static int ws_start(void *instance)
         if (rc == 0)
             uv_unref((uv_handle_t *)&inst->sweep);
     }
-    if (inst->cfg.ping_interval || inst->cfg.idle_read_timeout) {
+    {
+        /* always ticking: it also ends host lookups that take too long */
         uint64_t tick = 1000;
 
         if (inst->cfg.ping_interval && inst->cfg.ping_interval < tick)
@@ -2200,6 +2237,10 @@ static void ws_stop(void *instance)
     uv_timer_stop(&inst->sweep);
     uv_timer_stop(&inst->pipe_timer);
     uv_check_stop(&inst->check);
+    /* lookups still queued end now; a running one cannot be stopped and
+     * keeps the loop until the resolver's own timeout */
+    for (struct ws_resolve *r = inst->resolves; r; r = r->next)
+        (void)uv_cancel((uv_req_t *)&r->req);
     /* first destroy at once from a timer callback, then poll every 10ms */
     uv_timer_start(&inst->teardown, teardown_cb, 0, 10);
 }
@@ -2217,6 +2258,9 @@ static void ws_destroy(void *instance)
         uv_run(inst->loop, UV_RUN_ONCE);
     while (inst->handles_open > 0)
         uv_run(inst->loop, UV_RUN_NOWAIT);
+    /* a lookup's callback uses the instance */
+    while (inst->resolves)
+        uv_run(inst->loop, UV_RUN_ONCE);
     while (inst->listeners) {
         struct ws_listener *l = inst->listeners;
 
@@ -2549,11 +2593,196 @@ static void pipe_settings_from_core(struct ws_instance *inst, const struct emx_c
         inst->pipe_tick = tick;
 }
 
+/* Hand a connect to lws by numeric address. The host name stays in ci.host:
+ * lws 4.1 sends it as Host and takes SNI and the certificate's name check
+ * from it (port cut off), never from ci.address. */
+static struct lws *pipe_dial(struct emx_conn *c, const char *addr)
+{
+    struct ws_instance *inst = c->inst;
+    struct lws_client_connect_info ci;
+
+    memset(&ci, 0, sizeof(ci));
+    ci.context = inst->ctx;
+    ci.vhost = c->pp->vh;
+    ci.address = addr;
+    ci.port = c->pp->port;
+    ci.path = c->pp->path;
+    ci.host = c->pp->hosthdr;
+    ci.origin = c->pp->hosthdr;
+    ci.userdata = c;
+    ci.local_protocol_name = "emx-pipe";
+    ci.retry_and_idle_policy = &inst->pipe_retry;
+    if (c->raw) {
+        ci.method = "RAW";
+        ci.retry_and_idle_policy = &inst->raw_retry;
+    }
+    ci.ssl_connection = c->pp->ssl_flags;
+    return lws_client_connect_via_info(&ci);
+}
+
+static void resolve_detach(struct emx_conn *c)
+{
+    struct ws_resolve *r = c->pp->res;
+    struct emx_conn **w;
+
+    for (w = &r->waiters; *w; w = &(*w)->pp->rnext)
+        if (*w == c) {
+            *w = c->pp->rnext;
+            break;
+        }
+    c->pp->res = NULL;
+    c->pp->rnext = NULL;
+}
+
+/* First IPv4 address, else first IPv6 one, as a numeric string. */
+static bool resolve_pick(const struct addrinfo *ai, char *out, size_t outlen)
+{
+    for (int fam = 0; fam < 2; fam++)
+        for (const struct addrinfo *a = ai; a; a = a->ai_next) {
+            const void *src;
+
+            if (fam == 0 && a->ai_family == AF_INET)
+                src = &((const struct sockaddr_in *)(const void *)a->ai_addr)->sin_addr;
+            else if (fam == 1 && a->ai_family == AF_INET6)
+                src = &((const struct sockaddr_in6 *)(const void *)a->ai_addr)->sin6_addr;
+            else
+                continue;
+            if (inet_ntop(a->ai_family, src, out, (socklen_t)outlen))
+                return true;
+        }
+    return false;
+}
+
+/* A failed lookup is logged once a minute per name, not on every retry. */
+static void resolve_log(struct ws_instance *inst, const char *host, const char *err)
+{
+    uint64_t now = uv_now(inst->loop);
+
+    if (!strncmp(inst->res_failed, host, sizeof(inst->res_failed) - 1) &&
+        now - inst->res_failed_logged < 60000)
+        return;
+    snprintf(inst->res_failed, sizeof(inst->res_failed), "%s", host);
+    inst->res_failed_logged = now;
+    LOG(inst, EMX_LOG_WARN, "ws: cannot resolve %s: %s", host, err);
+}
+
+static void resolve_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *ai)
+{
+    struct ws_resolve *r = req->data;
+    struct ws_instance *inst = r->inst;
+    char addr[INET6_ADDRSTRLEN], why[WS_REASON_MAX + 1];
+    struct ws_resolve **p;
+
+    for (p = &inst->resolves; *p; p = &(*p)->next)
+        if (*p == r) {
+            *p = r->next;
+            break;
+        }
+    addr[0] = '\0';
+    if (status == 0 && !resolve_pick(ai, addr, sizeof(addr)))
+        status = UV_EAI_NODATA;
+    if (status && status != UV_ECANCELED) {
+        resolve_log(inst, r->host, uv_strerror(status));
+        snprintf(why, sizeof(why), "cannot resolve %s: %s", r->host, uv_strerror(status));
+    }
+    while (r->waiters) {
+        struct emx_conn *c = r->waiters;
+        struct lws *wsi;
+
+        resolve_detach(c);
+        if (inst->state != INST_RUNNING) {
+            conn_gone(c, 1001, "shutdown");
+            continue;
+        }
+        if (status) {
+            conn_gone(c, 1006, why);
+            continue;
+        }
+        wsi = pipe_dial(c, addr);
+        if (c->state == CONN_GONE)
+            continue; /* failed inside the call; on_close is on its way */
+        if (!wsi)
+            conn_gone(c, 1006, "connect failed");
+        else
+            c->wsi = wsi;
+    }
+    if (ai)
+        uv_freeaddrinfo(ai);
+    free(r);
+}
+
+/* Look the host up in libuv's thread pool; one lookup per name at a time,
+ * so a resolver that does not answer holds at most one pool thread per
+ * name. The connect gives up after handshake_timeout (pipe_timer_cb). */
+static int resolve_start(struct emx_conn *c, const char *host)
+{
+    struct ws_instance *inst = c->inst;
+    struct ws_resolve *r;
+    uint64_t limit = inst->cfg.handshake_timeout ? inst->cfg.handshake_timeout : DEF_HANDSHAKE_MS;
+
+    for (r = inst->resolves; r; r = r->next)
+        if (!strcmp(r->host, host))
+            break;
+    if (!r) {
+        struct addrinfo hints;
+        size_t n = strlen(host) + 1;
+        int rc;
+
+        r = calloc(1, sizeof(*r) + n);
+        if (!r)
+            return -ENOMEM;
+        memcpy(r->host, host, n);
+        r->inst = inst;
+        r->req.data = r;
+        memset(&hints, 0, sizeof(hints));
+        hints.ai_family = AF_UNSPEC;
+        hints.ai_socktype = SOCK_STREAM;
+        rc = uv_getaddrinfo(inst->loop, &r->req, resolve_cb, host, NULL, &hints);
+        if (rc) {
+            free(r);
+            return rc;
+        }
+        r->next = inst->resolves;
+        inst->resolves = r;
+    }
+    c->pp->res = r;
+    c->pp->rnext = r->waiters;
+    r->waiters = c;
+    c->pp->res_deadline = uv_now(inst->loop) + limit;
+    return 0;
+}
+
+/* Connects still waiting for their lookup past their deadline. */
+static void resolve_expire(struct ws_instance *inst, uint64_t now)
+{
+    for (struct ws_resolve *r = inst->resolves; r; r = r->next) {
+        struct emx_conn *c = r->waiters, *n;
+
+        for (; c; c = n) {
+            n = c->pp->rnext;
+            if (now >= c->pp->res_deadline) {
+                char why[WS_REASON_MAX + 1];
+
+                snprintf(why, sizeof(why), "cannot resolve %s: no answer within %us", r->host,
+                         secs_of(inst->cfg.handshake_timeout));
+                conn_gone(c, 1006, why);
+            }
+        }
+    }
+}
+
+static bool is_numeric_host(const char *host)
+{
+    struct in6_addr a6;
+    struct in_addr a4;
+
+    return inet_pton(AF_INET, host, &a4) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
+}
+
 static int ws_connect(void *instance, const struct emx_connect_spec *spec,
                       const struct emx_conn_callbacks *cb, void *user, struct emx_conn **out)
 {
     struct ws_instance *inst = instance;
-    struct lws_client_connect_info ci;
     struct lws_vhost *vh;
     struct emx_conn *c;
     struct lws *wsi;
@@ -2603,28 +2832,34 @@ static int ws_connect(void *instance, const struct emx_connect_spec *spec,
         }
     }
 
-    memset(&ci, 0, sizeof(ci));
-    ci.context = inst->ctx;
-    ci.vhost = vh;
-    ci.address = spec->host;
-    ci.port = spec->port;
-    ci.path = spec->path ? spec->path : "/";
-    ci.host = hosthdr;
-    ci.origin = hosthdr;
-    ci.userdata = c;
-    ci.local_protocol_name = "emx-pipe";
-    ci.retry_and_idle_policy = &inst->pipe_retry;
-    if (c->raw) {
-        ci.method = "RAW";
-        ci.retry_and_idle_policy = &inst->raw_retry;
+    c->pp->vh = vh;
+    c->pp->port = spec->port;
+    c->pp->path = ws_strdup(spec->path ? spec->path : "/");
+    c->pp->hosthdr = ws_strdup(hosthdr);
+    if (!c->pp->path || !c->pp->hosthdr) {
+        conn_free(c);
+        return -ENOMEM;
     }
     if (spec->tls) {
-        ci.ssl_connection = LCCSCF_USE_SSL;
+        c->pp->ssl_flags = LCCSCF_USE_SSL;
         if (!spec->tls_verify)
-            ci.ssl_connection |= LCCSCF_ALLOW_SELFSIGNED | LCCSCF_SKIP_SERVER_CERT_HOSTNAME_CHECK |
-                                 LCCSCF_ALLOW_EXPIRED | LCCSCF_ALLOW_INSECURE;
+            c->pp->ssl_flags |= LCCSCF_ALLOW_SELFSIGNED | LCCSCF_SKIP_SERVER_CERT_HOSTNAME_CHECK |
+                                LCCSCF_ALLOW_EXPIRED | LCCSCF_ALLOW_INSECURE;
     }
-    wsi = lws_client_connect_via_info(&ci);
+    if (!is_numeric_host(spec->host)) {
+        /* lws 4.1.6 (no LWS_WITH_SYS_ASYNC_DNS) would block the loop on the
+         * resolver: look the name up first, dial the address after */
+        rc = resolve_start(c, spec->host);
+        if (rc) {
+            conn_free(c);
+            return rc;
+        }
+        conn_link(inst, c);
+        c->reported = true;
+        *out = c;
+        return 0;
+    }
+    wsi = pipe_dial(c, spec->host);
     if (c->state == CONN_GONE) {
         /* failed inside the call: report through on_close like any failure */
         c->reported = true;
