@@ -60,12 +60,15 @@ struct emx_req {
     uint64_t total;    /* AlwaysOn bytes received so far (multipart) */
     uint64_t deadline; /* in r->t_requests */
     uint64_t wait_deadline;
-    uint64_t sent_at; /* when its first message went to a pipe (latency) */
+    uint64_t sent_at;       /* when its first message went to a pipe (latency) */
+    uint64_t answerable_at; /* when its last chunk went out (stall clock) */
+    uint64_t recv_mark;     /* the pipe's receive count at that moment */
     struct emx_list edge_link;
     struct emx_list pipe_link;
     struct emx_list timer_link;
     struct emx_list block_link; /* in pipe->blocked while chunks are held */
     struct emx_list wait_link;  /* in r->t_pin while chunks are held */
+    struct emx_list ans_link;   /* in pipe->answerable once sent whole */
     struct held *held, **held_tail;
     uint8_t *names; /* BIND/UNBIND: the names as on the wire */
     size_t names_len;
@@ -314,10 +317,39 @@ static uint32_t next_own_request_id(struct emx_router *r)
 /* ------------------------------------------------------------------ */
 /* eligibility (rules 1-3) */
 
+/* Silence counts from the oldest answerable request sent since the last
+ * receive: a receive after a request went out is life for it (and for every
+ * older one), so only requests newer than it can show a stall. */
+static bool pipe_stalled(const struct emx_router *r, const struct emx_pipe *p, uint64_t now)
+{
+    const struct emx_req *q = p->silent_head;
+    return q && emx_stall_is_stalled(&p->stall, true, q->answerable_at, q->recv_mark, now,
+                                     r->cfg.stall_after);
+}
+
+static void pipe_received(struct emx_pipe *p)
+{
+    emx_stall_received(&p->stall);
+    p->silent_head = NULL;
+}
+
+/* A request leaves the pipe's answerable list (answered, or answered by
+ * edgemux, or its edge left): the next newer one, sent after the same last
+ * receive, takes over the stall clock. */
+static void unlink_answerable(struct emx_req *q)
+{
+    struct emx_pipe *p = q->pipe;
+    if (p && p->silent_head == q) {
+        struct emx_list *next = q->ans_link.next;
+        p->silent_head =
+            next != &p->answerable ? emx_container_of(next, struct emx_req, ans_link) : NULL;
+    }
+    emx_list_unlink(&q->ans_link);
+}
+
 static bool pipe_ok(const struct emx_router *r, const struct emx_pipe *p, uint64_t now)
 {
-    return p->state == EMX_PIPE_UP && p->wm.writable &&
-           !emx_stall_is_stalled(&p->stall, now, r->cfg.stall_after);
+    return p->state == EMX_PIPE_UP && p->wm.writable && !pipe_stalled(r, p, now);
 }
 
 bool emx_pipe_is_writable(const struct emx_router *r, const struct emx_pipe *p, uint64_t now)
@@ -480,7 +512,7 @@ static void detach_from_pipe(struct emx_router *r, struct emx_req *q)
         return;
     unblock(r, q);
     emx_list_unlink(&q->pipe_link);
-    emx_stall_request_done(&q->pipe->stall);
+    unlink_answerable(q);
     inst_pending_dec(r, q->pipe->inst);
     q->pipe = NULL;
 }
@@ -548,6 +580,7 @@ static struct emx_req *req_new(struct emx_router *r, struct emx_edge *e, uint64_
     emx_list_init(&q->timer_link);
     emx_list_init(&q->block_link);
     emx_list_init(&q->wait_link);
+    emx_list_init(&q->ans_link);
     q->held_tail = &q->held;
     HASH_ADD(hh, r->reqs, key, sizeof(q->key), q);
     if (e)
@@ -559,10 +592,23 @@ static void attach_to_pipe(struct emx_router *r, struct emx_req *q, struct emx_p
                            uint64_t now)
 {
     (void)r;
+    (void)now;
     q->pipe = p;
     emx_list_push_back(&p->reqs, &q->pipe_link);
-    emx_stall_request_sent(&p->stall, now);
     p->inst->pending++;
+}
+
+/* The platform has all of the request now and could answer it: the stall
+ * clock may count it (a multipart upload still arriving cannot stall a pipe). */
+static void mark_answerable(struct emx_req *q, uint64_t now)
+{
+    if (!q->pipe || emx_list_linked(&q->ans_link))
+        return;
+    q->answerable_at = now;
+    q->recv_mark = q->pipe->stall.received;
+    emx_list_push_back(&q->pipe->answerable, &q->ans_link);
+    if (!q->pipe->silent_head)
+        q->pipe->silent_head = q;
 }
 
 static uint64_t hash_bytes(const uint8_t *p, size_t n)
@@ -689,6 +735,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         q->entity_hash = entity_hash;
     } else {
         q->state = REQ_WAITING;
+        mark_answerable(q, now);
     }
     arm_request_timer(r, q, now);
     /* A first AUTH gates the edge; a later one (re-AUTH) leaves an
@@ -721,8 +768,10 @@ static void forward_chunk(struct emx_router *r, struct emx_req *q, const uint8_t
             tombstone(r, q, now);
             return;
         }
-        if (last)
+        if (last) {
             q->state = REQ_WAITING;
+            mark_answerable(q, now);
+        }
         arm_request_timer(r, q, now); /* the timeout starts at the last chunk */
         return;
     }
@@ -772,8 +821,11 @@ static void flush_blocked(struct emx_router *r, struct emx_pipe *p, uint64_t now
             emx_free(hd);
             arm_request_timer(r, q, now);
         }
-        if (!q->held)
+        if (!q->held) {
+            if (q->state == REQ_WAITING)
+                mark_answerable(q, now); /* its last chunk just went out */
             unblock(r, q);
+        }
         if (!pipe_ok(r, p, now))
             break;
     }
@@ -1038,6 +1090,7 @@ static void unbind_on_leave(struct emx_router *r, struct emx_edge *e, uint64_t n
                 q->state = REQ_WAITING;
                 q->code = EMX_AO_UNBIND;
                 attach_to_pipe(r, q, p, now);
+                mark_answerable(q, now);
                 arm_request_timer(r, q, now);
             }
             r->stats.unbinds_sent++;
@@ -1065,7 +1118,7 @@ static void unbind_on_leave(struct emx_router *r, struct emx_edge *e, uint64_t n
 /* platform side */
 
 static void pipe_auth_answer(struct emx_router *r, struct emx_pipe *p,
-                             const struct emx_ao_header *h, uint64_t now)
+                             const struct emx_ao_header *h)
 {
     uint64_t key = req_key(h->endpoint_id, h->request_id);
     struct emx_req *q;
@@ -1091,7 +1144,7 @@ static void pipe_auth_answer(struct emx_router *r, struct emx_pipe *p,
         emx_free_ptr(&r->closing);
         r->nclosing = r->closing_idx = 0;
     }
-    emx_stall_init(&p->stall, now);
+    emx_stall_init(&p->stall);
     rlog(r, EMX_LOG_DEBUG, "instance %s pipe %u connected", p->inst->id, p->index);
 }
 
@@ -1228,7 +1281,7 @@ void emx_router_pipe_message(struct emx_router *r, struct emx_pipe *p, uint8_t *
     p->msgs_in++;
     p->bytes_in += len;
     bool was_ok = pipe_ok(r, p, now);
-    emx_stall_received(&p->stall, now);
+    pipe_received(p);
     struct emx_ao_header h;
     size_t body_off;
     if (emx_ao_header_parse(data, len, &h, &body_off) != 0) {
@@ -1238,7 +1291,7 @@ void emx_router_pipe_message(struct emx_router *r, struct emx_pipe *p, uint8_t *
         goto out;
     }
     if (p->state == EMX_PIPE_AUTHING) {
-        pipe_auth_answer(r, p, &h, now);
+        pipe_auth_answer(r, p, &h);
         goto out;
     }
     if (p->state != EMX_PIPE_UP) {
@@ -1336,7 +1389,8 @@ static void pipe_down(struct emx_router *r, struct emx_pipe *p, uint64_t now)
         inst_pending_dec(r, p->inst);
     }
     emx_wm_init(&p->wm, r->cfg.low_watermark, r->cfg.high_watermark);
-    emx_stall_init(&p->stall, now);
+    emx_stall_init(&p->stall);
+    p->silent_head = NULL;
 }
 
 void emx_router_pipe_closed(struct emx_router *r, struct emx_pipe *p, uint64_t now)
@@ -1509,7 +1563,7 @@ static void instance_drain(struct emx_router *r, struct emx_instance *inst)
 }
 
 static struct emx_instance *instance_new(struct emx_router *r, const char *id,
-                                         const struct emx_instance_info *info, uint64_t now)
+                                         const struct emx_instance_info *info)
 {
     struct emx_instance *inst = emx_calloc(1, sizeof(*inst));
     if (!inst)
@@ -1533,10 +1587,11 @@ static struct emx_instance *instance_new(struct emx_router *r, const char *id,
         p->inst = inst;
         p->index = i;
         emx_wm_init(&p->wm, r->cfg.low_watermark, r->cfg.high_watermark);
-        emx_stall_init(&p->stall, now);
+        emx_stall_init(&p->stall);
         emx_list_init(&p->reqs);
         emx_list_init(&p->inbound);
         emx_list_init(&p->blocked);
+        emx_list_init(&p->answerable);
     }
     emx_list_push_back(&r->instances, &inst->link);
     return inst;
@@ -1560,8 +1615,7 @@ static bool same_address(const struct emx_instance *inst, const struct emx_insta
            strcmp(inst->host, info->host) == 0;
 }
 
-static void apply_set(struct emx_router *r, const struct emx_instance_info *set, size_t count,
-                      uint64_t now)
+static void apply_set(struct emx_router *r, const struct emx_instance_info *set, size_t count)
 {
     struct emx_list *it, *tmp;
     emx_list_for_each_safe(it, tmp, &r->instances) emx_container_of(it, struct emx_instance, link)
@@ -1613,7 +1667,7 @@ static void apply_set(struct emx_router *r, const struct emx_instance_info *set,
             inst->seen = true;
             continue;
         }
-        inst = instance_new(r, id, info, now);
+        inst = instance_new(r, id, info);
         if (!inst) {
             rlog(r, EMX_LOG_ERROR, "discovery: out of memory adding instance %s", id);
             continue;
@@ -1659,7 +1713,7 @@ void emx_router_discovery_update(struct emx_router *r, const struct emx_instance
         if (r->empty_pending)
             rlog(r, EMX_LOG_INFO, "discovery reports instances again; empty answer dropped");
         r->empty_pending = false;
-        apply_set(r, set, count, now);
+        apply_set(r, set, count);
     }
     emx_router_tick(r, now);
 }
@@ -1844,7 +1898,7 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
         rlog(r, EMX_LOG_WARN,
              "discovery has reported no instances for %" PRIu64 " ms: draining all",
              now - r->empty_since);
-        apply_set(r, NULL, 0, now);
+        apply_set(r, NULL, 0);
     }
     if (r->reap_needed) {
         r->reap_needed = false;

@@ -56,6 +56,8 @@ struct emx_pipe {
     struct emx_list reqs;       /* outbound requests sent on this pipe (emx_req.pipe_link) */
     struct emx_list inbound;    /* platform requests taken from this pipe (emx_inbound.pipe_link) */
     struct emx_list blocked;    /* multipart pins waiting for this pipe (emx_req.block_link) */
+    struct emx_list answerable; /* requests sent whole, oldest first (emx_req.ans_link) */
+    struct emx_req *silent_head; /* oldest of them sent since the last receive (stall clock) */
     uint64_t msgs_out, msgs_in, bytes_out, bytes_in;
 };
 

@@ -31,31 +31,22 @@ bool emx_wm_set_marks(struct emx_watermark *wm, uint64_t low, uint64_t high)
     return reevaluate(wm);
 }
 
-void emx_stall_init(struct emx_stall *s, uint64_t now)
+void emx_stall_init(struct emx_stall *s)
 {
-    s->since = now;
-    s->pending = 0;
+    s->received = 0;
 }
 
-void emx_stall_request_sent(struct emx_stall *s, uint64_t now)
+void emx_stall_received(struct emx_stall *s)
 {
-    /* An idle pipe is not stalled: its clock starts with the first request. */
-    if (s->pending++ == 0)
-        s->since = now;
+    s->received++;
 }
 
-void emx_stall_request_done(struct emx_stall *s)
+bool emx_stall_is_stalled(const struct emx_stall *s, bool answerable, uint64_t oldest,
+                          uint64_t mark, uint64_t now, uint64_t after)
 {
-    if (s->pending > 0)
-        s->pending--;
-}
-
-void emx_stall_received(struct emx_stall *s, uint64_t now)
-{
-    s->since = now;
-}
-
-bool emx_stall_is_stalled(const struct emx_stall *s, uint64_t now, uint64_t after)
-{
-    return after > 0 && s->pending > 0 && now >= s->since && now - s->since >= after;
+    if (after == 0 || !answerable || now < oldest || now - oldest < after)
+        return false;
+    /* Anything received since the oldest answerable request went out shows
+     * the platform reads and answers: a slow answer is not a stall. */
+    return s->received == mark;
 }

@@ -2851,6 +2851,79 @@ static void tombstone_lives_request_timeout_past_latest_chunk(void **state)
     assert_int_equal(count_edge_sends(f, m0, e->id, EMX_AO_BAD_REQUEST, rid), 1);
 }
 
+/* Item 1: a device uploading slowly cannot make its pipe look stalled: a
+ * multipart request is not answerable until its last chunk went out. One
+ * pipe only, chunks 1.5 s apart for 15 s, and a GET in the middle. */
+static void stall_slow_multipart_upload_is_not_a_stall(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    uint32_t rid = f->next_rid++;
+    size_t m0 = f->nev;
+    for (uint16_t id = 1; id <= 10; id++) {
+        edge_chunk(f, e, rid, id, 10, 500);
+        if (id == 5) {
+            uint32_t g;
+            size_t m = f->nev;
+            assert_ptr_equal(get(f, e, &g), p);
+            pipe_answer(f, p, EMX_AO_SUCCESS, g, e->id);
+            assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, g));
+        }
+        if (id < 10)
+            tick_at(f, f->now + 1500);
+    }
+    assert_int_equal(count_pipe_sends(f, m0, EMX_AO_POST, rid, e->id), 10);
+    assert_int_equal(count_edge_sends(f, m0, e->id, ANY, rid), 0);
+    /* Complete now: the platform could answer, so silence counts from here. */
+    assert_true(emx_pipe_is_writable(f->r, p, f->now));
+    tick_at(f, f->now + f->cfg.stall_after - 1);
+    assert_true(emx_pipe_is_writable(f->r, p, f->now));
+    tick_at(f, f->now + 1);
+    assert_false(emx_pipe_is_writable(f->r, p, f->now));
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    assert_true(emx_pipe_is_writable(f->r, p, f->now));
+}
+
+/* Item 1: a platform that thinks 3 s on one request (request_timeout 8 s)
+ * while it answers others does not stall its pipe; one that answers
+ * nothing at all for stall_after after a request it could answer does. */
+static void stall_counts_silence_since_the_oldest_answerable_request(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.pipes_per_instance = 1;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    uint32_t slow, quick, next;
+    assert_ptr_equal(get(f, e, &slow), p); /* the platform thinks 3 s on this one */
+    tick_at(f, f->now + 1000);
+    assert_ptr_equal(get(f, e, &quick), p);
+    tick_at(f, f->now + 500);
+    pipe_answer(f, p, EMX_AO_SUCCESS, quick, e->id); /* life, after `slow` went out */
+    tick_at(f, f->now + 1000);                      /* `slow` is 2.5 s old */
+    size_t m = f->nev;
+    assert_ptr_equal(get(f, e, &next), p);
+    assert_null(find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, next));
+    tick_at(f, f->now + 500);
+    pipe_answer(f, p, EMX_AO_SUCCESS, slow, e->id);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, slow));
+    /* That answer came after `next` went out: life for it too. A request
+     * sent now that meets only silence stalls the pipe 2 s later. */
+    uint32_t last;
+    tick_at(f, f->now + 100);
+    assert_ptr_equal(get(f, e, &last), p);
+    tick_at(f, f->now + 1999);
+    assert_true(emx_pipe_is_writable(f->r, p, f->now));
+    tick_at(f, f->now + 1);
+    assert_false(emx_pipe_is_writable(f->r, p, f->now));
+    m = f->nev;
+    assert_null(get(f, e, NULL));
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, f->next_rid - 1));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2952,6 +3025,8 @@ int main(void)
         T(pipe_auth_answer_on_another_pipe_ignored),
         T(platform_answer_on_another_pipe_is_dropped),
         T(tombstone_lives_request_timeout_past_latest_chunk),
+        T(stall_slow_multipart_upload_is_not_a_stall),
+        T(stall_counts_silence_since_the_oldest_answerable_request),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

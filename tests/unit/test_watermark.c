@@ -99,81 +99,60 @@ static void wm_moving_marks_up_reevaluates(void **state)
     assert_int_equal(wm.high, 600);
 }
 
-static void stall_idle_pipe_never_stalls(void **state)
+static void stall_nothing_answerable_never_stalls(void **state)
 {
     (void)state;
     struct emx_stall s;
-    emx_stall_init(&s, 1000);
-    emx_stall_received(&s, 2000);
-    assert_false(emx_stall_is_stalled(&s, 2000, 500));
-    assert_false(emx_stall_is_stalled(&s, 100000, 500));
-    assert_false(emx_stall_is_stalled(&s, UINT64_MAX / 2, 1));
+    emx_stall_init(&s);
+    assert_false(emx_stall_is_stalled(&s, false, 0, 0, 2000, 500));
+    assert_false(emx_stall_is_stalled(&s, false, 0, 0, 100000, 500));
+    assert_false(emx_stall_is_stalled(&s, false, 0, 0, UINT64_MAX / 2, 1));
 }
 
-static void stall_pending_and_silent_stalls(void **state)
+static void stall_answerable_and_silent_stalls(void **state)
 {
     (void)state;
     struct emx_stall s;
-    emx_stall_init(&s, 0);
-    emx_stall_request_sent(&s, 1000);
-    assert_false(emx_stall_is_stalled(&s, 1000, 2000));
-    assert_false(emx_stall_is_stalled(&s, 2999, 2000));
-    assert_true(emx_stall_is_stalled(&s, 3000, 2000));
-    assert_true(emx_stall_is_stalled(&s, 9000, 2000));
+    emx_stall_init(&s);
+    emx_stall_received(&s); /* before the request: no sign of life for it */
+    uint64_t mark = s.received;
+    assert_false(emx_stall_is_stalled(&s, true, 1000, mark, 1000, 2000));
+    assert_false(emx_stall_is_stalled(&s, true, 1000, mark, 2999, 2000));
+    assert_true(emx_stall_is_stalled(&s, true, 1000, mark, 3000, 2000));
+    assert_true(emx_stall_is_stalled(&s, true, 1000, mark, 9000, 2000));
 }
 
-static void stall_receive_clears(void **state)
+static void stall_receive_after_oldest_clears(void **state)
 {
     (void)state;
     struct emx_stall s;
-    emx_stall_init(&s, 0);
-    emx_stall_request_sent(&s, 0);
-    assert_true(emx_stall_is_stalled(&s, 5000, 2000));
-    emx_stall_received(&s, 5000);
-    assert_false(emx_stall_is_stalled(&s, 5000, 2000));
-    assert_false(emx_stall_is_stalled(&s, 6999, 2000));
-    /* Still pending: silence again stalls it again. */
-    assert_true(emx_stall_is_stalled(&s, 7000, 2000));
-}
-
-static void stall_answered_requests_unstall(void **state)
-{
-    (void)state;
-    struct emx_stall s;
-    emx_stall_init(&s, 0);
-    emx_stall_request_sent(&s, 0);
-    emx_stall_request_sent(&s, 10);
-    emx_stall_request_done(&s);
-    assert_true(emx_stall_is_stalled(&s, 5000, 2000));
-    emx_stall_request_done(&s);
-    assert_false(emx_stall_is_stalled(&s, 5000, 2000));
-    /* More done than sent does not underflow into "pending". */
-    emx_stall_request_done(&s);
-    assert_false(emx_stall_is_stalled(&s, 50000, 2000));
+    emx_stall_init(&s);
+    uint64_t mark = s.received;
+    assert_true(emx_stall_is_stalled(&s, true, 1000, mark, 5000, 2000));
+    emx_stall_received(&s);
+    assert_false(emx_stall_is_stalled(&s, true, 1000, mark, 5000, 2000));
+    assert_false(emx_stall_is_stalled(&s, true, 1000, mark, 60000, 2000));
+    /* a newer oldest request (the old one answered) starts a new clock */
+    mark = s.received;
+    assert_false(emx_stall_is_stalled(&s, true, 6000, mark, 7999, 2000));
+    assert_true(emx_stall_is_stalled(&s, true, 6000, mark, 8000, 2000));
 }
 
 static void stall_after_zero_never_stalls(void **state)
 {
     (void)state;
     struct emx_stall s;
-    emx_stall_init(&s, 0);
-    emx_stall_request_sent(&s, 0);
-    assert_false(emx_stall_is_stalled(&s, 0, 0));
-    assert_false(emx_stall_is_stalled(&s, 1000000, 0));
+    emx_stall_init(&s);
+    assert_false(emx_stall_is_stalled(&s, true, 0, 0, 0, 0));
+    assert_false(emx_stall_is_stalled(&s, true, 0, 0, 1000000, 0));
 }
 
-static void stall_clock_starts_at_first_pending_request(void **state)
+static void stall_time_before_oldest_is_not_stalled(void **state)
 {
     (void)state;
     struct emx_stall s;
-    emx_stall_init(&s, 0);
-    emx_stall_received(&s, 1000); /* last receive long ago */
-    emx_stall_request_sent(&s, 50000);
-    assert_false(emx_stall_is_stalled(&s, 50000, 2000));
-    assert_false(emx_stall_is_stalled(&s, 51999, 2000));
-    /* A second request does not restart the clock. */
-    emx_stall_request_sent(&s, 51000);
-    assert_true(emx_stall_is_stalled(&s, 52000, 2000));
+    emx_stall_init(&s);
+    assert_false(emx_stall_is_stalled(&s, true, 50000, 0, 1000, 2000));
 }
 
 int main(void)
@@ -185,12 +164,11 @@ int main(void)
         cmocka_unit_test(wm_draining_without_crossing_fires_nothing),
         cmocka_unit_test(wm_moving_marks_down_reevaluates),
         cmocka_unit_test(wm_moving_marks_up_reevaluates),
-        cmocka_unit_test(stall_idle_pipe_never_stalls),
-        cmocka_unit_test(stall_pending_and_silent_stalls),
-        cmocka_unit_test(stall_receive_clears),
-        cmocka_unit_test(stall_answered_requests_unstall),
+        cmocka_unit_test(stall_nothing_answerable_never_stalls),
+        cmocka_unit_test(stall_answerable_and_silent_stalls),
+        cmocka_unit_test(stall_receive_after_oldest_clears),
         cmocka_unit_test(stall_after_zero_never_stalls),
-        cmocka_unit_test(stall_clock_starts_at_first_pending_request),
+        cmocka_unit_test(stall_time_before_oldest_is_not_stalled),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
