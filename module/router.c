@@ -32,6 +32,7 @@ enum req_flags {
     REQ_F_UNBIND = 1u << 2,
     REQ_F_PIPE_AUTH = 1u << 3, /* edgemux's own AUTH on a pipe */
     REQ_F_LEAVE = 1u << 4,     /* edgemux's UNBIND for an edge that left */
+    REQ_F_ANSWERING = 1u << 5, /* part of the platform's answer reached the edge */
 };
 #define REQ_F_SYSTEM (REQ_F_PIPE_AUTH | REQ_F_LEAVE)
 
@@ -562,6 +563,8 @@ static void tombstone(struct emx_router *r, struct emx_req *q, uint64_t now)
     emx_free_ptr(&q->names);
     arm_request_timer(r, q, now);
 }
+
+static void abandon_answer(struct emx_router *r, struct emx_req *q, uint64_t now);
 
 static struct emx_req *req_new(struct emx_router *r, struct emx_edge *e, uint64_t key)
 {
@@ -1177,8 +1180,13 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
     struct emx_edge *e = q->edge;
     emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, q->orig_endpoint_id);
     send_edge(r, e, data, len);
-    if (!final)
+    if (!final) {
+        /* The answer is alive while its chunks keep coming, and from now on
+         * edgemux never answers this request itself (see abandon_answer). */
+        q->flags |= REQ_F_ANSWERING;
+        arm_request_timer(r, q, now);
         return;
+    }
     observe_latency(r, now >= q->sent_at ? now - q->sent_at : 0);
     if (q->flags & REQ_F_AUTH) {
         if (h->code == EMX_AO_SUCCESS) {
@@ -1364,6 +1372,8 @@ static void pipe_down(struct emx_router *r, struct emx_pipe *p, uint64_t now)
         struct emx_req *q = emx_container_of(it, struct emx_req, pipe_link);
         if (q->flags & REQ_F_SYSTEM) {
             req_free(r, q);
+        } else if (q->flags & REQ_F_ANSWERING) {
+            abandon_answer(r, q, now);
         } else if (q->state == REQ_SENDING || (q->state == REQ_WAITING && q->held)) {
             /* The pin is lost midway: one 0xA0, the rest discarded. */
             answer_edge(r, q->edge, EMX_AO_INTERNAL_ERROR, (uint32_t)q->key, q->orig_endpoint_id,
@@ -1753,6 +1763,24 @@ int emx_router_instance_maintenance(struct emx_router *r, const char *id, bool o
 /* ------------------------------------------------------------------ */
 /* timers */
 
+/* Part of the platform's answer reached the edge and the rest will not
+ * come (timeout, pipe lost): another answer after part of one would be two
+ * answers, so the edge gets nothing more; its SDK times the request out
+ * and drops the partial answer. Counted. */
+static void abandon_answer(struct emx_router *r, struct emx_req *q, uint64_t now)
+{
+    r->stats.answers_abandoned++;
+    if (q->edge)
+        rlog(r, EMX_LOG_INFO,
+             "edge %08" PRIx32 ": platform answer to request %" PRIu32
+             " stopped after part of it was delivered; nothing more sent",
+             q->edge->id, (uint32_t)q->key);
+    if (q->state == REQ_SENDING)
+        tombstone(r, q, now);
+    else
+        req_free(r, q);
+}
+
 static void expire_request(struct emx_router *r, struct emx_req *q, uint64_t now)
 {
     if (q->flags & REQ_F_PIPE_AUTH) {
@@ -1766,6 +1794,10 @@ static void expire_request(struct emx_router *r, struct emx_req *q, uint64_t now
     }
     if ((q->flags & REQ_F_LEAVE) || q->state == REQ_TOMBSTONE || !q->edge) {
         req_free(r, q);
+        return;
+    }
+    if (q->flags & REQ_F_ANSWERING) {
+        abandon_answer(r, q, now);
         return;
     }
     struct emx_edge *e = q->edge;

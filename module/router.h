@@ -199,6 +199,7 @@ struct emx_router_stats {
     uint64_t late_edge_answers;      /* edge answers matching nothing pending */
     uint64_t edge_answers_pipe_gone; /* edge answers whose pipe closed (rule 5) */
     uint64_t chunks_discarded;       /* chunks of tombstoned multipart messages */
+    uint64_t answers_abandoned;      /* platform answers cut off after part reached the edge */
     uint64_t unbinds_sent, unbind_answers;
     uint64_t pipe_garbage;           /* unparseable messages from platforms */
     uint64_t pipe_auth_failures;

@@ -2924,6 +2924,69 @@ static void stall_counts_silence_since_the_oldest_answerable_request(void **stat
     assert_non_null(find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, f->next_rid - 1));
 }
 
+/* One chunk of a platform answer (header, multipart header, payload). */
+static void pipe_answer_chunk(struct fx *f, struct emx_pipe *p, uint32_t rid, uint32_t eid,
+                              uint16_t id, uint16_t count)
+{
+    uint8_t buf[128];
+    struct emx_ao_header h = {.version = EMX_AO_VERSION,
+                              .code = EMX_AO_SUCCESS,
+                              .request_id = rid,
+                              .endpoint_id = eid,
+                              .session_id = SESSION,
+                              .multipart = true,
+                              .chunk_id = id,
+                              .chunk_count = count,
+                              .chunk_size = 64};
+    size_t n = emx_ao_header_write(buf, sizeof(buf), &h);
+    assert_int_equal(n, EMX_AO_HEADER_SIZE + EMX_AO_MULTIPART_SIZE);
+    memset(buf + n, 'x', 64);
+    pipe_msg(f, p, buf, n + 64);
+}
+
+/* Item 3: each chunk of a platform answer re-arms the request's timer, so a
+ * slow answer is delivered whole; once part of an answer reached the device,
+ * edgemux never answers that request itself: not on timeout (0xA4), not on
+ * pipe loss (0xA3). */
+static void platform_multipart_answer_keeps_request_alive_and_is_never_followed(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    uint32_t rid;
+    size_t m = f->nev;
+    struct emx_pipe *p = get(f, e, &rid);
+    assert_non_null(p);
+    tick_at(f, f->now + 1000);
+    pipe_answer_chunk(f, p, rid, e->id, 1, 3);
+    tick_at(f, f->now + f->cfg.request_timeout - 1); /* 9 s after the request */
+    pipe_answer_chunk(f, p, rid, e->id, 2, 3);
+    tick_at(f, f->now + f->cfg.request_timeout - 1);
+    pipe_answer_chunk(f, p, rid, e->id, 3, 3);
+    tick_at(f, f->now + 3 * f->cfg.request_timeout);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 3);
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_GATEWAY_TIMEOUT, rid), 0);
+
+    /* An answer that stops after its first chunk: nothing more, counted. */
+    m = f->nev;
+    p = get(f, e, &rid);
+    pipe_answer_chunk(f, p, rid, e->id, 1, 2);
+    tick_at(f, f->now + f->cfg.request_timeout);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 1);
+    assert_int_equal(emx_router_stats(f->r)->answers_abandoned, 1);
+    pipe_answer_chunk(f, p, rid, e->id, 2, 2); /* too late: dropped */
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 1);
+
+    /* One whose pipe closes midway: no 0xA3 after the part delivered. */
+    m = f->nev;
+    p = get(f, e, &rid);
+    pipe_answer_chunk(f, p, rid, e->id, 1, 2);
+    emx_router_pipe_closed(f->r, p, f->now);
+    tick_at(f, f->now + 2 * f->cfg.request_timeout);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, rid), 1);
+    assert_int_equal(emx_router_stats(f->r)->answers_abandoned, 2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -3027,6 +3090,7 @@ int main(void)
         T(tombstone_lives_request_timeout_past_latest_chunk),
         T(stall_slow_multipart_upload_is_not_a_stall),
         T(stall_counts_silence_since_the_oldest_answerable_request),
+        T(platform_multipart_answer_keeps_request_alive_and_is_never_followed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
