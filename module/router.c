@@ -1049,61 +1049,82 @@ static struct emx_pipe *any_up_pipe(const struct emx_router *r, struct emx_insta
     return p;
 }
 
-/* The edge left: one UNBIND per instance that took its BINDs, to that
- * instance if still connected, else to the next connected one. */
+/* Send one UNBIND of `count` names for an edge that left, to `p`. */
+static void send_leave_unbind(struct emx_router *r, struct emx_edge *e, struct emx_pipe *p,
+                              const struct emx_ao_str *names, size_t count, size_t bytes,
+                              uint64_t now)
+{
+    uint32_t rid = next_own_request_id(r);
+    size_t cap = EMX_AO_HEADER_SIZE + 3 + bytes;
+    uint8_t *buf = emx_malloc(cap);
+    size_t len =
+        buf ? emx_ao_build_bind(buf, cap, EMX_AO_UNBIND, rid, e->id, e->session_id, names, count)
+            : 0;
+    if (len && send_pipe(r, p, buf, len) == 0) {
+        struct emx_req *q = req_new(r, NULL, req_key(e->id, rid));
+        if (q) {
+            q->flags = REQ_F_LEAVE;
+            q->state = REQ_WAITING;
+            q->code = EMX_AO_UNBIND;
+            attach_to_pipe(r, q, p, now);
+            mark_answerable(q, now);
+            arm_request_timer(r, q, now);
+        }
+        r->stats.unbinds_sent++;
+    } else {
+        rlog(r, EMX_LOG_WARN, "edge %08" PRIx32 ": could not send an UNBIND of %zu Thing(s)", e->id,
+             count);
+    }
+    emx_free(buf);
+}
+
+/* The edge left: UNBIND its Things on the instance that took their BINDs,
+ * if still connected, else on the next connected one. The count field is
+ * 16 bits and one message must stay within max_message_size, so a large set
+ * goes out as several UNBINDs. */
 static void unbind_on_leave(struct emx_router *r, struct emx_edge *e, uint64_t now)
 {
+    size_t max_bytes = r->cfg.max_message_size > 1024 ? r->cfg.max_message_size - 64 : 1024;
     while (e->things) {
         uint64_t serial = e->things->inst_serial;
-        size_t count = 0, bytes = 0;
+        size_t total = 0;
         struct emx_thing *t, *tmp;
         HASH_ITER(hh, e->things, t, tmp)
-        {
-            if (t->inst_serial == serial && count < UINT16_MAX) {
-                count++;
-                bytes += emx_ao_str_size(strlen(t->name));
-            }
-        }
-        struct emx_ao_str *names = emx_calloc(count, sizeof(*names));
-        size_t cap = EMX_AO_HEADER_SIZE + 3 + bytes;
-        uint8_t *buf = emx_malloc(cap);
-        size_t n = 0, len = 0;
-        HASH_ITER(hh, e->things, t, tmp)
-        {
-            if (t->inst_serial == serial && n < count && names) {
-                names[n].ptr = (const uint8_t *)t->name;
-                names[n].len = (uint32_t)strlen(t->name);
-                n++;
-            }
-        }
+        total += t->inst_serial == serial;
         struct emx_instance *inst = instance_by_serial(r, serial);
         struct emx_pipe *p = NULL;
         if (inst && inst->state == EMX_INSTANCE_ACTIVE && inst->up_pipes > 0)
             p = any_up_pipe(r, inst, now);
         if (!p)
             p = route(r, now);
-        uint32_t rid = next_own_request_id(r);
-        if (names && buf)
-            len =
-                emx_ao_build_bind(buf, cap, EMX_AO_UNBIND, rid, e->id, e->session_id, names, count);
-        if (p && len && send_pipe(r, p, buf, len) == 0) {
-            struct emx_req *q = req_new(r, NULL, req_key(e->id, rid));
-            if (q) {
-                q->flags = REQ_F_LEAVE;
-                q->state = REQ_WAITING;
-                q->code = EMX_AO_UNBIND;
-                attach_to_pipe(r, q, p, now);
-                mark_answerable(q, now);
-                arm_request_timer(r, q, now);
-            }
-            r->stats.unbinds_sent++;
-        } else {
+        size_t batch_cap = total < UINT16_MAX ? total : UINT16_MAX;
+        struct emx_ao_str *names = p ? emx_calloc(batch_cap, sizeof(*names)) : NULL;
+        if (!p)
             rlog(r, EMX_LOG_INFO,
                  "edge %08" PRIx32 ": no connected instance to UNBIND %zu Thing(s) on leave", e->id,
-                 count);
+                 total);
+        else if (!names)
+            rlog(r, EMX_LOG_WARN, "edge %08" PRIx32 ": out of memory UNBINDing %zu Thing(s)", e->id,
+                 total);
+        size_t n = 0, bytes = 0;
+        HASH_ITER(hh, e->things, t, tmp)
+        {
+            if (t->inst_serial != serial || !names)
+                continue;
+            size_t len = strlen(t->name);
+            size_t sz = emx_ao_str_size(len);
+            if (n > 0 && (n == batch_cap || bytes + sz > max_bytes)) {
+                send_leave_unbind(r, e, p, names, n, bytes, now);
+                n = bytes = 0;
+            }
+            names[n].ptr = (const uint8_t *)t->name;
+            names[n].len = (uint32_t)len;
+            n++;
+            bytes += sz;
         }
+        if (n > 0)
+            send_leave_unbind(r, e, p, names, n, bytes, now);
         emx_free(names);
-        emx_free(buf);
         /* Forget this group whatever happened: the platform cleans up the
          * rest with the (server, boot, endpointId) it keyed them on. */
         HASH_ITER(hh, e->things, t, tmp)

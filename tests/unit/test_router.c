@@ -2987,6 +2987,73 @@ static void platform_multipart_answer_keeps_request_alive_and_is_never_followed(
     assert_int_equal(emx_router_stats(f->r)->answers_abandoned, 2);
 }
 
+/* A BIND of `count` names "<prefix><n>" for n in [first, first + count),
+ * answered SUCCESS by the pipe that took it. */
+static void bind_many(struct fx *f, struct emx_edge *e, char prefix, uint32_t first, size_t count)
+{
+    struct emx_ao_str *s = calloc(count, sizeof(*s));
+    char(*names)[12] = calloc(count, sizeof(*names));
+    size_t cap = 64 + count * 12;
+    uint8_t *buf = malloc(cap);
+    assert_true(s && names && buf);
+    for (size_t i = 0; i < count; i++) {
+        int n = snprintf(names[i], sizeof(names[i]), "%c%07u", prefix, (unsigned)(first + i));
+        s[i] = (struct emx_ao_str){(const uint8_t *)names[i], (uint32_t)n};
+    }
+    uint32_t rid = f->next_rid++;
+    size_t len = emx_ao_build_bind(buf, cap, EMX_AO_BIND, rid, 0, SESSION, s, count);
+    assert_true(len > 0);
+    size_t m = f->nev;
+    edge_msg(f, e, buf, len);
+    struct emx_pipe *p = forwarded_to(f, m, e->id, rid);
+    assert_non_null(p);
+    pipe_answer(f, p, EMX_AO_SUCCESS, rid, e->id);
+    free(buf);
+    free(names);
+    free(s);
+}
+
+/* Item 6: an edge with more Things than one UNBIND's 16-bit count leaves:
+ * as many UNBINDs as needed name every one of them, each once. */
+static void edge_close_unbinds_more_than_65535_things(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_things = 0; /* unlimited for this test */
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    bind_many(f, e, 'T', 0, 65535);
+    bind_many(f, e, 'T', 65535, 10000);
+    assert_int_equal(e->nthings, 75535);
+    uint32_t eid = e->id;
+    size_t m = f->nev;
+    emx_router_edge_closed(f->r, e, f->now);
+    uint8_t *seen = calloc(75535, 1);
+    assert_non_null(seen);
+    size_t msgs = 0, names = 0;
+    for (size_t i = m; i < f->nev; i++) {
+        const struct ev *v = &f->ev[i];
+        if (v->kind != EV_PIPE_SEND || !hmatch(v, EMX_AO_UNBIND, ANY, eid))
+            continue;
+        msgs++;
+        struct emx_ao_bind b;
+        assert_int_equal(emx_ao_bind_parse(v->buf + v->body_off, v->len - v->body_off, &b), 0);
+        size_t cursor = 0;
+        struct emx_ao_str n;
+        while (emx_ao_bind_next_name(&b, &cursor, &n) == EMX_AO_OK) {
+            unsigned k;
+            assert_int_equal(sscanf((const char *)n.ptr + 1, "%7u", &k), 1);
+            assert_true(k < 75535);
+            assert_int_equal(seen[k], 0);
+            seen[k] = 1;
+            names++;
+        }
+    }
+    free(seen);
+    assert_int_equal(names, 75535);
+    assert_int_equal(msgs, 2);
+    assert_int_equal(emx_router_stats(f->r)->unbinds_sent, 2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -3091,6 +3158,7 @@ int main(void)
         T(stall_slow_multipart_upload_is_not_a_stall),
         T(stall_counts_silence_since_the_oldest_answerable_request),
         T(platform_multipart_answer_keeps_request_alive_and_is_never_followed),
+        T(edge_close_unbinds_more_than_65535_things),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
