@@ -538,8 +538,12 @@ static void req_free(struct emx_router *r, struct emx_req *q)
     HASH_DEL(r->reqs, q);
     emx_list_unlink(&q->edge_link);
     emx_list_unlink(&q->timer_link);
-    if (q->edge && q->state != REQ_TOMBSTONE && q->edge->npending > 0)
+    if (q->edge && q->state == REQ_TOMBSTONE) {
+        if (q->edge->ntombs > 0)
+            q->edge->ntombs--;
+    } else if (q->edge && q->edge->npending > 0) {
         q->edge->npending--;
+    }
     req_release(r, q);
 }
 
@@ -557,8 +561,11 @@ static void arm_request_timer(struct emx_router *r, struct emx_req *q, uint64_t 
 static void tombstone(struct emx_router *r, struct emx_req *q, uint64_t now)
 {
     detach_from_pipe(r, q);
-    if (q->edge && q->state != REQ_TOMBSTONE && q->edge->npending > 0)
-        q->edge->npending--;
+    if (q->edge && q->state != REQ_TOMBSTONE) {
+        if (q->edge->npending > 0)
+            q->edge->npending--;
+        q->edge->ntombs++;
+    }
     q->state = REQ_TOMBSTONE;
     emx_free_ptr(&q->names);
     arm_request_timer(r, q, now);
@@ -663,7 +670,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         }
         req_free(r, q); /* the edge moved on: forget the old message */
     }
-    if (e->npending >= r->cfg.max_pending) {
+    if (e->npending + e->ntombs >= r->cfg.max_pending) {
         answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
                     "too many pending", EMX_ANS_TOO_MANY_PENDING);
         return;
@@ -842,14 +849,27 @@ static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct em
     struct emx_req *q;
     HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
     if (!q) {
-        /* A continuation without its first chunk: one 0x80, then silence. */
+        /* A continuation without its first chunk: one 0x80, then silence.
+         * It costs what a request costs (a token, a pending slot for its
+         * tombstone), so orphans cannot grow tombstones without bound. */
         r->stats.chunks_discarded++;
+        if (!rate_take(r, e, now)) {
+            answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
+                        h->session_id, "rate limited", EMX_ANS_RATE_LIMITED);
+            return;
+        }
+        if (!last && e->npending + e->ntombs >= r->cfg.max_pending) {
+            answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
+                        h->session_id, "too many pending", EMX_ANS_TOO_MANY_PENDING);
+            return;
+        }
         answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
                     "Message Type not supported", EMX_ANS_BAD_REQUEST);
         if (!last && (q = req_new(r, e, key)) != NULL) {
             q->state = REQ_TOMBSTONE;
             q->orig_endpoint_id = h->endpoint_id;
             q->session_id = h->session_id;
+            e->ntombs++;
             arm_request_timer(r, q, now);
         }
         return;

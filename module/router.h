@@ -106,6 +106,7 @@ struct emx_edge {
     struct emx_list auth_link; /* in the router's auth-timeout FIFO until AUTHED */
     struct emx_list reqs;      /* its outbound requests and tombstones (emx_req.edge_link) */
     uint32_t npending;         /* outbound requests counted against max_pending */
+    uint32_t ntombs;           /* tombstones (also counted against max_pending) */
     struct emx_inbound *inbound; /* platform requests in flight to it, by local requestId */
     uint32_t ninbound;
     uint32_t next_inbound_id;

@@ -3054,6 +3054,45 @@ static void edge_close_unbinds_more_than_65535_things(void **state)
     assert_int_equal(emx_router_stats(f->r)->unbinds_sent, 2);
 }
 
+/* Item 7: orphan continuation chunks cost a rate token each and their
+ * tombstones count against max_pending, so a flood of them cannot grow
+ * memory: at most max_pending tombstones, and they expire. */
+static void orphan_chunks_count_against_rate_and_pending(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_msgs_per_sec = 10;
+    f->cfg.max_pending = 50;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f); /* its AUTH took a token */
+    size_t m = f->nev;
+    uint32_t first = f->next_rid;
+    for (int i = 0; i < 1000; i++)
+        edge_chunk(f, e, f->next_rid++, 2, 3, 10);
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_BAD_REQUEST, ANY), 9);
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, ANY), 991);
+    assert_int_equal(e->ntombs, 9);
+
+    /* Rate off: tombstones stop at max_pending, and they hold its slots. */
+    struct emx_router_config c = f->cfg;
+    c.max_msgs_per_sec = 0;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    m = f->nev;
+    for (int i = 0; i < 1000; i++)
+        edge_chunk(f, e, f->next_rid++, 2, 3, 10);
+    assert_int_equal(e->ntombs, 50);
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_BAD_REQUEST, ANY), 41);
+    assert_null(get(f, e, NULL)); /* no slot left: 0xA3 */
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, f->next_rid - 1));
+    /* a tombstoned message's later chunk is discarded quietly */
+    m = f->nev;
+    edge_chunk(f, e, first, 3, 3, 10);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, first), 0);
+    assert_int_equal(e->ntombs, 49);
+    tick_at(f, f->now + f->cfg.request_timeout);
+    assert_int_equal(e->ntombs, 0);
+    assert_non_null(get(f, e, NULL));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -3159,6 +3198,7 @@ int main(void)
         T(stall_counts_silence_since_the_oldest_answerable_request),
         T(platform_multipart_answer_keeps_request_alive_and_is_never_followed),
         T(edge_close_unbinds_more_than_65535_things),
+        T(orphan_chunks_count_against_rate_and_pending),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
