@@ -332,8 +332,52 @@ static int check_descriptor(const struct ctx *c, const struct emx_plugin_header 
     return rc < 0 ? rc : check_options(c, d->options, d->config_size);
 }
 
-int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx_plugin **out,
-                         char *err, size_t errlen)
+/* Is some loaded object already named `name`? dl_iterate_phdr sees every
+ * object's name; one left mapped (RTLD_NODELETE, or a unique symbol) after
+ * its plugin was unloaded keeps the name of a descriptor since closed. */
+struct name_probe {
+    const char *name;
+    bool found;
+};
+
+static int probe_name(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    struct name_probe *np = data;
+    if (info->dlpi_name && strcmp(info->dlpi_name, np->name) == 0) {
+        np->found = true;
+        return 1;
+    }
+    return 0;
+}
+
+static bool object_named(const char *name)
+{
+    struct name_probe np = {.name = name, .found = false};
+    dl_iterate_phdr(probe_name, &np);
+    return np.found;
+}
+
+/* The plugin among `loaded` (same kind) that is the file open on fd. */
+static struct emx_plugin *find_loaded(int fd, enum emx_plugin_kind kind,
+                                      struct emx_plugin *const *loaded, size_t nloaded)
+{
+    struct stat st, lst;
+    if (!loaded || fstat(fd, &st) != 0)
+        return NULL;
+    for (size_t i = 0; i < nloaded; i++) {
+        struct emx_plugin *lp = loaded[i];
+        if (lp && lp->kind == kind && lp->fd >= 0 && fstat(lp->fd, &lst) == 0 &&
+            lst.st_dev == st.st_dev && lst.st_ino == st.st_ino)
+            return lp;
+    }
+    return NULL;
+}
+
+#define FD_NAME_TRIES 16
+
+static int load_path(const char *path, enum emx_plugin_kind kind, struct emx_plugin *const *loaded,
+                     size_t nloaded, struct emx_plugin **out, char *err, size_t errlen)
 {
     struct ctx c = {.path = path ? path : "(null)", .err = err, .errlen = errlen};
     if (err && errlen)
@@ -362,9 +406,28 @@ int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx
     rc = check_file(&c, fd);
     if (rc < 0)
         goto out_close;
+    struct emx_plugin *same = find_loaded(fd, kind, loaded, nloaded);
+    if (same) {
+        close(fd);
+        same->refs++;
+        *out = same;
+        return 0;
+    }
 
-    /* Load the very file checked above, whatever happens to the name. */
+    /* Load the very file checked above, whatever happens to the name. A
+     * name some loaded object still carries would give back that object:
+     * move the descriptor to another number first. */
     snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
+    for (int tries = 0; object_named(fdpath); tries++) {
+        int nfd = tries < FD_NAME_TRIES ? fcntl(fd, F_DUPFD_CLOEXEC, fd + 1) : -1;
+        if (nfd < 0) {
+            rc = refuse(&c, -EMFILE, "no free descriptor name to load it under");
+            goto out_close;
+        }
+        close(fd);
+        fd = nfd;
+        snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
+    }
     dl = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
     if (!dl) {
         const char *why = dlerror();
@@ -392,6 +455,7 @@ int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx
         rc = refuse(&c, -ENOMEM, "out of memory");
         goto out_free;
     }
+    p->refs = 1;
     p->dl = dl;
     p->fd = fd;
     p->kind = kind;
@@ -413,8 +477,21 @@ out_close:
     return rc;
 }
 
+int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx_plugin **out,
+                         char *err, size_t errlen)
+{
+    return load_path(path, kind, NULL, 0, out, err, errlen);
+}
+
 int emx_plugin_load(const char *dir, const char *name, enum emx_plugin_kind kind,
                     struct emx_plugin **out, char *err, size_t errlen)
+{
+    return emx_plugin_load_shared(dir, name, kind, NULL, 0, out, err, errlen);
+}
+
+int emx_plugin_load_shared(const char *dir, const char *name, enum emx_plugin_kind kind,
+                           struct emx_plugin *const *loaded, size_t nloaded,
+                           struct emx_plugin **out, char *err, size_t errlen)
 {
     struct ctx c = {.path = dir ? dir : "(null)", .err = err, .errlen = errlen};
     if (err && errlen)
@@ -439,12 +516,12 @@ int emx_plugin_load(const char *dir, const char *name, enum emx_plugin_kind kind
                      name);
     if (n < 0 || (size_t)n >= sizeof(path))
         return refuse(&c, -ENAMETOOLONG, "plugin path too long for '%s'", name);
-    return emx_plugin_load_path(path, kind, out, err, errlen);
+    return load_path(path, kind, loaded, nloaded, out, err, errlen);
 }
 
 void emx_plugin_unload(struct emx_plugin *p)
 {
-    if (!p)
+    if (!p || --p->refs > 0)
         return;
     if (p->dl)
         dlclose(p->dl);

@@ -11,6 +11,7 @@
 #include "edgemux/transport.h"
 
 struct emx_plugin {
+    unsigned refs;            /* emx_plugin_unload drops one; the last one unloads */
     void *dl;                 /* dlopen handle */
     int fd;                   /* the checked file, open while loaded (see loader.c) */
     char *path;               /* the file as named, for messages */
@@ -38,9 +39,18 @@ const char *emx_plugin_kind_name(enum emx_plugin_kind kind);
  * -ENOMEM. */
 int emx_plugin_load(const char *dir, const char *name, enum emx_plugin_kind kind,
                     struct emx_plugin **out, char *err, size_t errlen);
+/* Like emx_plugin_load, but when the file (same device and inode, checked on
+ * the descriptor) is one of `loaded`, of the same kind, take a reference to
+ * it instead of loading it again: a reload opens no new descriptor for an
+ * unchanged plugin, and no second name is ever given to one loaded object. */
+int emx_plugin_load_shared(const char *dir, const char *name, enum emx_plugin_kind kind,
+                           struct emx_plugin *const *loaded, size_t nloaded,
+                           struct emx_plugin **out, char *err, size_t errlen);
 /* Load a plugin from an explicit path (same checks). */
 int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx_plugin **out,
                          char *err, size_t errlen);
+/* Drop one reference; the last one dlcloses the plugin and closes its file.
+ * The caller makes sure none of its code can still run (pending callbacks). */
 void emx_plugin_unload(struct emx_plugin *p);
 
 #endif

@@ -41,22 +41,32 @@ struct source_count {
     char addr[EMX_ADDR_MAX];
 };
 
-/* A configuration accepted by SIGHUP. Kept until exit: plugin instances
- * borrow strings from the tree they were created with. */
+/* A configuration accepted by SIGHUP. Plugin instances borrow strings from
+ * the tree they were created with, so it is freed (with its plugin
+ * references) once it is neither the running configuration nor the one a
+ * discovery instance was created from. */
 struct setup_gen {
     struct setup_gen *next;
     struct emx_setup setup;
+    unsigned users;
 };
 
-/* A discovery plugin instance replaced by a reload: stopped at once,
- * destroyed after the loop ends (its last posts may still be queued). */
+/* One discovery plugin instance and its host table. One replaced by a
+ * reload is stopped at once, then destroyed and its plugin reference
+ * dropped only when the loop holds nothing of it (see retire_step). */
+enum disc_state { DISC_RUNNING, DISC_STOPPED, DISC_DESTROYED };
+
 struct disc_gen {
     struct disc_gen *next;
     struct emx_host host;
     char tag[96];
     const struct emx_discovery_plugin *dp;
     void *dinst;
+    struct setup_gen *gen; /* the config it borrows; NULL: the start-up one */
+    enum disc_state state;
 };
+
+#define RETIRE_EVERY_TICKS 4 /* look for a quiet loop every 200 ms */
 
 struct post_item {
     struct post_item *next;
@@ -91,7 +101,7 @@ struct emx_server {
 
     const struct emx_discovery_plugin *dp;
     void *dinst;
-    struct emx_host dhost;
+    struct disc_gen *disc; /* the running discovery instance (dp, dinst) */
     bool discovery_started;
 
     uv_async_t async;
@@ -119,7 +129,8 @@ struct emx_server {
     struct source_count *sources;
     uint64_t start_ms;
     const struct emx_host *dhost_active; /* discovery updates from others are ignored */
-    struct disc_gen *disc_gens;          /* the active one (after a reload) and retired ones */
+    struct disc_gen *disc_retired;       /* replaced instances not unloaded yet */
+    unsigned retire_ticks;
     bool discovery_stale; /* a reload's discovery failed to start: the next reload retries */
     struct setup_gen *setups;
     uint32_t *drain_ids;
@@ -618,10 +629,16 @@ static void on_queued_timer(uv_timer_t *t)
         }
 }
 
+static void retire_step(struct emx_server *s);
+
 static void on_tick(uv_timer_t *t)
 {
     struct emx_server *s = t->data;
     emx_router_tick(s->router, now_ms(s));
+    if (s->disc_retired && ++s->retire_ticks >= RETIRE_EVERY_TICKS) {
+        s->retire_ticks = 0;
+        retire_step(s);
+    }
 }
 
 static bool admin_ready(void *ctx)
@@ -1075,54 +1092,123 @@ static void reload_edge_tls(struct emx_server *s, const struct emx_config *n)
                  strerror(-rc));
 }
 
+static void gen_release(struct emx_server *s, struct setup_gen *gen)
+{
+    if (!gen || --gen->users > 0)
+        return;
+    for (struct setup_gen **pp = &s->setups; *pp; pp = &(*pp)->next)
+        if (*pp == gen) {
+            *pp = gen->next;
+            break;
+        }
+    emx_setup_free(&gen->setup);
+    emx_free(gen);
+}
+
+/* Drop what a discovery instance held: its host table, its config and so
+ * its plugin reference (the start-up setup's plugin for the first one). */
+static void disc_unload(struct emx_server *s, struct disc_gen *g)
+{
+    if (g->gen)
+        gen_release(s, g->gen);
+    else
+        emx_setup_drop_discovery(s->setup);
+    emx_free(g);
+}
+
+static void disc_retire(struct emx_server *s, struct disc_gen *g, enum disc_state state)
+{
+    g->state = state;
+    g->next = s->disc_retired;
+    s->disc_retired = g;
+    s->retire_ticks = 0;
+}
+
+/* Replaced discovery instances go in two steps, each only when the loop has
+ * no request in flight (thread-pool work such as a ZooKeeper close, a file
+ * read, a resolution: any of them may call back into the plugin's code):
+ * posts queued so far run, then destroy; one step later, with destroy's
+ * close callbacks run too, the plugin reference is dropped and dlclose may
+ * unmap its code. The loop always gets quiet between bursts; until then
+ * the plugin stays loaded, which is safe. */
+static void retire_step(struct emx_server *s)
+{
+    if (s->loop.active_reqs.count != 0)
+        return;
+    on_async(&s->async);
+    for (struct disc_gen **pp = &s->disc_retired; *pp;) {
+        struct disc_gen *g = *pp;
+        if (g->state == DISC_STOPPED) {
+            g->dp->destroy(g->dinst);
+            g->state = DISC_DESTROYED;
+            pp = &g->next;
+        } else {
+            *pp = g->next;
+            emx_logf(&s->log, EMX_LOG_DEBUG, "server", "%s unloaded", g->tag);
+            disc_unload(s, g);
+        }
+    }
+}
+
 /* Swap discovery: start an instance from the new config first, and only
  * once it runs stop the old one (its later posts are ignored). If the new
  * one cannot start, the old one keeps running. The router keeps its
  * instances until the new source reports. */
-static int reload_discovery(struct emx_server *s, struct emx_setup *ns)
+static int reload_discovery(struct emx_server *s, struct setup_gen *gen)
 {
+    struct emx_setup *ns = &gen->setup;
     struct disc_gen *g = emx_calloc(1, sizeof(*g));
-    struct disc_gen *old = emx_calloc(1, sizeof(*old));
-    if (!g || !old) {
-        emx_free(g);
-        emx_free(old);
+    if (!g)
         return -ENOMEM;
-    }
     snprintf(g->tag, sizeof(g->tag), "discovery:%s.%u", ns->discovery->hdr->name,
              (unsigned)(s->counters.reloads_ok + 1));
     host_init(s, &g->host, g->tag);
-    /* g (with its host table) stays on the list until exit, whatever
-     * happens: a plugin may still use its host while it closes. */
-    g->next = s->disc_gens;
-    s->disc_gens = g;
-    const struct emx_discovery_plugin *dp = ns->discovery->u.discovery;
-    void *dinst = NULL;
-    int rc = dp->create(&g->host, ns->discovery_config, &dinst);
+    g->gen = gen;
+    gen->users++;
+    g->dp = ns->discovery->u.discovery;
+    int rc = g->dp->create(&g->host, ns->discovery_config, &g->dinst);
     if (rc != 0) {
-        emx_free(old);
+        disc_unload(s, g);
         return rc;
     }
     const struct emx_host *prev_active = s->dhost_active;
     s->dhost_active = &g->host; /* its reports count from its start on */
-    rc = dp->start(dinst);
+    rc = g->dp->start(g->dinst);
     if (rc != 0) {
         s->dhost_active = prev_active;
-        dp->destroy(dinst);
-        emx_free(old);
+        /* Its host table stays until the loop holds nothing of it. */
+        disc_retire(s, g, DISC_STOPPED);
         return rc;
     }
-    /* The new source runs: retire the old one (destroyed after the loop). */
+    /* The new source runs: retire the old one. */
     if (s->discovery_started)
         s->dp->stop(s->dinst);
-    old->dp = s->dp;
-    old->dinst = s->dinst;
-    old->next = s->disc_gens;
-    s->disc_gens = old;
-    s->dp = dp;
-    s->dinst = dinst;
+    disc_retire(s, s->disc, DISC_STOPPED);
+    s->disc = g;
+    s->dp = g->dp;
+    s->dinst = g->dinst;
     s->discovery_started = true;
     return 0;
 }
+
+/* Plugins loaded now, for a reload to share instead of opening again. */
+static size_t loaded_plugins(struct emx_server *s, struct emx_plugin **out, size_t cap)
+{
+    size_t n = 0;
+    struct emx_plugin *first[2] = {s->setup->transport, s->setup->discovery};
+    for (size_t i = 0; i < 2; i++)
+        if (first[i] && n < cap)
+            out[n++] = first[i];
+    for (struct setup_gen *g = s->setups; g; g = g->next) {
+        if (g->setup.transport && n < cap)
+            out[n++] = g->setup.transport;
+        if (g->setup.discovery && n < cap)
+            out[n++] = g->setup.discovery;
+    }
+    return n;
+}
+
+#define LOADED_MAX 64
 
 static void reload_config(struct emx_server *s)
 {
@@ -1130,8 +1216,11 @@ static void reload_config(struct emx_server *s)
     emx_logf(&s->log, EMX_LOG_INFO, "server", "SIGHUP: reloading %s", s->cfg->file);
     struct setup_gen *gen = emx_calloc(1, sizeof(*gen));
     struct emx_errors errs = {0};
-    int rc =
-        gen ? emx_setup_load(s->cfg->file, s->setup->plugins_dir, &gen->setup, &errs) : -ENOMEM;
+    struct emx_plugin *loaded[LOADED_MAX];
+    size_t nloaded = loaded_plugins(s, loaded, LOADED_MAX);
+    int rc = gen ? emx_setup_load_shared(s->cfg->file, s->setup->plugins_dir, loaded, nloaded,
+                                         &gen->setup, &errs)
+                 : -ENOMEM;
     if (rc != 0) {
         for (size_t i = 0; i < errs.count; i++)
             emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: %s", errs.msgs[i]);
@@ -1165,9 +1254,16 @@ static void reload_config(struct emx_server *s)
      * process does matches what the log just said. */
     ((struct emx_config *)n)->edge.max_message_size = o->edge.max_message_size;
 
-    /* From here on the new configuration is the running one. */
+    /* From here on the new configuration is the running one. The transport
+     * it names was only loaded to check its options: the running one stays. */
+    emx_setup_drop_transport(ns);
     gen->next = s->setups;
     s->setups = gen;
+    gen->users = 1;
+    struct setup_gen *prev = NULL;
+    for (struct setup_gen *g = gen->next; g && !prev; g = g->next)
+        if (g->setup.cfg == o)
+            prev = g;
     s->cfg = ns->cfg;
     emx_cidr_list_free(&s->trusted);
     s->trusted = trusted;
@@ -1189,7 +1285,7 @@ static void reload_config(struct emx_server *s)
     if (disc_changed) {
         emx_logf(&s->log, EMX_LOG_INFO, "server", "reload: discovery changed: restarting %s",
                  ns->discovery->hdr->name);
-        rc = reload_discovery(s, ns);
+        rc = reload_discovery(s, gen);
         s->discovery_stale = rc != 0;
         if (rc != 0)
             emx_logf(&s->log, EMX_LOG_ERROR, "server",
@@ -1197,6 +1293,11 @@ static void reload_config(struct emx_server *s)
                      "and the next reload tries again",
                      ns->discovery->hdr->name, strerror(-rc));
     }
+    /* No instance was made from it (discovery unchanged, or create failed):
+     * its discovery plugin reference goes now. */
+    if (gen->users == 1)
+        emx_setup_drop_discovery(ns);
+    gen_release(s, prev); /* no longer the running configuration */
     s->counters.reloads_ok++;
     emx_logf(&s->log, EMX_LOG_INFO, "server",
              "reload done: limits, timeouts, watermarks and log settings applied%s; %u key(s) "
@@ -1214,6 +1315,31 @@ static void on_signal(uv_signal_t *sig, int signum)
         return;
     }
     begin_shutdown(s, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+/* A reload reads the config, the app key file and the TLS files again, as
+ * server.user (docs/operations.md): say now which of them it could not. */
+static void warn_unreadable_after_drop(struct emx_server *s)
+{
+    const struct emx_config *c = s->cfg;
+    const struct {
+        const char *key, *path;
+    } files[] = {
+        {"config file", c->file},
+        {"platform.app_key_file", c->platform.app_key_file},
+        {"edge.tls_cert", c->edge.tls_cert},
+        {"edge.tls_key", c->edge.tls_key},
+        {"edge.tls_ca", c->edge.tls_ca},
+        {"platform.tls_ca", c->platform.tls_ca},
+        {"platform.tls_cert", c->platform.tls_cert},
+        {"platform.tls_key", c->platform.tls_key},
+    };
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++)
+        if (files[i].path && access(files[i].path, R_OK) != 0)
+            emx_logf(&s->log, EMX_LOG_WARN, "server",
+                     "%s '%s' is not readable by %s (%s): a reload (SIGHUP) will fail; make it "
+                     "readable by that user (for a secret: owner root, group of %s, mode 0640)",
+                     files[i].key, files[i].path, c->server.user, strerror(errno), c->server.user);
 }
 
 static int make_header(char **out, const char *name, const char *value)
@@ -1335,12 +1461,18 @@ int emx_server_run(struct emx_setup *setup)
 
     static const char ttag_fmt[] = "transport:%s.0";
     static const char dtag_fmt[] = "discovery:%s.0";
-    char ttag[96], dtag[96];
+    char ttag[96];
     snprintf(ttag, sizeof(ttag), ttag_fmt, setup->transport->hdr->name);
-    snprintf(dtag, sizeof(dtag), dtag_fmt, setup->discovery->hdr->name);
     host_init(s, &s->thost, ttag);
-    host_init(s, &s->dhost, dtag);
-    s->dhost_active = &s->dhost;
+    s->disc = emx_calloc(1, sizeof(*s->disc));
+    if (!s->disc) {
+        rc = -ENOMEM;
+        goto out_handles;
+    }
+    snprintf(s->disc->tag, sizeof(s->disc->tag), dtag_fmt, setup->discovery->hdr->name);
+    host_init(s, &s->disc->host, s->disc->tag);
+    s->disc->dp = s->dp;
+    s->dhost_active = &s->disc->host;
     s->start_ms = uv_now(&s->loop);
     char why[128];
     if (emx_cidr_list_parse(s->cfg->edge.trusted_proxies.items, s->cfg->edge.trusted_proxies.count,
@@ -1422,16 +1554,18 @@ int emx_server_run(struct emx_setup *setup)
             goto out_admin;
         }
         emx_logf(&s->log, EMX_LOG_INFO, "server", "running as %s", s->cfg->server.user);
+        warn_unreadable_after_drop(s);
     }
 
-    rc = s->dp->create(&s->dhost, setup->discovery_config, &s->dinst);
+    rc = s->dp->create(&s->disc->host, setup->discovery_config, &s->dinst);
     if (rc == 0) {
         rc = s->dp->start(s->dinst);
         if (rc != 0)
             s->dp->destroy(s->dinst);
     }
+    s->disc->dinst = s->dinst;
     if (rc != 0) {
-        s->dinst = NULL;
+        s->dinst = s->disc->dinst = NULL;
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "discovery %s failed to start (%s)",
                  setup->discovery->hdr->name, strerror(-rc));
         goto out_admin;
@@ -1471,13 +1605,9 @@ out_transport:
 out_destroy:
     if (s->dinst)
         s->dp->destroy(s->dinst);
-    while (s->disc_gens) { /* discovery instances retired by reloads */
-        struct disc_gen *g = s->disc_gens;
-        s->disc_gens = g->next;
-        if (g->dinst)
+    for (struct disc_gen *g = s->disc_retired; g; g = g->next) /* replaced by reloads */
+        if (g->state == DISC_STOPPED)
             g->dp->destroy(g->dinst);
-        emx_free(g);
-    }
     s->tp->destroy(s->tinst);
     goto out_router;
 out_handles:
@@ -1492,6 +1622,12 @@ out_router:
     {
         HASH_DEL(s->sources, sc);
         emx_free(sc);
+    }
+    emx_free_ptr(&s->disc);
+    while (s->disc_retired) {
+        struct disc_gen *g = s->disc_retired;
+        s->disc_retired = g->next;
+        emx_free(g);
     }
     while (s->setups) {
         struct setup_gen *g = s->setups;

@@ -65,12 +65,17 @@ static int node_line(const struct emx_config *cfg, const char *section, const ch
     return k ? k->line : s ? s->line : 1;
 }
 
-static int load_plugin(struct emx_setup *s, const char *dir, const char *section,
-                       const char *name, enum emx_plugin_kind kind, struct emx_plugin **plugin,
-                       void **config, struct emx_errors *errs)
+struct shared {
+    struct emx_plugin *const *loaded;
+    size_t n;
+};
+
+static int load_plugin(struct emx_setup *s, const char *dir, const char *section, const char *name,
+                       enum emx_plugin_kind kind, const struct shared *sh,
+                       struct emx_plugin **plugin, void **config, struct emx_errors *errs)
 {
     char err[512];
-    int rc = emx_plugin_load(dir, name, kind, plugin, err, sizeof(err));
+    int rc = emx_plugin_load_shared(dir, name, kind, sh->loaded, sh->n, plugin, err, sizeof(err));
     if (rc != 0) {
         emx_errors_add(errs, s->cfg->file, node_line(s->cfg, section, "plugin"),
                        section, "%s", err);
@@ -96,6 +101,14 @@ static int load_plugin(struct emx_setup *s, const char *dir, const char *section
 int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_setup *out,
                    struct emx_errors *errs)
 {
+    return emx_setup_load_shared(config_path, plugins_dir, NULL, 0, out, errs);
+}
+
+int emx_setup_load_shared(const char *config_path, const char *plugins_dir,
+                          struct emx_plugin *const *loaded, size_t nloaded, struct emx_setup *out,
+                          struct emx_errors *errs)
+{
+    const struct shared sh = {.loaded = loaded, .n = nloaded};
     memset(out, 0, sizeof(*out));
     int rc = emx_config_load(config_path, &out->cfg, errs);
     if (rc != 0)
@@ -105,9 +118,9 @@ int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_
 
     int bad = 0;
     bad |= load_plugin(out, out->plugins_dir, "transport", cfg->transport.plugin,
-                       EMX_PLUGIN_TRANSPORT, &out->transport, &out->transport_config, errs);
+                       EMX_PLUGIN_TRANSPORT, &sh, &out->transport, &out->transport_config, errs);
     bad |= load_plugin(out, out->plugins_dir, "discovery", cfg->discovery.plugin,
-                       EMX_PLUGIN_DISCOVERY, &out->discovery, &out->discovery_config, errs);
+                       EMX_PLUGIN_DISCOVERY, &sh, &out->discovery, &out->discovery_config, errs);
     /* Unknown keys can be told apart only once both plugins bound theirs. */
     if (!bad)
         bad |= emx_config_check_unused(cfg, errs);
@@ -149,6 +162,20 @@ int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_
         return bad ? (bad < 0 ? bad : -EINVAL) : -EINVAL;
     }
     return 0;
+}
+
+void emx_setup_drop_transport(struct emx_setup *s)
+{
+    emx_plugin_unload(s->transport);
+    s->transport = NULL;
+    emx_free_ptr(&s->transport_config);
+}
+
+void emx_setup_drop_discovery(struct emx_setup *s)
+{
+    emx_plugin_unload(s->discovery);
+    s->discovery = NULL;
+    emx_free_ptr(&s->discovery_config);
 }
 
 void emx_setup_free(struct emx_setup *s)

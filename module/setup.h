@@ -23,6 +23,15 @@ struct emx_setup {
  * returns 0 only when there is none. */
 int emx_setup_load(const char *config_path, const char *plugins_dir, struct emx_setup *out,
                    struct emx_errors *errs);
+/* The same, taking a reference to each plugin of `loaded` that is the very
+ * file the config names (a reload: no new descriptor for unchanged plugins). */
+int emx_setup_load_shared(const char *config_path, const char *plugins_dir,
+                          struct emx_plugin *const *loaded, size_t nloaded, struct emx_setup *out,
+                          struct emx_errors *errs);
+/* Drop the setup's reference to a plugin it will not use, with its bound
+ * options (a reload that keeps the running transport or discovery). */
+void emx_setup_drop_transport(struct emx_setup *s);
+void emx_setup_drop_discovery(struct emx_setup *s);
 void emx_setup_free(struct emx_setup *s);
 
 #endif

@@ -152,6 +152,70 @@ static void test_load_twice(void **state)
     emx_plugin_unload(b);
 }
 
+static int open_fds(void)
+{
+    int n = 0;
+    char path[64];
+    for (int fd = 0; fd < 1024; fd++) {
+        snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+        n += access(path, F_OK) == 0;
+    }
+    return n;
+}
+
+/* A reload names the plugins already running: they are shared, not opened
+ * again, and each reference is dropped on its own. */
+static void test_load_shared(void **state)
+{
+    (void)state;
+    struct emx_plugin *t = NULL, *d = NULL, *again = NULL;
+    assert_int_equal(emx_plugin_load(FAKE_DIR, "good", EMX_PLUGIN_TRANSPORT, &t, err, sizeof(err)),
+                     0);
+    assert_int_equal(emx_plugin_load(FAKE_DIR, "good", EMX_PLUGIN_DISCOVERY, &d, err, sizeof(err)),
+                     0);
+    int before = open_fds();
+    struct emx_plugin *loaded[] = {t, d};
+    for (int i = 0; i < 50; i++) {
+        assert_int_equal(emx_plugin_load_shared(FAKE_DIR, "good", EMX_PLUGIN_DISCOVERY, loaded, 2,
+                                                &again, err, sizeof(err)),
+                         0);
+        assert_ptr_equal(again, d);
+        assert_int_equal(d->refs, 2);
+        emx_plugin_unload(again);
+        assert_int_equal(d->refs, 1);
+    }
+    assert_int_equal(open_fds(), before);
+    /* Another file is loaded on its own, even with a list given. */
+    assert_int_equal(emx_plugin_load_shared(FAKE_DIR, "other", EMX_PLUGIN_DISCOVERY, loaded, 2,
+                                            &again, err, sizeof(err)),
+                     0);
+    assert_ptr_not_equal(again, d);
+    assert_int_equal(open_fds(), before + 1);
+    emx_plugin_unload(again);
+    assert_int_equal(open_fds(), before);
+    emx_plugin_unload(t);
+    emx_plugin_unload(d);
+}
+
+/* A plugin that stays mapped after dlclose keeps the name of its closed
+ * descriptor; the next plugin opened on that number must not be taken for
+ * it. */
+static void test_stale_name_not_reused(void **state)
+{
+    (void)state;
+    struct emx_plugin *p = NULL;
+    assert_int_equal(
+        emx_plugin_load(FAKE_DIR, "nodelete", EMX_PLUGIN_DISCOVERY, &p, err, sizeof(err)), 0);
+    int fd = p->fd;
+    emx_plugin_unload(p);
+    assert_int_equal(emx_plugin_load(FAKE_DIR, "good", EMX_PLUGIN_TRANSPORT, &p, err, sizeof(err)),
+                     0);
+    assert_int_equal(p->kind, EMX_PLUGIN_TRANSPORT);
+    assert_non_null(p->u.transport);
+    assert_int_not_equal(p->fd, fd);
+    emx_plugin_unload(p);
+}
+
 static void test_bad_magic(void **state)
 {
     (void)state;
@@ -495,6 +559,8 @@ int main(void)
         cmocka_unit_test(test_good_transport_loads),
         cmocka_unit_test(test_load_runs_no_plugin_code),
         cmocka_unit_test(test_load_twice),
+        cmocka_unit_test(test_load_shared),
+        cmocka_unit_test(test_stale_name_not_reused),
         cmocka_unit_test(test_bad_magic),
         cmocka_unit_test(test_wrong_major),
         cmocka_unit_test(test_newer_minor),

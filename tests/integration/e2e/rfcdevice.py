@@ -431,6 +431,7 @@ class Device:
         self.close_sent = False
         self.eof = False
         self.answers_out_of_order = {}
+        self.queued = []  # data messages read by poll() for later readers
         self.next_rid = 1
         self.session = 0
         self.frames_seen = 0
@@ -702,10 +703,12 @@ class Device:
                                   % ("on a continuation frame" if self.pmd else "without permessage-deflate"))
         return fin, rsv1, opcode, payload
 
-    def recv_message(self, timeout=None):
+    def recv_message(self, timeout=None, queued=True):
         """One whole data message (inflated when compressed): (opcode,
         bytes). Pings are answered; pongs are kept in self.pongs. A close
         frame raises Closed (after the device answers it)."""
+        if queued and self.queued:
+            return self.queued.pop(0)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             fin, rsv1, op, payload = self.recv_frame(max(0.0, deadline - time.monotonic()))
@@ -756,6 +759,21 @@ class Device:
             except OSError:
                 pass
         raise Closed(code, reason)
+
+    def poll(self, pred, timeout):
+        """Read (pongs, pings, data messages kept for later) until pred()
+        is true; False when timeout passes first."""
+        deadline = time.monotonic() + timeout
+        while not pred():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                msg = self.recv_message(min(left, 0.2), queued=False)
+                self.queued.append(msg)
+            except TimeoutError:
+                pass
+        return True
 
     def recv(self, timeout=None):
         """One binary message's bytes."""
