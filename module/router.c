@@ -9,6 +9,7 @@
 
 #include "alloc.h"
 #include "codec.h"
+#include "siphash.h"
 
 /* uthash allocates 32 buckets (512 bytes) with a table's first item; each
  * bound edge has a Things table, usually of one name, so that was ~0.5 KiB
@@ -120,6 +121,9 @@ struct quarantined {
 
 struct emx_router {
     struct emx_router_config cfg;
+    /* Keys peers choose (requestIds, Thing names) are hashed under a key
+     * drawn at start, so table collisions cannot be computed in advance. */
+    uint8_t hash_key[EMX_SIPHASH_KEY_SIZE];
     struct emx_req *req_pool;
     unsigned req_pooled;
     char *app_key;
@@ -168,6 +172,23 @@ static inline uint64_t req_key(uint32_t endpoint_id, uint32_t request_id)
 {
     return ((uint64_t)endpoint_id << 32) | request_id;
 }
+
+static unsigned keyed_hash(const struct emx_router *r, const void *key, size_t len)
+{
+    return (unsigned)emx_siphash13(r->hash_key, key, len);
+}
+
+/* uthash lookups and inserts with the router's keyed hash. */
+#define KFIND(r, head, keyptr, keylen, out)                                                        \
+    do {                                                                                           \
+        unsigned hv_ = keyed_hash((r), (keyptr), (keylen));                                        \
+        HASH_FIND_BYHASHVALUE(hh, head, keyptr, keylen, hv_, out);                                 \
+    } while (0)
+#define KADD_KEYPTR(r, head, keyptr, keylen, add)                                                  \
+    do {                                                                                           \
+        unsigned hv_ = keyed_hash((r), (keyptr), (keylen));                                        \
+        HASH_ADD_KEYPTR_BYHASHVALUE(hh, head, keyptr, keylen, hv_, add);                           \
+    } while (0)
 
 static const char *const answer_names[EMX_ANS__COUNT] = {
     [EMX_ANS_NO_INSTANCE] = "no_instance",
@@ -232,7 +253,7 @@ static bool bind_over_limit(const struct emx_router *r, const struct emx_edge *e
     struct emx_ao_str s;
     while (emx_ao_bind_next_name(b, &cursor, &s) == EMX_AO_OK) {
         struct emx_thing *t;
-        HASH_FIND(hh, e->things, s.ptr, s.len, t);
+        KFIND(r, e->things, s.ptr, s.len, t);
         if (!t && ++n > room)
             return true;
     }
@@ -592,7 +613,7 @@ static struct emx_req *req_new(struct emx_router *r, struct emx_edge *e, uint64_
     emx_list_init(&q->wait_link);
     emx_list_init(&q->ans_link);
     q->held_tail = &q->held;
-    HASH_ADD(hh, r->reqs, key, sizeof(q->key), q);
+    KADD_KEYPTR(r, r->reqs, &q->key, sizeof(q->key), q);
     if (e)
         emx_list_push_back(&e->reqs, &q->edge_link);
     return q;
@@ -661,7 +682,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
 {
     uint64_t key = req_key(e->id, h->request_id);
     struct emx_req *q;
-    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    KFIND(r, r->reqs, &key, sizeof(key), q);
     if (q) {
         if (q->state != REQ_TOMBSTONE) {
             answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
@@ -847,7 +868,7 @@ static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct em
     uint64_t key = req_key(e->id, h->request_id);
     bool last = h->chunk_id == h->chunk_count;
     struct emx_req *q;
-    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    KFIND(r, r->reqs, &key, sizeof(key), q);
     if (!q) {
         /* A continuation without its first chunk: one 0x80, then silence.
          * It costs what a request costs (a token, a pending slot for its
@@ -1006,7 +1027,7 @@ static void things_apply(struct emx_router *r, struct emx_edge *e, const struct 
     struct emx_ao_str s;
     while (emx_ao_bind_next_name(&b, &cursor, &s) == EMX_AO_OK) {
         struct emx_thing *t;
-        HASH_FIND(hh, e->things, s.ptr, s.len, t);
+        KFIND(r, e->things, s.ptr, s.len, t);
         if (q->flags & REQ_F_UNBIND) {
             if (t) {
                 HASH_DEL(e->things, t);
@@ -1028,7 +1049,7 @@ static void things_apply(struct emx_router *r, struct emx_edge *e, const struct 
         t->name = (char *)(t + 1);
         memcpy(t->name, s.ptr, s.len);
         t->name[s.len] = '\0';
-        HASH_ADD_KEYPTR(hh, e->things, t->name, s.len, t);
+        KADD_KEYPTR(r, e->things, t->name, s.len, t);
         e->nthings++;
     }
 }
@@ -1036,7 +1057,7 @@ static void things_apply(struct emx_router *r, struct emx_edge *e, const struct 
 bool emx_edge_has_thing(const struct emx_edge *e, const char *name)
 {
     struct emx_thing *t;
-    HASH_FIND(hh, e->things, name, strlen(name), t);
+    KFIND(e->router, e->things, name, strlen(name), t);
     return t != NULL;
 }
 
@@ -1166,7 +1187,7 @@ static void pipe_auth_answer(struct emx_router *r, struct emx_pipe *p,
 {
     uint64_t key = req_key(h->endpoint_id, h->request_id);
     struct emx_req *q;
-    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    KFIND(r, r->reqs, &key, sizeof(key), q);
     if (!q || !(q->flags & REQ_F_PIPE_AUTH) || q->pipe != p || !emx_ao_is_response(h->code)) {
         r->stats.pipe_garbage++;
         return;
@@ -1198,7 +1219,7 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
 {
     uint64_t key = req_key(h->endpoint_id, h->request_id);
     struct emx_req *q;
-    HASH_FIND(hh, r->reqs, &key, sizeof(key), q);
+    KFIND(r, r->reqs, &key, sizeof(key), q);
     if (!q || q->state == REQ_TOMBSTONE) {
         r->stats.late_platform_answers++;
         return;
@@ -2043,6 +2064,11 @@ struct emx_router *emx_router_new(const struct emx_router_config *cfg,
     struct emx_router *r = emx_calloc(1, sizeof(*r));
     if (!r)
         return NULL;
+    if (emx_siphash_random_key(r->hash_key) != 0) {
+        emx_logf(io->log, EMX_LOG_ERROR, TAG, "no random key for the router's hash tables");
+        emx_free(r);
+        return NULL;
+    }
     if (copy_config(r, cfg) != 0) {
         emx_free(r);
         return NULL;
