@@ -646,8 +646,8 @@ static void test_err_senseless(void **state)
     expect_error(NAME "cx-server.transport.websockets.request.default_timeout-ms: 0\n",
                  "t.yaml:2: cx-server.transport.websockets.request.default_timeout-ms: must be "
                  "more than 0");
-    /* The limits themselves are accepted. */
-    const char *ok = NAME "edge:\n  max_message_size: 1KiB\n  request_timeout: 1ms\n"
+    /* Values at the limits are accepted (4KiB: edge.max_preauth_message must fit). */
+    const char *ok = NAME "edge:\n  max_message_size: 4KiB\n  request_timeout: 1ms\n"
                           "platform:\n  ping_interval: 59s\n  reconnect_min: 1ms\n";
     struct emx_errors e = {0};
     struct emx_config *cfg = NULL;
