@@ -8,7 +8,7 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       build-essential cmake pkg-config \
       libuv1-dev libyaml-dev libssl-dev zlib1g-dev \
-      libwebsockets-dev libwebsockets-evlib-uv \
+      libwebsockets-dev libwebsockets-evlib-uv libhttp-parser-dev \
       libcurl4-openssl-dev libjansson-dev libc-ares-dev libzookeeper-mt-dev libsystemd-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -25,7 +25,7 @@ RUN cmake -S . -B /build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEMX_TESTS=OFF \
 FROM debian:bookworm-slim
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      libuv1 libyaml-0-2 libssl3 zlib1g libwebsockets17 libwebsockets-evlib-uv \
+      libuv1 libyaml-0-2 libssl3 zlib1g libwebsockets17 libwebsockets-evlib-uv libhttp-parser2.9 \
       libcurl4 libjansson4 libc-ares2 libzookeeper-mt2 libsystemd0 ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system edgemux \

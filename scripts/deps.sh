@@ -7,6 +7,7 @@ packages=(
   build-essential cmake pkg-config clang libclang-rt-14-dev
   libuv1-dev libyaml-dev libcmocka-dev uthash-dev libssl-dev zlib1g-dev
   libwebsockets-dev libwebsockets-evlib-uv libcurl4-openssl-dev libjansson-dev
+  libhttp-parser-dev
   zookeeper libzookeeper-mt-dev
   libc-ares-dev knot knot-dnsutils
   libsystemd-dev man-db docker-compose

@@ -40,6 +40,8 @@
 #include <edgemux/plugin.h>
 #include <edgemux/transport.h>
 
+#include "edge.h"
+
 #define WS_DEFAULT_FRAME 8192u
 #define WS_MAX_FRAME     65535u /* above this a frame needs a 64-bit length */
 #define WS_MIN_FRAME     64u
@@ -60,11 +62,15 @@ struct ws_config {
     uint64_t default_max_frame_size;
     uint64_t ping_interval;
     uint64_t idle_read_timeout;
+    uint64_t pipe_max_queued;
     uint64_t handshake_timeout;
     uint64_t close_timeout;
     int64_t max_http_header_pool;
     int64_t listen_backlog;
     int64_t fd_reserve;
+    int64_t inflate_window_bits;
+    uint64_t handshake_evict;
+    uint64_t max_queued_control;
 };
 
 /* Defaults of the options the core's settings can stand in for. */
@@ -87,6 +93,9 @@ static const struct emx_option ws_options[] = {
         "zlib window (9..15) edgemux compresses with; inflating always uses 15"),
     OPT("deflate_mem_level", EMX_OPT_INT, "4", deflate_mem_level,
         "zlib memLevel (1..9) of each connection's compressor"),
+    OPT("inflate_window_bits", EMX_OPT_INT, "15", inflate_window_bits,
+        "window (9..15) asked of edges that offer client_max_window_bits: edgemux inflates "
+        "with it (2^bits bytes per busy deflate edge)"),
     OPT("edge_idle_timeout", EMX_OPT_DURATION, "120s", edge_idle_timeout,
         "drop an edge that sent nothing (data or ping) for this long; 0 disables"),
     OPT("idle_sweep_period", EMX_OPT_DURATION, "10s", idle_sweep_period,
@@ -103,20 +112,28 @@ static const struct emx_option ws_options[] = {
      * of the 4 KiB per idle edge); larger frames arrive in pieces, which the
      * receive path gathers (tx_packet_size stays 64 KiB, see init_tables). */
     OPT("rx_buffer_size", EMX_OPT_SIZE, "1KiB", rx_buffer_size,
-        "libwebsockets receive buffer per protocol (memory per idle edge)"),
+        "libwebsockets receive buffer of TLS pipes"),
     OPT("default_max_frame_size", EMX_OPT_SIZE, "8192", default_max_frame_size,
         "largest frame sent to an edge that announced no Max-Frame-Size"),
     OPT("ping_interval", EMX_OPT_DURATION, "30s", ping_interval,
         "pipes: send a ping after this long without traffic"),
     OPT("idle_read_timeout", EMX_OPT_DURATION, "60s", idle_read_timeout,
         "pipes: close a pipe that received nothing (not even a pong) for this long"),
+    OPT("pipe_max_queued", EMX_OPT_SIZE, "1MiB", pipe_max_queued,
+        "pipes: bytes held beyond the socket buffer before send() refuses (ENOBUFS) and the "
+        "pipe stops being read (at least 64KiB; keep it above platform.high_watermark)"),
     OPT("handshake_timeout", EMX_OPT_DURATION, "10s", handshake_timeout,
         "time allowed for a TCP/TLS/HTTP upgrade handshake"),
     OPT("close_timeout", EMX_OPT_DURATION, "5s", close_timeout,
         "time allowed to flush queued data and the close frame before dropping"),
-    OPT("max_http_header_pool", EMX_OPT_INT, "256", max_http_header_pool,
-        "edges accepted and not yet upgraded at once (header buffers); the rest wait in "
-        "the listen backlog"),
+    OPT("max_http_header_pool", EMX_OPT_INT, "1024", max_http_header_pool,
+        "edges accepted and not yet upgraded at once; when full, the oldest is dropped once "
+        "it is handshake_evict old, else the rest wait in the listen backlog"),
+    OPT("handshake_evict", EMX_OPT_DURATION, "100ms", handshake_evict,
+        "a full handshake pool drops its oldest socket once it has had this long to upgrade "
+        "(silent or held sockets cannot lock devices out)"),
+    OPT("max_queued_control", EMX_OPT_SIZE, "64KiB", max_queued_control,
+        "an edge with more bytes queued than this gets no pong for its pings"),
     OPT("listen_backlog", EMX_OPT_INT, "65535", listen_backlog,
         "listen backlog of edge listeners; the kernel caps it at net.core.somaxconn"),
     OPT("fd_reserve", EMX_OPT_INT, "256", fd_reserve,
@@ -135,13 +152,12 @@ struct ws_qmsg {
 
 enum ws_conn_state { CONN_CONNECTING, CONN_OPEN, CONN_GONE };
 
-struct ws_listener;
 struct ws_instance;
 
 struct emx_conn {
+    uint8_t kind; /* WS_KIND_PIPE: first, see edge.h */
     struct ws_instance *inst;
     struct lws *wsi;
-    struct ws_listener *lst; /* NULL for pipes */
     const struct emx_conn_callbacks *cb;
     void *user;
     struct emx_conn *prev, *next; /* instance's list of attached connections */
@@ -202,6 +218,16 @@ struct ws_pipe {
     char *path, *hosthdr; /* "host:port", for Host, SNI and the name check */
     uint16_t port;
     int ssl_flags;
+    /* Bounded work for a platform that stops reading (pipe_rx_update). */
+    bool rx_paused;   /* lws reads nothing from it now */
+    bool core_paused; /* pause_read() from the core */
+    bool over_cap;    /* queue reached pipe_max_queued; cleared at half */
+    bool ctl_paused;  /* over its control frame budget until the next tick */
+    bool pong_owed;   /* raw: pong for the latest ping, sent when nothing waits */
+    uint8_t pong_len;
+    uint16_t ctl_count; /* raw: pings and pongs read this tick */
+    uint64_t tx_ok;     /* uv_now() ms when writes last progressed or nothing waited */
+    uint8_t pong[125];
 };
 
 /* One host name lookup. Connects to the same name share it; it outlives
@@ -212,23 +238,6 @@ struct ws_resolve {
     struct ws_resolve *next;
     struct emx_conn *waiters; /* through pp->rnext */
     char host[];
-};
-
-struct ws_listener {
-    struct ws_listener *next;
-    struct ws_instance *inst;
-    struct lws_vhost *vh;
-    struct emx_conn_callbacks cb;
-    void *user;
-    char *path;
-    char *cert, *key; /* TLS files, for reload_tls */
-    size_t max_msg;
-    int port;
-    int fd;          /* listening socket, accepted from by accept_cb */
-    uv_poll_t *poll; /* NULL once closing (freed by its close callback) */
-    bool polling;
-    bool tls;
-    bool closed;
 };
 
 struct ws_client_vhost {
@@ -259,31 +268,23 @@ struct ws_instance {
     uv_timer_t sweep;
     uv_timer_t teardown;
     uv_timer_t pipe_timer;   /* pings and silence checks of raw pipes */
-    uv_timer_t accept_retry; /* ends the pause after an accept error */
     /* Edge sockets adopted by lws and not yet destroyed, and those of them
      * not yet upgraded; wsi opaque data points at one of the tags. */
-    unsigned edge_socks, edge_shakes, edge_sock_cap;
-    uint8_t tag_shaking, tag_open;
-    bool accept_paused;
-    uint64_t accept_err_logged;
     struct emx_conn *pipes;
     size_t pmd_conns;       /* open connections with permessage-deflate */
     struct emx_conn *conns; /* attached connections */
     struct emx_conn *sweep_cursor;
     size_t conn_count;
     struct emx_conn *reap_head, *reap_tail;
-    struct ws_listener *listeners;
+    struct edge_hub *edges; /* edges: accept, upgrade, framing (edge.c) */
     struct ws_client_vhost *cvhosts;
     struct ws_resolve *resolves; /* lookups under way */
     char res_failed[64];         /* last name that did not resolve, and when it was logged */
     uint64_t res_failed_logged;
     unsigned vhost_seq;
     struct lws *pmd_wsi; /* wsi whose permessage-deflate was just constructed */
-    struct lws_protocols edge_protocols[2];
     struct lws_protocols pipe_protocols[2];
-    struct lws_extension edge_exts[2];
     struct lws_extension pipe_exts[2];
-    lws_retry_bo_t edge_retry;
     lws_retry_bo_t pipe_retry;
     lws_retry_bo_t raw_retry; /* all zero: raw pipes keep their own time */
     uint8_t *scratch;         /* LWS_PRE + a frame: direct writes of borrowed bytes */
@@ -466,12 +467,8 @@ static void conn_gone(struct emx_conn *c, uint16_t code, const char *reason)
     c->rx = NULL;
     c->rx_len = c->rx_cap = 0;
     if (!c->reported) {
-        /* on_accept refused it, or connect() failed before returning */
-        if (!c->lst) {
-            c->reap_next = NULL;
-            return; /* connect() frees it */
-        }
-        conn_free(c);
+        /* connect() failed before returning: it frees it */
+        c->reap_next = NULL;
         return;
     }
     c->reap_next = NULL;
@@ -489,24 +486,6 @@ static void set_int_opt(int fd, int level, int name, int v)
 {
     /* Best effort: a failure only weakens dead-peer detection. */
     (void)setsockopt(fd, level, name, &v, sizeof(v));
-}
-
-static void tune_edge_socket(struct ws_instance *inst, int fd)
-{
-    const struct ws_config *cfg = &inst->cfg;
-
-    if (fd < 0)
-        return;
-    if (cfg->tcp_keepalive_idle) {
-        set_int_opt(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
-        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPIDLE, (int)secs_of(cfg->tcp_keepalive_idle));
-        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPINTVL, (int)secs_of(cfg->tcp_keepalive_interval));
-        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPCNT,
-                    cfg->tcp_keepalive_count > 0 ? (int)cfg->tcp_keepalive_count : 1);
-    }
-    if (cfg->tcp_user_timeout)
-        set_int_opt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT,
-                    cfg->tcp_user_timeout > INT_MAX ? INT_MAX : (int)cfg->tcp_user_timeout);
 }
 
 static void peer_string(int fd, char *out, size_t outlen)
@@ -664,9 +643,7 @@ static int queue_drain(struct emx_conn *c)
                 uint8_t *f = m->buf + LWS_PRE;
 
                 memcpy(f, empty, sizeof(empty));
-                if (c->lst)
-                    f[1] = 0; /* servers do not mask */
-                if (lws_write(c->wsi, f, c->lst ? 2 : 6, LWS_WRITE_RAW) < 0)
+                if (lws_write(c->wsi, f, 6, LWS_WRITE_RAW) < 0)
                     return -EIO;
                 queue_pop(c);
                 continue;
@@ -785,6 +762,44 @@ static int send_close_frame(struct emx_conn *c);
 #define BATCH_CAP       65536u /* gathered bytes per pipe before an early write */
 #define BATCH_FRAME_MAX 16384u /* larger messages are written on their own */
 
+#define PIPE_QUEUED_MIN 65536u
+#define RAW_CTL_BUDGET  64 /* pings and pongs read from a raw pipe per pipe_timer tick */
+
+static size_t pipe_cap(const struct ws_instance *inst)
+{
+    uint64_t cap = inst->cfg.pipe_max_queued;
+
+    if (cap < PIPE_QUEUED_MIN)
+        cap = PIPE_QUEUED_MIN;
+    return cap > SIZE_MAX / 2 ? SIZE_MAX / 2 : (size_t)cap;
+}
+
+/* Read a pipe only while what it sends can be answered: paused while the
+ * core asks, while its control frames are over budget, while its queue is
+ * over pipe_max_queued (until half of it drained) and while lws holds a
+ * partial write. lws 4.1.6 reads nothing from a raw socket with a partial
+ * write, and the level-triggered POLLIN it leaves armed spins the loop. */
+static void pipe_rx_update(struct emx_conn *c)
+{
+    struct ws_pipe *pp = c->pp;
+    size_t cap = pipe_cap(c->inst);
+    bool want;
+
+    if (!pp || c->state != CONN_OPEN || !c->wsi)
+        return;
+    if (c->qbytes >= cap)
+        pp->over_cap = true;
+    else if (c->qbytes <= cap / 2)
+        pp->over_cap = false;
+    want = pp->core_paused || pp->ctl_paused || pp->over_cap || lws_partial_buffered(c->wsi);
+    if (want == pp->rx_paused)
+        return;
+    pp->rx_paused = want;
+    (void)lws_rx_flow_control(c->wsi, want ? 0 : 1);
+    if (!want)
+        lws_kick(c->inst); /* replays what lws buffered meanwhile */
+}
+
 /* Write what a pipe gathered: one system call for every frame the loop
  * iteration produced. lws keeps what the socket does not take. */
 static int raw_flush(struct emx_conn *c)
@@ -796,9 +811,25 @@ static int raw_flush(struct emx_conn *c)
     c->pp->batch_len = 0;
     if (lws_write(c->wsi, c->pp->batch + LWS_PRE, n, LWS_WRITE_RAW) < 0)
         return -EIO;
-    if (lws_partial_buffered(c->wsi))
+    if (lws_partial_buffered(c->wsi)) {
         c->was_queued = true; /* on_writable once lws has written the rest */
+        pipe_rx_update(c);
+    }
     return 0;
+}
+
+static int raw_send(struct emx_conn *c, uint8_t op, const uint8_t *data, size_t len);
+
+/* RFC 6455 5.5.3: only the latest ping needs its pong. It goes out when
+ * nothing is queued, so a peer flooding pings and not reading costs one
+ * pending pong, not a queue of them. */
+static int raw_pong(struct emx_conn *c)
+{
+    if (!c->pp->pong_owed || c->state != CONN_OPEN || c->closing || !c->wsi || c->qh ||
+        lws_partial_buffered(c->wsi))
+        return 0;
+    c->pp->pong_owed = false;
+    return raw_send(c, 0xA, c->pp->pong, c->pp->pong_len);
 }
 
 static void flush_pipes(struct ws_instance *inst)
@@ -807,7 +838,7 @@ static void flush_pipes(struct ws_instance *inst)
 
     for (c = inst->pipes; c; c = n) {
         n = c->pp->pnext;
-        if (c->pp->batch_len && raw_flush(c))
+        if ((c->pp->pong_owed && raw_pong(c)) || (c->pp->batch_len && raw_flush(c)))
             conn_kill(c, 1006, "write failed");
     }
 }
@@ -877,16 +908,24 @@ static int ws_send(struct emx_conn *c, const uint8_t *data, size_t len)
     size_t off = 0;
     int rc;
 
+    if (ws_is_edge(c))
+        return edge_send(c, data, len);
     if (!c || c->state != CONN_OPEN || c->closing || !c->wsi)
         return -EPIPE;
     if (!data && len)
         return -EINVAL;
+    /* A platform that stops reading must not grow memory: past the cap
+     * the core answers for itself (0xA0 to a device's request). */
+    if (c->pp && c->qbytes >= pipe_cap(c->inst))
+        return -ENOBUFS;
     if (c->raw) {
         rc = raw_send(c, 0x2, data, len);
         if (rc == -EIO)
             conn_kill(c, 1006, "write failed");
         else if (rc)
             conn_kill(c, 1011, "out of memory");
+        else
+            pipe_rx_update(c);
         return rc;
     }
     if (c->deflate || c->qh || lws_partial_buffered(c->wsi)) {
@@ -942,6 +981,8 @@ static size_t ws_buffered(struct emx_conn *c)
     int q = 0;
     int fd;
 
+    if (ws_is_edge(c))
+        return edge_buffered(c);
     if (!c || c->state == CONN_GONE || !c->wsi)
         return 0;
     /* The core asks at the end of a loop iteration: what a pipe gathered
@@ -958,8 +999,15 @@ static size_t ws_buffered(struct emx_conn *c)
 
 static int ws_pause_read(struct emx_conn *c, bool pause)
 {
+    if (ws_is_edge(c))
+        return edge_pause_read(c, pause);
     if (!c || c->state == CONN_GONE || !c->wsi)
         return -ENOTCONN;
+    if (c->pp) { /* pipes pause for reasons of their own too */
+        c->pp->core_paused = pause;
+        pipe_rx_update(c);
+        return 0;
+    }
     if (lws_rx_flow_control(c->wsi, pause ? 0 : 1) < 0)
         return -EIO;
     /* input lws buffered while paused is replayed from its idle handler */
@@ -970,7 +1018,10 @@ static int ws_pause_read(struct emx_conn *c, bool pause)
 
 static void ws_close(struct emx_conn *c, uint16_t code, const char *reason)
 {
-    if (c && c->state == CONN_CONNECTING && c->pp && c->pp->res) {
+    if (ws_is_edge(c)) {
+        edge_close(c, code, reason);
+        return;
+    }    if (c && c->state == CONN_CONNECTING && c->pp && c->pp->res) {
         /* still looking its host up: no socket yet, on_close follows */
         conn_gone(c, code ? code : 1000, reason);
         return;
@@ -1122,8 +1173,11 @@ static int raw_close_now(struct emx_conn *c, uint16_t code, const char *reason)
 static int raw_frame_end(struct emx_conn *c)
 {
     switch (c->pp->raw_op) {
-    case 0x9: /* ping: pong with its payload */
-        return raw_send(c, 0xA, c->pp->ctl, c->pp->ctl_len) ? -1 : 0;
+    case 0x9: /* ping: its pong goes out from flush_pipes (raw_pong) */
+        memcpy(c->pp->pong, c->pp->ctl, c->pp->ctl_len);
+        c->pp->pong_len = c->pp->ctl_len;
+        c->pp->pong_owed = true;
+        return 0;
     case 0xA:
         return 0;
     case 0x8: { /* the peer closes: keep its code, echo it, hang up */
@@ -1184,6 +1238,12 @@ static int raw_header(struct emx_conn *c)
         if (!fin || plen > 125 || op > 0xA)
             return raw_close_now(c, 1002, "protocol error");
         c->pp->ctl_len = 0;
+        /* a ping flood is read at a bounded rate (the rest of this read is
+         * parsed, then lws reads no more until the next tick) */
+        if (op != 0x8 && ++c->pp->ctl_count >= RAW_CTL_BUDGET && !c->pp->ctl_paused) {
+            c->pp->ctl_paused = true;
+            pipe_rx_update(c);
+        }
     } else if (op == 0x1) {
         return raw_close_now(c, 1003, "text frames are not accepted");
     } else if ((op == 0x0) != c->rx_in_msg || op > 0x2) {
@@ -1301,7 +1361,7 @@ static int raw_upgrade_rx(struct ws_instance *inst, struct emx_conn *c, struct l
     free(c->pp->req);
     c->pp->req = NULL;
     lws_set_timeout(wsi, NO_PENDING_TIMEOUT, 0);
-    c->pp->last_rx = c->pp->last_ping = uv_now(inst->loop);
+    c->pp->last_rx = c->pp->last_ping = c->pp->tx_ok = uv_now(inst->loop);
     c->pp->pnext = inst->pipes;
     if (inst->pipes)
         inst->pipes->pp->pprev = c;
@@ -1342,8 +1402,8 @@ static int send_close_frame(struct emx_conn *c)
     if (rl > WS_REASON_MAX)
         rl = WS_REASON_MAX;
     p[h++] = 0x88; /* FIN + close */
-    p[h++] = (uint8_t)((c->lst ? 0 : 0x80) | (2 + rl));
-    if (!c->lst) { /* a client masks; a zero key leaves the payload as is */
+    p[h++] = (uint8_t)(0x80 | (2 + rl));
+    { /* a client masks; a zero key leaves the payload as is */
         memset(p + h, 0, 4);
         h += 4;
     }
@@ -1360,6 +1420,13 @@ static int handle_writeable(struct emx_conn *c)
         return 0;
     if (queue_drain(c))
         return conn_close_now(c, 1006, "write failed");
+    if (c->pp) {
+        /* the socket took data: the peer reads */
+        c->pp->tx_ok = uv_now(c->inst->loop);
+        if (c->raw && raw_pong(c))
+            return conn_close_now(c, 1006, "write failed");
+        pipe_rx_update(c);
+    }
     if (c->qh) {
         lws_callback_on_writable(c->wsi);
         return 0;
@@ -1443,227 +1510,6 @@ static void pmd_fit_frames(struct emx_conn *c)
     lws_set_extension_option(c->wsi, "permessage-deflate", "tx_buf_size", v);
 }
 
-/* ---- accepting edges ------------------------------------------------------ */
-
-/* The plugin accepts edge sockets itself and hands them to lws
- * (lws_adopt_descriptor_vhost). lws 4.1 accepts the whole listen backlog at
- * once, and each connection it holds before its upgrade has a timeout in one
- * sorted list that every insertion walks: a reconnect storm of N edges cost
- * O(N^2) there (docs/benchmarks.md). Here at most max_http_header_pool
- * sockets are between accept and upgrade; the others wait in the kernel's
- * backlog. Accepting also stops at the open-file limit minus fd_reserve, so
- * a storm that arrives while the old sockets are still open waits in the
- * backlog instead of failing with EMFILE. */
-
-#define ACCEPT_BATCH    64  /* accepts per poll callback: other sockets get their turn */
-#define ACCEPT_PAUSE_MS 100 /* after EMFILE, ENFILE, ENOBUFS, ENOMEM */
-
-static unsigned edge_socket_cap(struct ws_instance *inst)
-{
-    struct rlimit rl;
-    uint64_t reserve = (uint64_t)inst->cfg.fd_reserve, cur;
-
-    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
-        return UINT_MAX;
-    cur = (uint64_t)rl.rlim_cur;
-    if (cur <= reserve) {
-        LOG(inst, EMX_LOG_WARN,
-            "ws: open-file limit %" PRIu64 " is not above fd_reserve %" PRIu64
-            ": edges capped at %" PRIu64,
-            cur, reserve, cur / 2);
-        return (unsigned)(cur / 2);
-    }
-    return cur - reserve > UINT_MAX ? UINT_MAX : (unsigned)(cur - reserve);
-}
-
-/* Stop polling at the caps; poll again once three quarters of the handshake
- * cap is free, so polling is not switched for every connection. */
-static bool accept_allowed(const struct ws_instance *inst, bool resuming)
-{
-    unsigned cap = (unsigned)inst->cfg.max_http_header_pool;
-
-    if (inst->state != INST_RUNNING || inst->accept_paused ||
-        inst->edge_socks >= inst->edge_sock_cap)
-        return false;
-    return resuming ? inst->edge_shakes <= cap - (cap * 3 + 3) / 4 : inst->edge_shakes < cap;
-}
-
-static void accept_cb(uv_poll_t *h, int status, int events);
-
-static void accept_modulate(struct ws_instance *inst)
-{
-    for (struct ws_listener *l = inst->listeners; l; l = l->next) {
-        bool want;
-
-        if (l->closed || !l->poll)
-            continue;
-        want = accept_allowed(inst, !l->polling);
-        if (want == l->polling)
-            continue;
-        if (!want)
-            uv_poll_stop(l->poll);
-        else if (uv_poll_start(l->poll, UV_READABLE, accept_cb) != 0)
-            continue;
-        l->polling = want;
-    }
-}
-
-static void accept_retry_cb(uv_timer_t *t)
-{
-    struct ws_instance *inst = t->data;
-
-    inst->accept_paused = false;
-    accept_modulate(inst);
-}
-
-static void accept_pause(struct ws_instance *inst, int err)
-{
-    uint64_t now = uv_now(inst->loop);
-
-    if (!inst->accept_err_logged || now - inst->accept_err_logged >= 10000) {
-        inst->accept_err_logged = now;
-        LOG(inst, EMX_LOG_WARN, "ws: accept failed (%s) with %u edge sockets open: pausing %d ms",
-            strerror(err), inst->edge_socks, ACCEPT_PAUSE_MS);
-    }
-    inst->accept_paused = true;
-    uv_timer_start(&inst->accept_retry, accept_retry_cb, ACCEPT_PAUSE_MS, 0);
-    accept_modulate(inst);
-}
-
-static void accept_cb(uv_poll_t *h, int status, int events)
-{
-    struct ws_listener *l = h->data;
-    struct ws_instance *inst = l->inst;
-    int n;
-
-    (void)events;
-    if (status < 0) {
-        accept_pause(inst, -status);
-        return;
-    }
-    for (n = 0; n < ACCEPT_BATCH && !l->closed && accept_allowed(inst, false); n++) {
-        lws_sock_file_fd_type d;
-        struct lws *wsi;
-        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-
-        if (fd < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            /* the peer gave up while it waited in the backlog */
-            if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM)
-                continue;
-            accept_pause(inst, errno);
-            break;
-        }
-        set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
-        tune_edge_socket(inst, fd);
-        d.sockfd = fd;
-        wsi = lws_adopt_descriptor_vhost(
-            l->vh, LWS_ADOPT_SOCKET | LWS_ADOPT_HTTP | (l->tls ? LWS_ADOPT_ALLOW_SSL : 0), d, NULL,
-            NULL);
-        if (!wsi)
-            continue; /* lws closed the socket */
-        lws_set_opaque_user_data(wsi, &inst->tag_shaking);
-        inst->edge_socks++;
-        inst->edge_shakes++;
-    }
-    accept_modulate(inst);
-}
-
-/* The edge's upgrade finished (accepted or refused by the core). */
-static void edge_upgraded(struct ws_instance *inst, struct lws *wsi)
-{
-    if (lws_get_opaque_user_data(wsi) != &inst->tag_shaking)
-        return;
-    lws_set_opaque_user_data(wsi, &inst->tag_open);
-    inst->edge_shakes--;
-    accept_modulate(inst);
-}
-
-static void edge_socket_gone(struct ws_instance *inst, struct lws *wsi)
-{
-    void *tag = lws_get_opaque_user_data(wsi);
-
-    if (tag != &inst->tag_shaking && tag != &inst->tag_open)
-        return;
-    lws_set_opaque_user_data(wsi, NULL);
-    inst->edge_socks--;
-    if (tag == &inst->tag_shaking)
-        inst->edge_shakes--;
-    accept_modulate(inst);
-}
-
-static void listener_poll_closed(uv_handle_t *h)
-{
-    struct ws_listener *l = h->data;
-
-    if (l->fd >= 0)
-        close(l->fd);
-    l->fd = -1;
-    l->inst->handles_open--;
-    free(h);
-}
-
-/* No more accepts; the socket closes once libuv has let go of it. */
-static void listener_stop(struct ws_listener *l)
-{
-    l->polling = false;
-    if (l->poll) {
-        uv_close((uv_handle_t *)l->poll, listener_poll_closed);
-        l->poll = NULL;
-    } else if (l->fd >= 0) {
-        close(l->fd);
-        l->fd = -1;
-    }
-}
-
-/* A listening socket: host "" "*" or "::" is every address, IPv6 and IPv4
- * (IPv4 alone where there is no IPv6); anything else as getaddrinfo reads it. */
-static int listen_socket(struct ws_instance *inst, const char *host, int port, int *out)
-{
-    struct addrinfo hints, *res = NULL, *ai;
-    bool any6 = !host[0] || !strcmp(host, "*") || !strcmp(host, "::");
-    char service[8];
-    int rc, err = EADDRNOTAVAIL;
-
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    hints.ai_family = any6 ? AF_INET6 : AF_UNSPEC;
-    snprintf(service, sizeof(service), "%d", port);
-    rc = getaddrinfo(any6 ? NULL : host, service, &hints, &res);
-    if (rc != 0 && any6) {
-        hints.ai_family = AF_INET;
-        rc = getaddrinfo(NULL, service, &hints, &res);
-    }
-    if (rc != 0) {
-        LOG(inst, EMX_LOG_ERROR, "ws: cannot resolve listen address \"%s\": %s", host,
-            gai_strerror(rc));
-        return -EINVAL;
-    }
-    for (ai = res; ai; ai = ai->ai_next) {
-        int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
-        if (ai->ai_family == AF_INET6 && any6)
-            set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
-            listen(fd, (int)inst->cfg.listen_backlog) == 0) {
-            freeaddrinfo(res);
-            *out = fd;
-            return 0;
-        }
-        err = errno;
-        close(fd);
-    }
-    freeaddrinfo(res);
-    return -err;
-}
-
 /* ---- lws protocol callback ------------------------------------------------ */
 
 static struct emx_conn *conn_new(struct ws_instance *inst)
@@ -1673,76 +1519,6 @@ static struct emx_conn *conn_new(struct ws_instance *inst)
     if (c)
         c->inst = inst;
     return c;
-}
-
-static int on_established(struct ws_instance *inst, struct lws *wsi)
-{
-    struct ws_listener *l = lws_get_vhost_user(lws_get_vhost(wsi));
-    char peer[64], xff[256], frame[24], key[256];
-    struct emx_conn_info info = {0};
-    struct emx_conn *c;
-    int fd = (int)lws_get_socket_fd(wsi);
-    bool deflate = inst->pmd_wsi == wsi;
-    void *user;
-
-    inst->pmd_wsi = NULL;
-    edge_upgraded(inst, wsi);
-    if (!l || l->closed || inst->state != INST_RUNNING)
-        return -1;
-    c = conn_new(inst);
-    if (!c)
-        return -1;
-    c->lst = l;
-    c->cb = &l->cb;
-    c->max_msg = l->max_msg;
-    c->deflate = deflate;
-    c->max_frame = (uint32_t)inst->cfg.default_max_frame_size;
-    if (lws_hdr_custom_copy(wsi, frame, sizeof(frame), "max-frame-size:", 15) > 0) {
-        char *end;
-        unsigned long v = strtoul(frame, &end, 10);
-
-        if (end != frame && *end == '\0' && v > 0) {
-            info.max_frame_size = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
-            c->max_frame = info.max_frame_size;
-        }
-    }
-    if (c->max_frame > WS_MAX_FRAME)
-        c->max_frame = WS_MAX_FRAME;
-    if (c->max_frame < WS_MIN_FRAME)
-        c->max_frame = WS_MIN_FRAME;
-    peer_string(fd, peer, sizeof(peer));
-    info.peer = peer;
-    if (lws_hdr_copy(wsi, xff, sizeof(xff), WSI_TOKEN_X_FORWARDED_FOR) > 0)
-        info.forwarded_for = xff;
-    if (lws_hdr_custom_copy(wsi, key, sizeof(key), "appkey:", 7) > 0)
-        info.app_key = key;
-    info.deflate = deflate;
-    info.tls = l->tls;
-
-    c->wsi = wsi;
-    c->state = CONN_OPEN;
-    lws_set_wsi_user(wsi, c);
-    conn_link(inst, c);
-    if (deflate)
-        pmd_fit_frames(c);
-    if (!inst->sweep_cursor)
-        inst->sweep_cursor = c;
-
-    user = l->cb.on_accept ? l->cb.on_accept(l->user, c, &info) : NULL;
-    memset(key, 0, sizeof(key));
-    if (c->state == CONN_GONE) /* cannot happen from inside a callback; be safe */
-        return -1;
-    if (!user) {
-        lws_set_wsi_user(wsi, NULL);
-        conn_unlink(inst, c);
-        conn_free(c);
-        return -1;
-    }
-    c->user = user;
-    c->reported = true;
-    if (deflate)
-        inst->pmd_conns++;
-    return 0;
 }
 
 static void on_client_established(struct ws_instance *inst, struct emx_conn *c, struct lws *wsi)
@@ -1769,30 +1545,6 @@ static void on_client_established(struct ws_instance *inst, struct emx_conn *c, 
         c->cb->on_open(c->user, c, &info);
 }
 
-static bool path_matches(struct lws *wsi, const char *want)
-{
-    char uri[512];
-    int n = lws_hdr_copy(wsi, uri, sizeof(uri), WSI_TOKEN_GET_URI);
-
-    if (n <= 0)
-        return false;
-    /* ignore a query string */
-    {
-        char *q = strchr(uri, '?');
-
-        if (q)
-            *q = '\0';
-    }
-    return strcmp(uri, want) == 0;
-}
-
-static int http_404(struct lws *wsi)
-{
-    if (lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, NULL))
-        return -1;
-    return lws_http_transaction_completed(wsi) ? -1 : 0;
-}
-
 static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
                        size_t len)
 {
@@ -1804,23 +1556,6 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
     if (!inst)
         return 0;
     switch (reason) {
-    case LWS_CALLBACK_HTTP:
-        return http_404(wsi);
-    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE: {
-        struct ws_listener *l = lws_get_vhost_user(lws_get_vhost(wsi));
-
-        if (l && !l->closed && path_matches(wsi, l->path))
-            return 0;
-        /* answered here: lws completes the transaction and hangs up */
-        return lws_return_http_status(wsi, HTTP_STATUS_NOT_FOUND, NULL) ? -1 : 1;
-    }
-    case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION: {
-        struct ws_listener *l = lws_get_vhost_user(lws_get_vhost(wsi));
-
-        return (!l || l->closed || !path_matches(wsi, l->path)) ? -1 : 0;
-    }
-    case LWS_CALLBACK_ESTABLISHED:
-        return on_established(inst, wsi);
     case LWS_CALLBACK_CLIENT_ESTABLISHED:
         c = lws_wsi_user(wsi);
         if (!c)
@@ -1906,8 +1641,6 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
     case LWS_CALLBACK_CLIENT_CLOSED:
     case LWS_CALLBACK_RAW_CLOSE:
     case LWS_CALLBACK_WSI_DESTROY:
-        if (reason == LWS_CALLBACK_WSI_DESTROY)
-            edge_socket_gone(inst, wsi);
         c = lws_wsi_user(wsi);
         if (c) {
             c->wsi = c->wsi ? c->wsi : wsi;
@@ -1921,30 +1654,6 @@ static int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *
 }
 
 /* ---- idle sweep ----------------------------------------------------------- */
-
-static void sweep_cb(uv_timer_t *t)
-{
-    struct ws_instance *inst = t->data;
-    uint64_t period = inst->cfg.idle_sweep_period ? inst->cfg.idle_sweep_period : 10000;
-    uint64_t tick = uv_timer_get_repeat(t);
-    size_t slice = (size_t)(inst->conn_count * tick / period) + 1;
-
-    while (slice-- && inst->conn_count) {
-        struct emx_conn *c = inst->sweep_cursor ? inst->sweep_cursor : inst->conns;
-        struct tcp_info ti;
-        socklen_t tl = sizeof(ti);
-        int fd;
-
-        inst->sweep_cursor = c->next;
-        if (!c->lst || c->state != CONN_OPEN)
-            continue;
-        fd = (int)lws_get_socket_fd(c->wsi);
-        if (fd < 0 || getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) != 0)
-            continue;
-        if ((uint64_t)ti.tcpi_last_data_recv >= inst->cfg.edge_idle_timeout)
-            conn_kill(c, 1001, "idle timeout");
-    }
-}
 
 /* ---- after each loop iteration: pipe writes, pmd stall fix ---------------- */
 
@@ -1978,7 +1687,16 @@ static void pipe_timer_cb(uv_timer_t *t)
         n = c->pp->pnext;
         if (c->state != CONN_OPEN || c->closing || !c->wsi)
             continue;
-        if (hangup && now - c->pp->last_rx >= hangup) {
+        c->pp->ctl_count = 0;
+        c->pp->ctl_paused = false;
+        pipe_rx_update(c);
+        if (!c->qh && !lws_partial_buffered(c->wsi))
+            c->pp->tx_ok = now;
+        if (c->pp->rx_paused)
+            c->pp->last_rx = now; /* silence while we do not read is ours */
+        if (hangup && now - c->pp->tx_ok >= hangup) {
+            conn_kill(c, 1006, "stalled: the platform stopped reading");
+        } else if (hangup && now - c->pp->last_rx >= hangup) {
             conn_kill(c, 1006, "no data or pong from the peer");
         } else if (ping && now - c->pp->last_rx >= ping && now - c->pp->last_ping >= ping) {
             c->pp->last_ping = now;
@@ -2016,12 +1734,15 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
         cfg->rx_buffer_size > (1u << 20) || cfg->default_max_frame_size < WS_MIN_FRAME ||
         cfg->default_max_frame_size > WS_MAX_FRAME || cfg->max_http_header_pool < 1 ||
         cfg->max_http_header_pool > 65535 || cfg->listen_backlog < 1 ||
-        cfg->listen_backlog > 65535 || cfg->fd_reserve < 16 || cfg->fd_reserve > 1000000) {
+        cfg->listen_backlog > 65535 || cfg->fd_reserve < 16 || cfg->fd_reserve > 1000000 ||
+        cfg->inflate_window_bits < 9 || cfg->inflate_window_bits > 15 ||
+        cfg->handshake_evict > cfg->handshake_timeout || cfg->max_queued_control < 256) {
         host->log(host, EMX_LOG_ERROR,
                   "ws: invalid option (deflate_window_bits 9..15, deflate_mem_level 1..9, "
                   "rx_buffer_size 128..1MiB, default_max_frame_size 64..65535, "
                   "max_http_header_pool 1..65535, listen_backlog 1..65535, "
-                  "fd_reserve 16..1000000)");
+                  "fd_reserve 16..1000000, inflate_window_bits 9..15, handshake_evict <= "
+                  "handshake_timeout, max_queued_control >= 256)");
         return -EINVAL;
     }
     inst = ws_zalloc(sizeof(*inst));
@@ -2043,6 +1764,35 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
     }
     inst->loop = host->loop;
     inst->loops[0] = host->loop;
+    {
+        struct edge_settings es = {
+            .deflate = cfg->deflate,
+            .deflate_window_bits = (uint8_t)cfg->deflate_window_bits,
+            .inflate_window_bits = (uint8_t)cfg->inflate_window_bits,
+            .deflate_mem_level = (uint8_t)cfg->deflate_mem_level,
+            .idle_timeout_ms = cfg->edge_idle_timeout,
+            .idle_sweep_period_ms = cfg->idle_sweep_period,
+            .keepalive_idle_ms = cfg->tcp_keepalive_idle,
+            .keepalive_interval_ms = cfg->tcp_keepalive_interval,
+            .keepalive_count = (int)cfg->tcp_keepalive_count,
+            .user_timeout_ms = cfg->tcp_user_timeout,
+            .default_max_frame = (uint32_t)cfg->default_max_frame_size,
+            .handshake_timeout_ms = cfg->handshake_timeout,
+            .close_timeout_ms = cfg->close_timeout,
+            .handshake_pool = (unsigned)cfg->max_http_header_pool,
+            .handshake_evict_ms = cfg->handshake_evict,
+            .listen_backlog = (int)cfg->listen_backlog,
+            .fd_reserve = (unsigned)cfg->fd_reserve,
+            .max_queued_control = (size_t)cfg->max_queued_control,
+        };
+
+        inst->edges = edge_hub_new(host->loop, host, &es);
+        if (!inst->edges) {
+            free(inst->scratch);
+            free(inst);
+            return -ENOMEM;
+        }
+    }
     *out = inst;
     return 0;
 }
@@ -2052,24 +1802,17 @@ static void init_tables(struct ws_instance *inst)
     const struct ws_config *cfg = &inst->cfg;
     struct lws_protocols *p;
 
-    p = &inst->edge_protocols[0];
-    p->name = "emx-edge";
+    p = &inst->pipe_protocols[0];
+    p->name = "emx-pipe";
     p->callback = ws_callback;
     p->rx_buffer_size = (size_t)cfg->rx_buffer_size;
     /* lws sends at most this per socket write and buffers the rest */
     p->tx_packet_size = WS_MAX_FRAME + 16;
-    inst->pipe_protocols[0] = *p;
-    inst->pipe_protocols[0].name = "emx-pipe";
 
-    inst->edge_exts[0].name = "permessage-deflate";
-    inst->edge_exts[0].callback = pmd_wrapper;
-    inst->edge_exts[0].client_offer = "permessage-deflate";
-    inst->pipe_exts[0] = inst->edge_exts[0];
+    inst->pipe_exts[0].name = "permessage-deflate";
+    inst->pipe_exts[0].callback = pmd_wrapper;
     inst->pipe_exts[0].client_offer = "permessage-deflate; client_max_window_bits";
 
-    /* Edges never answer server pings: lws must not ping or hang up. */
-    inst->edge_retry.secs_since_valid_ping = 0;
-    inst->edge_retry.secs_since_valid_hangup = 0;
     /* Pipes are answered by platforms: lws pings and hangs up on silence. */
     inst->pipe_retry.secs_since_valid_ping = (uint16_t)secs_of(cfg->ping_interval);
     inst->pipe_retry.secs_since_valid_hangup = (uint16_t)secs_of(cfg->idle_read_timeout);
@@ -2106,32 +1849,24 @@ static int ws_start(void *instance)
         return -ENOMEM;
     }
 
-    inst->check.data = inst->reap.data = inst->sweep.data = inst->teardown.data = inst;
+    inst->check.data = inst->reap.data = inst->teardown.data = inst;
     uv_check_init(inst->loop, &inst->check);
     uv_idle_init(inst->loop, &inst->reap);
-    uv_timer_init(inst->loop, &inst->sweep);
     uv_timer_init(inst->loop, &inst->teardown);
     inst->pipe_timer.data = inst;
     uv_timer_init(inst->loop, &inst->pipe_timer);
-    inst->accept_retry.data = inst;
-    uv_timer_init(inst->loop, &inst->accept_retry);
     inst->flush_prep.data = inst;
     uv_prepare_init(inst->loop, &inst->flush_prep);
-    inst->handles_open = 7;
-    inst->edge_sock_cap = edge_socket_cap(inst);
+    inst->handles_open = 5;
     uv_check_start(&inst->check, check_cb);
     uv_prepare_start(&inst->flush_prep, flush_prep_cb);
     /* neither must keep the loop alive on its own */
     uv_unref((uv_handle_t *)&inst->check);
     uv_unref((uv_handle_t *)&inst->flush_prep);
-    if (inst->cfg.edge_idle_timeout) {
-        uint64_t tick = 1000;
-
-        if (inst->cfg.idle_sweep_period && inst->cfg.idle_sweep_period < tick)
-            tick = inst->cfg.idle_sweep_period;
-        rc = uv_timer_start(&inst->sweep, sweep_cb, tick, tick);
-        if (rc == 0)
-            uv_unref((uv_handle_t *)&inst->sweep);
+    rc = edge_hub_start(inst->edges);
+    if (rc) {
+        LOG(inst, EMX_LOG_ERROR, "ws: cannot start the edge side");
+        return rc;
     }
     {
         /* always ticking: it also ends host lookups that take too long */
@@ -2165,10 +1900,8 @@ static void teardown_finish(struct ws_instance *inst)
     reap_flush(inst);
     close_handle(inst, (uv_handle_t *)&inst->check);
     close_handle(inst, (uv_handle_t *)&inst->reap);
-    close_handle(inst, (uv_handle_t *)&inst->sweep);
     close_handle(inst, (uv_handle_t *)&inst->teardown);
     close_handle(inst, (uv_handle_t *)&inst->pipe_timer);
-    close_handle(inst, (uv_handle_t *)&inst->accept_retry);
     close_handle(inst, (uv_handle_t *)&inst->flush_prep);
 }
 
@@ -2205,8 +1938,7 @@ static void walk_cb(uv_handle_t *h, void *arg)
     struct ws_instance *inst = w->inst;
 
     if (h == (uv_handle_t *)&inst->check || h == (uv_handle_t *)&inst->reap ||
-        h == (uv_handle_t *)&inst->sweep || h == (uv_handle_t *)&inst->teardown ||
-        h == (uv_handle_t *)&inst->pipe_timer || h == (uv_handle_t *)&inst->accept_retry ||
+        h == (uv_handle_t *)&inst->teardown || h == (uv_handle_t *)&inst->pipe_timer ||
         h == (uv_handle_t *)&inst->flush_prep)
         return;
     /* lws's static handles carry the context; its socket watchers are polls */
@@ -2229,12 +1961,9 @@ static void ws_stop(void *instance)
     if (!inst || inst->state != INST_RUNNING)
         return;
     inst->state = INST_STOPPING;
-    for (struct ws_listener *l = inst->listeners; l; l = l->next)
-        listener_stop(l);
-    uv_timer_stop(&inst->accept_retry);
+    edge_hub_stop(inst->edges);
     flush_pipes(inst);
     uv_prepare_stop(&inst->flush_prep);
-    uv_timer_stop(&inst->sweep);
     uv_timer_stop(&inst->pipe_timer);
     uv_check_stop(&inst->check);
     /* lookups still queued end now; a running one cannot be stopped and
@@ -2261,15 +1990,10 @@ static void ws_destroy(void *instance)
     /* a lookup's callback uses the instance */
     while (inst->resolves)
         uv_run(inst->loop, UV_RUN_ONCE);
-    while (inst->listeners) {
-        struct ws_listener *l = inst->listeners;
-
-        inst->listeners = l->next;
-        free(l->path);
-        free(l->cert);
-        free(l->key);
-        free(l);
-    }
+    /* edges' poll handles report on_close from their close callbacks */
+    while (!edge_hub_closed(inst->edges))
+        uv_run(inst->loop, UV_RUN_NOWAIT);
+    edge_hub_free(inst->edges);
     while (inst->cvhosts) {
         struct ws_client_vhost *v = inst->cvhosts;
 
@@ -2287,202 +2011,40 @@ static void ws_destroy(void *instance)
     free(inst);
 }
 
-/* ---- listen --------------------------------------------------------------- */
-
-static int parse_address(const char *addr, char *host, size_t hostlen, int *port)
-{
-    const char *colon;
-    const char *h = addr;
-    size_t hl;
-    char *end;
-    long p;
-
-    if (!addr)
-        return -EINVAL;
-    if (addr[0] == '[') {
-        const char *rb = strchr(addr, ']');
-
-        if (!rb || rb[1] != ':')
-            return -EINVAL;
-        h = addr + 1;
-        hl = (size_t)(rb - h);
-        colon = rb + 1;
-    } else {
-        colon = strrchr(addr, ':');
-        if (!colon)
-            return -EINVAL;
-        hl = (size_t)(colon - addr);
-    }
-    if (hl >= hostlen)
-        return -EINVAL;
-    memcpy(host, h, hl);
-    host[hl] = '\0';
-    p = strtol(colon + 1, &end, 10);
-    if (*end || end == colon + 1 || p < 1 || p > 65535)
-        return -EINVAL;
-    *port = (int)p;
-    return 0;
-}
-
-static bool readable(const char *path)
-{
-    return path && access(path, R_OK) == 0;
-}
+/* ---- listen: edges are edge.c's ------------------------------------------- */
 
 static int ws_listen(void *instance, const struct emx_listen_spec *spec,
                      const struct emx_conn_callbacks *cb, void *user, struct emx_listener **out)
 {
     struct ws_instance *inst = instance;
-    struct lws_context_creation_info info;
-    struct ws_listener *l;
-    char host[64], name[32];
-    int port, rc;
+    struct edge_settings *es;
 
-    if (!inst || !spec || !cb || !out || !spec->path || !cb->on_message || !cb->on_close)
+    if (!inst || !spec)
         return -EINVAL;
     if (inst->state != INST_RUNNING)
         return -ESHUTDOWN;
+    /* the core's settings stand in for options left at their defaults */
+    es = edge_hub_settings(inst->edges);
     if (inst->core_idle && spec->idle_timeout_ms)
-        inst->cfg.edge_idle_timeout = spec->idle_timeout_ms;
+        es->idle_timeout_ms = spec->idle_timeout_ms;
     if (inst->core_deflate && spec->deflate != 0)
-        inst->cfg.deflate = spec->deflate > 0;
-    rc = parse_address(spec->address, host, sizeof(host), &port);
-    if (rc) {
-        LOG(inst, EMX_LOG_ERROR, "ws: bad listen address \"%s\" (want host:port)",
-            spec->address ? spec->address : "");
-        return rc;
-    }
-    if (spec->tls_cert && (!readable(spec->tls_cert) || !readable(spec->tls_key) ||
-                           (spec->tls_ca && !readable(spec->tls_ca)))) {
-        LOG(inst, EMX_LOG_ERROR, "ws: TLS certificate, key or CA file not readable");
-        return -ENOENT;
-    }
-    /* One listener per port: a second would only fail to bind, or with a
-     * different address share the port in a way nobody asked for. */
-    for (l = inst->listeners; l; l = l->next)
-        if (!l->closed && l->port == port) {
-            LOG(inst, EMX_LOG_ERROR, "ws: %s: port already has a listener", spec->address);
-            return -EADDRINUSE;
-        }
-    l = ws_zalloc(sizeof(*l));
-    if (!l)
-        return -ENOMEM;
-    l->port = port;
-    l->path = ws_strdup(spec->path);
-    if (!l->path) {
-        free(l);
-        return -ENOMEM;
-    }
-    l->inst = inst;
-    l->cb = *cb;
-    l->user = user;
-    l->max_msg = spec->max_message_size ? spec->max_message_size : SIZE_MAX;
-    l->tls = spec->tls_cert != NULL;
-    if (l->tls) {
-        l->cert = ws_strdup(spec->tls_cert);
-        l->key = ws_strdup(spec->tls_key);
-        if (!l->cert || !l->key) {
-            free(l->cert);
-            free(l->key);
-            free(l->path);
-            free(l);
-            return -ENOMEM;
-        }
-    }
-
-    l->fd = -1;
-    rc = listen_socket(inst, host, port, &l->fd);
-    if (rc == 0) {
-        l->poll = ws_zalloc(sizeof(*l->poll));
-        if (!l->poll || uv_poll_init(inst->loop, l->poll, l->fd) != 0) {
-            free(l->poll);
-            l->poll = NULL;
-            rc = -ENOMEM;
-        } else {
-            l->poll->data = l;
-            inst->handles_open++;
-        }
-    }
-    if (rc == 0) {
-        snprintf(name, sizeof(name), "edge-%u", ++inst->vhost_seq);
-        memset(&info, 0, sizeof(info));
-        info.vhost_name = name;
-        /* sockets come from accept_cb; the vhost only serves them */
-        info.port = CONTEXT_PORT_NO_LISTEN_SERVER;
-        info.protocols = inst->edge_protocols;
-        info.extensions = inst->cfg.deflate ? inst->edge_exts : NULL;
-        info.retry_and_idle_policy = &inst->edge_retry;
-        info.timeout_secs = secs_of(inst->cfg.handshake_timeout);
-        /* a socket that sends no request holds a header buffer: lws's own
-         * limit for that is 10 s whatever timeout_secs says */
-        info.timeout_secs_ah_idle = secs_of(inst->cfg.handshake_timeout);
-        info.user = l;
-        info.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
-        if (l->tls) {
-            info.ssl_cert_filepath = spec->tls_cert;
-            info.ssl_private_key_filepath = spec->tls_key;
-            if (spec->tls_ca) {
-                info.ssl_ca_filepath = spec->tls_ca;
-                if (spec->tls_require_client_cert)
-                    info.options |= LWS_SERVER_OPTION_REQUIRE_VALID_OPENSSL_CLIENT_CERT;
-            }
-        }
-        l->vh = lws_create_vhost(inst->ctx, &info);
-        if (!l->vh) {
-            LOG(inst, EMX_LOG_ERROR, "ws: cannot serve %s (TLS setup failed)", spec->address);
-            rc = -EINVAL;
-        }
-    } else if (rc != -EINVAL) {
-        LOG(inst, EMX_LOG_ERROR, "ws: cannot listen on %s: %s", spec->address, strerror(-rc));
-    }
-    if (rc != 0) {
-        listener_stop(l);
-        /* the poll handle (if any) refers to l until it has closed */
-        l->closed = true;
-        l->next = inst->listeners;
-        inst->listeners = l;
-        return rc;
-    }
-    l->next = inst->listeners;
-    inst->listeners = l;
-    *out = (struct emx_listener *)l;
-    accept_modulate(inst);
-    return 0;
+        es->deflate = spec->deflate > 0;
+    return edge_listen(inst->edges, spec, cb, user, out);
 }
 
-/* Stops accepting; lws closes the listener's connections too (on_close
- * follows for each). The core refuses new edges through on_accept to drain
- * without dropping the ones it has. */
 static void ws_unlisten(struct emx_listener *listener)
 {
-    struct ws_listener *l = (struct ws_listener *)listener;
-
-    if (!l || l->closed)
-        return;
-    l->closed = true;
-    listener_stop(l);
-    if (l->inst->state == INST_RUNNING && l->vh)
-        lws_vhost_destroy(l->vh);
-    l->vh = NULL;
+    edge_unlisten(listener);
 }
 
-/* ABI 1.1: read a rotated certificate and key again from the same files.
- * lws swaps the vhost's SSL context; connections keep the one they have. */
 static int ws_reload_tls(struct emx_listener *listener, const char *cert, const char *key)
 {
-    struct ws_listener *l = (struct ws_listener *)listener;
+    return edge_reload_tls(listener, cert, key);
+}
 
-    if (!l || !cert || !key || !l->tls || l->closed || !l->vh)
-        return -EINVAL;
-    if (strcmp(cert, l->cert) != 0 || strcmp(key, l->key) != 0)
-        return -ENOTSUP; /* lws finds the vhost by its certificate path */
-    if (!readable(cert) || !readable(key))
-        return -ENOENT;
-    if (lws_tls_cert_updated(l->inst->ctx, cert, key, NULL, 0, NULL, 0) != 0) {
-        LOG(l->inst, EMX_LOG_ERROR, "ws: cannot load the certificate %s or its key", cert);
-        return -EIO;
-    }
-    return 0;
+static int ws_set_message_limit(struct emx_conn *c, size_t limit)
+{
+    return ws_is_edge(c) ? edge_set_message_limit(c, limit) : 0;
 }
 
 /* ---- connect -------------------------------------------------------------- */
@@ -2900,4 +2462,5 @@ EMX_PLUGIN_EXPORT const struct emx_transport_plugin emx_transport_plugin = {
     .pause_read = ws_pause_read,
     .close = ws_close,
     .reload_tls = ws_reload_tls,
+    .set_message_limit = ws_set_message_limit,
 };

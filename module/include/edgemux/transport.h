@@ -66,6 +66,10 @@ struct emx_listen_spec {
      * settings. 0: the core has none, use your own. */
     uint64_t idle_timeout_ms;     /* edge.idle_timeout */
     int deflate;                  /* edge.deflate: 1 offer, -1 refuse, 0 unset */
+    /* ABI 1.2 (read it only when host->abi_minor >= 2): the largest message
+     * a connection may send before the core raises its limit with
+     * set_message_limit() (edge.max_preauth_message); 0: no separate limit. */
+    size_t max_preauth_message;
 };
 
 struct emx_connect_spec {
@@ -122,6 +126,13 @@ struct emx_transport_plugin {
      * -ENOTSUP when this listener cannot change them in place (the core then
      * reports that a restart is needed), or another -errno. May be NULL. */
     int (*reload_tls)(struct emx_listener *listener, const char *cert, const char *key);
+
+    /* ---- ABI 1.2 ---- */
+
+    /* Raise (or lower) the largest message an accepted connection may send,
+     * up to its listener's max_message_size; 0: that size. The core calls it
+     * when an edge has authenticated. May be NULL. */
+    int (*set_message_limit)(struct emx_conn *conn, size_t max_message_size);
 };
 
 #ifdef __cplusplus
