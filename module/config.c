@@ -1041,6 +1041,9 @@ const struct emx_option emx_core_options_edge[] = {
         "ask devices for a client certificate (SDK devices use app keys)"),
     OPT(edge, max_message_size, NULL, SIZE, "2MiB", false,
         "largest AlwaysOn message (all chunks) accepted from a device"),
+    OPT(edge, max_preauth_message, NULL, SIZE, "4KiB", false,
+        "largest WebSocket message (after inflation) a device may send before its AUTH "
+        "succeeds; more closes it 1009 (an SDK AUTH is ~60 bytes)"),
     OPT(edge, auth_timeout, NULL, DURATION, "15s", false,
         "a device must authenticate this soon after connecting"),
     OPT(edge, idle_timeout, NULL, DURATION, "120s", false,
@@ -1402,6 +1405,8 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
     /* An AUTH with its app key must fit; more than 1 GiB per message is a
      * memory hazard, not a setting. */
     check_size(b, cfg, S_EDGE, "max_message_size", cfg->edge.max_message_size, 1024, 1ull << 30);
+    check_size(b, cfg, S_EDGE, "max_preauth_message", cfg->edge.max_preauth_message, 256,
+               cfg->edge.max_message_size);
     /* Zero here would fail every device or request at once, or (idle_timeout,
      * handed to the transport) silently mean its default. */
     check_positive(b, cfg, S_EDGE, "auth_timeout", cfg->edge.auth_timeout);

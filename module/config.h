@@ -113,6 +113,7 @@ struct emx_config {
         const char *tls_ca;
         bool tls_client_cert;
         uint64_t max_message_size;
+        uint64_t max_preauth_message; /* before a successful AUTH */
         uint64_t auth_timeout;
         uint64_t idle_timeout;
         uint64_t request_timeout; /* platform → edge requests */

@@ -1256,6 +1256,9 @@ static void platform_response(struct emx_router *r, struct emx_pipe *p,
             if (e->state == EMX_EDGE_AUTHING || e->state == EMX_EDGE_NEW) {
                 e->state = EMX_EDGE_AUTHED;
                 emx_list_unlink(&e->auth_link);
+                /* the transport held it to the pre-AUTH message size */
+                if (r->io.edge_authenticated)
+                    r->io.edge_authenticated(r->io.ctx, e);
             }
         } else {
             r->stats.auth_failed++;

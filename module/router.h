@@ -162,6 +162,9 @@ struct emx_router_io {
     /* A drained instance is being freed: close its pipes' connections without
      * calling back into the router for them. */
     void (*instance_removed)(void *ctx, struct emx_instance *inst);
+    /* An edge's AUTH succeeded: it may now send messages up to
+     * max_message_size. May be NULL. */
+    void (*edge_authenticated)(void *ctx, struct emx_edge *e);
 };
 
 /* Answers edgemux gave on its own, by reason (metrics). */

@@ -538,6 +538,16 @@ static void io_edge_close(void *ctx, struct emx_edge *e, uint16_t code, const ch
     s->tp->close(e->conn, code, reason);
 }
 
+/* ABI 1.2: the edge may now send messages up to edge.max_message_size. */
+static void io_edge_authenticated(void *ctx, struct emx_edge *e)
+{
+    struct emx_server *s = ctx;
+    if (s->tp->hdr.struct_size >= offsetof(struct emx_transport_plugin, set_message_limit) +
+                                      sizeof(s->tp->set_message_limit) &&
+        s->tp->set_message_limit)
+        s->tp->set_message_limit(e->conn, 0);
+}
+
 static void io_edge_pause(void *ctx, struct emx_edge *e, bool pause)
 {
     struct emx_server *s = ctx;
@@ -1042,6 +1052,8 @@ static unsigned report_restart_keys(struct emx_server *s, const struct emx_confi
     RESTART_IF(o->edge.port != n->edge.port, "edge.port");
     RESTART_IF(!str_same(o->edge.path, n->edge.path), "edge.path");
     RESTART_IF(o->edge.max_message_size != n->edge.max_message_size, "edge.max_message_size");
+    RESTART_IF(o->edge.max_preauth_message != n->edge.max_preauth_message,
+               "edge.max_preauth_message");
     RESTART_IF(o->edge.deflate != n->edge.deflate, "edge.deflate");
     RESTART_IF(o->edge.idle_timeout != n->edge.idle_timeout, "edge.idle_timeout");
     RESTART_IF(o->edge.tls_client_cert != n->edge.tls_client_cert, "edge.tls_client_cert");
@@ -1452,6 +1464,7 @@ int emx_server_run(struct emx_setup *setup)
         .pipe_close = io_pipe_close,
         .instance_added = io_instance_added,
         .instance_removed = io_instance_removed,
+        .edge_authenticated = io_edge_authenticated,
     };
     s->router = emx_router_new(&rcfg, &io, uv_now(&s->loop));
     if (!s->router) {
@@ -1510,6 +1523,7 @@ int emx_server_run(struct emx_setup *setup)
         .max_message_size = s->cfg->edge.max_message_size,
         .idle_timeout_ms = s->cfg->edge.idle_timeout,
         .deflate = s->cfg->edge.deflate ? 1 : -1,
+        .max_preauth_message = s->cfg->edge.max_preauth_message,
     };
     rc = s->tp->listen(s->tinst, &ls, &edge_callbacks, s, &s->listener);
     if (rc != 0) {
