@@ -1063,8 +1063,9 @@ const struct emx_option emx_core_options_edge[] = {
         "devices at once from one real address; 0: unlimited"),
     OPT(edge, max_msgs_per_sec, NULL, INT, "0", false,
         "requests per second from one device (burst: one second's worth); 0: unlimited"),
-    OPT(edge, max_things, NULL, INT, "0", false,
-        "Things one device may bind (over: BIND answered 0x83); 0: unlimited"),
+    OPT(edge, max_things, NULL, INT, "10000", false,
+        "Things one device may bind, BINDs in flight included (over: BIND answered 0x83); "
+        "0: unlimited"),
     OPT(edge, drain_spread, NULL, DURATION, "5s", false,
         "on SIGTERM, devices are closed (1001) spread over this time"),
     EMX_OPTION_END,

@@ -75,6 +75,7 @@ struct emx_req {
     uint8_t *names; /* BIND/UNBIND: the names as on the wire */
     size_t names_len;
     uint16_t nnames;
+    uint32_t things_fresh;     /* BIND: new names, in edge->things_inflight until answered */
     struct emx_req *pool_next; /* in r->req_pool once finished */
 };
 
@@ -242,22 +243,24 @@ static bool rate_take(struct emx_router *r, struct emx_edge *e, uint64_t now)
 }
 
 /* A BIND that would take the edge over max_things: names not bound yet
- * count (binding a Thing again is free). */
+ * count (binding a Thing again is free), and so do the new names of BINDs
+ * still in flight, so a burst of BINDs cannot overshoot before they are
+ * answered. *fresh: this BIND's new names (held until it is answered). */
 static bool bind_over_limit(const struct emx_router *r, const struct emx_edge *e,
-                            const struct emx_ao_bind *b)
+                            const struct emx_ao_bind *b, uint32_t *fresh)
 {
-    if (r->cfg.max_things == 0)
-        return false;
-    uint32_t room = e->nthings < r->cfg.max_things ? r->cfg.max_things - e->nthings : 0;
     size_t cursor = 0, n = 0;
     struct emx_ao_str s;
     while (emx_ao_bind_next_name(b, &cursor, &s) == EMX_AO_OK) {
         struct emx_thing *t;
         KFIND(r, e->things, s.ptr, s.len, t);
-        if (!t && ++n > room)
-            return true;
+        n += !t;
     }
-    return false;
+    *fresh = (uint32_t)n;
+    if (r->cfg.max_things == 0)
+        return false;
+    uint64_t held = (uint64_t)e->nthings + e->things_inflight;
+    return held + n > r->cfg.max_things;
 }
 
 const char *emx_answer_reason_name(enum emx_answer_reason r)
@@ -552,8 +555,20 @@ static void req_release(struct emx_router *r, struct emx_req *q)
     r->req_pooled++;
 }
 
+/* A BIND leaves flight: its new names stop counting against max_things
+ * (once answered SUCCESS they are in the edge's Things instead). */
+static void release_things(struct emx_req *q)
+{
+    if (q->edge && q->things_fresh) {
+        q->edge->things_inflight -=
+            q->things_fresh < q->edge->things_inflight ? q->things_fresh : q->edge->things_inflight;
+        q->things_fresh = 0;
+    }
+}
+
 static void req_free(struct emx_router *r, struct emx_req *q)
 {
+    release_things(q);
     detach_from_pipe(r, q);
     unblock(r, q);
     HASH_DEL(r->reqs, q);
@@ -588,6 +603,7 @@ static void tombstone(struct emx_router *r, struct emx_req *q, uint64_t now)
         q->edge->ntombs++;
     }
     q->state = REQ_TOMBSTONE;
+    release_things(q);
     emx_free_ptr(&q->names);
     arm_request_timer(r, q, now);
 }
@@ -709,7 +725,8 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
                     "Message Type not supported", EMX_ANS_BAD_REQUEST);
         return;
     }
-    if (!h->multipart && h->code == EMX_AO_BIND && bind_over_limit(r, e, &bind)) {
+    uint32_t fresh = 0;
+    if (!h->multipart && h->code == EMX_AO_BIND && bind_over_limit(r, e, &bind, &fresh)) {
         answer_edge(r, e, EMX_AO_FORBIDDEN, h->request_id, h->endpoint_id, h->session_id,
                     "too many bound Things", EMX_ANS_TOO_MANY_THINGS);
         return;
@@ -738,6 +755,10 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
     q->names = names;
     q->names_len = bind.names_len;
     q->nnames = names ? bind.count : 0;
+    if (h->code == EMX_AO_BIND && names) {
+        q->things_fresh = fresh;
+        e->things_inflight += fresh;
+    }
     if (h->code == EMX_AO_AUTH)
         q->flags |= REQ_F_AUTH;
     else if (h->code == EMX_AO_BIND)
@@ -747,6 +768,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
 
     emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, e->id);
     if (send_pipe(r, p, data, len) != 0) {
+        release_things(q);
         HASH_DEL(r->reqs, q);
         emx_list_unlink(&q->edge_link);
         req_release(r, q);

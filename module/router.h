@@ -112,6 +112,7 @@ struct emx_edge {
     uint32_t next_inbound_id;
     struct emx_thing *things; /* bound Things */
     uint32_t nthings;
+    uint32_t things_inflight; /* new names of BINDs not yet answered (max_things) */
     unsigned paused;          /* multipart pins holding its reads */
     uint64_t msgs_in, msgs_out;
     uint64_t rate_tokens;     /* token bucket of max_msgs_per_sec, in 1/1000 messages */

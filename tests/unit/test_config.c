@@ -262,7 +262,7 @@ static void assert_defaults_except_name(const struct emx_config *c)
     assert_int_equal(c->edge.trusted_proxies.count, 0);
     assert_int_equal(c->edge.max_connections_per_source, 0);
     assert_int_equal(c->edge.max_msgs_per_sec, 0);
-    assert_int_equal(c->edge.max_things, 0);
+    assert_int_equal(c->edge.max_things, 10000);
     assert_int_equal(c->edge.drain_spread, 5000);
     assert_string_equal(c->platform.path, "/Thingworx/WS");
     assert_null(c->platform.app_key);

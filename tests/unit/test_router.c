@@ -3116,6 +3116,39 @@ static void keyed_hash_is_siphash_under_a_random_key(void **state)
     assert_true(emx_siphash13(k1, thing, 11) != emx_siphash13(k2, thing, 11));
 }
 
+/* Item 11: the new names of BINDs still in flight count against
+ * max_things, so a burst of BINDs sent before any answer cannot overshoot;
+ * a refused or failed BIND gives its room back. */
+static void things_limit_counts_binds_in_flight(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_things = 3;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    static const char *const ab[] = {"Alpha", "Beta"};
+    static const char *const cd[] = {"Gamma", "Delta"};
+    static const char *const c[] = {"Gamma"};
+    uint32_t r1 = f->next_rid++, r2 = f->next_rid++, r3 = f->next_rid++;
+    size_t m = f->nev;
+    edge_bind(f, e, EMX_AO_BIND, r1, ab, 2);
+    edge_bind(f, e, EMX_AO_BIND, r2, cd, 2); /* 2 in flight + 2 > 3 */
+    assert_non_null(find_pipe_send(f, m, EMX_AO_BIND, r1, e->id));
+    assert_null(find_pipe_send(f, m, EMX_AO_BIND, r2, e->id));
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_FORBIDDEN, r2));
+    edge_bind(f, e, EMX_AO_BIND, r3, c, 1); /* 2 + 1 fits */
+    struct emx_pipe *p3 = forwarded_to(f, m, e->id, r3);
+    assert_non_null(p3);
+    /* r3 refused by the platform: its room comes back */
+    pipe_answer(f, p3, EMX_AO_FORBIDDEN, r3, e->id);
+    uint32_t r4 = f->next_rid++;
+    edge_bind(f, e, EMX_AO_BIND, r4, c, 1);
+    assert_non_null(forwarded_to(f, m, e->id, r4));
+    assert_int_equal(e->things_inflight, 3);
+    pipe_answer(f, forwarded_to(f, m, e->id, r1), EMX_AO_SUCCESS, r1, e->id);
+    assert_int_equal(e->nthings, 2);
+    assert_int_equal(e->things_inflight, 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -3223,6 +3256,7 @@ int main(void)
         T(edge_close_unbinds_more_than_65535_things),
         T(orphan_chunks_count_against_rate_and_pending),
         T(keyed_hash_is_siphash_under_a_random_key),
+        T(things_limit_counts_binds_in_flight),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
