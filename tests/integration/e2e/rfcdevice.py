@@ -180,6 +180,118 @@ class Decompressor:
         return out
 
 
+_LBASE = [3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115,
+          131, 163, 195, 227, 258]
+_LEXT = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0]
+_DBASE = [1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769, 1025, 1537,
+          2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577]
+_DEXT = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13]
+
+
+def _huffman(lengths):
+    """Canonical Huffman code (RFC 1951 §3.2.2): {(length, code): symbol}."""
+    bl_count = [0] * 16
+    for n in lengths:
+        if n:
+            bl_count[n] += 1
+    code, next_code = 0, [0] * 16
+    for bits in range(1, 16):
+        code = (code + bl_count[bits - 1]) << 1
+        next_code[bits] = code
+    table = {}
+    for sym, n in enumerate(lengths):
+        if n:
+            table[(n, next_code[n])] = sym
+            next_code[n] += 1
+    return table
+
+
+def deflate_max_distance(data):
+    """Walks raw DEFLATE data (RFC 1951) made of whole blocks and returns
+    the largest back-reference distance it uses, so a test can check that
+    a server keeps within the window it stated (zlib's inflater does not
+    check distances inside one call). Slow (pure Python): small inputs."""
+    pos, bitbuf, bitcnt = 0, 0, 0
+    n = len(data)
+
+    def bits(k):
+        nonlocal pos, bitbuf, bitcnt
+        while bitcnt < k:
+            if pos >= n:
+                raise ValueError("DEFLATE data ends inside a block")
+            bitbuf |= data[pos] << bitcnt
+            pos += 1
+            bitcnt += 8
+        v = bitbuf & ((1 << k) - 1)
+        bitbuf >>= k
+        bitcnt -= k
+        return v
+
+    def decode(table):
+        code = length = 0
+        while length < 16:
+            code = (code << 1) | bits(1)
+            length += 1
+            sym = table.get((length, code))
+            if sym is not None:
+                return sym
+        raise ValueError("bad Huffman code")
+
+    fixed_lit = _huffman([8] * 144 + [9] * 112 + [7] * 24 + [8] * 8)
+    fixed_dist = _huffman([5] * 30)
+    maxd = 0
+    while pos < n or bitcnt >= 8:
+        final = bits(1)
+        btype = bits(2)
+        if btype == 0:
+            bitbuf, bitcnt = 0, 0  # to the byte boundary
+            if pos + 4 > n:
+                raise ValueError("stored block header cut")
+            ln, nln = struct.unpack("<HH", data[pos:pos + 4])
+            if ln != nln ^ 0xFFFF:
+                raise ValueError("bad stored block length")
+            pos += 4 + ln
+            if pos > n:
+                raise ValueError("stored block cut")
+        elif btype in (1, 2):
+            if btype == 1:
+                lit, dist = fixed_lit, fixed_dist
+            else:
+                hlit, hdist, hclen = bits(5) + 257, bits(5) + 1, bits(4) + 4
+                order = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
+                cl = [0] * 19
+                for i in range(hclen):
+                    cl[order[i]] = bits(3)
+                cltab = _huffman(cl)
+                lens = []
+                while len(lens) < hlit + hdist:
+                    sym = decode(cltab)
+                    if sym < 16:
+                        lens.append(sym)
+                    elif sym == 16:
+                        lens += [lens[-1]] * (3 + bits(2))
+                    elif sym == 17:
+                        lens += [0] * (3 + bits(3))
+                    else:
+                        lens += [0] * (11 + bits(7))
+                lit, dist = _huffman(lens[:hlit]), _huffman(lens[hlit:])
+            while True:
+                sym = decode(lit)
+                if sym < 256:
+                    continue
+                if sym == 256:
+                    break
+                bits(_LEXT[sym - 257])
+                dsym = decode(dist)
+                d = _DBASE[dsym] + bits(_DEXT[dsym])
+                maxd = max(maxd, d)
+        else:
+            raise ValueError("reserved block type")
+        if final:
+            break
+    return maxd
+
+
 def parse_extensions(values):
     """Sec-WebSocket-Extensions header values (RFC 6455 §9.1) as a list of
     (name, [(param, value or None)]). Quoted values are unquoted."""
@@ -415,7 +527,7 @@ class Device:
     def __init__(self, port, host="127.0.0.1", path=DEFAULT_PATH, deflate=None, app_key=None,
                  headers=None, timeout=5.0, source=None, mask=RANDOM, max_frame_size=None,
                  rsv1_on_continuation=False, connect_timeout=5.0, expect_upgrade=True,
-                 accepted_offer=None):
+                 accepted_offer=None, check_window=False):
         self.port = port
         self.host = host
         self.mask = mask
@@ -432,6 +544,8 @@ class Device:
         self.eof = False
         self.answers_out_of_order = {}
         self.queued = []  # data messages read by poll() for later readers
+        self.wire_sizes = []  # (compressed, payload bytes on the wire) of each message received
+        self.check_window = check_window  # walk each compressed message for its largest distance (slow)
         self.next_rid = 1
         self.session = 0
         self.frames_seen = 0
@@ -735,6 +849,16 @@ class Device:
             op0, compressed, parts = self.frag
             self.frag = None
             data = b"".join(parts)
+            self.wire_sizes.append((compressed, len(data)))
+            if compressed and self.check_window:
+                win = 1 << (self.pmd["server_max_window_bits"] or 15)
+                try:
+                    dist = deflate_max_distance(data + TAIL)
+                except ValueError as e:
+                    raise ServerViolation("compressed message is not valid DEFLATE: %s" % e)
+                if dist > win:
+                    raise ServerViolation("compressed message uses a distance of %d, over the agreed window %d"
+                                          % (dist, win))
             if compressed:
                 data = self.decomp.decompress(data)
             return op0, data

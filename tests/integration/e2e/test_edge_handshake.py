@@ -264,7 +264,8 @@ class Handshake(EdgeSuite):
         'any' when declining and accepting are both right."""
         with self.subTest(case=what):
             try:
-                d = self.device(deflate=offers, accepted_offer=expect if isinstance(expect, int) else None)
+                d = self.device(deflate=offers, accepted_offer=expect if isinstance(expect, int) else None,
+                                check_window=True)
             except ConnectionError as e:
                 self.fail("%s: handshake dropped: %s" % (what, e))
             if expect is None:
