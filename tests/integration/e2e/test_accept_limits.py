@@ -58,10 +58,13 @@ class AcceptLimits(E2ETest):
             e.close()
 
     def test_handshake_cap_holds_new_edges_until_a_slot_frees(self):
+        # With eviction as slow as the handshake timeout, a full pool keeps
+        # new sockets in the backlog until a slot frees.
         plat = Platform(self.env, 1)
         emx = Edgemux(self.env, "emx-hs", plat.ports,
                       overrides={"transport": {"max_http_header_pool": 4,
-                                               "handshake_timeout": "2s"}})
+                                               "handshake_timeout": "2s",
+                                               "handshake_evict": "2s"}})
         emx.wait_ready()
         silent = [socket.create_connection(("127.0.0.1", emx.edge_port)) for _ in range(4)]
         time.sleep(0.3)  # let edgemux accept them: the cap is now full
@@ -83,6 +86,33 @@ class AcceptLimits(E2ETest):
         e = emx.edge(app_key=self.env.app_key)
         code, _ = e.auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
+        e.close()
+
+    def test_full_handshake_pool_drops_its_oldest_silent_socket(self):
+        # Default eviction (100 ms): silent sockets cannot hold the pool; a
+        # device behind them upgrades at once and the oldest are dropped.
+        plat = Platform(self.env, 1)
+        emx = Edgemux(self.env, "emx-ev", plat.ports,
+                      overrides={"transport": {"max_http_header_pool": 4,
+                                               "handshake_timeout": "10s"}})
+        emx.wait_ready()
+        silent = [socket.create_connection(("127.0.0.1", emx.edge_port)) for _ in range(8)]
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        e = emx.edge(app_key=self.env.app_key)
+        code, _ = e.auth(self.env.app_key)
+        self.assertEqual(code, SUCCESS)
+        self.assertLess(time.monotonic() - t0, 1.0)
+        dropped = 0
+        for s in silent[:4]:
+            s.settimeout(2)
+            try:
+                dropped += s.recv(1) == b""
+            except ConnectionResetError:
+                dropped += 1
+        self.assertEqual(dropped, 4, "the oldest silent sockets were not dropped")
+        for s in silent:
+            s.close()
         e.close()
 
 
