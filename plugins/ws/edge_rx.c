@@ -292,12 +292,15 @@ static int check_start(struct edge_rx *rx, struct edge_rx_error *err)
             return fail(rx, err, 1002, "reserved bits set");
         return 0;
     }
-    /* RSV1 on a continuation is what the C SDK sends: ignored there */
+    /* RSV1 on a continuation of a compressed message is what the C SDK
+     * sends: ignored there (RFC 7692 wants it clear) */
     if (rsv1 && !rx->p.deflate)
         return fail(rx, err, 1002, "reserved bits set");
     if (op == OP_CONT) {
         if (!rx->in_msg)
             return fail(rx, err, 1002, "continuation without a start");
+        if (rsv1 && !rx->compressed)
+            return fail(rx, err, 1002, "reserved bits set");
         return 0;
     }
     if (rx->in_msg)
