@@ -159,6 +159,8 @@ struct emx_router {
     size_t closing_idx;
     uint64_t closing_start;
 
+    struct emx_list drained; /* draining edges now idle, to close (emx_edge.drain_link) */
+
     /* Rule 9 */
     bool empty_pending;
     uint64_t empty_since;
@@ -205,6 +207,7 @@ static const char *const answer_names[EMX_ANS__COUNT] = {
     [EMX_ANS_EDGE_LEFT] = "edge_left",
     [EMX_ANS_RATE_LIMITED] = "rate_limited",
     [EMX_ANS_TOO_MANY_THINGS] = "too_many_things",
+    [EMX_ANS_DRAINING] = "draining",
 };
 
 const uint64_t emx_latency_bounds_ms[EMX_LATENCY_BUCKETS] = {
@@ -280,6 +283,25 @@ static void close_edge(struct emx_router *r, struct emx_edge *e, uint16_t code, 
     e->state = EMX_EDGE_CLOSING;
     emx_list_unlink(&e->auth_link);
     r->io.edge_close(r->io.ctx, e, code, reason);
+}
+
+/* A draining edge with nothing in flight is closed, after the event being
+ * handled (see close_drained), never in the middle of it. */
+static void check_drained(struct emx_router *r, struct emx_edge *e)
+{
+    if (e && e->draining && e->state != EMX_EDGE_CLOSING && e->npending == 0 && e->ninbound == 0 &&
+        !emx_list_linked(&e->drain_link))
+        emx_list_push_back(&r->drained, &e->drain_link);
+}
+
+static void close_drained(struct emx_router *r)
+{
+    struct emx_list *it;
+    while ((it = r->drained.next) != &r->drained) {
+        struct emx_edge *e = emx_container_of(it, struct emx_edge, drain_link);
+        emx_list_unlink(&e->drain_link);
+        close_edge(r, e, 1001, "server shutting down");
+    }
 }
 
 static void send_edge(struct emx_router *r, struct emx_edge *e, const uint8_t *buf, size_t len)
@@ -579,6 +601,7 @@ static void req_free(struct emx_router *r, struct emx_req *q)
             q->edge->ntombs--;
     } else if (q->edge && q->edge->npending > 0) {
         q->edge->npending--;
+        check_drained(r, q->edge);
     }
     req_release(r, q);
 }
@@ -601,6 +624,7 @@ static void tombstone(struct emx_router *r, struct emx_req *q, uint64_t now)
         if (q->edge->npending > 0)
             q->edge->npending--;
         q->edge->ntombs++;
+        check_drained(r, q->edge);
     }
     q->state = REQ_TOMBSTONE;
     release_things(q);
@@ -693,6 +717,25 @@ static int check_body(const struct emx_ao_header *h, const uint8_t *body, size_t
     }
 }
 
+/* Answer a request edgemux will not forward. A refused first chunk of a
+ * multipart message leaves a tombstone (at most max_pending per edge), so
+ * its later chunks are discarded rather than answered a second time. */
+static void refuse(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
+                   uint8_t code, const char *reason, enum emx_answer_reason why, uint64_t now)
+{
+    answer_edge(r, e, code, h->request_id, h->endpoint_id, h->session_id, reason, why);
+    if (!h->multipart || h->chunk_count <= 1 || e->ntombs >= r->cfg.max_pending)
+        return;
+    struct emx_req *q = req_new(r, e, req_key(e->id, h->request_id));
+    if (!q)
+        return;
+    q->state = REQ_TOMBSTONE;
+    q->orig_endpoint_id = h->endpoint_id;
+    q->session_id = h->session_id;
+    e->ntombs++;
+    arm_request_timer(r, q, now);
+}
+
 static void edge_request(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
                          uint8_t *data, size_t len, size_t body_off, uint64_t now)
 {
@@ -707,34 +750,36 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         }
         req_free(r, q); /* the edge moved on: forget the old message */
     }
-    if (e->npending + e->ntombs >= r->cfg.max_pending) {
-        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
-                    "too many pending", EMX_ANS_TOO_MANY_PENDING);
+    if (e->draining) {
+        /* due to close in a drain: finish what is in flight, take nothing new */
+        refuse(r, e, h, EMX_AO_INTERNAL_ERROR, "server shutting down", EMX_ANS_DRAINING, now);
+        return;
+    }
+    if (e->npending >= r->cfg.max_pending) {
+        refuse(r, e, h, EMX_AO_SERVICE_UNAVAILABLE, "too many pending", EMX_ANS_TOO_MANY_PENDING,
+               now);
         return;
     }
     if (!rate_take(r, e, now)) {
-        answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
-                    "rate limited", EMX_ANS_RATE_LIMITED);
+        refuse(r, e, h, EMX_AO_SERVICE_UNAVAILABLE, "rate limited", EMX_ANS_RATE_LIMITED, now);
         return;
     }
     struct emx_ao_bind bind = {0};
     uint8_t entity_type = 0;
     uint64_t entity_hash = 0;
     if (check_body(h, data + body_off, len - body_off, &bind, &entity_type, &entity_hash) != 0) {
-        answer_edge(r, e, EMX_AO_BAD_REQUEST, h->request_id, h->endpoint_id, h->session_id,
-                    "Message Type not supported", EMX_ANS_BAD_REQUEST);
+        refuse(r, e, h, EMX_AO_BAD_REQUEST, "Message Type not supported", EMX_ANS_BAD_REQUEST, now);
         return;
     }
     uint32_t fresh = 0;
     if (!h->multipart && h->code == EMX_AO_BIND && bind_over_limit(r, e, &bind, &fresh)) {
-        answer_edge(r, e, EMX_AO_FORBIDDEN, h->request_id, h->endpoint_id, h->session_id,
-                    "too many bound Things", EMX_ANS_TOO_MANY_THINGS);
+        refuse(r, e, h, EMX_AO_FORBIDDEN, "too many bound Things", EMX_ANS_TOO_MANY_THINGS, now);
         return;
     }
     struct emx_pipe *p = route(r, now);
     if (!p) {
-        answer_edge(r, e, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
-                    "no platform instance available", EMX_ANS_NO_INSTANCE);
+        refuse(r, e, h, EMX_AO_INTERNAL_ERROR, "no platform instance available",
+               EMX_ANS_NO_INSTANCE, now);
         return;
     }
     uint8_t *names = NULL;
@@ -772,8 +817,8 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         HASH_DEL(r->reqs, q);
         emx_list_unlink(&q->edge_link);
         req_release(r, q);
-        answer_edge(r, e, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
-                    "no platform instance available", EMX_ANS_NO_INSTANCE);
+        refuse(r, e, h, EMX_AO_INTERNAL_ERROR, "no platform instance available",
+               EMX_ANS_NO_INSTANCE, now);
         return;
     }
     e->npending++;
@@ -799,8 +844,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
 
 no_memory:
     rlog(r, EMX_LOG_WARN, "edge %08" PRIx32 ": out of memory routing a request", e->id);
-    answer_edge(r, e, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
-                "out of memory", EMX_ANS_NO_INSTANCE);
+    refuse(r, e, h, EMX_AO_INTERNAL_ERROR, "out of memory", EMX_ANS_NO_INSTANCE, now);
 }
 
 /* Forward one chunk on the request's pinned pipe, or hold it. */
@@ -901,7 +945,7 @@ static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct em
                         h->session_id, "rate limited", EMX_ANS_RATE_LIMITED);
             return;
         }
-        if (!last && e->npending + e->ntombs >= r->cfg.max_pending) {
+        if (!last && e->ntombs >= r->cfg.max_pending) {
             answer_edge(r, e, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id,
                         h->session_id, "too many pending", EMX_ANS_TOO_MANY_PENDING);
             return;
@@ -990,6 +1034,7 @@ static void edge_response(struct emx_router *r, struct emx_edge *e, const struct
         HASH_DEL(e->inbound, in);
         e->ninbound--;
         emx_free(in);
+        check_drained(r, e);
     }
 }
 
@@ -1034,6 +1079,7 @@ void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *
         edge_request(r, e, &h, data, len, body_off, now);
     }
 out:
+    close_drained(r);
     if (r->reap_needed)
         emx_router_tick(r, now);
 }
@@ -1320,7 +1366,7 @@ static void platform_request(struct emx_router *r, struct emx_pipe *p,
         r->stats.pipe_garbage++; /* a continuation of nothing we delivered */
         return;
     }
-    if (!e || e->state == EMX_EDGE_CLOSING || e->state != EMX_EDGE_AUTHED) {
+    if (!e || e->state != EMX_EDGE_AUTHED || e->draining) {
         answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, h->request_id, h->endpoint_id, h->session_id,
                     "endpoint not connected", EMX_ANS_ENDPOINT_GONE);
         return;
@@ -1400,6 +1446,7 @@ void emx_router_pipe_message(struct emx_router *r, struct emx_pipe *p, uint8_t *
     if (!was_ok && pipe_ok(r, p, now))
         flush_blocked(r, p, now); /* a stalled pipe came back */
 out:
+    close_drained(r);
     if (r->reap_needed)
         emx_router_tick(r, now);
 }
@@ -1545,6 +1592,7 @@ struct emx_edge *emx_router_edge_open(struct emx_router *r, void *conn, uint64_t
     e->rate_at = now;
     emx_list_init(&e->reqs);
     emx_list_init(&e->auth_link);
+    emx_list_init(&e->drain_link);
     emx_list_push_back(&r->t_auth, &e->auth_link);
     HASH_ADD(hh, r->edges, id, sizeof(e->id), e);
     r->nedges++;
@@ -1555,6 +1603,7 @@ struct emx_edge *emx_router_edge_open(struct emx_router *r, void *conn, uint64_t
 void emx_router_edge_closed(struct emx_router *r, struct emx_edge *e, uint64_t now)
 {
     emx_list_unlink(&e->auth_link);
+    emx_list_unlink(&e->drain_link);
     HASH_DEL(r->edges, e);
     r->nedges--;
     r->stats.edges_closed++;
@@ -1612,6 +1661,16 @@ void emx_router_edge_close(struct emx_router *r, struct emx_edge *e, uint16_t co
                            const char *reason)
 {
     close_edge(r, e, code, reason);
+}
+
+void emx_router_edge_drain(struct emx_router *r, struct emx_edge *e, uint64_t now)
+{
+    (void)now;
+    if (e->state == EMX_EDGE_CLOSING)
+        return;
+    e->draining = true;
+    check_drained(r, e);
+    close_drained(r);
 }
 
 size_t emx_router_edge_count(const struct emx_router *r)
@@ -1983,6 +2042,7 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
         HASH_DEL(e->inbound, in);
         e->ninbound--;
         emx_free(in);
+        check_drained(r, e);
     }
     while ((it = r->t_auth.next) != &r->t_auth) {
         struct emx_edge *e = emx_container_of(it, struct emx_edge, auth_link);
@@ -2029,6 +2089,8 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
                 instance_remove(r, inst, now);
         }
     }
+
+    close_drained(r);
 
     /* The next deadline. */
     uint64_t next = UINT64_MAX;
@@ -2105,6 +2167,7 @@ struct emx_router *emx_router_new(const struct emx_router_config *cfg,
     emx_list_init(&r->t_inbound);
     emx_list_init(&r->t_auth);
     emx_list_init(&r->t_quarantine);
+    emx_list_init(&r->drained);
     r->next_seq = 1;
     /* Until a pipe connects, edgemux is "down" (rule 8 applies from start). */
     r->down = true;

@@ -106,7 +106,7 @@ struct emx_edge {
     struct emx_list auth_link; /* in the router's auth-timeout FIFO until AUTHED */
     struct emx_list reqs;      /* its outbound requests and tombstones (emx_req.edge_link) */
     uint32_t npending;         /* outbound requests counted against max_pending */
-    uint32_t ntombs;           /* tombstones (also counted against max_pending) */
+    uint32_t ntombs;           /* tombstones (at most max_pending) */
     struct emx_inbound *inbound; /* platform requests in flight to it, by local requestId */
     uint32_t ninbound;
     uint32_t next_inbound_id;
@@ -114,6 +114,8 @@ struct emx_edge {
     uint32_t nthings;
     uint32_t things_inflight; /* new names of BINDs not yet answered (max_things) */
     unsigned paused;          /* multipart pins holding its reads */
+    bool draining;            /* due to close: new requests refused, closed once idle */
+    struct emx_list drain_link; /* in the router's list of drained edges to close */
     uint64_t msgs_in, msgs_out;
     uint64_t rate_tokens;     /* token bucket of max_msgs_per_sec, in 1/1000 messages */
     uint64_t rate_at;         /* loop time the bucket was last filled */
@@ -183,6 +185,7 @@ enum emx_answer_reason {
     EMX_ANS_EDGE_LEFT,       /* 0xA3 to a platform: edge left with the request */
     EMX_ANS_RATE_LIMITED,    /* 0xA3: over max_msgs_per_sec */
     EMX_ANS_TOO_MANY_THINGS, /* 0x83: a BIND over max_things */
+    EMX_ANS_DRAINING,        /* 0xA0: the edge is due to close in a SIGTERM drain */
     EMX_ANS__COUNT
 };
 const char *emx_answer_reason_name(enum emx_answer_reason r);
@@ -242,6 +245,10 @@ struct emx_edge *emx_router_edge_find(struct emx_router *r, uint32_t endpoint_id
  * follows unless it is already closing. */
 void emx_router_edge_close(struct emx_router *r, struct emx_edge *e, uint16_t code,
                            const char *reason);
+/* SIGTERM drain: the edge is due to close. From now on its new requests are
+ * answered 0xA0 and platform requests for it 0xA3; once nothing of it is in
+ * flight (at once if nothing is) it is closed 1001. */
+void emx_router_edge_drain(struct emx_router *r, struct emx_edge *e, uint64_t now);
 size_t emx_router_edge_count(const struct emx_router *r);
 /* Iterate edges: first with NULL; returns NULL at the end. */
 struct emx_edge *emx_router_edge_next(struct emx_router *r, struct emx_edge *prev);

@@ -927,16 +927,20 @@ static uint64_t pending_on_pipes(struct emx_server *s)
     return n;
 }
 
-/* An edge may close once nothing is in flight for it, or at the deadline. */
+/* A due edge takes no new requests (the router answers them 0xA0) and is
+ * closed by the router once nothing is in flight for it, or here at the
+ * deadline. Without that, a busy device is never idle and loses answers. */
 static bool drain_close_one(struct emx_server *s, uint32_t id, bool force)
 {
     struct emx_edge *e = emx_router_edge_find(s->router, id);
     if (!e || e->state == EMX_EDGE_CLOSING)
         return true;
-    if (!force && (e->npending > 0 || e->ninbound > 0))
-        return false; /* keep waiting: its requests get their answers first */
-    emx_router_edge_close(s->router, e, 1001, "server shutting down");
-    return true;
+    if (force) {
+        emx_router_edge_close(s->router, e, 1001, "server shutting down");
+        return true;
+    }
+    emx_router_edge_drain(s->router, e, now_ms(s));
+    return e->state == EMX_EDGE_CLOSING; /* else: wait for its answers */
 }
 
 /* SIGTERM drain, every DRAIN_STEP_MS: edges fall due evenly over

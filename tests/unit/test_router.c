@@ -3055,9 +3055,9 @@ static void edge_close_unbinds_more_than_65535_things(void **state)
     assert_int_equal(emx_router_stats(f->r)->unbinds_sent, 2);
 }
 
-/* Item 7: orphan continuation chunks cost a rate token each and their
- * tombstones count against max_pending, so a flood of them cannot grow
- * memory: at most max_pending tombstones, and they expire. */
+/* Item 7: orphan continuation chunks cost a rate token each and at most
+ * max_pending tombstones are kept per edge, so a flood of them cannot grow
+ * memory; the tombstones expire. */
 static void orphan_chunks_count_against_rate_and_pending(void **state)
 {
     struct fx *f = *state;
@@ -3073,7 +3073,7 @@ static void orphan_chunks_count_against_rate_and_pending(void **state)
     assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, ANY), 991);
     assert_int_equal(e->ntombs, 9);
 
-    /* Rate off: tombstones stop at max_pending, and they hold its slots. */
+    /* Rate off: tombstones stop at max_pending; the rest get 0xA3. */
     struct emx_router_config c = f->cfg;
     c.max_msgs_per_sec = 0;
     assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
@@ -3082,8 +3082,10 @@ static void orphan_chunks_count_against_rate_and_pending(void **state)
         edge_chunk(f, e, f->next_rid++, 2, 3, 10);
     assert_int_equal(e->ntombs, 50);
     assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_BAD_REQUEST, ANY), 41);
-    assert_null(get(f, e, NULL)); /* no slot left: 0xA3 */
-    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, f->next_rid - 1));
+    uint32_t g;
+    struct emx_pipe *p = get(f, e, &g); /* tombstones hold no request slot */
+    assert_non_null(p);
+    pipe_answer(f, p, EMX_AO_SUCCESS, g, e->id);
     /* a tombstoned message's later chunk is discarded quietly */
     m = f->nev;
     edge_chunk(f, e, first, 3, 3, 10);
@@ -3147,6 +3149,53 @@ static void things_limit_counts_binds_in_flight(void **state)
     pipe_answer(f, forwarded_to(f, m, e->id, r1), EMX_AO_SUCCESS, r1, e->id);
     assert_int_equal(e->nthings, 2);
     assert_int_equal(e->things_inflight, 1);
+}
+
+/* Item 4: an edge due to close in a drain takes no new work (its requests
+ * get 0xA0, a refused multipart message is discarded without a second
+ * answer, platform requests for it get 0xA3) and is closed 1001 once what
+ * it had in flight, both ways, is answered. */
+static void drain_refuses_new_work_and_closes_when_idle(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *idle = edge_authed(f);
+    struct emx_edge *e = edge_authed(f);
+    size_t m = f->nev;
+    emx_router_edge_drain(f->r, idle, f->now);
+    assert_int_equal(count_edge_closes(f, m, idle->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, idle->id)].close_code, 1001);
+
+    uint32_t r1, r2;
+    struct emx_pipe *p1 = get(f, e, &r1), *p2 = get(f, e, &r2);
+    assert_true(p1 && p2);
+    struct emx_pipe *pp = &f->inst[0]->pipes[0];
+    m = f->nev;
+    platform_get(f, pp, 0x700, e->id);
+    struct emx_ao_header in = delivered(f, m, e);
+    m = f->nev;
+    emx_router_edge_drain(f->r, e, f->now);
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+    uint32_t r3;
+    assert_null(get(f, e, &r3));
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, r3));
+    uint32_t r4 = f->next_rid++;
+    edge_chunk(f, e, r4, 1, 2, 100);
+    edge_chunk(f, e, r4, 2, 2, 100);
+    assert_int_equal(count_edge_sends(f, m, e->id, ANY, r4), 1);
+    assert_int_equal(count_pipe_sends(f, m, ANY, r4, e->id), 0);
+    size_t mp = f->nev;
+    platform_get(f, pp, 0x701, e->id);
+    assert_non_null(find_pipe_send(f, mp, EMX_AO_SERVICE_UNAVAILABLE, 0x701, e->id));
+
+    pipe_answer(f, p1, EMX_AO_SUCCESS, r1, e->id);
+    edge_answer(f, e, EMX_AO_SUCCESS, &in);
+    assert_int_equal(count_edge_closes(f, m, e->id), 0);
+    pipe_answer(f, p2, EMX_AO_SUCCESS, r2, e->id);
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SUCCESS, r2));
+    assert_int_equal(count_edge_closes(f, m, e->id), 1);
+    assert_int_equal(f->ev[find_edge_close(f, m, e->id)].close_code, 1001);
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_DRAINING], 2);
 }
 
 int main(void)
@@ -3257,6 +3306,7 @@ int main(void)
         T(orphan_chunks_count_against_rate_and_pending),
         T(keyed_hash_is_siphash_under_a_random_key),
         T(things_limit_counts_binds_in_flight),
+        T(drain_refuses_new_work_and_closes_when_idle),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
