@@ -225,6 +225,10 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
     family(b, "emx_answers_abandoned_total", "counter",
            "platform answers cut off after part of them reached the device (nothing more sent)");
     sample(b, "emx_answers_abandoned_total", st->answers_abandoned);
+    family(b, "emx_edge_answers_abandoned_total", "counter",
+           "device answers cut off after part reached the platform (too large, pipe not "
+           "draining, or edge.request_timeout)");
+    sample(b, "emx_edge_answers_abandoned_total", st->edge_answers_abandoned);
     family(b, "emx_chunks_discarded_total", "counter", "multipart chunks discarded");
     sample(b, "emx_chunks_discarded_total", st->chunks_discarded);
     family(b, "emx_unbinds_on_leave_total", "counter", "UNBINDs sent for devices that left");

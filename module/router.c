@@ -100,8 +100,10 @@ struct emx_inbound {
     struct emx_edge *edge;
     struct emx_pipe *pipe; /* NULL once that pipe closed */
     uint32_t orig_request_id;
-    uint32_t endpoint_id; /* as the platform sent it */
-    bool receiving;       /* more chunks of it to come from the platform */
+    uint32_t endpoint_id;  /* as the platform sent it */
+    bool receiving;        /* more chunks of it to come from the platform */
+    bool answering;        /* part of the edge's answer went to the pipe */
+    uint64_t answer_bytes; /* of the edge's answer, so far */
     uint64_t deadline;
     struct emx_list pipe_link;
     struct emx_list timer_link;
@@ -208,6 +210,7 @@ static const char *const answer_names[EMX_ANS__COUNT] = {
     [EMX_ANS_RATE_LIMITED] = "rate_limited",
     [EMX_ANS_TOO_MANY_THINGS] = "too_many_things",
     [EMX_ANS_DRAINING] = "draining",
+    [EMX_ANS_PIPE_BUSY] = "pipe_busy",
 };
 
 const uint64_t emx_latency_bounds_ms[EMX_LATENCY_BUCKETS] = {
@@ -1005,9 +1008,28 @@ static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct em
     forward_chunk(r, q, data, len, last, now);
 }
 
-/* An edge answers a platform request (rule 5). */
+/* A platform request to an edge is done (answered either way). */
+static void inbound_finish(struct emx_router *r, struct emx_edge *e, struct emx_inbound *in)
+{
+    if (in->pipe) {
+        emx_list_unlink(&in->pipe_link);
+        inst_pending_dec(r, in->pipe->inst);
+    }
+    emx_list_unlink(&in->timer_link);
+    HASH_DEL(e->inbound, in);
+    e->ninbound--;
+    emx_free(in);
+    check_drained(r, e);
+}
+
+/* An edge answers a platform request (rule 5). What one edge pushes into a
+ * pipe is bounded: an answer starts only on a pipe that is writable and
+ * within the edge's rate (else the platform gets 0xA3 in its place); once
+ * started, it stops (abandoned, counted; nothing more is sent for it, so
+ * the platform never sees part of one answer and then another) when it
+ * grows past max_message_size or its pipe stops draining. */
 static void edge_response(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
-                          uint8_t *data, size_t len)
+                          uint8_t *data, size_t len, uint64_t now)
 {
     struct emx_inbound *in;
     uint32_t id = h->request_id;
@@ -1020,22 +1042,32 @@ static void edge_response(struct emx_router *r, struct emx_edge *e, const struct
     struct emx_pipe *p = in->pipe;
     if (!p || p->state != EMX_PIPE_UP) {
         r->stats.edge_answers_pipe_gone++;
+    } else if (!in->answering && (!rate_take(r, e, now) || !p->wm.writable)) {
+        bool busy = !p->wm.writable;
+        answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, in->orig_request_id, in->endpoint_id,
+                    e->session_id, busy ? "platform connection busy" : "rate limited",
+                    busy ? EMX_ANS_PIPE_BUSY : EMX_ANS_RATE_LIMITED);
+        inbound_finish(r, e, in);
+        return;
+    } else if (in->answering &&
+               (in->answer_bytes + len > r->cfg.max_message_size || !p->wm.writable)) {
+        r->stats.edge_answers_abandoned++;
+        rlog(r, EMX_LOG_INFO,
+             "edge %08" PRIx32 ": answer to platform request %" PRIu32
+             " cut off (%s); nothing more sent",
+             e->id, in->orig_request_id,
+             p->wm.writable ? "over max_message_size" : "pipe not draining");
+        inbound_finish(r, e, in);
+        return;
     } else {
+        in->answering = true;
+        in->answer_bytes += len;
         emx_ao_put_u32(data + EMX_AO_OFF_REQUEST_ID, in->orig_request_id);
         emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, in->endpoint_id);
         send_pipe(r, p, data, len);
     }
-    if (final) {
-        if (in->pipe) {
-            emx_list_unlink(&in->pipe_link);
-            inst_pending_dec(r, in->pipe->inst);
-        }
-        emx_list_unlink(&in->timer_link);
-        HASH_DEL(e->inbound, in);
-        e->ninbound--;
-        emx_free(in);
-        check_drained(r, e);
-    }
+    if (final)
+        inbound_finish(r, e, in);
 }
 
 void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *data, size_t len,
@@ -1066,7 +1098,7 @@ void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *
     }
 
     if (emx_ao_is_response(h.code)) {
-        edge_response(r, e, &h, data, len);
+        edge_response(r, e, &h, data, len, now);
     } else if (h.code == EMX_AO_KEEP_ALIVE) {
         answer_edge(r, e, EMX_AO_SUCCESS, h.request_id, h.endpoint_id, h.session_id, NULL,
                     EMX_ANS_KEEP_ALIVE);
@@ -2032,17 +2064,12 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
         if (in->deadline > now)
             break;
         struct emx_edge *e = in->edge;
-        if (in->pipe) {
+        if (in->answering) /* part of an answer went out: never a 0xA4 after it */
+            r->stats.edge_answers_abandoned++;
+        else if (in->pipe)
             answer_pipe(r, in->pipe, EMX_AO_GATEWAY_TIMEOUT, in->orig_request_id, in->endpoint_id,
                         e->session_id, "endpoint did not answer", EMX_ANS_EDGE_TIMEOUT);
-            emx_list_unlink(&in->pipe_link);
-            inst_pending_dec(r, in->pipe->inst);
-        }
-        emx_list_unlink(&in->timer_link);
-        HASH_DEL(e->inbound, in);
-        e->ninbound--;
-        emx_free(in);
-        check_drained(r, e);
+        inbound_finish(r, e, in);
     }
     while ((it = r->t_auth.next) != &r->t_auth) {
         struct emx_edge *e = emx_container_of(it, struct emx_edge, auth_link);

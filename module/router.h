@@ -186,6 +186,7 @@ enum emx_answer_reason {
     EMX_ANS_RATE_LIMITED,    /* 0xA3: over max_msgs_per_sec */
     EMX_ANS_TOO_MANY_THINGS, /* 0x83: a BIND over max_things */
     EMX_ANS_DRAINING,        /* 0xA0: the edge is due to close in a SIGTERM drain */
+    EMX_ANS_PIPE_BUSY,       /* 0xA3 to a platform: its pipe is not draining */
     EMX_ANS__COUNT
 };
 const char *emx_answer_reason_name(enum emx_answer_reason r);
@@ -206,6 +207,7 @@ struct emx_router_stats {
     uint64_t platform_answers_wrong_pipe; /* answers on a pipe their request did not take */
     uint64_t late_edge_answers;      /* edge answers matching nothing pending */
     uint64_t edge_answers_pipe_gone; /* edge answers whose pipe closed (rule 5) */
+    uint64_t edge_answers_abandoned; /* edge answers cut off after part went to the pipe */
     uint64_t chunks_discarded;       /* chunks of tombstoned multipart messages */
     uint64_t answers_abandoned;      /* platform answers cut off after part reached the edge */
     uint64_t unbinds_sent, unbind_answers;

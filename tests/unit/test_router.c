@@ -3198,6 +3198,102 @@ static void drain_refuses_new_work_and_closes_when_idle(void **state)
     assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_DRAINING], 2);
 }
 
+/* One chunk of an edge's answer to the platform request `req`. */
+static void edge_answer_chunk(struct fx *f, struct emx_edge *e, const struct emx_ao_header *req,
+                              uint16_t id, uint16_t count, size_t payload)
+{
+    static uint8_t buf[4096];
+    struct emx_ao_header h = {.version = EMX_AO_VERSION,
+                              .code = EMX_AO_SUCCESS,
+                              .request_id = req->request_id,
+                              .endpoint_id = req->endpoint_id,
+                              .session_id = SESSION,
+                              .multipart = true,
+                              .chunk_id = id,
+                              .chunk_count = count,
+                              .chunk_size = (uint16_t)payload};
+    size_t n = emx_ao_header_write(buf, sizeof(buf), &h);
+    assert_true(n > 0 && n + payload <= sizeof(buf));
+    memset(buf + n, 'y', payload);
+    edge_msg(f, e, buf, n + payload);
+}
+
+/* Item 8: what an edge pushes into a pipe with its answers is bounded. An
+ * answer that grows past max_message_size (endless non-final chunks) is cut
+ * off; one that starts on a pipe that is not draining, or over the edge's
+ * rate, is refused with 0xA3 to the platform; one whose pipe stops draining
+ * midway is cut off; and one cut off is never followed by 0xA4. */
+static void edge_answers_to_platform_are_bounded(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_message_size = 4096;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *pp = &f->inst[0]->pipes[0];
+
+    size_t m = f->nev;
+    platform_get(f, pp, 0x800, e->id);
+    struct emx_ao_header in = delivered(f, m, e);
+    m = f->nev;
+    for (uint16_t id = 1; id <= 10; id++)
+        edge_answer_chunk(f, e, &in, id, 60000, 1500);
+    assert_int_equal(count_pipe_sends(f, m, ANY, 0x800, e->id), 2);
+    assert_int_equal(emx_router_stats(f->r)->edge_answers_abandoned, 1);
+    assert_int_equal(e->ninbound, 0);
+    tick_at(f, f->now + f->cfg.edge_request_timeout);
+    assert_int_equal(count_pipe_sends(f, m, ANY, 0x800, e->id), 2);
+
+    /* the pipe is over its high watermark when the answer comes: 0xA3 */
+    m = f->nev;
+    platform_get(f, pp, 0x801, e->id);
+    in = delivered(f, m, e);
+    emx_router_pipe_queued(f->r, pp, HIGH(f) + 1, f->now);
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &in);
+    assert_int_equal(count_pipe_sends(f, m, ANY, 0x801, e->id), 1);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x801, e->id));
+
+    /* it stops draining midway: the rest is cut off, no 0xA4 later */
+    emx_router_pipe_queued(f->r, pp, 0, f->now);
+    m = f->nev;
+    platform_get(f, pp, 0x802, e->id);
+    in = delivered(f, m, e);
+    m = f->nev;
+    edge_answer_chunk(f, e, &in, 1, 3, 100);
+    emx_router_pipe_queued(f->r, pp, HIGH(f) + 1, f->now);
+    edge_answer_chunk(f, e, &in, 2, 3, 100);
+    edge_answer_chunk(f, e, &in, 3, 3, 100);
+    tick_at(f, f->now + f->cfg.edge_request_timeout);
+    assert_int_equal(count_pipe_sends(f, m, ANY, 0x802, e->id), 1);
+    assert_int_equal(emx_router_stats(f->r)->edge_answers_abandoned, 2);
+    emx_router_pipe_queued(f->r, pp, 0, f->now);
+
+    /* an answer started but never finished: no 0xA4 after its part */
+    m = f->nev;
+    platform_get(f, pp, 0x803, e->id);
+    in = delivered(f, m, e);
+    m = f->nev;
+    edge_answer_chunk(f, e, &in, 1, 2, 100);
+    tick_at(f, f->now + f->cfg.edge_request_timeout);
+    assert_int_equal(count_pipe_sends(f, m, ANY, 0x803, e->id), 1);
+    assert_int_equal(emx_router_stats(f->r)->edge_answers_abandoned, 3);
+
+    /* over the edge's rate: 0xA3 "rate limited" to the platform */
+    struct emx_router_config c = f->cfg;
+    c.max_msgs_per_sec = 1;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    uint32_t g;
+    struct emx_pipe *gp = get(f, e, &g); /* takes the one token */
+    pipe_answer(f, gp, EMX_AO_SUCCESS, g, e->id);
+    m = f->nev;
+    platform_get(f, pp, 0x804, e->id);
+    in = delivered(f, m, e);
+    m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &in);
+    assert_int_equal(count_pipe_sends(f, m, ANY, 0x804, e->id), 1);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x804, e->id));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -3307,6 +3403,7 @@ int main(void)
         T(keyed_hash_is_siphash_under_a_random_key),
         T(things_limit_counts_binds_in_flight),
         T(drain_refuses_new_work_and_closes_when_idle),
+        T(edge_answers_to_platform_are_bounded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
