@@ -1105,6 +1105,8 @@ const struct emx_option emx_core_options_platform[] = {
     OPT(platform, reconnect_min, NULL, DURATION, "250ms", false,
         "first retry delay of a failed pipe (doubles, with jitter)"),
     OPT(platform, reconnect_max, NULL, DURATION, "30s", false, "longest retry delay of a pipe"),
+    OPT(platform, max_connecting, NULL, INT, "32", false,
+        "pipes connecting at once (TCP, TLS, upgrade); the others wait their turn"),
     OPT(platform, tls_ca, NULL, STRING, NULL, false,
         "PEM CA bundle for wss platforms (none: the system's)"),
     OPT(platform, tls_cert, NULL, STRING, NULL, false, "PEM client certificate for pipes"),
@@ -1119,6 +1121,8 @@ static const struct emx_option discovery_options[] = {
         "discovery plugin: static, dns-srv, consul, zookeeper"),
     OPT(discovery, empty_confirm, NULL, DURATION, "10s", false,
         "an empty instance set is applied only after it lasts this long"),
+    OPT(discovery, max_instances, NULL, INT, "1000", false,
+        "a discovered set larger than this is refused (the last good set stays)"),
     EMX_OPTION_END,
 };
 
@@ -1153,7 +1157,7 @@ static const struct section {
 };
 #define NSECTIONS (sizeof(sections) / sizeof(sections[0]))
 
-static const char *const plugin_core_keys[] = {"plugin", "empty_confirm", NULL};
+static const char *const plugin_core_keys[] = {"plugin", "empty_confirm", "max_instances", NULL};
 
 struct binding {
     const struct emx_node *map; /* NULL: the section is absent */
@@ -1453,6 +1457,8 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
     check_positive(b, cfg, S_PLATFORM, "stall_after", cfg->platform.stall_after);
     check_positive(b, cfg, S_PLATFORM, "reconnect_min", cfg->platform.reconnect_min);
     check_positive(b, cfg, S_PLATFORM, "reconnect_max", cfg->platform.reconnect_max);
+    check_range(b, cfg, S_PLATFORM, "max_connecting", cfg->platform.max_connecting, 1, 10000);
+    check_range(b, cfg, S_DISCOVERY, "max_instances", cfg->discovery.max_instances, 1, 100000);
     /* A quiet pipe is pinged before it is given up, or it dies every
      * idle_read_timeout. */
     if (cfg->platform.ping_interval && cfg->platform.idle_read_timeout &&

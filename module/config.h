@@ -145,6 +145,7 @@ struct emx_config {
         uint64_t sndbuf;
         uint64_t reconnect_min;
         uint64_t reconnect_max;
+        int64_t max_connecting; /* pipes between connect and open, all instances */
         const char *tls_ca;
         const char *tls_cert;
         const char *tls_key;
@@ -153,6 +154,7 @@ struct emx_config {
     struct {
         const char *plugin;
         uint64_t empty_confirm;
+        int64_t max_instances; /* a larger set is refused; the last good one stays */
         struct emx_node *node; /* the section, for the plugin's own options */
     } discovery;
     struct {
@@ -181,7 +183,7 @@ void emx_config_free(struct emx_config *cfg);
 
 /* Bind a plugin's options from its section ("discovery" or "transport") and
  * from top-level aliases into `out` (config_size bytes, zeroed by caller).
- * The section's "plugin" and "empty_confirm" keys are the core's. `table`
+ * The section's "plugin", "empty_confirm" and "max_instances" keys are the core's. `table`
  * must stay valid until emx_config_check_unused. Returns 0 or -EINVAL. */
 int emx_config_bind_plugin(struct emx_config *cfg, const char *section,
                            const struct emx_option *table, void *out, struct emx_errors *errs);

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -82,8 +83,26 @@ struct pipe_ctx {
     unsigned attempts;
     bool dirty;
     bool timer_closed;
+    bool connecting; /* counted in s->connecting until on_open or on_close */
+    bool queued;     /* waiting in s->connect_wait for a connect slot */
     struct emx_list dirty_link;
+    struct emx_list wait_link;
+    uint64_t up_since; /* when its AUTH succeeded; 0: not up */
+    /* The last failure logged at warn, and how often it came again since. */
+    char last_reason[128];
+    uint64_t last_log_ms;
+    unsigned repeats;
 };
+
+/* Backoff restarts only for a pipe that stayed up this long: one the
+ * platform closes right after its AUTH keeps backing off. */
+#define PIPE_STABLE_MS 10000
+/* The same failure of a pipe is logged at warn once per this; the repeats
+ * go to debug and are counted in the next warn line. */
+#define PIPE_LOG_REPEAT_MS 60000
+/* Open files kept out of the pipes' budget: listeners, admin, plugins,
+ * logs, discovery (the ws transport's fd_reserve default is the same). */
+#define FD_CORE_RESERVE 256
 
 struct emx_server {
     uv_loop_t loop;
@@ -116,6 +135,8 @@ struct emx_server {
     uv_signal_t sigterm, sigint, sighup;
     struct emx_admin *admin;
     struct emx_list dirty;
+    struct emx_list connect_wait; /* pipes waiting for a connect slot, FIFO */
+    unsigned connecting;          /* pipes between connect and open or close */
 
     char *hdr_appkey, *hdr_server, *hdr_boot;
     const char *pipe_headers[3];
@@ -220,12 +241,43 @@ static uint64_t host_now(const struct emx_host *h)
     return now_ms(host_server(h));
 }
 
+/* Pipes a set may take: half of the open-file limit left after the core's
+ * own reserve, so the devices always keep the other half. 0: no limit. */
+static uint64_t pipe_fd_budget(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return 0;
+    return rl.rlim_cur > FD_CORE_RESERVE ? (rl.rlim_cur - FD_CORE_RESERVE) / 2 : 1;
+}
+
 static void host_discovery_update(const struct emx_host *h, const struct emx_instance_info *set,
                                   size_t count)
 {
     struct emx_server *s = host_server(h);
-    if (!s->stopping && h == s->dhost_active)
+    if (s->stopping || h != s->dhost_active)
+        return;
+    /* A set too large to serve is a failure of the source: the router keeps
+     * its last good set, logs the reason and counts it. */
+    char why[300];
+    uint64_t per = emx_router_config(s->router)->pipes_per_instance;
+    uint64_t budget = pipe_fd_budget();
+    if (count > (uint64_t)s->cfg->discovery.max_instances) {
+        snprintf(why, sizeof(why),
+                 "set of %zu instances refused: more than discovery.max_instances (%" PRId64 ")",
+                 count, s->cfg->discovery.max_instances);
+    } else if (budget && count * per > budget) {
+        snprintf(why, sizeof(why),
+                 "set of %zu instances refused: its %" PRIu64 " pipes (%" PRIu64
+                 " per instance) exceed the open-file budget of %" PRIu64
+                 " (half of the file limit after %d reserved): raise the file limit or lower "
+                 "platform.pipes_per_instance",
+                 count, count * per, per, budget, FD_CORE_RESERVE);
+    } else {
         emx_router_discovery_update(s->router, set, count, now_ms(s));
+        return;
+    }
+    emx_router_discovery_failed(s->router, why, now_ms(s));
 }
 
 static void host_discovery_failed(const struct emx_host *h, const char *reason)
@@ -385,6 +437,59 @@ static void pipe_schedule_retry(struct pipe_ctx *pc)
     uv_timer_start(&pc->retry, on_retry, delay, 0);
 }
 
+/* A connect slot is free again: the next waiting pipe takes it. */
+static void pipe_connect_done(struct pipe_ctx *pc)
+{
+    struct emx_server *s = pc->s;
+    if (!pc->connecting)
+        return;
+    pc->connecting = false;
+    s->connecting--;
+    while (!emx_list_empty(&s->connect_wait) &&
+           s->connecting < (uint64_t)s->cfg->platform.max_connecting) {
+        struct pipe_ctx *next = emx_container_of(s->connect_wait.next, struct pipe_ctx, wait_link);
+        emx_list_unlink(&next->wait_link);
+        next->queued = false;
+        pipe_connect(next);
+    }
+}
+
+static void pipe_unqueue(struct pipe_ctx *pc)
+{
+    if (pc->queued) {
+        pc->queued = false;
+        emx_list_unlink(&pc->wait_link);
+    }
+}
+
+/* One warn line per distinct failure of a pipe and PIPE_LOG_REPEAT_MS; the
+ * same failure again in between goes to debug and is counted. */
+static void pipe_log_close(struct pipe_ctx *pc, bool was_up, uint16_t code, const char *reason)
+{
+    struct emx_server *s = pc->s;
+    const struct emx_pipe *p = pc->p;
+    uint64_t now = now_ms(s);
+    char text[sizeof(pc->last_reason)];
+    snprintf(text, sizeof(text), "%u %s", code, reason && reason[0] ? reason : "no reason given");
+    char up[64] = "";
+    if (was_up)
+        snprintf(up, sizeof(up), " after %" PRIu64 " ms up", now - pc->up_since);
+    if (strcmp(text, pc->last_reason) == 0 && now - pc->last_log_ms < PIPE_LOG_REPEAT_MS) {
+        pc->repeats++;
+        emx_logf(&s->log, EMX_LOG_DEBUG, "pipe", "instance %s pipe %u %s (%s)%s", p->inst->id,
+                 p->index, was_up ? "closed" : "failed", text, up);
+        return;
+    }
+    char again[64] = "";
+    if (pc->repeats)
+        snprintf(again, sizeof(again), "; %u more time(s) since the last such line", pc->repeats);
+    emx_logf(&s->log, EMX_LOG_WARN, "pipe", "instance %s pipe %u %s (%s)%s%s", p->inst->id,
+             p->index, was_up ? "closed" : "failed", text, up, again);
+    snprintf(pc->last_reason, sizeof(pc->last_reason), "%s", text);
+    pc->last_log_ms = now;
+    pc->repeats = 0;
+}
+
 static void pipe_free_if_done(struct pipe_ctx *pc)
 {
     if (!pc->p && !pc->conn && pc->timer_closed) {
@@ -398,6 +503,7 @@ static void pipe_on_open(void *user, struct emx_conn *conn, const struct emx_con
     (void)info;
     struct pipe_ctx *pc = user;
     pc->conn = conn;
+    pipe_connect_done(pc);
     if (!pc->p) {
         pc->s->tp->close(conn, 1001, "instance removed");
         return;
@@ -411,10 +517,10 @@ static void pipe_on_message(void *user, uint8_t *data, size_t len)
     if (!pc->p)
         return;
     emx_router_pipe_message(pc->s->router, pc->p, data, len, now_ms(pc->s));
-    /* A pipe whose AUTH succeeded is healthy: its next failure starts the
-     * backoff over. */
-    if (pc->p && pc->p->state == EMX_PIPE_UP)
-        pc->attempts = 0;
+    /* Its AUTH succeeded: whether the backoff starts over depends on how
+     * long it stays up (pipe_on_close). */
+    if (pc->p && pc->p->state == EMX_PIPE_UP && !pc->up_since)
+        pc->up_since = now_ms(pc->s);
 }
 
 static void pipe_mark_dirty(struct pipe_ctx *pc)
@@ -437,6 +543,7 @@ static void pipe_on_close(void *user, uint16_t code, const char *reason)
     struct pipe_ctx *pc = user;
     struct emx_server *s = pc->s;
     pc->conn = NULL;
+    pipe_connect_done(pc);
     if (pc->dirty) {
         pc->dirty = false;
         emx_list_unlink(&pc->dirty_link);
@@ -446,9 +553,13 @@ static void pipe_on_close(void *user, uint16_t code, const char *reason)
         return;
     }
     struct emx_pipe *p = pc->p;
-    emx_logf(&s->log, p->state == EMX_PIPE_UP ? EMX_LOG_WARN : EMX_LOG_DEBUG, "pipe",
-             "instance %s pipe %u closed (%u %s)", p->inst->id, p->index, code,
-             reason ? reason : "");
+    bool was_up = pc->up_since != 0;
+    /* The transport's reason says what failed (resolution, connect, TLS,
+     * upgrade, a close by the platform): it is logged as given. */
+    pipe_log_close(pc, was_up, code, reason);
+    if (was_up && now_ms(s) - pc->up_since >= PIPE_STABLE_MS)
+        pc->attempts = 0;
+    pc->up_since = 0;
     emx_router_pipe_closed(s->router, p, now_ms(s));
     /* The router may have removed the instance meanwhile (drained). */
     if (pc->p)
@@ -465,8 +576,15 @@ static const struct emx_conn_callbacks pipe_callbacks = {
 static void pipe_connect(struct pipe_ctx *pc)
 {
     struct emx_server *s = pc->s;
-    if (s->stopping || !pc->p || pc->conn)
+    if (s->stopping || !pc->p || pc->conn || pc->queued)
         return;
+    /* Bounded connects in flight: a large set opens its pipes a slot at a
+     * time instead of all in one loop iteration. */
+    if (s->connecting >= (uint64_t)s->cfg->platform.max_connecting) {
+        pc->queued = true;
+        emx_list_push_back(&s->connect_wait, &pc->wait_link);
+        return;
+    }
     const struct emx_instance *inst = pc->p->inst;
     const struct emx_config *cfg = s->cfg;
     struct emx_connect_spec spec = {
@@ -489,8 +607,7 @@ static void pipe_connect(struct pipe_ctx *pc)
     struct emx_conn *conn = NULL;
     int rc = s->tp->connect(s->tinst, &spec, &pipe_callbacks, pc, &conn);
     if (rc != 0) {
-        emx_logf(&s->log, EMX_LOG_WARN, "pipe", "instance %s pipe %u: connect failed (%s)",
-                 inst->id, pc->p->index, strerror(-rc));
+        pipe_log_close(pc, false, 0, strerror(-rc));
         pipe_schedule_retry(pc);
         return;
     }
@@ -498,6 +615,8 @@ static void pipe_connect(struct pipe_ctx *pc)
      * still under way can close it; on_open or on_close follows (never from
      * inside connect), and pc lives until on_close has run. */
     pc->conn = conn;
+    pc->connecting = true;
+    s->connecting++;
 }
 
 static void retry_closed(uv_handle_t *h)
@@ -586,6 +705,7 @@ static void io_instance_added(void *ctx, struct emx_instance *inst)
         pc->s = s;
         pc->p = &inst->pipes[i];
         emx_list_init(&pc->dirty_link);
+        emx_list_init(&pc->wait_link);
         uv_timer_init(&s->loop, &pc->retry);
         pc->retry.data = pc;
         inst->pipes[i].conn = pc;
@@ -603,6 +723,7 @@ static void io_instance_removed(void *ctx, struct emx_instance *inst)
             continue;
         pc->p = NULL;
         inst->pipes[i].conn = NULL;
+        pipe_unqueue(pc);
         if (pc->dirty) {
             pc->dirty = false;
             emx_list_unlink(&pc->dirty_link);
@@ -1420,6 +1541,7 @@ int emx_server_run(struct emx_setup *setup)
     emx_log_level_parse(s->cfg->log.level, &s->log.level);
     emx_log_format_parse(s->cfg->log.format, &s->log.format);
     emx_list_init(&s->dirty);
+    emx_list_init(&s->connect_wait);
     pthread_mutex_init(&s->post_mu, NULL);
     s->post_tail = &s->post_head;
     signal(SIGPIPE, SIG_IGN);

@@ -639,6 +639,10 @@ static void test_err_senseless(void **state)
                  cases[i].msg);
         expect_error(text, msg);
     }
+    expect_error(NAME "platform:\n  max_connecting: 0\n",
+                 "t.yaml:3: platform.max_connecting: must be between 1 and 10000 (got 0)");
+    expect_error(NAME "discovery:\n  max_instances: 100001\n",
+                 "t.yaml:3: discovery.max_instances: must be between 1 and 100000 (got 100001)");
     /* Both ends of the reconnect delay: max 0 (with min 0) gives two errors. */
     expect_error(NAME "platform:\n  reconnect_min: 0\n  reconnect_max: 0\n",
                  "t.yaml:4: platform.reconnect_max: must be more than 0");
