@@ -942,6 +942,7 @@ static int ws_send(struct emx_conn *c, const uint8_t *data, size_t len)
         }
         if (c->qh)
             lws_callback_on_writable(c->wsi);
+        pipe_rx_update(c);
         return 0;
     }
     /* Nothing queued: write from the caller's bytes now (one copy into the
@@ -972,6 +973,7 @@ static int ws_send(struct emx_conn *c, const uint8_t *data, size_t len)
         }
         lws_callback_on_writable(c->wsi);
     }
+    pipe_rx_update(c); /* a partial write: not read until it drains */
     return 0;
 }
 
