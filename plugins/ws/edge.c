@@ -93,6 +93,7 @@ struct edge_conn {
     unsigned close_sent : 1; /* our close frame (or refusal) is queued */
     unsigned shut : 1;       /* write side shut after the close */
     unsigned ready : 1;      /* on the hub's ready list */
+    unsigned report_due : 1; /* closing: tell the core from the ready list */
     unsigned ssl_want_write : 1;
     int events; /* what the poll handle watches */
     int fd;
@@ -310,6 +311,14 @@ static void poll_closed(uv_handle_t *h)
     struct edge_hub *hub = c->hub;
 
     hub->handles_open--;
+    if (c->ready) {
+        struct edge_conn **pp = &hub->ready_head;
+
+        while (*pp && *pp != c)
+            pp = &(*pp)->ready_next;
+        if (*pp)
+            *pp = c->ready_next;
+    }
     if (c->reported && c->lst->cb.on_close)
         c->lst->cb.on_close(c->user, c->close_code ? c->close_code : 1006,
                             c->close_reason ? c->close_reason : "");
@@ -317,6 +326,7 @@ static void poll_closed(uv_handle_t *h)
 }
 
 static void accept_modulate(struct edge_hub *hub);
+static void ready_add(struct edge_conn *c);
 
 /* The socket is done: stop, close, and let the close callback report. */
 static void conn_gone(struct edge_conn *c, uint16_t code, const char *reason)
@@ -589,6 +599,12 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
     c->t0 = uv_now(c->hub->loop);
     list_add(c, L_CLOSING);
     c->paused = 0; /* read on: the peer's close or EOF ends it */
+    /* The core is done with it now: the close handshake that follows is
+     * the transport's, bounded by close_timeout. */
+    if (c->reported) {
+        c->report_due = 1;
+        ready_add(c);
+    }
     if (code != 1005 && code != 1006) {
         size_t rl = reason ? strnlen(reason, REASON_MAX) : 0;
 
@@ -1004,6 +1020,14 @@ static void ready_cb(uv_idle_t *h)
         hub->ready_head = c->ready_next;
         c->ready_next = NULL;
         c->ready = 0;
+        if (c->report_due) {
+            c->report_due = 0;
+            if (c->reported) {
+                c->reported = 0;
+                c->lst->cb.on_close(c->user, c->close_code ? c->close_code : 1006,
+                                    c->close_reason ? c->close_reason : "");
+            }
+        }
         if (c->state != ES_OPEN || c->paused)
             continue;
         while (c->held && c->held_off < c->held_len && c->state == ES_OPEN && !c->paused) {

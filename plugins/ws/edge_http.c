@@ -3,6 +3,7 @@
 #include "edge_http.h"
 
 #include <ctype.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,11 +68,28 @@ struct collect {
     bool in_value;
     enum hdr_id cur;
     unsigned count[H__COUNT];
-    char val[H__COUNT][1024];
+    char *val[H__COUNT]; /* into store: lists may take a whole head, others 1 KiB */
+    size_t val_cap[H__COUNT];
     size_t val_len[H__COUNT];
     bool val_long[H__COUNT];
     bool done;
+    char store[2 * EDGE_HTTP_MAX_HEAD + 8 * 1024];
 };
+
+static const bool hdr_list_big[H__COUNT] = {[H_EXTENSIONS] = true, [H_XFF] = true};
+
+static void collect_init(struct collect *c)
+{
+    size_t at = 0;
+
+    memset(c, 0, offsetof(struct collect, store));
+    for (int i = 1; i < H__COUNT; i++) {
+        c->val[i] = c->store + at;
+        c->val_cap[i] = hdr_list_big[i] ? EDGE_HTTP_MAX_HEAD : 1024;
+        c->val[i][0] = '\0';
+        at += c->val_cap[i];
+    }
+}
 
 static void append(char *dst, size_t *len, bool *toolong, size_t cap, const char *at, size_t n)
 {
@@ -120,11 +138,12 @@ static int on_value(http_parser *p, const char *at, size_t n)
         if (c->cur == H_OTHER)
             return 0;
         if (c->count[c->cur]++ && !hdr_single[c->cur])
-            append(c->val[c->cur], &c->val_len[c->cur], &c->val_long[c->cur], sizeof(c->val[0]),
+            append(c->val[c->cur], &c->val_len[c->cur], &c->val_long[c->cur], c->val_cap[c->cur],
                    ", ", 2);
     }
     if (c->cur != H_OTHER)
-        append(c->val[c->cur], &c->val_len[c->cur], &c->val_long[c->cur], sizeof(c->val[0]), at, n);
+        append(c->val[c->cur], &c->val_len[c->cur], &c->val_long[c->cur], c->val_cap[c->cur], at,
+               n);
     return 0;
 }
 
@@ -247,7 +266,8 @@ static int param_value(const char **sp, char *val, size_t cap)
 
 static int bits_of(const char *v)
 {
-    if (strlen(v) != 1 && strlen(v) != 2)
+    /* RFC 7692 §7.1.2: a decimal integer without leading zeros */
+    if ((strlen(v) != 1 && strlen(v) != 2) || v[0] == '0')
         return -1;
     for (const char *p = v; *p; p++)
         if (!isdigit((unsigned char)*p))
@@ -385,6 +405,24 @@ static void negotiate(const char *list, const struct edge_pmd_conf *conf, struct
 
 /* ---- the request ----------------------------------------------------------- */
 
+/* RFC 9112 §3: method SP request-target SP HTTP-version CRLF, one space
+ * each; http-parser alone lets doubled spaces through. */
+static bool request_line_strict(const char *head, size_t len)
+{
+    size_t i = 0, spaces = 0;
+
+    for (; i < len && head[i] != '\r'; i++) {
+        if (head[i] == ' ') {
+            if (i == 0 || head[i - 1] == ' ')
+                return false;
+            spaces++;
+        } else if ((unsigned char)head[i] <= 0x20 || head[i] == 0x7f) {
+            return false;
+        }
+    }
+    return spaces == 2 && i + 1 < len && head[i + 1] == '\n' && head[i - 1] != ' ';
+}
+
 static void refuse(struct edge_http_req *r, int status, const char *why)
 {
     r->status = status;
@@ -401,11 +439,16 @@ void edge_http_parse(const char *head, size_t len, const char *path,
     char *q;
 
     memset(out, 0, sizeof(*out));
-    c = calloc(1, sizeof(*c));
+    if (!request_line_strict(head, len)) {
+        refuse(out, 400, "malformed request line");
+        return;
+    }
+    c = malloc(sizeof(*c));
     if (!c) {
         refuse(out, 503, "out of memory");
         return;
     }
+    collect_init(c);
     memset(&set, 0, sizeof(set));
     set.on_url = on_url;
     set.on_header_field = on_field;
@@ -447,8 +490,8 @@ void edge_http_parse(const char *head, size_t len, const char *path,
             goto done;
         }
     }
-    if (!c->count[H_UPGRADE]) {
-        refuse(out, 404, "plain HTTP: only WebSocket upgrades are served");
+    if (c->val_len[H_XFF] >= sizeof(out->xff) || c->val_len[H_APPKEY] >= sizeof(out->app_key)) {
+        refuse(out, 431, "header too long");
         goto done;
     }
     if (!c->count[H_HOST]) {
@@ -496,7 +539,7 @@ void edge_http_parse(const char *head, size_t len, const char *path,
     out->why = NULL;
 done:
     /* the app key may have been copied into the collector: wipe it */
-    memset(c->val[H_APPKEY], 0, sizeof(c->val[H_APPKEY]));
+    memset(c->val[H_APPKEY], 0, c->val_cap[H_APPKEY]);
     free(c);
 }
 

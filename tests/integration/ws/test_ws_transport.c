@@ -867,7 +867,8 @@ static void client_paths(struct tcase *t)
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         "HTTP/1.1 404");
     expect_status(t->port, "GET /other HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 404");
-    expect_status(t->port, "GET /Thingworx/WS HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 404");
+    /* the served path without an upgrade is a bad upgrade */
+    expect_status(t->port, "GET /Thingworx/WS HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 400");
 }
 
 static void verify_paths(struct tcase *t)
