@@ -1052,10 +1052,15 @@ class EdgeSuite(E2ETest):
     """One platform-sim and one edgemux shared by every test of a class
     (started again when a test left edgemux dead), plus a canary device
     with permessage-deflate that must keep getting answers after each
-    hostile case. Subclasses set EDGE, TRANSPORT (config overrides)."""
+    hostile case. Subclasses set EDGE, TRANSPORT, PLATFORM (config
+    overrides). EMX_RFC_LOG=debug sets edgemux's log level."""
 
     EDGE = {}
     TRANSPORT = {"handshake_timeout": "2s"}
+    # The platform hop's back-pressure (a pipe over high_watermark takes no
+    # new request: 0xA0) is not what these suites test; large watermarks
+    # keep bursts of large messages from reaching it.
+    PLATFORM = {"high_watermark": "16MiB", "low_watermark": "8MiB"}
     INSTANCES = 1
 
     @classmethod
@@ -1086,28 +1091,41 @@ class EdgeSuite(E2ETest):
             env = Env()
             plat = Platform(env, self.INSTANCES)
             overrides = {"edge": dict(self.EDGE), "transport": dict(self.TRANSPORT),
-                         "log": {"level": "info"}}
+                         "platform": dict(self.PLATFORM),
+                         "log": {"level": os.environ.get("EMX_RFC_LOG", "info")}}
             emx = Edgemux(env, "emx-rfc", plat.ports, overrides=overrides)
             emx.wait_ready()
             cls.shared = (env, plat, emx)
         self.env, self.plat, self.emx = cls.shared
         self.port = self.emx.edge_port
         self.canary = None
+        self.devices = []
+        self.failures_at_start = self._failures()
+
+    def _failures(self):
+        result = getattr(getattr(self, "_outcome", None), "result", None)
+        if result is None:
+            return 0
+        return len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
 
     def tearDown(self):
-        failed = not getattr(self._outcome, "success", True)
+        failed = self._failures() > self.failures_at_start
         if failed:
             type(self).keep_logs = True
             print("\n--- edgemux log (last 25 lines) after %s\n%s" %
                   (self.id(), "\n".join(self.emx.log().splitlines()[-25:])))
         if self.canary is not None:
             self.canary.close()
+        for d in self.devices:
+            d.close()
 
     # devices
 
     def device(self, **kw):
         kw.setdefault("app_key", self.env.app_key)
-        return Device(self.port, **kw)
+        d = Device(self.port, **kw)
+        self.devices.append(d)
+        return d
 
     def authed(self, deflate=True, **kw):
         d = self.device(deflate=deflate, **kw)

@@ -167,44 +167,64 @@ class Deflate(EdgeSuite):
     # ------------------------------------------------------------ split anywhere
 
     def test_small_messages_split_at_every_byte(self):
+        """Each kind of small message, compressed, is written as two TCP
+        writes cut at every offset of its frame, and its compressed payload
+        is cut into two frames at every offset (RSV1 on the first frame
+        only, RFC 7692, and on both, the SDK). With the compressor reset
+        per message (valid in either mode: no back-references) the frames
+        keep their length, so every offset is covered; with context
+        takeover repeated content shrinks, and the cuts go as far as the
+        frames reach (fresh random content keeps its length)."""
         self.start_canary()
         rng = random.Random(5)
-        kinds = {"GET": None, "random 60": rng.randbytes(60), "repeated 400": b"abcdefgh" * 50,
-                 "zeros 300": bytes(300), "mixed 200": mixed(rng, 200)}
-        for what, data in kinds.items():
-            with self.subTest(payload=what):
-                d = self.authed()
-                k = 1
-                while True:
-                    rid = d.rid()
-                    msg = ao_request(GET, rid, d.session) if data is None else ao_post(rid, d.session, data)
-                    wire = b"".join(d.message_frames(msg))
-                    if k >= len(wire):
-                        break
-                    # two TCP writes, cut at k, arriving apart
-                    self.assertTrue(d.send_raw(wire, cuts=[k], delay=0.002), "closed at cut %d" % k)
-                    code, chunks = d.answer(rid)
-                    self.assertEqual(code, SUCCESS, "%s cut at %d" % (what, k))
-                    if data is not None:
-                        self.assertEqual(echoed_blob(chunks), ao_infotable_blob("data", data))
-                    k += 1
-                # the compressed payload cut into two frames at every offset,
-                # RSV1 on the first frame only (RFC 7692) and on both (the SDK)
-                for sdk in (False, True):
+        kinds = {"GET": lambda: None, "random 60": lambda: rng.randbytes(60),
+                 "repeated 400": lambda: b"abcdefgh" * 50, "zeros 300": lambda: bytes(300),
+                 "mixed 200": lambda: mixed(rng, 200)}
+        for what, make in kinds.items():
+            for takeover in (False, True):
+                with self.subTest(payload=what, context_takeover=takeover):
+                    d = self.authed()
+                    if not takeover:
+                        d.comp = Compressor(d.pmd["client_max_window_bits"] or 15, no_context_takeover=True)
+                    # (every message compressed is sent: the server's
+                    # inflater follows the device's compressor)
                     k = 1
                     while True:
                         rid = d.rid()
+                        data = make()
                         msg = ao_request(GET, rid, d.session) if data is None else ao_post(rid, d.session, data)
-                        payload = d.comp.compress(msg)
-                        if k >= len(payload):
+                        wire = b"".join(d.message_frames(msg))
+                        # two TCP writes, cut at k, arriving apart
+                        self.assertTrue(d.send_raw(wire, cuts=[k], delay=0.002), "closed at cut %d" % k)
+                        code, chunks = d.answer(rid)
+                        self.assertEqual(code, SUCCESS, "%s cut at %d" % (what, k))
+                        if data is not None:
+                            self.assertEqual(echoed_blob(chunks), ao_infotable_blob("data", data))
+                        if k >= len(wire) - 1:
                             break
-                        wire = (d.frame(OP_BINARY, payload[:k], fin=False, rsv1=True) +
-                                d.frame(OP_CONT, payload[k:], rsv1=sdk))
-                        self.assertTrue(d.send_raw(wire), "closed at fragment cut %d" % k)
-                        code, _ = d.answer(rid)
-                        self.assertEqual(code, SUCCESS, "%s fragments cut at %d (SDK %s)" % (what, k, sdk))
                         k += 1
-                d.close()
+                    tcp_cuts = k
+                    for sdk in (False, True):
+                        k = 1
+                        while True:
+                            rid = d.rid()
+                            data = make()
+                            msg = ao_request(GET, rid, d.session) if data is None else ao_post(rid, d.session, data)
+                            payload = d.comp.compress(msg)
+                            c = min(k, len(payload))  # the second frame may be empty
+                            wire = (d.frame(OP_BINARY, payload[:c], fin=False, rsv1=True) +
+                                    d.frame(OP_CONT, payload[c:], rsv1=sdk))
+                            self.assertTrue(d.send_raw(wire), "closed at fragment cut %d" % k)
+                            code, _ = d.answer(rid)
+                            self.assertEqual(code, SUCCESS, "%s fragments cut at %d (SDK %s)" % (what, k, sdk))
+                            if k >= len(payload):
+                                break
+                            k += 1
+                    if not takeover:
+                        self.assertGreater(tcp_cuts, 15, "%s: frames too short to mean anything" % what)
+                    print("\n%s, context takeover %s: TCP cuts 1..%d, fragment cuts 1..%d"
+                          % (what, takeover, tcp_cuts, k))
+                    d.close()
         self.check_canary()
 
     def test_small_multipart_split_at_every_byte(self):
