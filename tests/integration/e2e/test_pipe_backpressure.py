@@ -156,7 +156,7 @@ class DeafPlatform:
                 if not select.select([], [c], [], left)[1]:
                     break
                 n += c.send(data[n:])
-        except OSError:
+        except (OSError, ValueError):  # closed by edgemux or by the test
             pass
         with self.lock:
             self.sent += n
@@ -241,6 +241,8 @@ class PipeBackpressure(E2ETest):
         self.addCleanup(deaf.close)
         emx = self.start("emx-flood", [(plat.ports[0], 0), (deaf.port, 1)], overrides or {})
         wait_until(lambda: len(deaf.pipes) == 2, 10, what="pipes to the deaf platform")
+        # the canary authenticates on the healthy instance (the better tier)
+        wait_until(lambda: plat.pipes_connected() == [2], 10, what="pipes to the platform")
         canary = emx.edge(app_key=self.env.app_key)
         code, sid = canary.auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
