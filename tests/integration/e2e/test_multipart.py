@@ -19,7 +19,9 @@ class Multipart(E2ETest):
             ov.setdefault(k, {}).update(v)
         self.emx = Edgemux(self.env, "emx-mp", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 10, what="every pipe connected")
+        n = int(ov["platform"].get("pipes_per_instance", 2))
+        wait_until(lambda: self.plat.pipes_connected() == [n, n, n], 10,
+                   what="every pipe connected")
 
     def authed_edge(self):
         e = self.emx.edge(app_key=self.env.app_key)
@@ -105,9 +107,12 @@ class Multipart(E2ETest):
         self.plat.cmd("restore %d" % pinned)
 
     def test_pinned_pipe_stalled_past_pin_wait_one_a0(self):
-        # The pinned instance stops reading: its pipe stalls (stall_after),
-        # the next chunk waits multipart_pin_wait, then one 0xA0.
-        self.cluster({"platform": {"stall_after": "300ms", "multipart_pin_wait": "500ms"}})
+        # The pinned instance stops reading. A multipart request still
+        # arriving cannot stall its pipe (the platform cannot answer it yet),
+        # but a GET it leaves unanswered does (stall_after); the next chunk
+        # then waits multipart_pin_wait, and gets one 0xA0.
+        self.cluster({"platform": {"stall_after": "300ms", "multipart_pin_wait": "500ms",
+                                   "pipes_per_instance": 1}})
         e, sid = self.authed_edge()
         chunks = ao_multipart_request(PUT, 2, sid, 40 * 1024)
         before = self.plat.msgs_in()
@@ -117,18 +122,26 @@ class Multipart(E2ETest):
                             what="chunk 1 at an instance")
         pinned = deltas.index(1) + 1
         self.assertEqual(self.plat.cmd("stop-reading %d" % pinned), "ok")
-        e.answers_for(0.5)  # past stall_after
+        got = e.answers_for(0.5)  # the upload alone does not stall the pipe
+        self.assertEqual(got, {})
+        for rid in (10, 11, 12):  # round robin: one of them to the pinned instance
+            e.send(ao_request(GET, rid, sid))
+        e.answers(lambda g: len([r for r in (10, 11, 12) if r in g]) >= 2, timeout=5, into=got)
+        e.answers_for(0.4, into=got)  # past stall_after for the unanswered one
         for c in chunks[1:]:
             e.send(c)
-        got = e.answers(lambda g: 2 in g, timeout=5)
+        e.answers(lambda g: 2 in g, timeout=5, into=got)
         self.assertEqual(got[2], [INTERNAL_ERROR])
         self.assertEqual(self.plat.cmd("resume-reading %d" % pinned), "ok")
         e.send(ao_request(GET, 3, sid))
-        e.answers(lambda g: 3 in g, timeout=5, into=got)
+        e.answers(lambda g: 3 in g and all(r in g for r in (10, 11, 12)), timeout=8, into=got)
         e.answers_for(0.5, into=got)
-        self.assertEqual(got, {2: [INTERNAL_ERROR], 3: [SUCCESS]})
+        self.assertEqual(got[2], [INTERNAL_ERROR])
+        self.assertEqual(got[3], [SUCCESS])
+        for rid in (10, 11, 12):
+            self.assertEqual(len(got[rid]), 1, "one answer per request")
         after = self.plat.msgs_in()
-        self.assertEqual(sum(after) - sum(before), 2, "chunks after the first were forwarded")
+        self.assertEqual(sum(after) - sum(before), 5, "chunks after the first were forwarded")
 
 
 if __name__ == "__main__":
