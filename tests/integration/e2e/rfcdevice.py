@@ -661,7 +661,13 @@ class Device:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError("server did not read %d bytes within the timeout" % len(view))
-                r, w, _ = select.select([self.sock], [self.sock], [], min(left, 1.0))
+                p = select.poll()  # not select(): descriptors may be over 1024
+                p.register(self.sock, select.POLLIN | select.POLLOUT)
+                ev = 0
+                for _, e in p.poll(min(left, 1.0) * 1000):
+                    ev |= e
+                r = ev & (select.POLLIN | select.POLLHUP | select.POLLERR)
+                w = ev & (select.POLLOUT | select.POLLERR)
                 if r and not self.eof:
                     try:
                         chunk = self.sock.recv(1 << 20)
