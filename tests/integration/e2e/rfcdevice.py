@@ -1063,10 +1063,12 @@ class EdgeSuite(E2ETest):
 
     EDGE = {}
     TRANSPORT = {"handshake_timeout": "2s"}
-    # The platform hop's back-pressure (a pipe over high_watermark takes no
-    # new request: 0xA0) is not what these suites test; large watermarks
-    # keep bursts of large messages from reaching it.
+    # The platform hop's back-pressure (a pipe over high_watermark, or one
+    # whose plugin queue is over pipe_max_queued, takes no new request:
+    # 0xA0) is not what these suites test; large watermarks, with the
+    # plugin's cap above them, keep bursts of large messages from it.
     PLATFORM = {"high_watermark": "16MiB", "low_watermark": "8MiB"}
+    PIPE_TRANSPORT = {"pipe_max_queued": "64MiB"}
     INSTANCES = 1
 
     @classmethod
@@ -1096,7 +1098,7 @@ class EdgeSuite(E2ETest):
         if cls.shared is None:
             env = Env()
             plat = Platform(env, self.INSTANCES)
-            overrides = {"edge": dict(self.EDGE), "transport": dict(self.TRANSPORT),
+            overrides = {"edge": dict(self.EDGE), "transport": dict(self.PIPE_TRANSPORT, **self.TRANSPORT),
                          "platform": dict(self.PLATFORM),
                          "log": {"level": os.environ.get("EMX_RFC_LOG", "info")}}
             emx = Edgemux(env, "emx-rfc", plat.ports, overrides=overrides)
