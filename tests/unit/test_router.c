@@ -2904,7 +2904,7 @@ static void stall_counts_silence_since_the_oldest_answerable_request(void **stat
     assert_ptr_equal(get(f, e, &quick), p);
     tick_at(f, f->now + 500);
     pipe_answer(f, p, EMX_AO_SUCCESS, quick, e->id); /* life, after `slow` went out */
-    tick_at(f, f->now + 1000);                      /* `slow` is 2.5 s old */
+    tick_at(f, f->now + 1000);                       /* `slow` is 2.5 s old */
     size_t m = f->nev;
     assert_ptr_equal(get(f, e, &next), p);
     assert_null(find_edge_send(f, m, e->id, EMX_AO_INTERNAL_ERROR, next));
