@@ -14,147 +14,7 @@
  * pre-AUTH limit, edge_rx.c); a closing edge is read and discarded for at
  * most close_timeout; pongs stop being queued past max_queued_control.
  */
-#include "edge.h"
-
-#include <errno.h>
-#include <inttypes.h>
-#include <limits.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/resource.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-#include <arpa/inet.h>
-#include <linux/sockios.h>
-#include <openssl/err.h>
-#include <openssl/ssl.h>
-#include <zlib.h>
-
-#include "edge_http.h"
-#include "edge_rx.h"
-
-#define RBUF_SIZE       65536u
-#define READS_PER_EVENT 4   /* reads per readable event: other sockets get their turn */
-#define ACCEPT_BATCH    64  /* accepts per listener event */
-#define ACCEPT_PAUSE_MS 100 /* after EMFILE, ENFILE, ENOBUFS, ENOMEM */
-#define TICK_MS         100
-#define REASON_MAX      123    /* close payload is at most 125 bytes with the code */
-#define MAX_FRAME_CAP   65535u /* above this a frame needs a 64-bit length edge SDKs drop */
-#define MIN_FRAME       64u
-#define KEEP_TBUF       (256u * 1024u) /* larger scratch buffers go back after use */
-
-#define LOG(hub_, lvl_, ...) (hub_)->host->log((hub_)->host, (lvl_), __VA_ARGS__)
-
-enum edge_state { ES_SHAKING, ES_OPEN, ES_CLOSING, ES_GONE };
-
-struct oq {
-    struct oq *next;
-    size_t len, off;
-    uint8_t data[];
-};
-
-struct edge_listener {
-    struct edge_listener *next;
-    struct edge_hub *hub;
-    struct emx_conn_callbacks cb;
-    void *user;
-    char *path;
-    char *cert, *key, *ca; /* TLS files, for reload_tls */
-    bool require_client_cert;
-    size_t max_msg; /* after AUTH */
-    size_t preauth; /* before AUTH */
-    SSL_CTX *ssl;
-    struct edge_pmd_conf pmd;
-    int port;
-    int fd;
-    uv_poll_t *poll; /* NULL once closing (freed by its close callback) */
-    bool polling;
-    bool closed;
-};
-
-struct edge_list {
-    struct edge_conn *head, *tail;
-    size_t n;
-};
-
-struct edge_conn {
-    uint8_t kind; /* WS_KIND_EDGE: first, see edge.h */
-    uint8_t state;
-    uint8_t list;            /* which hub list holds it */
-    unsigned reported : 1;   /* the core knows it (on_accept returned a user) */
-    unsigned paused : 1;     /* the core asked us not to read */
-    unsigned close_rcvd : 1; /* the peer's close frame arrived */
-    unsigned close_sent : 1; /* our close frame (or refusal) is queued */
-    unsigned shut : 1;       /* write side shut after the close */
-    unsigned ready : 1;      /* on the hub's ready list */
-    unsigned report_due : 1; /* closing: tell the core from the ready list */
-    unsigned ssl_want_write : 1;
-    int events; /* what the poll handle watches */
-    int fd;
-    uint64_t t0; /* ms: handshake start, or close start */
-    struct edge_hub *hub;
-    struct edge_listener *lst;
-    void *user;
-    struct edge_conn *prev, *next;
-    struct edge_conn *ready_next;
-    SSL *ssl;
-    char *hs; /* handshake bytes so far */
-    uint16_t hs_len;
-    uint16_t close_code;
-    char *close_reason;
-    uint32_t max_frame;
-    size_t full_limit;
-    struct edge_pmd pmd;
-    struct edge_rx rx;
-    z_stream *tx_z;
-    struct oq *qh, *qt;
-    size_t qbytes;
-    uint8_t *held; /* input read while paused, parsed when resumed */
-    size_t held_len, held_off;
-    uv_poll_t poll;
-};
-
-enum { L_NONE, L_SHAKING, L_OPEN, L_CLOSING };
-
-struct edge_hub {
-    uv_loop_t *loop;
-    const struct emx_host *host;
-    struct edge_settings s;
-    struct edge_listener *listeners;
-    struct edge_list shaking, open, closing;
-    struct edge_conn *sweep_cursor;
-    struct edge_conn *ready_head;
-    unsigned socks, sock_cap;
-    bool running, stopped;
-    bool accept_paused;
-    uint64_t accept_err_logged;
-    uint64_t last_sweep;
-    int handles_open;
-    uv_timer_t tick;
-    uv_timer_t accept_retry;
-    uv_idle_t ready_idle;
-    uint8_t *rbuf;
-    uint8_t *tbuf; /* framed output */
-    size_t tcap;
-    uint8_t *zbuf; /* compressed output */
-    size_t zcap;
-};
-
-static struct edge_conn *E(struct emx_conn *c)
-{
-    return (struct edge_conn *)(void *)c;
-}
-
-static struct emx_conn *C(struct edge_conn *c)
-{
-    return (struct emx_conn *)(void *)c;
-}
+#include "edge_int.h"
 
 /* ---- lists ---------------------------------------------------------------- */
 
@@ -186,7 +46,7 @@ static void list_del(struct edge_conn *c)
     c->list = L_NONE;
 }
 
-static void list_add(struct edge_conn *c, int which)
+void edge_list_add(struct edge_conn *c, int which)
 {
     struct edge_list *l;
 
@@ -205,7 +65,7 @@ static void list_add(struct edge_conn *c, int which)
 
 /* ---- helpers -------------------------------------------------------------- */
 
-static void set_int_opt(int fd, int level, int name, int v)
+void edge_set_int_opt(int fd, int level, int name, int v)
 {
     /* best effort: a failure only weakens dead-peer detection or latency */
     (void)setsockopt(fd, level, name, &v, sizeof(v));
@@ -218,18 +78,19 @@ static unsigned secs_of(uint64_t ms)
     return s > 65535 ? 65535 : (unsigned)s;
 }
 
-static void tune_socket(const struct edge_settings *s, int fd)
+void edge_tune_socket(const struct edge_settings *s, int fd)
 {
-    set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+    edge_set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
     if (s->keepalive_idle_ms) {
-        set_int_opt(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
-        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPIDLE, (int)secs_of(s->keepalive_idle_ms));
-        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPINTVL, (int)secs_of(s->keepalive_interval_ms));
-        set_int_opt(fd, IPPROTO_TCP, TCP_KEEPCNT, s->keepalive_count > 0 ? s->keepalive_count : 1);
+        edge_set_int_opt(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
+        edge_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPIDLE, (int)secs_of(s->keepalive_idle_ms));
+        edge_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPINTVL, (int)secs_of(s->keepalive_interval_ms));
+        edge_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPCNT,
+                         s->keepalive_count > 0 ? s->keepalive_count : 1);
     }
     if (s->user_timeout_ms)
-        set_int_opt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT,
-                    s->user_timeout_ms > INT_MAX ? INT_MAX : (int)s->user_timeout_ms);
+        edge_set_int_opt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT,
+                         s->user_timeout_ms > INT_MAX ? INT_MAX : (int)s->user_timeout_ms);
 }
 
 static void peer_string(int fd, char *out, size_t outlen)
@@ -280,8 +141,6 @@ static void set_reason(struct edge_conn *c, uint16_t code, const char *reason)
             *r = '?';
 }
 
-static void watch(struct edge_conn *c);
-
 /* ---- teardown of one edge ------------------------------------------------- */
 
 static void conn_free(struct edge_conn *c)
@@ -325,11 +184,10 @@ static void poll_closed(uv_handle_t *h)
     conn_free(c);
 }
 
-static void accept_modulate(struct edge_hub *hub);
 static void ready_add(struct edge_conn *c);
 
 /* The socket is done: stop, close, and let the close callback report. */
-static void conn_gone(struct edge_conn *c, uint16_t code, const char *reason)
+void edge_conn_gone(struct edge_conn *c, uint16_t code, const char *reason)
 {
     struct edge_hub *hub = c->hub;
 
@@ -345,7 +203,7 @@ static void conn_gone(struct edge_conn *c, uint16_t code, const char *reason)
     }
     hub->socks--;
     uv_close((uv_handle_t *)&c->poll, poll_closed);
-    accept_modulate(hub);
+    edge_accept_modulate(hub);
 }
 
 /* ---- writing -------------------------------------------------------------- */
@@ -411,7 +269,7 @@ static int write_out(struct edge_conn *c, const uint8_t *buf, size_t len)
         long w = sock_write(c, buf, len);
 
         if (w < 0) {
-            conn_gone(c, 1006, "write failed");
+            edge_conn_gone(c, 1006, "write failed");
             return -EIO;
         }
         off = (size_t)w;
@@ -419,10 +277,10 @@ static int write_out(struct edge_conn *c, const uint8_t *buf, size_t len)
     if (off < len) {
         if (queue_copy(c, buf + off, len - off)) {
             /* part of a frame may be on the wire: the stream cannot go on */
-            conn_gone(c, 1011, "out of memory");
+            edge_conn_gone(c, 1011, "out of memory");
             return -ENOMEM;
         }
-        watch(c);
+        edge_watch(c);
     }
     return 0;
 }
@@ -437,7 +295,7 @@ static int flush_queue(struct edge_conn *c)
         long w = sock_write(c, m->data + m->off, m->len - m->off);
 
         if (w < 0) {
-            conn_gone(c, 1006, "write failed");
+            edge_conn_gone(c, 1006, "write failed");
             return -1;
         }
         if (w == 0)
@@ -460,124 +318,9 @@ static int flush_queue(struct edge_conn *c)
     return c->state == ES_GONE ? -1 : 0;
 }
 
-static uint8_t *tbuf_reserve(struct edge_hub *hub, size_t n)
-{
-    if (n > hub->tcap) {
-        uint8_t *p = realloc(hub->tbuf, n);
-
-        if (!p)
-            return NULL;
-        hub->tbuf = p;
-        hub->tcap = n;
-    }
-    return hub->tbuf;
-}
-
-static void tbuf_trim(struct edge_hub *hub)
-{
-    if (hub->tcap > KEEP_TBUF) {
-        free(hub->tbuf);
-        hub->tbuf = NULL;
-        hub->tcap = 0;
-    }
-    if (hub->zcap > KEEP_TBUF) {
-        free(hub->zbuf);
-        hub->zbuf = NULL;
-        hub->zcap = 0;
-    }
-}
-
-/* Server frames are not masked; data frames are cut at the peer's
- * Max-Frame-Size. Returns the framed length in hub->tbuf, or 0. */
-static size_t frame_into(struct edge_conn *c, uint8_t op, bool rsv1, const uint8_t *data,
-                         size_t len)
-{
-    size_t fmax = (op & 0x8) ? 125 : c->max_frame;
-    size_t frames = len ? (len + fmax - 1) / fmax : 1;
-    size_t total = len + frames * 4, off = 0, w = 0;
-    uint8_t *dst;
-
-    if (len > SIZE_MAX / 2 || !(dst = tbuf_reserve(c->hub, total)))
-        return 0;
-    do {
-        size_t frag = len - off;
-
-        if (frag > fmax)
-            frag = fmax;
-        dst[w++] = (uint8_t)((off + frag == len ? 0x80 : 0) | (off == 0 ? op : 0) |
-                             (off == 0 && rsv1 ? 0x40 : 0));
-        if (frag > 125) {
-            dst[w++] = 126;
-            dst[w++] = (uint8_t)(frag >> 8);
-            dst[w++] = (uint8_t)frag;
-        } else {
-            dst[w++] = (uint8_t)frag;
-        }
-        if (frag)
-            memcpy(dst + w, data + off, frag);
-        w += frag;
-        off += frag;
-    } while (off < len);
-    return w;
-}
-
-/* RFC 7692 §7.2.1: deflate with a sync flush, minus its 00 00 ff ff tail. */
-static int compress_msg(struct edge_conn *c, const uint8_t *data, size_t len, const uint8_t **out,
-                        size_t *outlen)
-{
-    struct edge_hub *hub = c->hub;
-    size_t cap, n;
-    z_stream *z = c->tx_z;
-    static const uint8_t empty[1] = {0x00};
-
-    if (!len) {
-        /* an empty stored block once the receiver adds 00 00 ff ff (RFC 7692
-         * §7.2.3.6); zlib has nothing to flush for it */
-        *out = empty;
-        *outlen = 1;
-        return 0;
-    }
-    if (!z) {
-        z = calloc(1, sizeof(*z));
-        if (!z)
-            return -ENOMEM;
-        if (deflateInit2(z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -(int)c->pmd.server_window,
-                         hub->s.deflate_mem_level, Z_DEFAULT_STRATEGY) != Z_OK) {
-            free(z);
-            return -ENOMEM;
-        }
-        c->tx_z = z;
-    }
-    if (len > UINT_MAX / 2)
-        return -EMSGSIZE;
-    cap = deflateBound(z, (uLong)len) + 64;
-    if (cap > hub->zcap) {
-        uint8_t *p = realloc(hub->zbuf, cap);
-
-        if (!p)
-            return -ENOMEM;
-        hub->zbuf = p;
-        hub->zcap = cap;
-    }
-    z->next_in = (Bytef *)data;
-    z->avail_in = (uInt)len;
-    z->next_out = hub->zbuf;
-    z->avail_out = (uInt)hub->zcap;
-    if (deflate(z, Z_SYNC_FLUSH) != Z_OK || z->avail_in || !z->avail_out)
-        return -EIO;
-    n = hub->zcap - z->avail_out;
-    if (n >= 4)
-        n -= 4;
-    if (c->pmd.server_no_takeover)
-        deflateReset(z);
-    *out = hub->zbuf;
-    *outlen = n;
-    return 0;
-}
-
 static int send_frame(struct edge_conn *c, uint8_t op, const uint8_t *data, size_t len)
 {
-    size_t n = frame_into(c, op, false, data, len);
+    size_t n = edge_frame(c, op, false, data, len);
 
     if (!n)
         return -ENOMEM;
@@ -597,7 +340,7 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
         return;
     c->state = ES_CLOSING;
     c->t0 = uv_now(c->hub->loop);
-    list_add(c, L_CLOSING);
+    edge_list_add(c, L_CLOSING);
     c->paused = 0; /* read on: the peer's close or EOF ends it */
     /* The core is done with it now: the close handshake that follows is
      * the transport's, bounded by close_timeout. */
@@ -619,7 +362,7 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
         return; /* gone */
     if (!c->qh)
         after_flush(c);
-    watch(c);
+    edge_watch(c);
 }
 
 /* edgemux closes: the core hears this code. */
@@ -642,7 +385,7 @@ static void after_flush(struct edge_conn *c)
         (void)SSL_shutdown(c->ssl);
     shutdown(c->fd, SHUT_WR);
     if (c->close_rcvd && c->state == ES_CLOSING)
-        conn_gone(c, c->close_code, NULL); /* both close frames went: done */
+        edge_conn_gone(c, c->close_code, NULL); /* both close frames went: done */
 }
 
 /* An HTTP answer to a request that does not upgrade. */
@@ -654,7 +397,7 @@ static void refuse_http(struct edge_conn *c, int status, const char *why)
     LOG(c->hub, EMX_LOG_DEBUG, "ws: upgrade refused %d: %s", status, why ? why : "");
     c->state = ES_CLOSING;
     c->t0 = uv_now(c->hub->loop);
-    list_add(c, L_CLOSING);
+    edge_list_add(c, L_CLOSING);
     c->close_sent = 1;
     free(c->hs);
     c->hs = NULL;
@@ -662,14 +405,14 @@ static void refuse_http(struct edge_conn *c, int status, const char *why)
         return;
     if (!c->qh)
         after_flush(c);
-    watch(c);
+    edge_watch(c);
 }
 
 /* ---- poll interest -------------------------------------------------------- */
 
 static void on_poll(uv_poll_t *h, int status, int events);
 
-static void watch(struct edge_conn *c)
+void edge_watch(struct edge_conn *c)
 {
     int ev = 0;
 
@@ -685,7 +428,7 @@ static void watch(struct edge_conn *c)
     if (!ev)
         uv_poll_stop(&c->poll);
     else if (uv_poll_start(&c->poll, ev, on_poll) != 0)
-        conn_gone(c, 1011, "poll failed");
+        edge_conn_gone(c, 1011, "poll failed");
 }
 
 /* ---- receiving ------------------------------------------------------------ */
@@ -746,7 +489,7 @@ static size_t feed_frames(struct edge_conn *c, uint8_t *buf, size_t len)
 }
 
 /* Keep what a paused edge did not take. */
-static void hold(struct edge_conn *c, const uint8_t *buf, size_t len)
+void edge_hold(struct edge_conn *c, const uint8_t *buf, size_t len)
 {
     uint8_t *p;
 
@@ -774,7 +517,7 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
         long hl;
 
         if (!c->hs && !(c->hs = malloc(EDGE_HTTP_MAX_HEAD))) {
-            conn_gone(c, 1011, "out of memory");
+            edge_conn_gone(c, 1011, "out of memory");
             return;
         }
         memcpy(c->hs + c->hs_len, buf, take);
@@ -808,7 +551,7 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
                     size_t used = feed_frames(c, tmp, extra_hs);
 
                     if (c->state == ES_OPEN && used < extra_hs)
-                        hold(c, tmp + used, extra_hs - used);
+                        edge_hold(c, tmp + used, extra_hs - used);
                 }
                 free(tmp);
             } else {
@@ -818,12 +561,12 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
             }
             if (rest && c->state == ES_OPEN) {
                 if (c->held_len > c->held_off) {
-                    hold(c, buf + take, rest);
+                    edge_hold(c, buf + take, rest);
                 } else {
                     size_t used = feed_frames(c, buf + take, rest);
 
                     if (c->state == ES_OPEN && used < rest)
-                        hold(c, buf + take + used, rest - used);
+                        edge_hold(c, buf + take + used, rest - used);
                 }
             }
         }
@@ -833,7 +576,7 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
         size_t used = feed_frames(c, buf, len);
 
         if (c->state == ES_OPEN && used < len)
-            hold(c, buf + used, len - used);
+            edge_hold(c, buf + used, len - used);
         return;
     }
     /* closing: input is read and dropped until the peer's EOF */
@@ -876,12 +619,12 @@ static long sock_read(struct edge_conn *c, uint8_t *buf, size_t cap)
 static void on_eof(struct edge_conn *c)
 {
     if (c->state == ES_CLOSING)
-        conn_gone(c, c->close_code ? c->close_code : 1006, NULL);
+        edge_conn_gone(c, c->close_code ? c->close_code : 1006, NULL);
     else
-        conn_gone(c, 1006, "connection lost");
+        edge_conn_gone(c, 1006, "connection lost");
 }
 
-static void conn_read(struct edge_conn *c)
+void edge_conn_read(struct edge_conn *c)
 {
     struct edge_hub *hub = c->hub;
 
@@ -898,9 +641,9 @@ static void conn_read(struct edge_conn *c)
             return;
         }
         if (n < 0) {
-            conn_gone(c, 1006,
-                      c->state == ES_SHAKING && c->ssl ? "TLS handshake failed"
-                                                       : "connection lost");
+            edge_conn_gone(c, 1006,
+                           c->state == ES_SHAKING && c->ssl ? "TLS handshake failed"
+                                                            : "connection lost");
             return;
         }
         process(c, hub->rbuf, (size_t)n);
@@ -911,9 +654,9 @@ static void conn_read(struct edge_conn *c)
      * and payload in two sends without TCP_NODELAY (the C SDK) otherwise
      * wait for our delayed ACK (40 ms) before the payload leaves. */
     if (c->state == ES_OPEN && (c->rx.in_frame || c->rx.hdr_len))
-        set_int_opt(c->fd, IPPROTO_TCP, TCP_QUICKACK, 1);
+        edge_set_int_opt(c->fd, IPPROTO_TCP, TCP_QUICKACK, 1);
     if (c->state != ES_GONE)
-        watch(c);
+        edge_watch(c);
 }
 
 static void on_poll(uv_poll_t *h, int status, int events)
@@ -923,7 +666,7 @@ static void on_poll(uv_poll_t *h, int status, int events)
     if (c->state == ES_GONE)
         return;
     if (status < 0) {
-        conn_gone(c, 1006, "connection lost");
+        edge_conn_gone(c, 1006, "connection lost");
         return;
     }
     if (events & UV_WRITABLE) {
@@ -931,12 +674,12 @@ static void on_poll(uv_poll_t *h, int status, int events)
         if (flush_queue(c))
             return;
         if (c->ssl && c->state != ES_GONE)
-            conn_read(c); /* TLS may have waited to write for a read */
+            edge_conn_read(c); /* TLS may have waited to write for a read */
     }
     if ((events & UV_READABLE) && c->state != ES_GONE)
-        conn_read(c);
+        edge_conn_read(c);
     if (c->state != ES_GONE)
-        watch(c);
+        edge_watch(c);
 }
 
 /* ---- upgrade -------------------------------------------------------------- */
@@ -952,7 +695,7 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
     void *user;
 
     if (!r) {
-        conn_gone(c, 1011, "out of memory");
+        edge_conn_gone(c, 1011, "out of memory");
         return;
     }
     edge_http_parse(head, hlen, l->path, &l->pmd, r);
@@ -982,7 +725,7 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
 
     /* open before the core hears of it: it may send at once */
     c->state = ES_OPEN;
-    list_add(c, L_OPEN);
+    edge_list_add(c, L_OPEN);
     rp.deflate = r->pmd.on;
     rp.no_takeover = r->pmd.client_no_takeover;
     rp.window_bits = r->pmd.client_window;
@@ -1000,11 +743,11 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
     c->user = user;
     c->reported = 1;
     if (!rn) {
-        conn_gone(c, 1011, "response too long");
+        edge_conn_gone(c, 1011, "response too long");
         return;
     }
     (void)write_out(c, (const uint8_t *)resp, rn);
-    accept_modulate(c->hub);
+    edge_accept_modulate(c->hub);
 }
 
 /* ---- ready list: paused edges resumed ------------------------------------ */
@@ -1041,7 +784,7 @@ static void ready_cb(uv_idle_t *h)
             c->held_len = c->held_off = 0;
         }
         if (c->state == ES_OPEN && !c->paused)
-            conn_read(c); /* TLS may hold decrypted bytes no poll event announces */
+            edge_conn_read(c); /* TLS may hold decrypted bytes no poll event announces */
     }
 }
 
@@ -1088,473 +831,11 @@ static void tick_cb(uv_timer_t *t)
     uint64_t now = uv_now(hub->loop);
 
     while (hub->shaking.head && now - hub->shaking.head->t0 >= hub->s.handshake_timeout_ms)
-        conn_gone(hub->shaking.head, 1006, "handshake timeout");
+        edge_conn_gone(hub->shaking.head, 1006, "handshake timeout");
     while (hub->closing.head && now - hub->closing.head->t0 >= hub->s.close_timeout_ms)
-        conn_gone(hub->closing.head, 0, NULL);
+        edge_conn_gone(hub->closing.head, 0, NULL);
     sweep_idle(hub, now);
-    tbuf_trim(hub);
-}
-
-/* ---- accepting ------------------------------------------------------------ */
-
-static unsigned socket_cap(struct edge_hub *hub)
-{
-    struct rlimit rl;
-    uint64_t reserve = hub->s.fd_reserve, cur;
-
-    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
-        return UINT_MAX;
-    cur = (uint64_t)rl.rlim_cur;
-    if (cur <= reserve) {
-        LOG(hub, EMX_LOG_WARN,
-            "ws: open-file limit %" PRIu64 " is not above fd_reserve %" PRIu64
-            ": edges capped at %" PRIu64,
-            cur, reserve, cur / 2);
-        return (unsigned)(cur / 2);
-    }
-    return cur - reserve > UINT_MAX ? UINT_MAX : (unsigned)(cur - reserve);
-}
-
-/* Room for one more socket in handshake: a full pool drops its oldest once
- * it has had handshake_evict to speak (a device sends its request at once;
- * a socket that has not is the cheapest to lose). */
-static bool shake_room(struct edge_hub *hub)
-{
-    struct edge_conn *old;
-
-    if (hub->shaking.n < hub->s.handshake_pool)
-        return true;
-    old = hub->shaking.head;
-    if (!old || uv_now(hub->loop) - old->t0 < hub->s.handshake_evict_ms)
-        return false;
-    conn_gone(old, 1006, "handshake pool full");
-    return true;
-}
-
-static bool accept_allowed(struct edge_hub *hub)
-{
-    return hub->running && !hub->accept_paused && hub->socks < hub->sock_cap;
-}
-
-static void accept_cb(uv_poll_t *h, int status, int events);
-
-static void accept_modulate(struct edge_hub *hub)
-{
-    for (struct edge_listener *l = hub->listeners; l; l = l->next) {
-        bool want;
-
-        if (l->closed || !l->poll)
-            continue;
-        want = accept_allowed(hub) && (hub->shaking.n < hub->s.handshake_pool || hub->shaking.head);
-        if (want == l->polling)
-            continue;
-        if (!want)
-            uv_poll_stop(l->poll);
-        else if (uv_poll_start(l->poll, UV_READABLE, accept_cb) != 0)
-            continue;
-        l->polling = want;
-    }
-}
-
-static void accept_retry_cb(uv_timer_t *t)
-{
-    struct edge_hub *hub = t->data;
-
-    hub->accept_paused = false;
-    accept_modulate(hub);
-}
-
-static void accept_pause(struct edge_hub *hub, int err, uint64_t ms)
-{
-    uint64_t now = uv_now(hub->loop);
-
-    if (err && (!hub->accept_err_logged || now - hub->accept_err_logged >= 10000)) {
-        hub->accept_err_logged = now;
-        LOG(hub, EMX_LOG_WARN, "ws: accept failed (%s) with %u edge sockets open: pausing %d ms",
-            strerror(err), hub->socks, (int)ms);
-    }
-    hub->accept_paused = true;
-    uv_timer_start(&hub->accept_retry, accept_retry_cb, ms, 0);
-    accept_modulate(hub);
-}
-
-static void accept_one(struct edge_listener *l, int fd)
-{
-    struct edge_hub *hub = l->hub;
-    struct edge_conn *c = calloc(1, sizeof(*c));
-
-    if (!c) {
-        close(fd);
-        return;
-    }
-    c->kind = WS_KIND_EDGE;
-    c->state = ES_SHAKING;
-    c->fd = fd;
-    c->hub = hub;
-    c->lst = l;
-    c->t0 = uv_now(hub->loop);
-    if (uv_poll_init(hub->loop, &c->poll, fd) != 0) {
-        close(fd);
-        free(c);
-        return;
-    }
-    c->poll.data = c;
-    hub->handles_open++;
-    hub->socks++;
-    list_add(c, L_SHAKING);
-    if (l->ssl) {
-        c->ssl = SSL_new(l->ssl);
-        if (!c->ssl || !SSL_set_fd(c->ssl, fd)) {
-            conn_gone(c, 1011, "TLS setup failed");
-            return;
-        }
-        SSL_set_accept_state(c->ssl);
-    }
-    /* a device sends its request right after connecting: often it is here */
-    conn_read(c);
-    if (c->state != ES_GONE)
-        watch(c);
-}
-
-static void accept_cb(uv_poll_t *h, int status, int events)
-{
-    struct edge_listener *l = h->data;
-    struct edge_hub *hub = l->hub;
-
-    (void)events;
-    if (status < 0) {
-        accept_pause(hub, -status, ACCEPT_PAUSE_MS);
-        return;
-    }
-    for (int n = 0; n < ACCEPT_BATCH && !l->closed && accept_allowed(hub); n++) {
-        int fd;
-
-        if (!shake_room(hub)) {
-            /* the oldest in handshake is young: look again shortly */
-            accept_pause(hub, 0, hub->s.handshake_evict_ms / 2 + 1);
-            return;
-        }
-        fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            /* the peer gave up while it waited in the backlog */
-            if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO || errno == EPERM)
-                continue;
-            accept_pause(hub, errno, ACCEPT_PAUSE_MS);
-            break;
-        }
-        tune_socket(&hub->s, fd);
-        accept_one(l, fd);
-    }
-    accept_modulate(hub);
-}
-
-/* ---- listeners ------------------------------------------------------------ */
-
-static void listener_poll_closed(uv_handle_t *h)
-{
-    struct edge_listener *l = h->data;
-
-    if (l->fd >= 0)
-        close(l->fd);
-    l->fd = -1;
-    l->hub->handles_open--;
-    free(h);
-}
-
-static void listener_stop(struct edge_listener *l)
-{
-    l->polling = false;
-    if (l->poll) {
-        uv_close((uv_handle_t *)l->poll, listener_poll_closed);
-        l->poll = NULL;
-    } else if (l->fd >= 0) {
-        close(l->fd);
-        l->fd = -1;
-    }
-}
-
-static int parse_address(const char *addr, char *host, size_t hostlen, int *port)
-{
-    const char *colon, *h = addr;
-    size_t hl;
-    char *end;
-    long p;
-
-    if (!addr)
-        return -EINVAL;
-    if (addr[0] == '[') {
-        const char *rb = strchr(addr, ']');
-
-        if (!rb || rb[1] != ':')
-            return -EINVAL;
-        h = addr + 1;
-        hl = (size_t)(rb - h);
-        colon = rb + 1;
-    } else {
-        colon = strrchr(addr, ':');
-        if (!colon)
-            return -EINVAL;
-        hl = (size_t)(colon - addr);
-    }
-    if (hl >= hostlen)
-        return -EINVAL;
-    memcpy(host, h, hl);
-    host[hl] = '\0';
-    p = strtol(colon + 1, &end, 10);
-    if (*end || end == colon + 1 || p < 1 || p > 65535)
-        return -EINVAL;
-    *port = (int)p;
-    return 0;
-}
-
-/* Host "" "*" or "::" is every address, IPv6 and IPv4 (IPv4 alone where
- * there is no IPv6); anything else as getaddrinfo reads it. */
-static int listen_socket(struct edge_hub *hub, const char *host, int port, int *out)
-{
-    struct addrinfo hints, *res = NULL, *ai;
-    bool any6 = !host[0] || !strcmp(host, "*") || !strcmp(host, "::");
-    char service[8];
-    int rc, err = EADDRNOTAVAIL;
-
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    hints.ai_family = any6 ? AF_INET6 : AF_UNSPEC;
-    snprintf(service, sizeof(service), "%d", port);
-    rc = getaddrinfo(any6 ? NULL : host, service, &hints, &res);
-    if (rc != 0 && any6) {
-        hints.ai_family = AF_INET;
-        rc = getaddrinfo(NULL, service, &hints, &res);
-    }
-    if (rc != 0) {
-        LOG(hub, EMX_LOG_ERROR, "ws: cannot resolve listen address \"%s\": %s", host,
-            gai_strerror(rc));
-        return -EINVAL;
-    }
-    for (ai = res; ai; ai = ai->ai_next) {
-        int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-
-        if (fd < 0) {
-            err = errno;
-            continue;
-        }
-        set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
-        if (ai->ai_family == AF_INET6 && any6)
-            set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, hub->s.listen_backlog) == 0) {
-            freeaddrinfo(res);
-            *out = fd;
-            return 0;
-        }
-        err = errno;
-        close(fd);
-    }
-    freeaddrinfo(res);
-    return -err;
-}
-
-static SSL_CTX *tls_context(struct edge_hub *hub, const char *cert, const char *key, const char *ca,
-                            bool require)
-{
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-
-    if (!ctx)
-        return NULL;
-    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
-                                 SSL_OP_CIPHER_SERVER_PREFERENCE);
-    /* partial writes from a queue that may move; idle edges give their
-     * record buffers back */
-    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-                              SSL_MODE_RELEASE_BUFFERS);
-    SSL_CTX_sess_set_cache_size(ctx, 4096);
-    if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1 ||
-        SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1 ||
-        SSL_CTX_check_private_key(ctx) != 1) {
-        LOG(hub, EMX_LOG_ERROR, "ws: cannot load the certificate %s or its key", cert);
-        SSL_CTX_free(ctx);
-        return NULL;
-    }
-    if (ca) {
-        if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1) {
-            LOG(hub, EMX_LOG_ERROR, "ws: cannot load the client CA %s", ca);
-            SSL_CTX_free(ctx);
-            return NULL;
-        }
-        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (require ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0),
-                           NULL);
-    }
-    ERR_clear_error();
-    return ctx;
-}
-
-static char *dup_str(const char *s)
-{
-    size_t n;
-    char *d;
-
-    if (!s)
-        return NULL;
-    n = strlen(s) + 1;
-    d = malloc(n);
-    if (d)
-        memcpy(d, s, n);
-    return d;
-}
-
-static void listener_free(struct edge_listener *l)
-{
-    if (l->ssl)
-        SSL_CTX_free(l->ssl);
-    free(l->path);
-    free(l->cert);
-    free(l->key);
-    free(l->ca);
-    free(l);
-}
-
-int edge_listen(struct edge_hub *hub, const struct emx_listen_spec *spec,
-                const struct emx_conn_callbacks *cb, void *user, struct emx_listener **out)
-{
-    struct edge_listener *l;
-    char host[64];
-    int port, rc;
-
-    if (!hub || !spec || !cb || !out || !spec->path || !cb->on_message || !cb->on_close)
-        return -EINVAL;
-    if (!hub->running)
-        return -ESHUTDOWN;
-    rc = parse_address(spec->address, host, sizeof(host), &port);
-    if (rc) {
-        LOG(hub, EMX_LOG_ERROR, "ws: bad listen address \"%s\" (want host:port)",
-            spec->address ? spec->address : "");
-        return rc;
-    }
-    /* One listener per port: a second would only fail to bind, or with a
-     * different address share the port in a way nobody asked for. */
-    for (l = hub->listeners; l; l = l->next)
-        if (!l->closed && l->port == port) {
-            LOG(hub, EMX_LOG_ERROR, "ws: %s: port already has a listener", spec->address);
-            return -EADDRINUSE;
-        }
-    l = calloc(1, sizeof(*l));
-    if (!l)
-        return -ENOMEM;
-    l->hub = hub;
-    l->port = port;
-    l->fd = -1;
-    l->cb = *cb;
-    l->user = user;
-    l->max_msg = spec->max_message_size ? spec->max_message_size : SIZE_MAX / 4;
-    l->preauth = l->max_msg;
-    if (hub->host->abi_minor >= 2 && spec->max_preauth_message)
-        l->preauth = spec->max_preauth_message;
-    l->pmd.enabled = hub->s.deflate;
-    l->pmd.server_window = hub->s.deflate_window_bits;
-    l->pmd.client_window = hub->s.inflate_window_bits;
-    l->path = dup_str(spec->path);
-    if (!l->path) {
-        listener_free(l);
-        return -ENOMEM;
-    }
-    if (spec->tls_cert) {
-        l->cert = dup_str(spec->tls_cert);
-        l->key = dup_str(spec->tls_key);
-        l->ca = dup_str(spec->tls_ca);
-        l->require_client_cert = spec->tls_require_client_cert;
-        if (!l->cert || !l->key || (spec->tls_ca && !l->ca)) {
-            listener_free(l);
-            return -ENOMEM;
-        }
-        l->ssl = tls_context(hub, l->cert, l->key, l->ca, l->require_client_cert);
-        if (!l->ssl) {
-            listener_free(l);
-            return -EINVAL;
-        }
-    }
-    rc = listen_socket(hub, host, port, &l->fd);
-    if (rc) {
-        if (rc != -EINVAL)
-            LOG(hub, EMX_LOG_ERROR, "ws: cannot listen on %s: %s", spec->address, strerror(-rc));
-        listener_free(l);
-        return rc;
-    }
-    l->poll = calloc(1, sizeof(*l->poll));
-    if (!l->poll || uv_poll_init(hub->loop, l->poll, l->fd) != 0) {
-        free(l->poll);
-        close(l->fd);
-        listener_free(l);
-        return -ENOMEM;
-    }
-    l->poll->data = l;
-    hub->handles_open++;
-    l->next = hub->listeners;
-    hub->listeners = l;
-    *out = (struct emx_listener *)(void *)l;
-    accept_modulate(hub);
-    return 0;
-}
-
-/* Stop accepting and drop the listener's edges (on_close follows for each):
- * the core drains by refusing new edges through on_accept before this. */
-void edge_unlisten(struct emx_listener *listener)
-{
-    struct edge_listener *l = (struct edge_listener *)(void *)listener;
-    struct edge_hub *hub;
-    struct edge_list *lists[3];
-
-    if (!l || l->closed)
-        return;
-    hub = l->hub;
-    l->closed = true;
-    listener_stop(l);
-    lists[0] = &hub->shaking;
-    lists[1] = &hub->open;
-    lists[2] = &hub->closing;
-    for (int i = 0; i < 3; i++) {
-        struct edge_conn *c = lists[i]->head, *n;
-
-        for (; c; c = n) {
-            n = c->next;
-            if (c->lst == l)
-                conn_gone(c, 1001, "listener closed");
-        }
-    }
-}
-
-/* Read a rotated certificate and key again; connections keep the context
- * they were accepted with (SSL objects hold a reference). */
-int edge_reload_tls(struct emx_listener *listener, const char *cert, const char *key)
-{
-    struct edge_listener *l = (struct edge_listener *)(void *)listener;
-    SSL_CTX *ctx;
-
-    if (!l || !cert || !key || !l->ssl || l->closed)
-        return -EINVAL;
-    if (access(cert, R_OK) != 0 || access(key, R_OK) != 0)
-        return -ENOENT;
-    ctx = tls_context(l->hub, cert, key, l->ca, l->require_client_cert);
-    if (!ctx)
-        return -EIO;
-    if (strcmp(cert, l->cert) || strcmp(key, l->key)) {
-        char *nc = dup_str(cert), *nk = dup_str(key);
-
-        if (!nc || !nk) {
-            free(nc);
-            free(nk);
-            SSL_CTX_free(ctx);
-            return -ENOMEM;
-        }
-        free(l->cert);
-        free(l->key);
-        l->cert = nc;
-        l->key = nk;
-    }
-    SSL_CTX_free(l->ssl);
-    l->ssl = ctx;
-    return 0;
+    edge_tbuf_trim(hub);
 }
 
 /* ---- the transport calls --------------------------------------------------- */
@@ -1573,13 +854,13 @@ int edge_send(struct emx_conn *conn, const uint8_t *data, size_t len)
     if (!p)
         p = (const uint8_t *)"";
     if (c->pmd.on) {
-        rc = compress_msg(c, p, len, &p, &plen);
+        rc = edge_compress(c, p, len, &p, &plen);
         if (rc) {
             start_close(c, 1011, "compression failed");
             return rc;
         }
     }
-    n = frame_into(c, 0x2, c->pmd.on, p, plen);
+    n = edge_frame(c, 0x2, c->pmd.on, p, plen);
     if (!n) {
         start_close(c, 1011, "out of memory");
         return -ENOMEM;
@@ -1612,7 +893,7 @@ int edge_pause_read(struct emx_conn *conn, bool pause)
     if ((bool)c->paused == pause)
         return 0;
     c->paused = pause;
-    watch(c);
+    edge_watch(c);
     /* held input is parsed, and TLS's buffered input read, from the loop:
      * never inside the core's call */
     if (!pause)
@@ -1627,7 +908,7 @@ void edge_close(struct emx_conn *conn, uint16_t code, const char *reason)
     if (!c || c->state == ES_GONE || c->state == ES_CLOSING)
         return;
     if (c->state == ES_SHAKING) {
-        conn_gone(c, code, reason);
+        edge_conn_gone(c, code, reason);
         return;
     }
     start_close(c, code ? code : 1000, reason);
@@ -1684,7 +965,7 @@ int edge_hub_start(struct edge_hub *hub)
     uv_timer_init(hub->loop, &hub->accept_retry);
     uv_idle_init(hub->loop, &hub->ready_idle);
     hub->handles_open += 3;
-    hub->sock_cap = socket_cap(hub);
+    hub->sock_cap = edge_socket_cap(hub);
     hub->last_sweep = uv_now(hub->loop);
     if (uv_timer_start(&hub->tick, tick_cb, TICK_MS, TICK_MS) != 0)
         return -EIO;
@@ -1703,11 +984,11 @@ void edge_hub_stop(struct edge_hub *hub)
     hub->stopped = true;
     for (struct edge_listener *l = hub->listeners; l; l = l->next) {
         l->closed = true;
-        listener_stop(l);
+        edge_listener_stop(l);
     }
     for (int i = 0; i < 3; i++)
         while (lists[i]->head)
-            conn_gone(lists[i]->head, 1001, "shutdown");
+            edge_conn_gone(lists[i]->head, 1001, "shutdown");
     if (hub->handles_open >= 3 && !uv_is_closing((uv_handle_t *)&hub->tick)) {
         uv_close((uv_handle_t *)&hub->tick, hub_handle_closed);
         uv_close((uv_handle_t *)&hub->accept_retry, hub_handle_closed);
@@ -1728,7 +1009,7 @@ void edge_hub_free(struct edge_hub *hub)
         struct edge_listener *l = hub->listeners;
 
         hub->listeners = l->next;
-        listener_free(l);
+        edge_listener_free(l);
     }
     free(hub->rbuf);
     free(hub->tbuf);

@@ -394,8 +394,9 @@ static void negotiate(const char *list, const struct edge_pmd_conf *conf, struct
 
             if (o.client_bits > 0 && o.client_bits < w)
                 w = (uint8_t)o.client_bits;
-            if (w < 9)
-                w = 9; /* inflating with a larger window is always right */
+            /* RFC 7692 §7.1.2.2: never more than the client offered, 8
+             * included (edge_rx inflates that with 9: a larger window
+             * is always right) */
             out->client_window = w;
             out->client_window_set = true;
         }
@@ -462,6 +463,12 @@ void edge_http_parse(const char *head, size_t len, const char *path,
         refuse(out, 400, "malformed request");
         goto done;
     }
+    /* RFC 9110 §5.5: whitespace around a value is not part of it;
+     * http-parser drops the leading but keeps the trailing */
+    for (int i = 1; i < H__COUNT; i++)
+        while (c->val_len[i] &&
+               (c->val[i][c->val_len[i] - 1] == ' ' || c->val[i][c->val_len[i] - 1] == '\t'))
+            c->val[i][--c->val_len[i]] = '\0';
     if (p.method != HTTP_GET) {
         refuse(out, 405, "method is not GET");
         goto done;

@@ -39,7 +39,9 @@ void edge_rx_init(struct edge_rx *rx, const struct edge_rx_params *p, size_t lim
     memset(rx, 0, sizeof(*rx));
     if (p)
         rx->p = *p;
-    if (rx->p.window_bits < 9 || rx->p.window_bits > 15)
+    if (rx->p.window_bits == 8)
+        rx->p.window_bits = 9; /* zlib's smallest; a larger window reads the same */
+    else if (rx->p.window_bits < 9 || rx->p.window_bits > 15)
         rx->p.window_bits = 15;
     rx->limit = limit;
 }
@@ -414,8 +416,13 @@ static int end_data(struct edge_rx *rx, edge_rx_cb cb, void *user, struct edge_r
 
     if (!rx->fin)
         return 0;
-    if (rx->compressed && inflate_into(rx, tail, sizeof(tail), err))
+    /* no deflate data at all (a flush with nothing new gives none): an empty
+     * message; the tail alone would leave the inflater inside a stored
+     * block header and break the next message */
+    if (rx->compressed && rx->wire && inflate_into(rx, tail, sizeof(tail), err))
         return -1;
+    if (rx->msg_len > rx->limit) /* the limit was lowered since */
+        return fail(rx, err, 1009, "message too big");
     rx->in_msg = false;
     rc = cb(user, EDGE_RX_MESSAGE, rx->msg ? rx->msg : (uint8_t *)tail, rx->msg_len);
     rx->msg_len = 0;
@@ -474,7 +481,8 @@ long edge_rx_feed(struct edge_rx *rx, uint8_t *buf, size_t len, edge_rx_cb cb, v
             } else if (rx->compressed) {
                 if (inflate_into(rx, p, n, err))
                     return -1;
-            } else if (rx->fin && rx->op == OP_BIN && n == rx->left && rx->msg_len == 0) {
+            } else if (rx->fin && rx->op == OP_BIN && n == rx->left && rx->msg_len == 0 &&
+                       n <= rx->limit) {
                 /* the common case: a whole message in one frame in this
                  * buffer, delivered where it lies */
                 int rc;
@@ -488,6 +496,10 @@ long edge_rx_feed(struct edge_rx *rx, uint8_t *buf, size_t len, edge_rx_cb cb, v
                     return (long)off;
                 continue;
             } else {
+                /* the header was checked against the limit then in force;
+                 * msg_reserve never grows past the one in force now */
+                if (rx->msg_len > rx->limit || n > rx->limit - rx->msg_len)
+                    return fail(rx, err, 1009, "message too big");
                 if (msg_reserve(rx, n))
                     return fail(rx, err, 1011, "out of memory");
                 memcpy(rx->msg + rx->msg_len, p, n);
