@@ -106,6 +106,46 @@ struct job {
     log_callback_fn log_fn;
 };
 
+/* Warnings about records, by text: one already given in the last round is
+ * logged at debug, so a bad node is warned about once per change. */
+#define WARNED_MAX 1024
+struct warned {
+    char **v;
+    size_t n;
+};
+
+static bool warned_has(const struct warned *w, const char *msg)
+{
+    for (size_t i = 0; i < w->n; i++)
+        if (strcmp(w->v[i], msg) == 0)
+            return true;
+    return false;
+}
+
+static void warned_add(struct warned *w, const char *msg)
+{
+    if (w->n >= WARNED_MAX || warned_has(w, msg))
+        return;
+    if ((w->n & (w->n - 1)) == 0) { /* 0, 1, 2, 4 ...: grow to the next power of two */
+        char **v = realloc(w->v, (w->n ? 2 * w->n : 1) * sizeof(*v));
+        if (!v)
+            return;
+        w->v = v;
+    }
+    char *d = strdup(msg);
+    if (d)
+        w->v[w->n++] = d;
+}
+
+static void warned_clear(struct warned *w)
+{
+    for (size_t i = 0; i < w->n; i++)
+        free(w->v[i]);
+    free(w->v);
+    w->v = NULL;
+    w->n = 0;
+}
+
 struct zk_disc {
     const struct emx_host *host;
     char *conn;
@@ -114,7 +154,7 @@ struct zk_disc {
     bool tls;
     int timeout_ms;
 
-    uv_timer_t connect_timer; /* reports a failure when no session comes up */
+    uv_timer_t connect_timer; /* no session comes up, or a lost one does not come back */
     uv_timer_t retry_timer;   /* a new handle after one could not be made */
     uv_timer_t round_timer;   /* a round again after a read failed */
     uv_timer_t watchdog;      /* a round that gets no answer is read again */
@@ -122,6 +162,9 @@ struct zk_disc {
 
     struct zk_link *link; /* current handle, or NULL */
     bool connected;
+    bool link_was_up;                  /* the current handle had a session once */
+    int session_ms;                    /* the session timeout the server granted */
+    struct warned warned, warned_next; /* skip warnings of the last round, this one */
     bool stopped, destroyed;
     uint64_t round_seq;
     uint64_t listing; /* id of the listing in flight, 0: none */
@@ -543,11 +586,36 @@ static void init_done(uv_work_t *req, int status)
         on_session(zd, l->state);
 }
 
+/* The session is gone for good: report it, close the handle, open a new
+ * session (the last good set stays until it has read the current one). */
+static void renew_session(struct zk_disc *zd, const char *why)
+{
+    abort_round(zd);
+    fail(zd, "%s", why);
+    zd->host->log(zd->host, EMX_LOG_INFO, "opening a new ZooKeeper session");
+    drop_link(zd);
+    if (new_link(zd) < 0)
+        uv_timer_start(&zd->retry_timer, on_retry, RETRY_MS, 0);
+}
+
 static void on_connect_timeout(uv_timer_t *t)
 {
     struct zk_disc *zd = t->data;
-    if (!zd->connected)
+    if (zd->connected || zd->stopped)
+        return;
+    if (!zd->link_was_up) {
         fail(zd, "no ZooKeeper session with '%s' after %d ms", zd->conn, zd->timeout_ms);
+        return;
+    }
+    /* The server expires a session it has not heard from for its timeout,
+     * but libzookeeper reports that only if a server lets it reconnect: one
+     * back with older state (a rebuilt ensemble, a restored snapshot)
+     * refuses the client for good and it stays "connecting". */
+    char why[160];
+    snprintf(why, sizeof(why),
+             "ZooKeeper session not re-established within its timeout (%d ms): taken as expired",
+             zd->session_ms);
+    renew_session(zd, why);
 }
 
 /* A new link and its handle, made on the pool. */
@@ -585,6 +653,7 @@ static int new_link(struct zk_disc *zd)
     }
     zd->link = l;
     zd->connected = false;
+    zd->link_was_up = false;
     uv_timer_start(&zd->connect_timer, on_connect_timeout, (uint64_t)zd->timeout_ms, 0);
     return 0;
 nomem:
@@ -620,6 +689,9 @@ static void on_session(struct zk_disc *zd, int state)
         if (zd->connected)
             return;
         zd->connected = true;
+        zd->link_was_up = true;
+        int granted = zoo_recv_timeout(zh);
+        zd->session_ms = granted > 0 ? granted : zd->timeout_ms;
         uv_timer_stop(&zd->connect_timer);
         const clientid_t *cid = zoo_client_id(zh);
         h->log(h, zd->last_failure ? EMX_LOG_INFO : EMX_LOG_DEBUG,
@@ -636,14 +708,13 @@ static void on_session(struct zk_disc *zd, int state)
         zd->connected = false;
         abort_round(zd);
         fail(zd, "connection to ZooKeeper lost");
+        /* Back within the session timeout, or the session is taken as
+         * expired (on_connect_timeout). */
+        uv_timer_start(&zd->connect_timer, on_connect_timeout, (uint64_t)zd->session_ms, 0);
     } else if (state == ZOO_EXPIRED_SESSION_STATE || state == ZOO_AUTH_FAILED_STATE) {
         abort_round(zd);
         if (state == ZOO_EXPIRED_SESSION_STATE) {
-            fail(zd, "ZooKeeper session expired");
-            h->log(h, EMX_LOG_INFO, "opening a new ZooKeeper session");
-            drop_link(zd);
-            if (new_link(zd) < 0)
-                uv_timer_start(&zd->retry_timer, on_retry, RETRY_MS, 0);
+            renew_session(zd, "ZooKeeper session expired");
         } else {
             fail(zd, "ZooKeeper refused the digest credentials");
             drop_link(zd);
@@ -696,10 +767,20 @@ static void report_set(struct zk_disc *zd, struct zk_set *parsed)
     zd->last_failure = NULL;
 }
 
+/* A warning about one record or node: once per change (see struct warned). */
+static void warn_record(struct zk_disc *zd, const char *msg)
+{
+    bool seen = warned_has(&zd->warned, msg);
+    zd->host->log(zd->host, seen ? EMX_LOG_DEBUG : EMX_LOG_WARN, "%s", msg);
+    warned_add(&zd->warned_next, msg);
+}
+
 static void log_skip(void *arg, const char *msg)
 {
     struct zk_disc *zd = arg;
-    zd->host->log(zd->host, EMX_LOG_WARN, "%s: skipped: %s", zd->path, msg);
+    char line[1200];
+    snprintf(line, sizeof(line), "%s: skipped: %s", zd->path, msg);
+    warn_record(zd, line);
 }
 
 static void on_round_timer(uv_timer_t *t)
@@ -735,6 +816,10 @@ static void finish_round(struct zk_disc *zd)
     int rc = zk_build_set(r->kids, r->count, zd->tls, &set, &bad, log_skip, zd, err, sizeof(err));
     bool again = zd->again;
     abort_round(zd);
+    /* This round's warnings are the ones not to repeat next round. */
+    warned_clear(&zd->warned);
+    zd->warned = zd->warned_next;
+    zd->warned_next = (struct warned){NULL, 0};
     if (rc == -EINVAL)
         fail(zd, "%s: every instance record is invalid (%zu); first: %s", zd->path, bad, err);
     else if (rc < 0)
@@ -797,6 +882,7 @@ static void request_round(struct zk_disc *zd)
         zd->again = true;
         return;
     }
+    warned_clear(&zd->warned_next); /* what an aborted round warned about */
     uint64_t id = ++zd->round_seq;
     struct event *ev = call_new(zd, EV_CHILDREN, id, 0);
     if (!ev) {
@@ -920,8 +1006,10 @@ static void on_read(struct zk_disc *zd, struct event *ev)
     } else if (ev->rc == ZNONODE) {
         /* Gone between the listing and the read: its watch starts a round. */
     } else if (ev->rc == ZNOAUTH) {
-        zd->host->log(zd->host, EMX_LOG_WARN, "%s/%s: not allowed to read (ZooKeeper ACL); skipped",
-                      zd->path, kid->name);
+        char line[1200];
+        snprintf(line, sizeof(line), "%s/%s: not allowed to read (ZooKeeper ACL); skipped",
+                 zd->path, kid->name);
+        warn_record(zd, line);
     } else {
         if (!transient(ev->rc))
             zd->host->log(zd->host, EMX_LOG_WARN, "reading %s/%s: %s", zd->path, kid->name,
@@ -1015,6 +1103,8 @@ static void close_handles(struct zk_disc *zd)
 
 static void disc_free(struct zk_disc *zd)
 {
+    warned_clear(&zd->warned);
+    warned_clear(&zd->warned_next);
     emx_instset_free(&zd->good);
     free(zd->last_failure);
     free(zd->conn);

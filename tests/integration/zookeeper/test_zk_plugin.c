@@ -513,6 +513,30 @@ static bool log_pred(struct th_host *th, long needle)
     return th_log_has(th, (const char *)needle);
 }
 
+/* Warn-level lines holding needle (lines are recorded as "<level> text"). */
+static int th_warn_count(const struct th_host *th, const char *needle)
+{
+    int n = 0;
+    for (int i = 0; i < th->rec.nlogs; i++) {
+        const char *l = th_log(th, i);
+        n += l[0] == '0' + EMX_LOG_WARN && l[1] == ' ' && strstr(l, needle) != NULL;
+    }
+    return n;
+}
+
+static bool warn_pred(struct th_host *th, long needle)
+{
+    return th_warn_count(th, (const char *)needle) > 0;
+}
+
+#define warn_count(fx, needle) th_warn_count(&(fx)->th, (needle))
+
+/* The set is that one instance alone. */
+static bool th_find_only(struct th_host *th, long id)
+{
+    return th->rec.count == 1 && th_find(th, (const char *)id) != NULL;
+}
+
 #define WAIT(fx, pred, arg, ms)                                                                    \
     do {                                                                                           \
         if (!th_wait_until(&(fx)->th, (pred), (long)(arg), (ms))) {                                \
@@ -731,6 +755,21 @@ static void test_bad_records_skipped(void **state)
     assert_true(th_log_has(&fx->th, "node 'noport': no sslPort"));
     assert_int_equal(fx->th.rec.failures, 0);
 
+    /* Another round finds the same bad nodes: no new warning about them. */
+    int before = fx->th.rec.updates;
+    reg_platform(fx->reg, fx->parent, "p2", 8444);
+    WAIT(fx, th_updates_over, before, PROMPT_MS);
+    assert_int_equal(warn_count(fx, "node 'badjson': not valid JSON"), 1);
+    assert_int_equal(warn_count(fx, "node 'noport': no sslPort"), 1);
+    /* A node broken another way is warned about again. */
+    char path[256];
+    snprintf(path, sizeof(path), "%s/badjson", fx->parent);
+    assert_int_equal(reg_call(fx->reg, 's', path, "[1]", 0), ZOK);
+    WAIT(fx, warn_pred, "node 'badjson': expected a JSON object", PROMPT_MS);
+    assert_int_equal(warn_count(fx, "node 'noport': no sslPort"), 1);
+    reg_del(fx->reg, fx->parent, "p2");
+    WAIT(fx, th_count_is, 1, PROMPT_MS);
+
     /* Every record bad: a failing source, the last good set kept. */
     int updates = fx->th.rec.updates;
     reg_del(fx->reg, fx->parent, "p1");
@@ -852,7 +891,8 @@ static void test_server_frozen(void **state)
         th_dump_logs(&fx->th);
         fail_msg("no failure reported while the server was stopped");
     }
-    assert_non_null(strstr(fx->th.rec.reason, "connection to ZooKeeper lost"));
+    /* First the loss; past the session timeout it is taken as expired. */
+    assert_true(th_log_has(&fx->th, "connection to ZooKeeper lost"));
     assert_int_equal(fx->th.rec.updates, updates);
     assert_int_equal(fx->th.rec.count, 2);
 
@@ -862,7 +902,8 @@ static void test_server_frozen(void **state)
     assert_non_null(th_find(&fx->th, "p3"));
     assert_int_equal(fx->th.rec.empty_updates, 0);
     fprintf(stderr, "  session %s\n",
-            th_log_has(&fx->th, "ZooKeeper session expired") ? "expired and renewed" : "resumed");
+            th_log_has(&fx->th, "opening a new ZooKeeper session") ? "expired and renewed"
+                                                                   : "resumed");
 
     /* And the (new) session watches again. */
     reg_del(fx->reg, fx->parent, "p1");
@@ -899,8 +940,11 @@ static void test_session_expiry(void **state)
     assert_int_equal(fx->th.rec.count, 2);
     assert_non_null(th_find(&fx->th, "p1"));
 
+    /* Not back within the session timeout: taken as expired, a new session
+     * opened (it connects once the relay lets it). */
+    assert_true(th_log_has(&fx->th, "taken as expired"));
     relay.cut = 0;
-    WAIT(fx, log_pred, "ZooKeeper session expired", WAIT_MS);
+    WAIT(fx, log_pred, "opening a new ZooKeeper session", WAIT_MS);
     WAIT(fx, th_updates_over, updates, WAIT_MS);
     assert_int_equal(fx->th.rec.count, 2);
     assert_non_null(th_find(&fx->th, "p2"));
@@ -943,6 +987,45 @@ static void test_server_down(void **state)
     assert_int_equal(fx->th.rec.empty_updates, 0);
 }
 
+/* The ensemble comes back with older state (rebuilt, or restored from an
+ * older snapshot): it refuses the plugin's session for good ("server
+ * refused to accept the client") and libzookeeper stays "connecting" without
+ * ever reporting expiry. Past the session timeout the plugin takes the
+ * session as expired, opens a new one and reports the set as it is now. */
+static void test_server_back_with_older_state(void **state)
+{
+    struct fx *fx = *state;
+    registered(fx);
+    reg_platform(fx->reg, fx->parent, "p1", 8443);
+    reg_platform(fx->reg, fx->parent, "p2", 8444);
+    set_ms(fx, "session_timeout", 2000);
+    th_start(&fx->th);
+    WAIT(fx, th_count_is, 2, WAIT_MS);
+
+    /* A new, empty database on the same address. */
+    server_stop();
+    char data[sizeof(srv.dir) + 8];
+    snprintf(data, sizeof(data), "%s/data", srv.dir);
+    nftw(data, rm_one, 8, FTW_DEPTH | FTW_PHYS);
+    WAIT(fx, th_failures_over, 0, WAIT_MS);
+    assert_int_equal(server_start(), 0);
+    /* The registrar's session is refused the same way: a new one. */
+    zookeeper_close(fx->reg);
+    fx->reg = reg_open();
+    reg_mkdirs(fx->reg, fx->parent);
+    reg_platform(fx->reg, fx->parent, "p3", 8445);
+
+    WAIT(fx, log_pred, "taken as expired", 45000); /* a JVM restart on a loaded machine */
+    assert_true(th_log_has(&fx->th, "opening a new ZooKeeper session"));
+    WAIT(fx, th_find_only, "p3", WAIT_MS);
+    assert_int_equal(fx->th.rec.count, 1);
+    assert_non_null(th_find(&fx->th, "p3"));
+
+    /* The new session watches again. */
+    reg_platform(fx->reg, fx->parent, "p4", 8446);
+    WAIT(fx, th_count_is, 2, PROMPT_MS);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -957,6 +1040,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_server_frozen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_session_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_server_down, setup, teardown),
+        /* Last: it leaves the server with a new database. */
+        cmocka_unit_test_setup_teardown(test_server_back_with_older_state, setup, teardown),
     };
     if (getenv("EMX_TEST_FILTER"))
         cmocka_set_test_filter(getenv("EMX_TEST_FILTER"));
