@@ -25,8 +25,12 @@ class Lockout(EdgeSuite):
         """Seconds a new device from another address takes to upgrade and
         authenticate (and get a GET answered)."""
         t0 = time.monotonic()
-        d = Device(self.port, deflate=True, app_key=self.env.app_key, source=NEW_DEVICE, timeout=5.0)
-        code, _ = d.auth(self.env.app_key)
+        try:
+            d = Device(self.port, deflate=True, app_key=self.env.app_key, source=NEW_DEVICE, timeout=5.0)
+            code, _ = d.auth(self.env.app_key)
+        except (TimeoutError, socket.timeout, ConnectionError) as e:
+            self.fail("%s: a new device got no upgrade and AUTH answer within %.1fs (locked out): %r"
+                      % (what, time.monotonic() - t0, e))
         took = time.monotonic() - t0
         self.assertEqual(code, SUCCESS, what)
         self.assertEqual(d.get(), SUCCESS, what)
