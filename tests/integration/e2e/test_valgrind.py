@@ -50,6 +50,43 @@ class Memcheck(E2ETest):
         self.assertIn("ERROR SUMMARY: 0 errors", log)
         self.assertRegex(log, r"definitely lost: 0 bytes|All heap blocks were freed")
 
+    def test_reloads_clean_under_memcheck(self):
+        """SIGHUP reloads that keep, replace and switch the discovery plugin:
+        replaced instances are destroyed and their plugins unloaded while the
+        loop runs, with no memory error."""
+        import signal
+        plat = Platform(self.env, 1)
+        wrapper = [VALGRIND, "--tool=memcheck", "--leak-check=full", "--errors-for-leak-kinds=definite",
+                   "--error-exitcode=99", "--num-callers=30", "--track-fds=no",
+                   "--suppressions=" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "valgrind.supp")]
+        emx = Edgemux(self.env, "emx-vg-hup", plat.ports, wrapper=wrapper, start_timeout=60)
+        emx.wait_ready(60)
+        with open(emx.config_path) as f:
+            static = f.read()
+        dns = static.replace(
+            "  plugin: static\n  file: %s\n  reload_delay: 50ms\n" % emx.instances_file,
+            "  plugin: dns-srv\n  names: [_tw._tcp.example.]\n  resolvers: ['127.0.0.1:9']\n")
+        texts = [static.replace("reload_delay: 50ms", "reload_delay: 70ms"), static, dns, static,
+                 static.replace("pipes_per_instance: 2", "pipes_per_instance: 2\n  max_connecting: 4")]
+        for n, text in enumerate(texts, 1):
+            with open(emx.config_path, "w") as f:
+                f.write(text)
+            emx.proc.signal(signal.SIGHUP)
+            wait_until(lambda: emx.log().count("reload done") >= n, 60, what="reload %d" % n)
+            wait_until(lambda: emx.log().count("unloaded") >= min(n, 4) - 1, 60, what="unloaded")
+        emx.wait_ready(60)
+        e = emx.edge(app_key=self.env.app_key, timeout=20)
+        code, sid = e.auth(self.env.app_key)
+        self.assertEqual(code, SUCCESS)
+        e.send(ao_request(GET, 2, sid))
+        self.assertEqual(ao_parse(e.recv(timeout=20))[0], SUCCESS)
+        e.close()
+        status = emx.proc.stop(timeout=60)
+        log = emx.log()
+        self.assertEqual(status, 0, log[-3000:])
+        self.assertIn("ERROR SUMMARY: 0 errors", log)
+        self.assertRegex(log, r"definitely lost: 0 bytes|All heap blocks were freed")
+
 
 if __name__ == "__main__":
     unittest.main()
