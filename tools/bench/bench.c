@@ -781,7 +781,7 @@ static void merge(struct result *into, const struct result *from)
 static int run_parent(int argc, char **argv)
 {
     static struct result total, part;
-    char files[MAX_PROCS][64];
+    char files[MAX_PROCS][512];
     pid_t pids[MAX_PROCS];
     const char *tmp = getenv("TMPDIR");
     if (!tmp || !*tmp)
