@@ -1397,6 +1397,12 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
     if (cfg->edge.max_pending < 1)
         check(b, cfg, S_EDGE, "max_pending", "must be at least 1 (got %lld)",
               (long long)cfg->edge.max_pending);
+    else if (cfg->edge.max_pending > 1000000) /* the router counts in 32 bits */
+        check(b, cfg, S_EDGE, "max_pending", "must be at most 1000000 (got %lld)",
+              (long long)cfg->edge.max_pending);
+    /* 0 would not mean "close at once" but "never": a slow device could
+     * hold any amount. */
+    check_positive(b, cfg, S_EDGE, "max_queued", cfg->edge.max_queued);
     if (cfg->edge.max_connections < 0)
         check(b, cfg, S_EDGE, "max_connections", "must be 0 (unlimited) or more (got %lld)",
               (long long)cfg->edge.max_connections);
@@ -1458,6 +1464,8 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
     check_positive(b, cfg, S_PLATFORM, "reconnect_min", cfg->platform.reconnect_min);
     check_positive(b, cfg, S_PLATFORM, "reconnect_max", cfg->platform.reconnect_max);
     check_range(b, cfg, S_PLATFORM, "max_connecting", cfg->platform.max_connecting, 1, 10000);
+    /* 0 is the kernel's default; the transport takes 32 bits. */
+    check_size(b, cfg, S_PLATFORM, "sndbuf", cfg->platform.sndbuf, 0, 1ull << 30);
     check_range(b, cfg, S_DISCOVERY, "max_instances", cfg->discovery.max_instances, 1, 100000);
     /* A quiet pipe is pinged before it is given up, or it dies every
      * idle_read_timeout. */

@@ -629,6 +629,9 @@ static void test_err_senseless(void **state)
         {"platform", "stall_after", "0", "must be more than 0"},
         {"platform", "reconnect_min", "0", "must be more than 0"},
         {"platform", "ping_interval", "60s", "must be below idle_read_timeout (60000 >= 60000 ms)"},
+        {"edge", "max_queued", "0", "must be more than 0"},
+        {"edge", "max_pending", "4294967297", "must be at most 1000000 (got 4294967297)"},
+        {"platform", "sndbuf", "4GiB", "must be between 0 and 1073741824 bytes (got 4294967296)"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char text[256], msg[256];
