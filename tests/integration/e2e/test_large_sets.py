@@ -117,8 +117,10 @@ class LargeSets(E2ETest):
             worst = max(worst, time.monotonic() - t0)
             self.assertEqual(code, 200)
             time.sleep(0.05)
-        self.assertLess(worst, 0.5, "/health took %.3f s at worst" % worst)
-        self.assertLess(self.request_ok(emx, 5), 1.0)
+        # Unbounded, the connects stall the loop past the 2 s the admin call
+        # waits; the margin is for sanitizer builds and tests run in parallel.
+        self.assertLess(worst, 1.0, "/health took %.3f s at worst" % worst)
+        self.assertLess(self.request_ok(emx, 5), 1.5)
         wait_until(lambda: len(self.instances(emx)["instances"]) == 3000, 10, what="3000 instances")
         # Every live instance gets its pipes.
         wait_until(lambda: all(n >= 2 for n in plat.pipes_connected()), 30, what="live pipes")
