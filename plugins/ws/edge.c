@@ -628,6 +628,12 @@ void edge_conn_read(struct edge_conn *c)
 {
     struct edge_hub *hub = c->hub;
 
+    /* input held from a pause goes first: the ready list parses it, then
+     * reads on (a poll event can come before the idle callback does) */
+    if (c->state == ES_OPEN && c->held && c->held_off < c->held_len) {
+        ready_add(c);
+        return;
+    }
     for (int i = 0; i < READS_PER_EVENT; i++) {
         long n;
 
