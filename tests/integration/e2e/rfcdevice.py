@@ -1036,6 +1036,20 @@ def bomb_stream(prefix, inflated, wbits=15):
 
 # ---------------------------------------------------------------- processes
 
+def sanitized_binary(path=None):
+    """True when edgemux is built with AddressSanitizer (scripts/test.sh's
+    sanitizer tier): its CPU and memory figures are then inflated by the
+    sanitizer (shadow memory, quarantine, instrumented zlib calls)."""
+    from harness import EMX_BIN
+    import shutil
+    p = path or (EMX_BIN if os.path.isabs(EMX_BIN) else shutil.which(EMX_BIN))
+    try:
+        with open(p, "rb") as f:
+            return b"AddressSanitizer" in f.read()
+    except (OSError, TypeError):
+        return False
+
+
 def proc_cpu_seconds(pid):
     """utime + stime of a process (all threads) from /proc/PID/stat."""
     with open("/proc/%d/stat" % pid) as f:
