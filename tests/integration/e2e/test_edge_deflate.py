@@ -285,6 +285,22 @@ class Deflate(EdgeSuite):
                 self.post_echo(d, mixed(rng, size), frag=frag)
         self.check_canary()
 
+    def test_answers_keep_to_max_frame_size(self):
+        # docs/protocol.md §4: no frame to a device over its Max-Frame-Size
+        # (fragmenting after compression), no 64-bit length; the device
+        # raises ServerViolation on either
+        self.start_canary()
+        rng = random.Random(29)
+        for mfs in (1024, 4096, 8192):
+            for deflate in (True, None):
+                with self.subTest(max_frame_size=mfs, deflate=deflate):
+                    d = self.authed(deflate=deflate, max_frame_size=mfs)
+                    self.post_echo(d, rng.randbytes(6000))
+                    self.post_echo(d, mixed(rng, 7000))
+                    self.multipart_echo(d, mixed(rng, 48 * 1024))
+                    d.close()
+        self.check_canary()
+
     # ------------------------------------------------------------ odd but valid
 
     def test_empty_compressed_messages(self):
