@@ -22,7 +22,6 @@ project's client)."""
 import base64
 import hashlib
 import os
-import random
 import re
 import select
 import socket
@@ -30,9 +29,8 @@ import struct
 import time
 import zlib
 
-from harness import (GET, POST, PUT, SUCCESS, E2ETest, Edgemux, Platform, ao_auth, ao_header,
-                     ao_infotable_blob, ao_multipart_request, ao_parse, ao_request, ao_str,
-                     ao_chunk_ids, wait_until)
+from harness import (GET, POST, SUCCESS, E2ETest, Edgemux, Platform, ao_auth, ao_header,
+                     ao_infotable_blob, ao_parse, ao_request, ao_str, ao_chunk_ids)
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 DEFAULT_PATH = "/Thingworx/WS"

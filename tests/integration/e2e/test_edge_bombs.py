@@ -9,8 +9,8 @@ import time
 import unittest
 import zlib
 
-from harness import AUTH, POST, SUCCESS, ao_header, ao_str
-from rfcdevice import OP_BINARY, OP_CONT, TAIL, Closed, EdgeSuite, bomb_stream, sanitized_binary
+from harness import AUTH, POST, ao_header, ao_str
+from rfcdevice import OP_BINARY, OP_CONT, EdgeSuite, bomb_stream, sanitized_binary
 
 GIB = 1 << 30
 # The figures hold for the release build; under AddressSanitizer (the

@@ -11,10 +11,9 @@ device keeps working throughout."""
 import random
 import time
 import unittest
-import zlib
 
 from harness import GET, POST, PUT, SUCCESS, ao_infotable_blob, ao_multipart_request, ao_request
-from rfcdevice import (OP_BINARY, OP_CONT, OP_PING, ZERO_KEY, Closed, Compressor, Decompressor,
+from rfcdevice import (OP_BINARY, OP_CONT, ZERO_KEY, Compressor, Decompressor,
                        TAIL, EdgeSuite, ServerViolation, accept_for, ao_post, deflate_max_distance,
                        echoed_blob, frame)
 

@@ -9,11 +9,10 @@ the RFC, not by the project's client."""
 import struct
 import time
 import unittest
-import zlib
 
 from harness import AUTH, GET, SUCCESS, ao_auth, ao_header, ao_request, ao_str
 from rfcdevice import (OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RANDOM, ZERO_KEY,
-                       Closed, Compressor, EdgeSuite, ServerViolation, close_payload, frame)
+                       EdgeSuite, close_payload, frame)
 
 MAX_MESSAGE = 256 * 1024     # edge.max_message_size in this suite
 MAX_PREAUTH = 4096           # edge.max_preauth_message (its default)

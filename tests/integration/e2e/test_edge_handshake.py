@@ -13,8 +13,8 @@ import socket
 import time
 import unittest
 
-from harness import GET, SUCCESS
-from rfcdevice import (DEFAULT_PATH, Device, EdgeSuite, ServerViolation, accept_for, ao_post,
+from harness import SUCCESS
+from rfcdevice import (DEFAULT_PATH, EdgeSuite, accept_for, ao_post,
                        echoed_blob, http_exchange, upgrade_request)
 from harness import ao_infotable_blob
 
