@@ -257,20 +257,22 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
     sample1(b, "emx_reloads_total", "result", "ok", c ? c->reloads_ok : 0);
     sample1(b, "emx_reloads_total", "result", "failed", c ? c->reloads_failed : 0);
 
-    family(b, "emx_request_latency_milliseconds", "histogram",
-           "device request to platform answer delivered, in ms");
+    /* In seconds, Prometheus's base unit (measured in ms: bounds and sum
+     * are exact with three decimals). */
+    family(b, "emx_request_latency_seconds", "histogram",
+           "device request to platform answer delivered, in seconds");
     uint64_t cum = 0;
     for (unsigned i = 0; i < EMX_LATENCY_BUCKETS; i++) {
         cum += st->latency[i];
         emx_textbuf_printf(
-            b, "emx_request_latency_milliseconds_bucket{le=\"%" PRIu64 "\"} %" PRIu64 "\n",
-            emx_latency_bounds_ms[i], cum);
+            b, "emx_request_latency_seconds_bucket{le=\"%" PRIu64 ".%03" PRIu64 "\"} %" PRIu64 "\n",
+            emx_latency_bounds_ms[i] / 1000, emx_latency_bounds_ms[i] % 1000, cum);
     }
     cum += st->latency[EMX_LATENCY_BUCKETS];
-    emx_textbuf_printf(b, "emx_request_latency_milliseconds_bucket{le=\"+Inf\"} %" PRIu64 "\n",
-                       cum);
-    sample(b, "emx_request_latency_milliseconds_sum", st->latency_sum_ms);
-    sample(b, "emx_request_latency_milliseconds_count", st->latency_count);
+    emx_textbuf_printf(b, "emx_request_latency_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\n", cum);
+    emx_textbuf_printf(b, "emx_request_latency_seconds_sum %" PRIu64 ".%03" PRIu64 "\n",
+                       st->latency_sum_ms / 1000, st->latency_sum_ms % 1000);
+    sample(b, "emx_request_latency_seconds_count", st->latency_count);
 
     instance_metrics(b, r, now);
 }

@@ -89,9 +89,11 @@ static void metrics_format(void **state)
     assert_non_null(strstr(t, "emx_answers_total{reason=\"rate_limited\"} 0\n"));
     assert_non_null(strstr(t, "emx_pipes{instance=\"p\\\"1\",state=\"down\"} 2\n"));
     assert_non_null(strstr(t, "emx_discovery_last_good_age_seconds{plugin=\"static\"} 2.500\n"));
-    assert_non_null(strstr(t, "emx_request_latency_milliseconds_bucket{le=\"1\"} 0\n"));
-    assert_non_null(strstr(t, "emx_request_latency_milliseconds_bucket{le=\"+Inf\"} 0\n"));
-    assert_non_null(strstr(t, "# TYPE emx_request_latency_milliseconds histogram\n"));
+    assert_non_null(strstr(t, "emx_request_latency_seconds_bucket{le=\"0.001\"} 0\n"));
+    assert_non_null(strstr(t, "emx_request_latency_seconds_bucket{le=\"+Inf\"} 0\n"));
+    assert_non_null(strstr(t, "# TYPE emx_request_latency_seconds histogram\n"));
+    assert_non_null(strstr(t, "emx_request_latency_seconds_bucket{le=\"16.384\"} 0\n"));
+    assert_non_null(strstr(t, "emx_request_latency_seconds_sum 0.000\n"));
     assert_non_null(strstr(t, "emx_uptime_seconds 3\n"));
     assert_null(strstr(t, "secret-app-key-xyz"));
     /* every counter family's samples end in _total */

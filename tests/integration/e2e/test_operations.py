@@ -104,8 +104,8 @@ class Operations(E2ETest):
         self.assertEqual(metric(m, "emx_pipes_connected"), 4)
         self.assertEqual(metric(m, "emx_ready"), 1)
         # 11 requests forwarded (AUTH + 10 GETs) and the bad AUTH
-        self.assertEqual(metric(m, "emx_request_latency_milliseconds_count"), 12)
-        self.assertEqual(metric(m, "emx_request_latency_milliseconds_bucket", le="+Inf"), 12)
+        self.assertEqual(metric(m, "emx_request_latency_seconds_count"), 12)
+        self.assertEqual(metric(m, "emx_request_latency_seconds_bucket", le="+Inf"), 12)
         routed = sum(metric(m, "emx_instance_requests_total", instance=i) or 0
                      for i in self.instance_ids())
         self.assertEqual(routed, 12)
