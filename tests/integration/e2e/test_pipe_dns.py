@@ -20,7 +20,7 @@ import threading
 import time
 import unittest
 
-from harness import (GET, SUCCESS, E2ETest, Edgemux, HAProxyTCP, PKI, Platform, ao_parse, ao_request,
+from harness import (GET, SLACK, SUCCESS, E2ETest, Edgemux, HAProxyTCP, PKI, Platform, ao_parse, ao_request,
                      free_port, wait_until)
 
 
@@ -156,7 +156,7 @@ class PipeDNS(E2ETest):
         # lookups of the stuck name were under way the whole time (one at
         # a time, however many pipes wait on it)
         self.assertGreaterEqual(self.dns.count("stuck."), 2)
-        self.assertLess(p99, 0.010)
+        self.assertLess(p99, 0.010 * SLACK)
         # a blocked loop shows as seconds; leave room for a busy test host
         self.assertLess(worst, 0.200)
         self.assertTrue(all(c == 200 and t < 0.5 for c, t in health), health)
