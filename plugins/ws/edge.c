@@ -65,59 +65,19 @@ void edge_list_add(struct edge_conn *c, int which)
 
 /* ---- helpers -------------------------------------------------------------- */
 
-void edge_set_int_opt(int fd, int level, int name, int v)
-{
-    /* best effort: a failure only weakens dead-peer detection or latency */
-    (void)setsockopt(fd, level, name, &v, sizeof(v));
-}
-
-static unsigned secs_of(uint64_t ms)
-{
-    uint64_t s = (ms + 999) / 1000;
-
-    return s > 65535 ? 65535 : (unsigned)s;
-}
-
 void edge_tune_socket(const struct edge_settings *s, int fd)
 {
-    edge_set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+    ws_set_int_opt(fd, IPPROTO_TCP, TCP_NODELAY, 1);
     if (s->keepalive_idle_ms) {
-        edge_set_int_opt(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
-        edge_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPIDLE, (int)secs_of(s->keepalive_idle_ms));
-        edge_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPINTVL, (int)secs_of(s->keepalive_interval_ms));
-        edge_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPCNT,
-                         s->keepalive_count > 0 ? s->keepalive_count : 1);
+        ws_set_int_opt(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
+        ws_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPIDLE, (int)secs_of(s->keepalive_idle_ms));
+        ws_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPINTVL, (int)secs_of(s->keepalive_interval_ms));
+        ws_set_int_opt(fd, IPPROTO_TCP, TCP_KEEPCNT,
+                       s->keepalive_count > 0 ? s->keepalive_count : 1);
     }
     if (s->user_timeout_ms)
-        edge_set_int_opt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT,
-                         s->user_timeout_ms > INT_MAX ? INT_MAX : (int)s->user_timeout_ms);
-}
-
-static void peer_string(int fd, char *out, size_t outlen)
-{
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    char ip[INET6_ADDRSTRLEN];
-
-    out[0] = '\0';
-    if (getpeername(fd, (struct sockaddr *)&ss, &sl) != 0)
-        return;
-    if (ss.ss_family == AF_INET) {
-        const struct sockaddr_in *s4 = (const struct sockaddr_in *)&ss;
-
-        if (inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip)))
-            snprintf(out, outlen, "%s:%u", ip, (unsigned)ntohs(s4->sin_port));
-    } else if (ss.ss_family == AF_INET6) {
-        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&ss;
-
-        /* a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d */
-        if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
-            if (inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], ip, sizeof(ip)))
-                snprintf(out, outlen, "%s:%u", ip, (unsigned)ntohs(s6->sin6_port));
-        } else if (inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip))) {
-            snprintf(out, outlen, "[%s]:%u", ip, (unsigned)ntohs(s6->sin6_port));
-        }
-    }
+        ws_set_int_opt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT,
+                       s->user_timeout_ms > INT_MAX ? INT_MAX : (int)s->user_timeout_ms);
 }
 
 static void set_reason(struct edge_conn *c, uint16_t code, const char *reason)
@@ -660,7 +620,7 @@ void edge_conn_read(struct edge_conn *c)
      * and payload in two sends without TCP_NODELAY (the C SDK) otherwise
      * wait for our delayed ACK (40 ms) before the payload leaves. */
     if (c->state == ES_OPEN && (c->rx.in_frame || c->rx.hdr_len))
-        edge_set_int_opt(c->fd, IPPROTO_TCP, TCP_QUICKACK, 1);
+        ws_set_int_opt(c->fd, IPPROTO_TCP, TCP_QUICKACK, 1);
     if (c->state != ES_GONE)
         edge_watch(c);
 }
@@ -720,7 +680,7 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
         c->max_frame = MAX_FRAME_CAP;
     if (c->max_frame < MIN_FRAME)
         c->max_frame = MIN_FRAME;
-    peer_string(c->fd, peer, sizeof(peer));
+    ws_peer_string(c->fd, peer, sizeof(peer));
     info.peer = peer;
     info.forwarded_for = r->has_xff ? r->xff : NULL;
     info.app_key = r->has_app_key ? r->app_key : NULL;

@@ -248,9 +248,9 @@ static int listen_socket(struct edge_hub *hub, const char *host, int port, int *
             err = errno;
             continue;
         }
-        edge_set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+        ws_set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
         if (ai->ai_family == AF_INET6 && any6)
-            edge_set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
+            ws_set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
         if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, hub->s.listen_backlog) == 0) {
             freeaddrinfo(res);
             *out = fd;
@@ -296,20 +296,6 @@ static SSL_CTX *tls_context(struct edge_hub *hub, const char *cert, const char *
     }
     ERR_clear_error();
     return ctx;
-}
-
-static char *dup_str(const char *s)
-{
-    size_t n;
-    char *d;
-
-    if (!s)
-        return NULL;
-    n = strlen(s) + 1;
-    d = malloc(n);
-    if (d)
-        memcpy(d, s, n);
-    return d;
 }
 
 void edge_listener_free(struct edge_listener *l)
@@ -362,15 +348,15 @@ int edge_listen(struct edge_hub *hub, const struct emx_listen_spec *spec,
     l->pmd.enabled = hub->s.deflate;
     l->pmd.server_window = hub->s.deflate_window_bits;
     l->pmd.client_window = hub->s.inflate_window_bits;
-    l->path = dup_str(spec->path);
+    l->path = ws_strdup(spec->path);
     if (!l->path) {
         edge_listener_free(l);
         return -ENOMEM;
     }
     if (spec->tls_cert) {
-        l->cert = dup_str(spec->tls_cert);
-        l->key = dup_str(spec->tls_key);
-        l->ca = dup_str(spec->tls_ca);
+        l->cert = ws_strdup(spec->tls_cert);
+        l->key = ws_strdup(spec->tls_key);
+        l->ca = ws_strdup(spec->tls_ca);
         l->require_client_cert = spec->tls_require_client_cert;
         if (!l->cert || !l->key || (spec->tls_ca && !l->ca)) {
             edge_listener_free(l);
@@ -447,7 +433,7 @@ int edge_reload_tls(struct emx_listener *listener, const char *cert, const char 
     if (!ctx)
         return -EIO;
     if (strcmp(cert, l->cert) || strcmp(key, l->key)) {
-        char *nc = dup_str(cert), *nk = dup_str(key);
+        char *nc = ws_strdup(cert), *nk = ws_strdup(key);
 
         if (!nc || !nk) {
             free(nc);

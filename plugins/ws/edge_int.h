@@ -29,6 +29,7 @@
 
 #include "edge_http.h"
 #include "edge_rx.h"
+#include "ws_util.h"
 
 #define RBUF_SIZE       65536u
 #define READS_PER_EVENT 4   /* reads per readable event: other sockets get their turn */
@@ -152,7 +153,6 @@ void edge_conn_gone(struct edge_conn *c, uint16_t code, const char *reason);
 void edge_conn_read(struct edge_conn *c);
 void edge_hold(struct edge_conn *c, const uint8_t *buf, size_t len);
 void edge_list_add(struct edge_conn *c, int which);
-void edge_set_int_opt(int fd, int level, int name, int v);
 void edge_tune_socket(const struct edge_settings *s, int fd);
 void edge_watch(struct edge_conn *c);
 

@@ -150,39 +150,6 @@ void conn_gone(struct emx_conn *c, uint16_t code, const char *reason)
 
 /* ---- socket helpers ------------------------------------------------------- */
 
-static void set_int_opt(int fd, int level, int name, int v)
-{
-    /* Best effort: a failure only weakens dead-peer detection. */
-    (void)setsockopt(fd, level, name, &v, sizeof(v));
-}
-
-static void peer_string(int fd, char *out, size_t outlen)
-{
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    char ip[INET6_ADDRSTRLEN];
-
-    out[0] = '\0';
-    if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &sl) != 0)
-        return;
-    if (ss.ss_family == AF_INET) {
-        const struct sockaddr_in *s4 = (const struct sockaddr_in *)&ss;
-
-        if (inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip)))
-            snprintf(out, outlen, "%s:%u", ip, (unsigned)ntohs(s4->sin_port));
-    } else if (ss.ss_family == AF_INET6) {
-        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&ss;
-
-        /* a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d */
-        if (IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr)) {
-            if (inet_ntop(AF_INET, &s6->sin6_addr.s6_addr[12], ip, sizeof(ip)))
-                snprintf(out, outlen, "%s:%u", ip, (unsigned)ntohs(s6->sin6_port));
-        } else if (inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip))) {
-            snprintf(out, outlen, "[%s]:%u", ip, (unsigned)ntohs(s6->sin6_port));
-        }
-    }
-}
-
 /* ---- closing -------------------------------------------------------------- */
 
 /* lws re-arms its libuv timer only after servicing an event, so a timeout
@@ -553,8 +520,8 @@ void on_client_established(struct ws_instance *inst, struct emx_conn *c, struct 
     c->state = CONN_OPEN;
     c->max_frame = WS_MAX_FRAME; /* platforms take any frame; stay under 64-bit lengths */
     if (c->pp->sndbuf && fd >= 0)
-        set_int_opt(fd, SOL_SOCKET, SO_SNDBUF, (int)c->pp->sndbuf);
-    peer_string(fd, peer, sizeof(peer));
+        ws_set_int_opt(fd, SOL_SOCKET, SO_SNDBUF, (int)c->pp->sndbuf);
+    ws_peer_string(fd, peer, sizeof(peer));
     info.peer = peer;
     info.deflate = c->deflate;
     info.tls = lws_is_ssl(wsi) != 0;

@@ -41,6 +41,7 @@
 #include <edgemux/transport.h>
 
 #include "edge.h"
+#include "ws_util.h"
 
 #define WS_DEFAULT_FRAME 8192u
 #define WS_MAX_FRAME     65535u /* above this a frame needs a 64-bit length */
@@ -233,32 +234,6 @@ struct ws_instance {
 };
 
 #define LOG(inst_, lvl_, ...) (inst_)->host->log((inst_)->host, (lvl_), __VA_ARGS__)
-
-static inline void *ws_zalloc(size_t n)
-{
-    return calloc(1, n);
-}
-
-static inline char *ws_strdup(const char *s)
-{
-    size_t n;
-    char *d;
-
-    if (!s)
-        return NULL;
-    n = strlen(s) + 1;
-    d = malloc(n);
-    if (d)
-        memcpy(d, s, n);
-    return d;
-}
-
-static inline unsigned secs_of(uint64_t ms)
-{
-    uint64_t s = (ms + 999) / 1000;
-
-    return s > 65535 ? 65535 : (unsigned)s;
-}
 
 /* pipe_lws.c */
 void check_cb(uv_check_t *h);
