@@ -143,69 +143,57 @@ static int zs_ready(struct edge_rx *rx, struct edge_rx_error *err)
     return 0;
 }
 
+/* One inflate() call into the message buffer (grown as needed, never past
+ * limit + 1). Sets *rc to inflate's answer; a final block resets the
+ * stream (what follows starts a new one). Returns -1 when the stream
+ * cannot go on. */
+static int inflate_once(struct edge_rx *rx, int *rc, struct edge_rx_error *err)
+{
+    z_stream *zs = rx->zs;
+    size_t room;
+
+    if (rx->msg_len == rx->msg_cap && msg_reserve(rx, rx->msg_cap ? rx->msg_cap : 1024))
+        return fail(rx, err, 1011, "out of memory");
+    room = rx->msg_cap - rx->msg_len;
+    if (!room)
+        return fail(rx, err, 1009, "message too big");
+    zs->next_out = rx->msg + rx->msg_len;
+    zs->avail_out = (uInt)room;
+    *rc = inflate(zs, Z_SYNC_FLUSH);
+    rx->msg_len += room - zs->avail_out;
+    if (rx->msg_len > rx->limit)
+        return fail(rx, err, 1009, "message too big");
+    if (*rc == Z_STREAM_END && inflateReset(zs) != Z_OK)
+        return fail(rx, err, 1011, "inflate reset failed");
+    if (*rc != Z_OK && *rc != Z_BUF_ERROR && *rc != Z_STREAM_END)
+        return fail(rx, err, *rc == Z_MEM_ERROR ? 1011 : 1007,
+                    *rc == Z_MEM_ERROR ? "out of memory" : "invalid compressed data");
+    return 0;
+}
+
 /* Inflate `n` compressed bytes into the message, which never passes limit. */
 static int inflate_into(struct edge_rx *rx, const uint8_t *in, size_t n, struct edge_rx_error *err)
 {
     z_stream *zs = rx->zs;
+    int rc;
 
     rx->zs_dirty = true;
     zs->next_in = (Bytef *)in;
     zs->avail_in = (uInt)n;
     while (zs->avail_in > 0) {
-        int rc;
-        size_t room;
-
-        if (rx->msg_len == rx->msg_cap && msg_reserve(rx, rx->msg_cap ? rx->msg_cap : 1024))
-            return fail(rx, err, 1011, "out of memory");
-        room = rx->msg_cap - rx->msg_len;
-        if (!room)
-            return fail(rx, err, 1009, "message too big");
-        zs->next_out = rx->msg + rx->msg_len;
-        zs->avail_out = (uInt)room;
-        rc = inflate(zs, Z_SYNC_FLUSH);
-        rx->msg_len += room - zs->avail_out;
-        if (rx->msg_len > rx->limit)
-            return fail(rx, err, 1009, "message too big");
-        if (rc == Z_STREAM_END) {
-            /* a final deflate block: what follows starts a new stream */
-            if (inflateReset(zs) != Z_OK)
-                return fail(rx, err, 1011, "inflate reset failed");
-            continue;
-        }
-        if (rc == Z_BUF_ERROR) {
-            if (zs->avail_out == 0)
-                continue; /* needs room: grown above */
-            break;        /* needs input */
-        }
-        if (rc != Z_OK)
-            return fail(rx, err, rc == Z_MEM_ERROR ? 1011 : 1007,
-                        rc == Z_MEM_ERROR ? "out of memory" : "invalid compressed data");
+        if (inflate_once(rx, &rc, err))
+            return -1;
+        /* Z_BUF_ERROR with room left: it needs input it will not get */
+        if (rc == Z_BUF_ERROR && zs->avail_out)
+            break;
     }
     /* inflate may hold output back while it has room to write: drain it */
     while (zs->avail_in == 0) {
-        size_t room, before = rx->msg_len;
-        int rc;
+        size_t before = rx->msg_len;
 
-        if (rx->msg_len == rx->msg_cap && msg_reserve(rx, rx->msg_cap ? rx->msg_cap : 1024))
-            return fail(rx, err, 1011, "out of memory");
-        room = rx->msg_cap - rx->msg_len;
-        if (!room)
-            return fail(rx, err, 1009, "message too big");
-        zs->next_out = rx->msg + rx->msg_len;
-        zs->avail_out = (uInt)room;
-        rc = inflate(zs, Z_SYNC_FLUSH);
-        rx->msg_len += room - zs->avail_out;
-        if (rx->msg_len > rx->limit)
-            return fail(rx, err, 1009, "message too big");
-        if (rc == Z_STREAM_END) {
-            if (inflateReset(zs) != Z_OK)
-                return fail(rx, err, 1011, "inflate reset failed");
-            break;
-        }
-        if (rc != Z_OK && rc != Z_BUF_ERROR)
-            return fail(rx, err, rc == Z_MEM_ERROR ? 1011 : 1007,
-                        rc == Z_MEM_ERROR ? "out of memory" : "invalid compressed data");
-        if (rx->msg_len == before || zs->avail_out)
+        if (inflate_once(rx, &rc, err))
+            return -1;
+        if (rc == Z_STREAM_END || rx->msg_len == before || zs->avail_out)
             break;
     }
     return 0;
