@@ -1068,6 +1068,15 @@ const struct emx_option emx_core_options_edge[] = {
         "0: unlimited"),
     OPT(edge, drain_spread, NULL, DURATION, "5s", false,
         "on SIGTERM, devices are closed (1001) spread over this time"),
+    OPT(edge, max_bytes_in_flight, NULL, SIZE, "256KiB", false,
+        "request bytes of one device forwarded and not yet answered; at it, new requests "
+        "are answered 0xA3 (one request is always let through); 0: unlimited"),
+    OPT(edge, max_answer_backlog, NULL, SIZE, "512KiB", false,
+        "bytes sent to one device that it has not read; over it, its new requests are "
+        "answered 0xA3 until it reads (below max_queued); 0: unlimited"),
+    OPT(edge, max_memory, NULL, SIZE, "1GiB", false,
+        "request bytes in flight plus unread answer bytes of all devices; over it, new "
+        "requests are answered 0xA0 \"server busy\"; 0: unlimited"),
     EMX_OPTION_END,
 };
 
@@ -1413,6 +1422,31 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
               (long long)cfg->edge.max_connections_per_source);
     check_range(b, cfg, S_EDGE, "max_msgs_per_sec", cfg->edge.max_msgs_per_sec, 0, 1000000);
     check_range(b, cfg, S_EDGE, "max_things", cfg->edge.max_things, 0, 1000000);
+    /* The shares: 0 is off; a tiny cap would refuse nearly everything. */
+    if (cfg->edge.max_bytes_in_flight && cfg->edge.max_bytes_in_flight < 1024)
+        check(b, cfg, S_EDGE, "max_bytes_in_flight",
+              "must be 0 (unlimited) or at least 1024 bytes (got %llu)",
+              (unsigned long long)cfg->edge.max_bytes_in_flight);
+    if (cfg->edge.max_answer_backlog && cfg->edge.max_answer_backlog < 1024)
+        check(b, cfg, S_EDGE, "max_answer_backlog",
+              "must be 0 (unlimited) or at least 1024 bytes (got %llu)",
+              (unsigned long long)cfg->edge.max_answer_backlog);
+    else if (cfg->edge.max_answer_backlog >= cfg->edge.max_queued) {
+        /* Else a device is closed as a slow consumer before it is refused.
+         * Only a value the operator wrote is wrong: the default follows a
+         * lowered max_queued (half of it; see the server's router config). */
+        char kb[64];
+        bool set;
+        locate(cfg, &sections[S_EDGE], "max_answer_backlog", kb, sizeof(kb), &set);
+        if (set)
+            check(b, cfg, S_EDGE, "max_answer_backlog",
+                  "must be below max_queued (%llu >= %llu bytes)",
+                  (unsigned long long)cfg->edge.max_answer_backlog,
+                  (unsigned long long)cfg->edge.max_queued);
+    }
+    if (cfg->edge.max_memory && cfg->edge.max_memory < (1ull << 20))
+        check(b, cfg, S_EDGE, "max_memory", "must be 0 (unlimited) or at least 1MiB (got %llu)",
+              (unsigned long long)cfg->edge.max_memory);
     /* An AUTH with its app key must fit; more than 1 GiB per message is a
      * memory hazard, not a setting. */
     check_size(b, cfg, S_EDGE, "max_message_size", cfg->edge.max_message_size, 1024, 1ull << 30);

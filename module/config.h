@@ -126,6 +126,9 @@ struct emx_config {
         int64_t max_msgs_per_sec;
         int64_t max_things;
         uint64_t drain_spread;
+        uint64_t max_bytes_in_flight; /* request bytes per device toward pipes; 0: off */
+        uint64_t max_answer_backlog;  /* unread answer bytes per device; 0: off */
+        uint64_t max_memory;          /* in-flight + unread bytes of all devices; 0: off */
     } edge;
     struct {
         const char *path;

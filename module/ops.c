@@ -212,6 +212,14 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
     for (unsigned i = 0; i < EMX_ANS__COUNT; i++)
         sample1(b, "emx_answers_total", "reason", emx_answer_reason_name((enum emx_answer_reason)i),
                 st->answers[i]);
+    family(b, "emx_memory_held_bytes", "gauge",
+           "bytes held for pending work: request bytes forwarded and unanswered, answer bytes "
+           "sent to devices and not read (a ceiling between readings); edge.max_memory bounds "
+           "their sum");
+    sample1(b, "emx_memory_held_bytes", "kind", "requests_in_flight", st->mem_requests);
+    sample1(b, "emx_memory_held_bytes", "kind", "answers_unread", st->mem_answers);
+    family(b, "emx_memory_budget_bytes", "gauge", "edge.max_memory (0: unlimited)");
+    sample(b, "emx_memory_budget_bytes", emx_router_config(r)->max_memory);
     family(b, "emx_late_answers_total", "counter",
            "answers that matched nothing pending (late or unknown), by sender");
     sample1(b, "emx_late_answers_total", "from", "platform", st->late_platform_answers);

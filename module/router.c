@@ -60,6 +60,7 @@ struct emx_req {
     uint16_t next_chunk;
     uint64_t entity_hash;
     uint64_t total;    /* AlwaysOn bytes received so far (multipart) */
+    uint64_t bytes;    /* counted in its edge's bytes_in_flight and mem_requests */
     uint64_t deadline; /* in r->t_requests */
     uint64_t wait_deadline;
     uint64_t sent_at;       /* when its first message went to a pipe (latency) */
@@ -163,6 +164,12 @@ struct emx_router {
 
     struct emx_list drained; /* draining edges now idle, to close (emx_edge.drain_link) */
 
+    /* max_memory: edges' answer backlogs are read again, a bounded number
+     * at a time from this edge on, at most every MEM_REREAD_MS. */
+    uint32_t mem_cursor;
+    uint64_t mem_read_at;
+    uint64_t queued_read_at; /* pipes' queues last read again (see requeue) */
+
     /* Rule 9 */
     bool empty_pending;
     uint64_t empty_since;
@@ -211,6 +218,9 @@ static const char *const answer_names[EMX_ANS__COUNT] = {
     [EMX_ANS_TOO_MANY_THINGS] = "too_many_things",
     [EMX_ANS_DRAINING] = "draining",
     [EMX_ANS_PIPE_BUSY] = "pipe_busy",
+    [EMX_ANS_BYTES_IN_FLIGHT] = "bytes_in_flight",
+    [EMX_ANS_ANSWER_BACKLOG] = "answer_backlog",
+    [EMX_ANS_MEMORY_BUDGET] = "memory_budget",
 };
 
 const uint64_t emx_latency_bounds_ms[EMX_LATENCY_BUCKETS] = {
@@ -322,7 +332,92 @@ static void send_edge(struct emx_router *r, struct emx_edge *e, const uint8_t *b
         r->stats.edge_msgs_out++;
         r->stats.edge_bytes_out += len;
         e->msgs_out++;
+        if (r->io.edge_buffered) { /* a ceiling until the next reading */
+            e->answer_backlog += len;
+            r->stats.mem_answers += len;
+        }
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* shares: what one edge may hold, and what all of them may (max_memory) */
+
+#define MEM_REREAD_MS    50
+#define MEM_REREAD_EDGES 1024
+
+/* Read what the edge has not taken yet; the ceiling becomes exact. */
+static uint64_t edge_backlog_read(struct emx_router *r, struct emx_edge *e)
+{
+    uint64_t b = r->io.edge_buffered(r->io.ctx, e);
+    r->stats.mem_answers -=
+        e->answer_backlog < r->stats.mem_answers ? e->answer_backlog : r->stats.mem_answers;
+    r->stats.mem_answers += b;
+    e->answer_backlog = b;
+    return b;
+}
+
+static bool over_bytes_in_flight(const struct emx_router *r, const struct emx_edge *e)
+{
+    return r->cfg.max_bytes_in_flight && e->bytes_in_flight >= r->cfg.max_bytes_in_flight;
+}
+
+/* The transport is asked only when the ceiling is over the cap. */
+static bool over_answer_backlog(struct emx_router *r, struct emx_edge *e)
+{
+    uint64_t cap = r->cfg.max_answer_backlog;
+    if (!cap || !r->io.edge_buffered || e->answer_backlog <= cap)
+        return false;
+    return edge_backlog_read(r, e) > cap;
+}
+
+static uint64_t mem_held(const struct emx_router *r)
+{
+    return r->stats.mem_requests + r->stats.mem_answers;
+}
+
+/* Over max_memory, new work is shed. The answers' figure is a ceiling
+ * (edges read without telling the router), so before shedding the edges
+ * are read again: at most MEM_REREAD_EDGES of them every MEM_REREAD_MS,
+ * round the table, so the cost stays bounded however many edges there are. */
+static bool over_memory(struct emx_router *r, uint64_t now)
+{
+    uint64_t cap = r->cfg.max_memory;
+    if (!cap || mem_held(r) < cap)
+        return false;
+    if (!r->io.edge_buffered || (r->mem_read_at && now - r->mem_read_at < MEM_REREAD_MS))
+        return true;
+    r->mem_read_at = now ? now : 1;
+    struct emx_edge *e = emx_router_edge_find(r, r->mem_cursor);
+    if (!e)
+        e = r->edges;
+    for (unsigned n = 0; e && n < MEM_REREAD_EDGES && n < r->nedges; n++) {
+        if (e->answer_backlog)
+            edge_backlog_read(r, e);
+        e = e->hh.next ? (struct emx_edge *)e->hh.next : r->edges;
+    }
+    r->mem_cursor = e ? e->id : 0;
+    return mem_held(r) >= cap;
+}
+
+/* Request bytes forwarded for an edge count until the request leaves its
+ * pipe (answered, answered by edgemux, or the pipe lost). */
+static void req_add_bytes(struct emx_router *r, struct emx_req *q, size_t len)
+{
+    q->bytes += len;
+    r->stats.mem_requests += len;
+    if (q->edge)
+        q->edge->bytes_in_flight += len;
+}
+
+static void req_release_bytes(struct emx_router *r, struct emx_req *q)
+{
+    if (!q->bytes)
+        return;
+    r->stats.mem_requests -= q->bytes < r->stats.mem_requests ? q->bytes : r->stats.mem_requests;
+    if (q->edge)
+        q->edge->bytes_in_flight -=
+            q->bytes < q->edge->bytes_in_flight ? q->bytes : q->edge->bytes_in_flight;
+    q->bytes = 0;
 }
 
 static int send_pipe(struct emx_router *r, struct emx_pipe *p, const uint8_t *buf, size_t len)
@@ -510,6 +605,36 @@ static struct emx_pipe *route(struct emx_router *r, uint64_t now)
     return NULL;
 }
 
+static void flush_blocked(struct emx_router *r, struct emx_pipe *p, uint64_t now);
+
+/* No pipe is writable by the figures last reported: they may be stale (the
+ * kernel sends what a pipe held without an event, and a large request
+ * marks its pipe full until the next report), so read the unwritable
+ * pipes again, at most once per ms. True when one became writable. */
+static bool requeue(struct emx_router *r, uint64_t now)
+{
+    if (!r->io.pipe_buffered || r->queued_read_at == now + 1)
+        return false;
+    r->queued_read_at = now + 1; /* 0 stays "never" */
+    bool any = false;
+    struct emx_list *it, *tmp;
+    emx_list_for_each_safe(it, tmp, &r->instances)
+    {
+        struct emx_instance *inst = emx_container_of(it, struct emx_instance, link);
+        for (unsigned i = 0; i < inst->npipes; i++) {
+            struct emx_pipe *p = &inst->pipes[i];
+            if (p->state != EMX_PIPE_UP || p->wm.writable)
+                continue;
+            if (emx_wm_set_queued(&p->wm, r->io.pipe_buffered(r->io.ctx, p)) && p->wm.writable) {
+                any = true;
+                if (pipe_ok(r, p, now))
+                    flush_blocked(r, p, now);
+            }
+        }
+    }
+    return any;
+}
+
 /* ------------------------------------------------------------------ */
 /* requests */
 
@@ -558,6 +683,7 @@ static void unblock(struct emx_router *r, struct emx_req *q)
 /* Take a request off its pipe (answer received, or edgemux answered). */
 static void detach_from_pipe(struct emx_router *r, struct emx_req *q)
 {
+    req_release_bytes(r, q);
     if (!q->pipe)
         return;
     unblock(r, q);
@@ -763,6 +889,23 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
                now);
         return;
     }
+    /* Shares: one edge cannot take more of the pipes, or of what edgemux
+     * holds, than its cap while others wait; over the whole budget the
+     * newest work is shed. */
+    if (over_bytes_in_flight(r, e)) {
+        refuse(r, e, h, EMX_AO_SERVICE_UNAVAILABLE, "too many bytes in flight",
+               EMX_ANS_BYTES_IN_FLIGHT, now);
+        return;
+    }
+    if (over_answer_backlog(r, e)) {
+        refuse(r, e, h, EMX_AO_SERVICE_UNAVAILABLE, "too many answer bytes unread",
+               EMX_ANS_ANSWER_BACKLOG, now);
+        return;
+    }
+    if (over_memory(r, now)) {
+        refuse(r, e, h, EMX_AO_INTERNAL_ERROR, "server busy", EMX_ANS_MEMORY_BUDGET, now);
+        return;
+    }
     if (!rate_take(r, e, now)) {
         refuse(r, e, h, EMX_AO_SERVICE_UNAVAILABLE, "rate limited", EMX_ANS_RATE_LIMITED, now);
         return;
@@ -780,6 +923,8 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         return;
     }
     struct emx_pipe *p = route(r, now);
+    if (!p && requeue(r, now))
+        p = route(r, now);
     if (!p) {
         refuse(r, e, h, EMX_AO_INTERNAL_ERROR, "no platform instance available",
                EMX_ANS_NO_INSTANCE, now);
@@ -826,6 +971,7 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
     }
     e->npending++;
     attach_to_pipe(r, q, p, now);
+    req_add_bytes(r, q, len);
     q->sent_at = now;
     if (h->multipart && h->chunk_count > 1) {
         q->state = REQ_SENDING;
@@ -1004,6 +1150,7 @@ static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct em
     }
     q->total += len;
     q->next_chunk++;
+    req_add_bytes(r, q, len); /* sent or held, it is this edge's until answered */
     emx_ao_put_u32(data + EMX_AO_OFF_ENDPOINT_ID, e->id);
     forward_chunk(r, q, data, len, last, now);
 }
@@ -1418,6 +1565,11 @@ static void platform_request(struct emx_router *r, struct emx_pipe *p,
                     "too many pending", EMX_ANS_TOO_MANY_PENDING);
         return;
     }
+    if (over_memory(r, now)) {
+        answer_pipe(r, p, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
+                    "server busy", EMX_ANS_MEMORY_BUDGET);
+        return;
+    }
     struct emx_inbound *in = emx_calloc(1, sizeof(*in));
     if (!in) {
         answer_pipe(r, p, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
@@ -1639,6 +1791,9 @@ void emx_router_edge_closed(struct emx_router *r, struct emx_edge *e, uint64_t n
     HASH_DEL(r->edges, e);
     r->nedges--;
     r->stats.edges_closed++;
+    r->stats.mem_answers -=
+        e->answer_backlog < r->stats.mem_answers ? e->answer_backlog : r->stats.mem_answers;
+    e->answer_backlog = 0;
 
     struct emx_list *it, *tmp;
     emx_list_for_each_safe(it, tmp, &e->reqs)

@@ -120,6 +120,9 @@ struct emx_edge {
     uint64_t rate_tokens;     /* token bucket of max_msgs_per_sec, in 1/1000 messages */
     uint64_t rate_at;         /* loop time the bucket was last filled */
     uint64_t queued_bound;    /* server: ceiling of the transport's buffered() */
+    uint64_t bytes_in_flight; /* of its requests forwarded and not yet answered */
+    uint64_t answer_backlog;  /* ceiling of what it has not read: the transport's
+                               * buffered() at the last reading + bytes sent since */
     /* Set by the server at accept, for logs, admin and per-source limits:
      * the device's address (X-Forwarded-For from a trusted proxy, else the
      * socket peer) and the socket peer itself. */
@@ -143,6 +146,10 @@ struct emx_router_config {
     uint32_t max_pending;        /* requests in flight per edge, each direction */
     uint32_t max_msgs_per_sec;   /* requests per second per edge (token bucket); 0: off */
     uint32_t max_things;         /* Things bound per edge; 0: off */
+    uint64_t max_bytes_in_flight; /* request bytes per edge forwarded, unanswered; 0: off */
+    uint64_t max_answer_backlog;  /* bytes an edge has not read before its new requests
+                                   * are refused (needs io->edge_buffered); 0: off */
+    uint64_t max_memory;          /* all edges' in-flight + backlog bytes; 0: off */
     const char *app_key;         /* pipe AUTH; copied by the router; never logged */
 };
 
@@ -168,25 +175,38 @@ struct emx_router_io {
     /* An edge's AUTH succeeded: it may now send messages up to
      * max_message_size. May be NULL. */
     void (*edge_authenticated)(void *ctx, struct emx_edge *e);
+    /* Bytes sent to an edge it has not read yet (the transport's queue and
+     * the kernel's). Asked only when a request arrives (max_answer_backlog,
+     * max_memory), never per byte. May be NULL: then what the router sent
+     * counts as unread until the edge closes. */
+    size_t (*edge_buffered)(void *ctx, struct emx_edge *e);
+    /* What a pipe still holds, as emx_router_pipe_queued reports it. Asked
+     * when a request finds no pipe writable (at most once per ms), since
+     * the kernel drains without telling and the last report may be stale.
+     * May be NULL. */
+    size_t (*pipe_buffered)(void *ctx, struct emx_pipe *p);
 };
 
 /* Answers edgemux gave on its own, by reason (metrics). */
 enum emx_answer_reason {
-    EMX_ANS_NO_INSTANCE = 0, /* 0xA0: nothing eligible */
-    EMX_ANS_PIPE_LOST,       /* 0xA3: pipe closed before the answer */
-    EMX_ANS_TIMEOUT,         /* 0xA4: request_timeout */
-    EMX_ANS_TOO_LARGE,       /* 0x8D */
+    EMX_ANS_NO_INSTANCE = 0,  /* 0xA0: nothing eligible */
+    EMX_ANS_PIPE_LOST,        /* 0xA3: pipe closed before the answer */
+    EMX_ANS_TIMEOUT,          /* 0xA4: request_timeout */
+    EMX_ANS_TOO_LARGE,        /* 0x8D */
     EMX_ANS_TOO_MANY_PENDING, /* 0xA3 */
-    EMX_ANS_BAD_REQUEST,     /* 0x80 */
-    EMX_ANS_KEEP_ALIVE,      /* 0x40 */
-    EMX_ANS_PIN_LOST,        /* 0xA0: multipart pin lost or waited too long */
-    EMX_ANS_ENDPOINT_GONE,   /* 0xA3 to a platform: endpointId unknown */
-    EMX_ANS_EDGE_TIMEOUT,    /* 0xA4 to a platform: edge did not answer */
-    EMX_ANS_EDGE_LEFT,       /* 0xA3 to a platform: edge left with the request */
-    EMX_ANS_RATE_LIMITED,    /* 0xA3: over max_msgs_per_sec */
-    EMX_ANS_TOO_MANY_THINGS, /* 0x83: a BIND over max_things */
-    EMX_ANS_DRAINING,        /* 0xA0: the edge is due to close in a SIGTERM drain */
-    EMX_ANS_PIPE_BUSY,       /* 0xA3 to a platform: its pipe is not draining */
+    EMX_ANS_BAD_REQUEST,      /* 0x80 */
+    EMX_ANS_KEEP_ALIVE,       /* 0x40 */
+    EMX_ANS_PIN_LOST,         /* 0xA0: multipart pin lost or waited too long */
+    EMX_ANS_ENDPOINT_GONE,    /* 0xA3 to a platform: endpointId unknown */
+    EMX_ANS_EDGE_TIMEOUT,     /* 0xA4 to a platform: edge did not answer */
+    EMX_ANS_EDGE_LEFT,        /* 0xA3 to a platform: edge left with the request */
+    EMX_ANS_RATE_LIMITED,     /* 0xA3: over max_msgs_per_sec */
+    EMX_ANS_TOO_MANY_THINGS,  /* 0x83: a BIND over max_things */
+    EMX_ANS_DRAINING,         /* 0xA0: the edge is due to close in a SIGTERM drain */
+    EMX_ANS_PIPE_BUSY,        /* 0xA3 to a platform: its pipe is not draining */
+    EMX_ANS_BYTES_IN_FLIGHT,  /* 0xA3: over max_bytes_in_flight */
+    EMX_ANS_ANSWER_BACKLOG,   /* 0xA3: over max_answer_backlog */
+    EMX_ANS_MEMORY_BUDGET,    /* 0xA0: over max_memory (to a platform as well) */
     EMX_ANS__COUNT
 };
 const char *emx_answer_reason_name(enum emx_answer_reason r);
@@ -217,6 +237,10 @@ struct emx_router_stats {
     uint64_t slow_consumer_closes;
     uint64_t discovery_updates, discovery_failures;
     uint64_t discovery_last_good_ms; /* loop time of the last good set */
+    /* What the router holds for pending work (max_memory counts their sum):
+     * request bytes forwarded and unanswered, and answer bytes sent to edges
+     * and not read as far as it knows (a ceiling between readings). */
+    uint64_t mem_requests, mem_answers;
 };
 
 struct emx_router *emx_router_new(const struct emx_router_config *cfg,

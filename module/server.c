@@ -649,6 +649,23 @@ static int io_edge_send(void *ctx, struct emx_edge *e, const uint8_t *buf, size_
     return e->queued_bound > limit ? -ENOBUFS : 0;
 }
 
+/* What the edge has not read yet; the router asks when a request arrives. */
+static size_t io_edge_buffered(void *ctx, struct emx_edge *e)
+{
+    struct emx_server *s = ctx;
+    size_t n = s->tp->buffered(e->conn);
+    e->queued_bound = n; /* as good a reading for io_edge_send's ceiling */
+    return n;
+}
+
+/* A pipe's queue read again when no pipe looks writable to a request. */
+static size_t io_pipe_buffered(void *ctx, struct emx_pipe *p)
+{
+    struct emx_server *s = ctx;
+    struct pipe_ctx *pc = p->conn;
+    return pc && pc->conn ? s->tp->buffered(pc->conn) : (size_t)p->wm.queued;
+}
+
 static void io_edge_close(void *ctx, struct emx_edge *e, uint16_t code, const char *reason)
 {
     struct emx_server *s = ctx;
@@ -1509,6 +1526,13 @@ static struct emx_router_config router_config(const struct emx_setup *st)
         .max_pending = (uint32_t)c->edge.max_pending,
         .max_msgs_per_sec = (uint32_t)c->edge.max_msgs_per_sec,
         .max_things = (uint32_t)c->edge.max_things,
+        .max_bytes_in_flight = c->edge.max_bytes_in_flight,
+        /* a default over a lowered max_queued follows it (config.c refuses
+         * one the operator wrote) */
+        .max_answer_backlog = c->edge.max_answer_backlog < c->edge.max_queued
+                                  ? c->edge.max_answer_backlog
+                                  : c->edge.max_queued / 2,
+        .max_memory = c->edge.max_memory,
         .app_key = st->app_key,
     };
     return rc;
@@ -1591,6 +1615,8 @@ int emx_server_run(struct emx_setup *setup)
         .instance_added = io_instance_added,
         .instance_removed = io_instance_removed,
         .edge_authenticated = io_edge_authenticated,
+        .edge_buffered = io_edge_buffered,
+        .pipe_buffered = io_pipe_buffered,
     };
     s->router = emx_router_new(&rcfg, &io, uv_now(&s->loop));
     if (!s->router) {

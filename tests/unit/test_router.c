@@ -67,6 +67,8 @@ struct fx {
     uintptr_t next_conn;
     struct emx_instance *inst[MAX_INST];
     size_t ninst;
+    size_t unread[16]; /* io_edge_buffered: by the low bits of the edge's id */
+    size_t buffered_calls;
 };
 
 static struct ev *rec(struct fx *f, enum ev_kind kind)
@@ -112,6 +114,14 @@ static int io_edge_send(void *ctx, struct emx_edge *e, const uint8_t *buf, size_
     rec_edge(v, e);
     rec_bytes(v, buf, len);
     return e == f->enobufs ? -ENOBUFS : 0;
+}
+
+/* Set in tests of the shares; NULL (as for a transport without it) otherwise. */
+static size_t io_edge_buffered(void *ctx, struct emx_edge *e)
+{
+    struct fx *f = ctx;
+    f->buffered_calls++;
+    return f->unread[e->id & 15];
 }
 
 static void io_edge_close(void *ctx, struct emx_edge *e, uint16_t code, const char *reason)
@@ -2637,6 +2647,200 @@ static void rate_limit_reload_starts_full_and_zero_is_off(void **state)
     assert_non_null(get(f, e, NULL));
 }
 
+/* ---- shares: bytes in flight, unread answers, the memory budget ---- */
+
+static size_t get_len(void)
+{
+    uint8_t buf[128];
+    return build_get(buf, sizeof(buf), 1, 0);
+}
+
+/* A platform answer of about `len` bytes (its reason string carries them). */
+static void pipe_answer_big(struct fx *f, struct emx_pipe *p, uint32_t rid, uint32_t eid,
+                            size_t len)
+{
+    char *reason = malloc(len + 1);
+    size_t cap = emx_ao_response_size(len);
+    uint8_t *buf = malloc(cap);
+    assert_non_null(reason);
+    assert_non_null(buf);
+    memset(reason, 'x', len);
+    reason[len] = '\0';
+    size_t n = emx_ao_build_response(buf, cap, EMX_AO_SUCCESS, rid, eid, SESSION, reason);
+    assert_true(n > len);
+    pipe_msg(f, p, buf, n);
+    free(buf);
+    free(reason);
+}
+
+static void bytes_in_flight_cap_refuses_a3_while_others_pass(void **state)
+{
+    struct fx *f = *state;
+    size_t n = get_len();
+    f->cfg.max_bytes_in_flight = 2 * n + 1; /* three GETs: the third starts under it */
+    f->cfg.stall_after = 0;                 /* requests stay unanswered here */
+    start_equal(f, 2);
+    struct emx_edge *heavy = edge_authed(f), *light = edge_authed(f);
+    struct emx_pipe *p[3];
+    uint32_t rid[3];
+    for (int i = 0; i < 3; i++)
+        assert_non_null(p[i] = get(f, heavy, &rid[i]));
+    assert_int_equal(heavy->bytes_in_flight, 3 * n);
+    size_t m = f->nev;
+    uint32_t refused;
+    assert_null(get(f, heavy, &refused));
+    assert_int_equal(count_pipe_sends(f, m, ANY, ANY, ANY), 0);
+    const struct ev *a = find_edge_send(f, m, heavy->id, EMX_AO_SERVICE_UNAVAILABLE, refused);
+    assert_non_null(a);
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_BYTES_IN_FLIGHT], 1);
+    /* another device is not held back by it */
+    for (int i = 0; i < 3; i++)
+        assert_non_null(get(f, light, NULL));
+    assert_int_equal(emx_router_stats(f->r)->mem_requests, 6 * n);
+    /* an answer gives its bytes back */
+    pipe_answer(f, p[0], EMX_AO_SUCCESS, rid[0], heavy->id);
+    assert_int_equal(heavy->bytes_in_flight, 2 * n);
+    assert_non_null(get(f, heavy, NULL));
+    assert_null(get(f, heavy, NULL));
+    /* so do edgemux's own answers: a timeout, a lost pipe */
+    tick_at(f, f->now + f->cfg.request_timeout);
+    assert_int_equal(heavy->bytes_in_flight, 0);
+    assert_int_equal(light->bytes_in_flight, 0);
+    assert_int_equal(emx_router_stats(f->r)->mem_requests, 0);
+    assert_non_null(get(f, heavy, NULL));
+    instance_down(f, f->inst[0]);
+    instance_down(f, f->inst[1]);
+    assert_int_equal(heavy->bytes_in_flight, 0);
+    assert_int_equal(emx_router_stats(f->r)->mem_requests, 0);
+}
+
+static void bytes_in_flight_counts_multipart_chunks_and_zero_is_off(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_bytes_in_flight = 4000;
+    f->cfg.stall_after = 0;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    /* one message may go over the cap on its own: it started under it */
+    edge_chunk(f, e, 50, 1, 3, 2000);
+    edge_chunk(f, e, 50, 2, 3, 2000);
+    edge_chunk(f, e, 50, 3, 3, 2000);
+    assert_int_equal(count_pipe_sends(f, 0, EMX_AO_POST, 50, e->id), 3);
+    assert_true(e->bytes_in_flight > 6000);
+    size_t m = f->nev;
+    uint32_t rid;
+    assert_null(get(f, e, &rid));
+    assert_non_null(find_edge_send(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, rid));
+    /* answered early while chunks still come: a tombstone holds nothing */
+    edge_chunk(f, e, 51, 1, 2, 100);
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_SERVICE_UNAVAILABLE, 51), 1);
+    const struct ev *fw = find_pipe_send(f, 0, EMX_AO_POST, 50, e->id);
+    assert_non_null(fw);
+    pipe_answer(f, fw->pipe, EMX_AO_SUCCESS, 50, e->id);
+    assert_int_equal(e->bytes_in_flight, 0);
+    struct emx_router_config c = f->cfg;
+    c.max_bytes_in_flight = 0;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    for (int i = 0; i < 200; i++)
+        assert_non_null(get(f, e, NULL));
+}
+
+static void answer_backlog_cap_refuses_a3_until_the_edge_reads(void **state)
+{
+    struct fx *f = *state;
+    f->io.edge_buffered = io_edge_buffered;
+    f->cfg.max_answer_backlog = 1000;
+    start_equal(f, 1);
+    struct emx_edge *heavy = edge_authed(f), *light = edge_authed(f);
+    /* small answers never make the router ask the transport */
+    for (int i = 0; i < 5; i++)
+        get_answered(f, light);
+    assert_int_equal(f->buffered_calls, 0);
+    uint32_t rid;
+    struct emx_pipe *p = get(f, heavy, &rid);
+    assert_non_null(p);
+    pipe_answer_big(f, p, rid, heavy->id, 3000);
+    assert_true(heavy->answer_backlog > 3000);
+    /* it read part of it: under the cap, its requests go */
+    f->unread[heavy->id & 15] = 800;
+    assert_non_null(p = get(f, heavy, &rid));
+    assert_int_equal(f->buffered_calls, 1);
+    assert_int_equal(heavy->answer_backlog, 800);
+    pipe_answer_big(f, p, rid, heavy->id, 3000);
+    f->unread[heavy->id & 15] = 3800;
+    size_t m = f->nev;
+    assert_null(get(f, heavy, &rid));
+    assert_non_null(find_edge_send(f, m, heavy->id, EMX_AO_SERVICE_UNAVAILABLE, rid));
+    assert_int_equal(emx_router_stats(f->r)->answers[EMX_ANS_ANSWER_BACKLOG], 1);
+    /* the light device goes on */
+    get_answered(f, light);
+    /* it reads: its next request goes */
+    f->unread[heavy->id & 15] = 0;
+    assert_non_null(get(f, heavy, NULL));
+    assert_int_equal(heavy->answer_backlog, 0);
+}
+
+static void memory_budget_sheds_newest_with_a0_and_recovers(void **state)
+{
+    struct fx *f = *state;
+    size_t n = get_len();
+    f->io.edge_buffered = io_edge_buffered;
+    f->cfg.max_memory = 10000;
+    f->cfg.stall_after = 0;
+    start_equal(f, 1);
+    struct emx_edge *heavy = edge_authed(f), *other = edge_authed(f);
+    const struct emx_router_stats *st = emx_router_stats(f->r);
+    /* the heavy device took big answers and does not read them */
+    for (int i = 0; i < 3; i++) {
+        uint32_t rid;
+        struct emx_pipe *p = get(f, heavy, &rid);
+        assert_non_null(p);
+        pipe_answer_big(f, p, rid, heavy->id, 4000);
+    }
+    f->unread[heavy->id & 15] = 12000;
+    assert_true(st->mem_answers >= 12000);
+    /* the newest work is shed, whoever brings it; nothing is forwarded */
+    size_t m = f->nev;
+    uint32_t rid;
+    assert_null(get(f, other, &rid));
+    assert_non_null(find_edge_send(f, m, other->id, EMX_AO_INTERNAL_ERROR, rid));
+    assert_int_equal(st->answers[EMX_ANS_MEMORY_BUDGET], 1);
+    /* platform requests for a device too */
+    m = f->nev;
+    platform_get(f, &f->inst[0]->pipes[0], 0x900, other->id);
+    assert_int_equal(count_edge_sends(f, m, other->id, EMX_AO_GET, ANY), 0);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_INTERNAL_ERROR, 0x900, other->id));
+    assert_int_equal(st->answers[EMX_ANS_MEMORY_BUDGET], 2);
+    /* it reads: once the router looks again (bounded: every 50 ms), work flows */
+    f->unread[heavy->id & 15] = 0;
+    f->now += 50;
+    assert_non_null(get(f, other, NULL));
+    assert_true(st->mem_answers < 1000);
+    /* request bytes in flight count too; answering them makes room */
+    struct emx_router_config c = f->cfg;
+    c.max_memory = st->mem_answers + st->mem_requests + 2 * n;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    struct emx_pipe *p1 = get(f, heavy, &rid);
+    assert_non_null(p1);
+    assert_non_null(get(f, heavy, NULL));
+    assert_null(get(f, other, NULL));
+    pipe_answer(f, p1, EMX_AO_SUCCESS, rid, heavy->id);
+    f->unread[heavy->id & 15] = 0;
+    f->unread[other->id & 15] = 0;
+    f->now += 50;
+    assert_non_null(get(f, other, NULL));
+    /* an edge that leaves takes its unread bytes off the figure */
+    f->unread[heavy->id & 15] = 5000;
+    f->now += 50;
+    c.max_memory = 1;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    assert_null(get(f, other, NULL));
+    emx_router_edge_closed(f->r, heavy, f->now);
+    emx_router_edge_closed(f->r, other, f->now);
+    assert_int_equal(st->mem_answers, 0);
+    assert_int_equal(st->mem_requests, 0);
+}
+
 static void things_limit_answers_83_without_forwarding(void **state)
 {
     struct fx *f = *state;
@@ -3404,6 +3608,10 @@ int main(void)
         T(things_limit_counts_binds_in_flight),
         T(drain_refuses_new_work_and_closes_when_idle),
         T(edge_answers_to_platform_are_bounded),
+        T(bytes_in_flight_cap_refuses_a3_while_others_pass),
+        T(bytes_in_flight_counts_multipart_chunks_and_zero_is_off),
+        T(answer_backlog_cap_refuses_a3_until_the_edge_reads),
+        T(memory_budget_sheds_newest_with_a0_and_recovers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

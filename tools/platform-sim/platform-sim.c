@@ -307,15 +307,35 @@ static void delayed_fire(uv_timer_t *t)
     uv_close((uv_handle_t *)&d->t, delayed_closed);
 }
 
+/* A request named "Bytes_N" (N decimal, at most 64 MiB) asks for an
+ * answer of N bytes whatever --response-size says: tests mix large and
+ * small answers on one platform. 0 when the name is not of that form. */
+static size_t requested_size(const struct emx_ao_request *rq)
+{
+    static const char prefix[] = "Bytes_";
+    size_t plen = sizeof(prefix) - 1, n = 0;
+    if (rq->name.len <= plen || rq->name.len > plen + 8 || memcmp(rq->name.ptr, prefix, plen) != 0)
+        return 0;
+    for (size_t i = plen; i < rq->name.len; i++) {
+        uint8_t c = rq->name.ptr[i];
+        if (c < '0' || c > '9')
+            return 0;
+        n = n * 10 + (size_t)(c - '0');
+    }
+    return n <= 64u << 20 ? n : 0;
+}
+
 /* Answer a request with SUCCESS: the request's params echoed, or
- * --response-size bytes; multipart when larger than the chunk size. */
+ * --response-size bytes (or those a "Bytes_N" name asks for); multipart
+ * when larger than the chunk size. */
 static void answer_echo(struct pconn *pc, const struct emx_ao_header *h,
                         const struct emx_ao_request *rq)
 {
     size_t it_len = 0;
     uint8_t *it = NULL;
-    if (S.response_size || !rq->has_params) {
-        size_t sz = S.response_size ? S.response_size : 4;
+    size_t asked = requested_size(rq);
+    if (asked || S.response_size || !rq->has_params) {
+        size_t sz = asked ? asked : S.response_size ? S.response_size : 4;
         size_t cap = ao_infotable_blob_size("result", sz);
         uint8_t *fill = malloc(sz);
         it = fill ? malloc(cap) : NULL;
@@ -1391,7 +1411,8 @@ static void usage(FILE *f)
                "  --app-key KEY | --app-key-file FILE   the key pipes and edges must present\n"
                "  --path PATH          WebSocket path (default /Thingworx/WS)\n"
                "  --latency MS         delay every request's answer\n"
-               "  --response-size B    answers carry B bytes (default: echo the params)\n"
+               "  --response-size B    answers carry B bytes (default: echo the params);\n"
+               "                       a request named Bytes_N gets N bytes either way\n"
                "  --chunk-size B       multipart chunk size of answers (default 8192)\n"
                "  --max-message B      largest message accepted (default 64 MiB)\n"
                "  --deflate            accept permessage-deflate\n"
