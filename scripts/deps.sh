@@ -12,6 +12,7 @@ packages=(
   libc-ares-dev knot knot-dnsutils
   libsystemd-dev man-db docker-compose
   haproxy python3 procps iproute2 curl valgrind openssl
+  prometheus
 )
 
 missing=()
@@ -27,6 +28,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# prometheus: the alert rule tests run its promtool, and the scrape test
+# starts a prometheus of its own (temp config and data, a free port on
+# 127.0.0.1); one the package's service may have started is left alone.
 # knot: the dns-srv tests start a knotd of their own (own config, control
 # socket and a free port on 127.0.0.1). A knotd the package's service may
 # have started answers on port 53 and its own socket, which the tests never
