@@ -7,7 +7,7 @@
 #   C  edges -> edgemux -> platform-sim
 #   D  edges -> HAProxy -> edgemux -> platform-sim
 # Parts (PARTS, default all): throughput latency capacity callgrind syscalls memory storm
-#   (only when named: memory-busy wss scale workers)
+#   (only when named: memory-busy wss scale workers sdk-write)
 #
 #   scripts/bench.sh                      # everything
 #   PARTS="throughput" RUNS=3 scripts/bench.sh
@@ -15,6 +15,10 @@
 # Knobs (environment): RUNS (5), LAT_RUNS (5), STORM_RATE (none), EDGES (1000), SIZE (512), WINDOW (1),
 # WARMUP (2s), DURATION (10s), SERVER_CPU (0), LOAD_CPU (1), IDLE_EDGES (19000),
 # CG_WHO ("edgemux haproxy"), CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests), BASE_PORT (23000),
+# BUSY_EDGES (2000), BUSY_PROCS (1), WSS_EDGES (9000),
+# SDKW_ROUNDS (3), SDKW_REQUESTS (300), SDKW_TLS (0; 1: also wss direct), SDKW_MULTIPART (0; bytes:
+# also multipart PUTs of that size, 8 KiB chunks, direct), SDKW_ROUTE (none; an unused
+# 127.x address: also through HAProxy from it with a `quickack 1` route, added and removed by the script),
 # OUT, BUILD, SRC (the source tree to build; default this checkout — point it
 # at a clean export, e.g. `git archive HEAD`, while the tree is being edited).
 set -euo pipefail
@@ -398,6 +402,10 @@ wait_bound() { # err-file: until the bench says its edges are ready and bound
 bound_count() { grep -o '[0-9]*/[0-9]* edges ready and bound' "$1" | tail -1 | cut -d/ -f1; }
 
 BUSY_EDGES=${BUSY_EDGES:-2000}
+# BUSY_PROCS: bench processes for the busy edges (default 1). One process with
+# 2,000 permessage-deflate edges stalls after ~51,000 requests (the same with
+# every server tree; see docs/benchmarks.md, 2026-12-05); 2 does not.
+BUSY_PROCS=${BUSY_PROCS:-1}
 if has_part memory-busy; then
   # RSS per busy edge, plain and permessage-deflate: edges exchanging
   # messages (closed loop); peak RSS in the run against RSS before any edge.
@@ -413,7 +421,7 @@ if has_part memory-busy; then
     sleep 2
     rf=$(rss_kb "$EMX_PID")
     taskset -c "$LOAD_CPU" "$BENCH" --url "$(url_of C)" --app-key "$KEY" --quiet "${flag[@]}" \
-      --edges "$BUSY_EDGES" --size "$SIZE" --window 1 --warmup 2s --duration 8s \
+      --edges "$BUSY_EDGES" --procs "$BUSY_PROCS" --size "$SIZE" --window 1 --warmup 2s --duration 8s \
       --json "$OUT/mb-$mode.json" >"$OUT/mb-$mode.txt" 2>&1 &
     bp=$!
     peak=0
@@ -543,6 +551,74 @@ if has_part workers; then
   done
   m1=$(cat "$OUT"/wk1-*.tp | median); m2=$(cat "$OUT"/wk2-*.tp | median)
   log "workers: median answers/s: 1 process $m1, 2 processes $m2: ratio $(awk -v a="$m2" -v b="$m1" 'BEGIN{printf "%.3f", a/b}')"
+fi
+
+SDKW_ROUNDS=${SDKW_ROUNDS:-3}
+SDKW_REQUESTS=${SDKW_REQUESTS:-300}
+if has_part sdk-write; then
+  # The C SDK's write pattern (tools/bench/sdk_write.py): one device, GETs one
+  # at a time answered by platform-sim; every frame written as header send +
+  # payload send with Nagle on ("split"), against whole frames ("whole").
+  # Direct to edgemux, then through haproxy-conf/demo.cfg (both of its
+  # servers pointed at the one edgemux). The client is this checkout's, so
+  # it is the same for any SRC.
+  SDKW="$ROOT/tools/bench/sdk_write.py"
+  sdkw() { # label port [args...]
+    local label=$1 port=$2
+    shift 2
+    taskset -c "$LOAD_CPU" python3 "$SDKW" --port "$port" --app-key "$KEY" --requests "$SDKW_REQUESTS" \
+      --label "$label" --json "$@" >>"$OUT/sdkw.jsonl" || echo "{\"label\": \"$label\", \"failed\": true}" >>"$OUT/sdkw.jsonl"
+    tail -1 "$OUT/sdkw.jsonl" | tee -a "$OUT/summary.txt" >&2
+  }
+  start_demo_haproxy() {
+    EDGE_PORT=$HAP_EDGE_PORT EMX1_PORT=$EMX_PORT EMX1_ADMIN=$EMX_ADMIN EMX2_PORT=$EMX_PORT EMX2_ADMIN=$EMX_ADMIN \
+      taskset -c "$SERVER_CPU" haproxy -db -f "$ROOT/haproxy-conf/demo.cfg" >>"$OUT/haproxy-demo.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$HAP_EDGE_PORT"
+    sleep 2.5 # the health check marks the servers up
+  }
+  if [ -n "${SDKW_ROUTE:-}" ]; then
+    ip route add local "$SDKW_ROUTE/32" dev lo table local quickack 1
+    trap 'cleanup; ip route del local "$SDKW_ROUTE/32" dev lo table local 2>/dev/null || true' EXIT
+  fi
+  if [ "${SDKW_TLS:-0}" = 1 ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$OUT/key.pem" -out "$OUT/cert.pem" -days 2 \
+      -subj /CN=127.0.0.1 >/dev/null 2>&1
+    emx_conf sdkw-tls $((BASE_PORT + 6)) $((BASE_PORT + 7)) "deflate: false" "tls_cert: $OUT/cert.pem" "tls_key: $OUT/key.pem"
+  fi
+  log "== SDK write pattern: 1 device, $SDKW_REQUESTS GETs one at a time, $SDKW_ROUNDS rounds"
+  for i in $(seq "$SDKW_ROUNDS"); do
+    start_psim
+    start_emx
+    for w in split whole; do sdkw "direct-$i" "$EMX_PORT" --write "$w"; done
+    if [ "${SDKW_MULTIPART:-0}" -gt 0 ]; then
+      for w in split whole; do
+        sdkw "direct-multipart-$i" "$EMX_PORT" --write "$w" --multipart "$SDKW_MULTIPART" --requests 50
+      done
+    fi
+    start_demo_haproxy
+    for w in split whole; do sdkw "haproxy-$i" "$HAP_EDGE_PORT" --write "$w"; done
+    if [ -n "${SDKW_ROUTE:-}" ]; then
+      for w in split whole; do sdkw "haproxy-quickack-route-$i" "$HAP_EDGE_PORT" --write "$w" --source "$SDKW_ROUTE"; done
+    fi
+    cleanup
+    if [ "${SDKW_TLS:-0}" = 1 ]; then
+      start_psim
+      start_emx_conf sdkw-tls $((BASE_PORT + 7))
+      for w in split whole; do sdkw "wss-direct-$i" $((BASE_PORT + 6)) --write "$w" --tls; done
+      cleanup
+    fi
+  done
+  for l in direct direct-multipart haproxy haproxy-quickack-route wss-direct; do
+    for w in split whole; do
+      sel='select(.write == $w and (.label | test("^" + $l + "-[0-9]+$")))'
+      k=$(jq -r --arg l "$l" --arg w "$w" "$sel | .p50_ms" "$OUT/sdkw.jsonl" | wc -l)
+      [ "$k" -gt 0 ] || continue
+      v=$(jq -r --arg l "$l" --arg w "$w" "$sel | .p50_ms" "$OUT/sdkw.jsonl" | median)
+      q=$(jq -r --arg l "$l" --arg w "$w" "$sel | .p99_ms" "$OUT/sdkw.jsonl" | median)
+      log "sdk-write $l $w: median over $k rounds: p50 $v ms, p99 $q ms"
+    done
+  done
 fi
 
 log "results in $OUT"
