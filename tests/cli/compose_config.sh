@@ -2,7 +2,9 @@
 # docker-compose.yml is valid for every discovery choice (there is no Docker
 # engine in CI: `docker-compose config` checks the file itself), each choice
 # names edgemux configs that exist and pass `edgemux -t` with the plugins
-# just built, and the compose HAProxy config passes `haproxy -c`.
+# just built, the compose HAProxy config passes `haproxy -c`, and the
+# Prometheus and Grafana services mount the shipped rules, dashboard and
+# provisioning, with a Prometheus config `promtool check config` accepts.
 #   compose_config.sh SOURCE_DIR EDGEMUX PLUGIN_DIR
 set -u
 src=$1 bin=$2 plugins=$3
@@ -64,5 +66,52 @@ for svc in edgemux-1:8080 edgemux-2:8080 platform:9001; do
 done
 grep -q 'compose.cfg:/usr/local/etc/haproxy/haproxy.cfg' "$src/docker-compose.yml" &&
   ok "haproxy service mounts compose.cfg" || fail "haproxy service does not mount compose.cfg"
+
+# Prometheus and Grafana: the services, what they mount, and that the
+# Prometheus config scrapes the edgemux admin ports with the rules loaded.
+resolved=$(env -u EDGEMUX_DISCOVERY docker-compose --project-directory "$src" \
+  -f "$src/docker-compose.yml" config 2>&1)
+for img in 'prom/prometheus:' 'grafana/grafana:'; do
+  grep -q "image: $img" <<<"$resolved" && ok "service with image $img" || fail "no service runs $img"
+done
+promcfg=$src/compose/prometheus/prometheus.yml
+mounts=(
+  "compose/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml"
+  "dist/prometheus/edgemux-rules.yml:/etc/prometheus/rules/edgemux-rules.yml"
+  "dist/grafana/provisioning:/etc/grafana/provisioning"
+  "dist/grafana/edgemux-dashboard.json:/var/lib/grafana/dashboards/edgemux/"
+)
+for m in "${mounts[@]}"; do
+  grep -qF "./$m" "$src/docker-compose.yml" && [ -e "$src/${m%%:*}" ] && ok "mounted: $m" ||
+    fail "not mounted or missing: $m"
+done
+grep -q '^  - /etc/prometheus/rules/edgemux-rules.yml$' "$promcfg" &&
+  ok "prometheus.yml loads the mounted rules" || fail "prometheus.yml does not load /etc/prometheus/rules/edgemux-rules.yml"
+grep -q 'path: /var/lib/grafana/dashboards/edgemux$' "$src/dist/grafana/provisioning/dashboards/edgemux.yml" &&
+  ok "the dashboard provider reads the mounted directory" || fail "the dashboard provider path is not the mounted directory"
+grep -q 'url: http://prometheus:9090$' "$src/dist/grafana/provisioning/datasources/prometheus.yml" &&
+  ok "the Grafana datasource is the prometheus service" || fail "the Grafana datasource does not point at prometheus:9090"
+# Scrape targets: each edgemux service on the admin port its configs listen on.
+for n in 1 2; do
+  grep -q "\"edgemux-$n:9900\"" "$promcfg" && ok "prometheus scrapes edgemux-$n:9900" ||
+    fail "prometheus does not scrape edgemux-$n:9900"
+  for d in static dns-srv consul zookeeper; do
+    grep -q '^  listen: 0.0.0.0:9900' "$src/compose/edgemux/$d/edgemux-$n.yaml" ||
+      fail "$d/edgemux-$n.yaml: admin not on 0.0.0.0:9900 (prometheus scrapes there)"
+  done
+done
+grep -q '^  - job_name: edgemux$' "$promcfg" && ok "scrape job named edgemux (EdgemuxDown)" ||
+  fail "no scrape job named edgemux (the rules' EdgemuxDown expects it)"
+if command -v promtool >/dev/null; then
+  sed "s|/etc/prometheus/rules/edgemux-rules.yml|$(cd "$src" && pwd)/dist/prometheus/edgemux-rules.yml|" \
+    "$promcfg" >"$tmp/prometheus.yml"
+  if out=$(promtool check config "$tmp/prometheus.yml" 2>&1); then
+    ok "promtool check config compose/prometheus/prometheus.yml"
+  else
+    fail "promtool check config compose/prometheus/prometheus.yml" "$out"
+  fi
+else
+  echo "skip promtool check config (promtool not installed: Debian package prometheus)"
+fi
 
 [ "$fails" -eq 0 ]
