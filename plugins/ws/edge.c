@@ -225,6 +225,7 @@ static int write_out(struct edge_conn *c, const uint8_t *buf, size_t len)
 {
     size_t off = 0;
 
+    c->wrote = 1;
     if (!c->qh) {
         long w = sock_write(c, buf, len);
 
@@ -399,6 +400,8 @@ static int on_rx(void *user, enum edge_rx_kind kind, uint8_t *data, size_t len)
 
     switch (kind) {
     case EDGE_RX_MESSAGE:
+        if (len >= 4096)
+            c->big_rx = 1;
         c->lst->cb.on_message(c->user, data, len);
         return c->state != ES_OPEN || c->paused;
     case EDGE_RX_PING:
@@ -594,6 +597,7 @@ void edge_conn_read(struct edge_conn *c)
         ready_add(c);
         return;
     }
+    c->wrote = c->big_rx = 0;
     for (int i = 0; i < READS_PER_EVENT; i++) {
         long n;
 
@@ -616,10 +620,12 @@ void edge_conn_read(struct edge_conn *c)
         if ((size_t)n < RBUF_SIZE && !c->ssl)
             break; /* the socket is empty */
     }
-    /* A frame was cut short: ACK now. Clients that write a frame's header
-     * and payload in two sends without TCP_NODELAY (the C SDK) otherwise
-     * wait for our delayed ACK (40 ms) before the payload leaves. */
-    if (c->state == ES_OPEN && (c->rx.in_frame || c->rx.hdr_len))
+    /* ACK now when the peer is likely waiting for it: a frame was cut
+     * short (the C SDK writes a frame's header and payload in two sends
+     * without TCP_NODELAY, so its payload waits for our ACK), or a large
+     * message (a multipart chunk) got nothing back to carry the ACK, so a
+     * Nagle sender's next chunk would wait for our delayed ACK (40 ms). */
+    if (c->state == ES_OPEN && (c->rx.in_frame || c->rx.hdr_len || (c->big_rx && !c->wrote)))
         ws_set_int_opt(c->fd, IPPROTO_TCP, TCP_QUICKACK, 1);
     if (c->state != ES_GONE)
         edge_watch(c);
@@ -802,6 +808,7 @@ static void tick_cb(uv_timer_t *t)
         edge_conn_gone(hub->closing.head, 0, NULL);
     sweep_idle(hub, now);
     edge_tbuf_trim(hub);
+    edge_accept_modulate(hub); /* a full handshake pool's oldest may now go */
 }
 
 /* ---- the transport calls --------------------------------------------------- */

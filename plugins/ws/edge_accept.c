@@ -26,16 +26,21 @@ unsigned edge_socket_cap(struct edge_hub *hub)
 /* Room for one more socket in handshake: a full pool drops its oldest once
  * it has had handshake_evict to speak (a device sends its request at once;
  * a socket that has not is the cheapest to lose). */
+static bool pool_room(struct edge_hub *hub)
+{
+    const struct edge_conn *old = hub->shaking.head;
+
+    return hub->shaking.n < hub->s.handshake_pool ||
+           (old && uv_now(hub->loop) - old->t0 >= hub->s.handshake_evict_ms);
+}
+
 static bool shake_room(struct edge_hub *hub)
 {
-    struct edge_conn *old;
-
     if (hub->shaking.n < hub->s.handshake_pool)
         return true;
-    old = hub->shaking.head;
-    if (!old || uv_now(hub->loop) - old->t0 < hub->s.handshake_evict_ms)
+    if (!pool_room(hub))
         return false;
-    edge_conn_gone(old, 1006, "handshake pool full");
+    edge_conn_gone(hub->shaking.head, 1006, "handshake pool full");
     return true;
 }
 
@@ -53,7 +58,9 @@ void edge_accept_modulate(struct edge_hub *hub)
 
         if (l->closed || !l->poll)
             continue;
-        want = accept_allowed(hub) && (hub->shaking.n < hub->s.handshake_pool || hub->shaking.head);
+        /* a full pool is polled again as soon as a handshake ends or its
+         * oldest member may be dropped (the hub's tick looks) */
+        want = accept_allowed(hub) && pool_room(hub);
         if (want == l->polling)
             continue;
         if (!want)
@@ -137,11 +144,8 @@ static void accept_cb(uv_poll_t *h, int status, int events)
     for (int n = 0; n < ACCEPT_BATCH && !l->closed && accept_allowed(hub); n++) {
         int fd;
 
-        if (!shake_room(hub)) {
-            /* the oldest in handshake is young: look again shortly */
-            accept_pause(hub, 0, hub->s.handshake_evict_ms / 2 + 1);
-            return;
-        }
+        if (!shake_room(hub))
+            break;
         fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)

@@ -86,6 +86,8 @@ struct edge_conn {
     unsigned shut : 1;       /* write side shut after the close */
     unsigned ready : 1;      /* on the hub's ready list */
     unsigned report_due : 1; /* closing: tell the core from the ready list */
+    unsigned wrote : 1;      /* something was written during this read */
+    unsigned big_rx : 1;     /* this read delivered a message of 4 KiB or more */
     unsigned ssl_want_write : 1;
     int events; /* what the poll handle watches */
     int fd;

@@ -51,10 +51,10 @@ static const struct emx_option ws_options[] = {
         "time allowed for a TCP/TLS/HTTP upgrade handshake"),
     OPT("close_timeout", EMX_OPT_DURATION, "5s", close_timeout,
         "time allowed to flush queued data and the close frame before dropping"),
-    OPT("max_http_header_pool", EMX_OPT_INT, "1024", max_http_header_pool,
+    OPT("max_http_header_pool", EMX_OPT_INT, "4096", max_http_header_pool,
         "edges accepted and not yet upgraded at once; when full, the oldest is dropped once "
         "it is handshake_evict old, else the rest wait in the listen backlog"),
-    OPT("handshake_evict", EMX_OPT_DURATION, "100ms", handshake_evict,
+    OPT("handshake_evict", EMX_OPT_DURATION, "2s", handshake_evict,
         "a full handshake pool drops its oldest socket once it has had this long to upgrade "
         "(silent or held sockets cannot lock devices out)"),
     OPT("max_queued_control", EMX_OPT_SIZE, "64KiB", max_queued_control,

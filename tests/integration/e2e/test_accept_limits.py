@@ -89,11 +89,12 @@ class AcceptLimits(E2ETest):
         e.close()
 
     def test_full_handshake_pool_drops_its_oldest_silent_socket(self):
-        # Default eviction (100 ms): silent sockets cannot hold the pool; a
-        # device behind them upgrades at once and the oldest are dropped.
+        # Fast eviction: silent sockets cannot hold a full pool; a device
+        # behind them upgrades at once and the oldest are dropped.
         plat = Platform(self.env, 1)
         emx = Edgemux(self.env, "emx-ev", plat.ports,
                       overrides={"transport": {"max_http_header_pool": 4,
+                                               "handshake_evict": "100ms",
                                                "handshake_timeout": "10s"}})
         emx.wait_ready()
         silent = [socket.create_connection(("127.0.0.1", emx.edge_port)) for _ in range(8)]
