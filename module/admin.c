@@ -1,9 +1,11 @@
 #include "admin.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "alloc.h"
 
@@ -20,6 +22,8 @@ struct emx_admin {
     uv_tcp_t spare;     /* accepts and drops a connection when memory ran out */
     bool spare_busy;
     bool refuse_wanted; /* another one came while the spare was busy */
+    char *token;        /* actions' bearer token; NULL: actions off */
+    char listen[300];   /* the listen address, for the Host check */
 };
 
 struct admin_conn {
@@ -29,8 +33,15 @@ struct admin_conn {
     size_t len;
     bool answered;
     int closing;
+    const char *headers; /* extra header lines of the answer */
     char buf[ADMIN_MAX_REQUEST];
 };
+
+static void admin_free(struct emx_admin *a)
+{
+    emx_admin_set_token(a, NULL);
+    emx_free(a);
+}
 
 int emx_parse_address(const char *text, struct sockaddr_storage *out)
 {
@@ -71,9 +82,10 @@ static void conn_closed(uv_handle_t *h)
         return; /* the socket and its timer both close */
     struct emx_admin *a = c->admin;
     a->conns--;
+    explicit_bzero(c->buf, sizeof(c->buf)); /* it may hold a token */
     emx_free(c);
     if (a->listener_closed && a->conns == 0)
-        emx_free(a); /* the last one out frees the admin */
+        admin_free(a); /* the last one out frees the admin */
 }
 
 static void conn_close(struct admin_conn *c)
@@ -96,11 +108,12 @@ static void respond_n(struct admin_conn *c, int status, const char *reason, cons
                       const char *body, size_t blen, bool head_only)
 {
     c->answered = true;
-    char hdr[320];
+    char hdr[1024];
     int n = snprintf(hdr, sizeof(hdr),
                      "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                     "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-                     status, reason, type, blen);
+                     "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+                     "%sConnection: close\r\n\r\n",
+                     status, reason, type, blen, c->headers ? c->headers : "");
     if (n < 0 || (size_t)n >= sizeof(hdr)) {
         conn_close(c);
         return;
@@ -137,6 +150,8 @@ static const char *status_reason(int status)
         return "Accepted";
     case 400:
         return "Bad Request";
+    case 403:
+        return "Forbidden";
     case 404:
         return "Not Found";
     case 405:
@@ -262,6 +277,175 @@ bool emx_admin_query_get(const char *query, const char *key, char *out, size_t c
     return false;
 }
 
+unsigned emx_admin_header(const char *head, size_t len, const char *name, const char **val,
+                          size_t *vlen)
+{
+    unsigned found = 0;
+    size_t nlen = strlen(name);
+    const char *end = head + len;
+    const char *p = memchr(head, '\n', len); /* past the request line */
+    while (p && ++p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        size_t l = (size_t)((eol ? eol : end) - p);
+        if (l && p[l - 1] == '\r')
+            l--;
+        if (l == 0)
+            break; /* the blank line ends the head */
+        if (l > nlen && p[nlen] == ':' && strncasecmp(p, name, nlen) == 0) {
+            const char *v = p + nlen + 1, *ve = p + l;
+            while (v < ve && (*v == ' ' || *v == '\t'))
+                v++;
+            while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
+                ve--;
+            if (found++ == 0) {
+                *val = v;
+                *vlen = (size_t)(ve - v);
+            }
+        }
+        p = eol;
+    }
+    return found;
+}
+
+/* "name:port", "[v6]:port", or without ":port" when port_optional. */
+static bool split_host(const char *s, size_t n, bool port_optional, char *name, size_t ncap,
+                       bool *bracketed, long *port)
+{
+    const char *ne, *rest;
+    *bracketed = n > 0 && s[0] == '[';
+    if (*bracketed) {
+        const char *rb = memchr(s, ']', n);
+        if (!rb)
+            return false;
+        s++;
+        ne = rb;
+        rest = rb + 1;
+    } else {
+        const char *colon = memchr(s, ':', n);
+        ne = colon ? colon : s + n;
+        rest = ne;
+    }
+    size_t nl = (size_t)(ne - s);
+    if (nl == 0 || nl >= ncap)
+        return false;
+    memcpy(name, s, nl);
+    name[nl] = '\0';
+    const char *end = *bracketed ? s - 1 + n : s + n;
+    if (rest == end) {
+        *port = 80;
+        return port_optional;
+    }
+    if (*rest != ':' || rest + 1 == end || end - rest > 6)
+        return false;
+    long v = 0;
+    for (const char *q = rest + 1; q < end; q++) {
+        if (*q < '0' || *q > '9')
+            return false;
+        v = v * 10 + (*q - '0');
+    }
+    *port = v;
+    return v > 0 && v <= 65535;
+}
+
+/* 4 or 6 with the address in out[16], or 0 when `name` is no IP literal. */
+static int ip_literal(const char *name, bool bracketed, unsigned char out[16])
+{
+    if (bracketed)
+        return inet_pton(AF_INET6, name, out) == 1 ? 6 : 0;
+    return inet_pton(AF_INET, name, out) == 1 ? 4 : 0;
+}
+
+bool emx_admin_host_ok(const char *listen, const char *host, size_t len)
+{
+    char lname[64], hname[256];
+    bool lb, hb;
+    long lport, hport;
+    unsigned char la[16] = {0}, ha[16] = {0};
+    if (!listen || !split_host(listen, strlen(listen), false, lname, sizeof(lname), &lb, &lport) ||
+        !split_host(host, len, true, hname, sizeof(hname), &hb, &hport) || lport != hport)
+        return false;
+    int lf = ip_literal(lname, lb, la);
+    int hf = ip_literal(hname, hb, ha);
+    if (!lf)
+        return false;
+    static const unsigned char zero[16], v6_loop[16] = {[15] = 1}, v4_loop[4] = {127, 0, 0, 1};
+    bool loopback = (lf == 4 && la[0] == 127) || (lf == 6 && memcmp(la, v6_loop, 16) == 0);
+    bool wildcard = memcmp(la, zero, lf == 4 ? 4 : 16) == 0;
+    bool localhost = !hb && strcasecmp(hname, "localhost") == 0;
+    if (hf == lf && memcmp(ha, la, lf == 4 ? 4 : 16) == 0)
+        return true;
+    if (wildcard)
+        return localhost || hf != 0;
+    if (loopback)
+        return localhost || (hf == 4 && memcmp(ha, v4_loop, 4) == 0) ||
+               (hf == 6 && memcmp(ha, v6_loop, 16) == 0);
+    return false;
+}
+
+static bool origin_ok(const char *listen, const char *v, size_t vlen)
+{
+    return vlen > 7 && strncasecmp(v, "http://", 7) == 0 &&
+           emx_admin_host_ok(listen, v + 7, vlen - 7);
+}
+
+/* "Bearer <token>"; the comparison takes the same time whatever matches. */
+static bool bearer_ok(const char *v, size_t vlen, const char *token)
+{
+    if (vlen < 7 || strncasecmp(v, "Bearer", 6) != 0 || (v[6] != ' ' && v[6] != '\t'))
+        return false;
+    const char *t = v + 6;
+    size_t tl = vlen - 6;
+    while (tl && (*t == ' ' || *t == '\t')) {
+        t++;
+        tl--;
+    }
+    size_t kl = strlen(token);
+    volatile unsigned char diff = (unsigned char)(tl != kl);
+    for (size_t i = 0; i < kl; i++)
+        diff |= (unsigned char)((unsigned char)token[i] ^ (unsigned char)(i < tl ? t[i] : 0));
+    return diff == 0;
+}
+
+int emx_admin_authorize(const char *head, size_t len, const char *listen, const char *token,
+                        const char **why)
+{
+    const char *v;
+    size_t vlen;
+    if (!token || !token[0]) {
+        *why = "admin actions are off (no admin.token_file)\n";
+        return 403;
+    }
+    if (emx_admin_header(head, len, "Host", &v, &vlen) != 1 ||
+        !emx_admin_host_ok(listen, v, vlen)) {
+        *why = "the Host header does not name the admin address\n";
+        return 403;
+    }
+    unsigned origins = emx_admin_header(head, len, "Origin", &v, &vlen);
+    if (origins > 1 || (origins == 1 && !origin_ok(listen, v, vlen))) {
+        *why = "the Origin header does not name the admin address\n";
+        return 403;
+    }
+    if (emx_admin_header(head, len, "Authorization", &v, &vlen) != 1 ||
+        !bearer_ok(v, vlen, token)) {
+        *why = "missing or wrong token (Authorization: Bearer ...)\n";
+        return 403;
+    }
+    return 0;
+}
+
+int emx_admin_set_token(struct emx_admin *a, const char *token)
+{
+    char *copy = NULL;
+    if (token && token[0] && !(copy = emx_strdup(token)))
+        return -ENOMEM;
+    if (a->token) {
+        explicit_bzero(a->token, strlen(a->token));
+        emx_free(a->token);
+    }
+    a->token = copy;
+    return 0;
+}
+
 static void handle(struct admin_conn *c)
 {
     struct emx_admin_request req;
@@ -272,6 +456,13 @@ static void handle(struct admin_conn *c)
     }
     bool head = strcmp(req.method, "HEAD") == 0;
     bool get = strcmp(req.method, "GET") == 0 || head;
+    if (!get) {
+        const char *why = "forbidden\n";
+        if (emx_admin_authorize(c->buf, c->len, c->admin->listen, c->admin->token, &why) != 0) {
+            respond(c, 403, "Forbidden", why);
+            return;
+        }
+    }
     if (strcmp(req.path, "/health") == 0) {
         if (get)
             respond_n(c, 200, "OK", "text/plain; charset=utf-8", "ok\n", 3, head);
@@ -300,6 +491,7 @@ static void handle(struct admin_conn *c)
     } else if (resp.status == 404 && resp.body.len == 0) {
         respond(c, 404, "Not Found", "not found\n");
     } else {
+        c->headers = resp.headers;
         respond_n(c, resp.status, status_reason(resp.status),
                   resp.content_type ? resp.content_type : "text/plain; charset=utf-8",
                   resp.body.data ? resp.body.data : "", resp.body.len, head);
@@ -354,7 +546,7 @@ static void spare_closed(uv_handle_t *h)
         return;
     }
     if (a->listener_closed && a->conns == 0)
-        emx_free(a);
+        admin_free(a);
 }
 
 /* Out of memory for a connection: accept it into the spare handle and drop
@@ -404,7 +596,7 @@ static void admin_closed(uv_handle_t *h)
     struct emx_admin *a = h->data;
     a->listener_closed = true;
     if (a->conns == 0)
-        emx_free(a);
+        admin_free(a);
 }
 
 int emx_admin_start(uv_loop_t *loop, const char *address, const struct emx_admin_ops *ops,
@@ -419,6 +611,7 @@ int emx_admin_start(uv_loop_t *loop, const char *address, const struct emx_admin
         return -ENOMEM;
     a->ops = *ops;
     a->log = log;
+    snprintf(a->listen, sizeof(a->listen), "%s", address);
     uv_tcp_init(loop, &a->tcp);
     a->tcp.data = a;
     rc = uv_tcp_bind(&a->tcp, (const struct sockaddr *)&ss, 0);

@@ -1145,6 +1145,8 @@ static const struct emx_option admin_options[] = {
         "address:port of the admin HTTP API (/health, /ready, /metrics)"),
     OPT(admin, agent_listen, NULL, STRING, "", false,
         "address:port answering HAProxy's agent-check (empty: off)"),
+    OPT(admin, token_file, NULL, STRING, NULL, false,
+        "file holding the bearer token the POST actions need (none: actions off)"),
     EMX_OPTION_END,
 };
 
@@ -1510,6 +1512,10 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
               (unsigned long long)cfg->platform.ping_interval,
               (unsigned long long)cfg->platform.idle_read_timeout);
     check_pair(b, cfg, S_PLATFORM, cfg->platform.tls_cert, cfg->platform.tls_key);
+    /* The file itself is read by setup (and on every reload). */
+    if (cfg->admin.token_file && !cfg->admin.token_file[0])
+        check(b, cfg, S_ADMIN, "token_file",
+              "must not be empty (leave the key out to turn admin actions off)");
 }
 
 /* ---- load, bind plugins, check ---- */

@@ -167,6 +167,7 @@ struct emx_config {
     struct {
         const char *listen;
         const char *agent_listen;
+        const char *token_file; /* bearer token of the POST actions; NULL: actions off */
     } admin;
 
     struct emx_config_priv *priv; /* which tables bound which maps, for "did you mean" */

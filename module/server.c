@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/random.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -27,6 +28,7 @@
 #include "ops.h"
 #include "router.h"
 #include "setup.h"
+#include "status.h"
 
 #define TICK_MS           50  /* router timers: request timeouts are seconds */
 #define QUEUED_REFRESH_MS 100 /* the kernel drains SIOCOUTQ without telling us */
@@ -87,7 +89,8 @@ struct pipe_ctx {
     bool queued;     /* waiting in s->connect_wait for a connect slot */
     struct emx_list dirty_link;
     struct emx_list wait_link;
-    uint64_t up_since; /* when its AUTH succeeded; 0: not up */
+    uint64_t up_since;     /* when its AUTH succeeded; 0: not up */
+    uint64_t last_fail_ms; /* when it last failed or closed (the status page) */
     /* The last failure logged at warn, and how often it came again since. */
     char last_reason[128];
     uint64_t last_log_ms;
@@ -146,6 +149,8 @@ struct emx_server {
     /* operations: admin API, agent, drain, reload, device addresses */
     struct emx_agent *agent;
     struct emx_server_counters counters;
+    struct emx_status status; /* the status page's events and rates */
+    bool actions_on;          /* admin.token_file set: POST actions allowed */
     struct emx_cidr_list trusted;
     struct source_count *sources;
     uint64_t start_ms;
@@ -163,6 +168,28 @@ struct emx_server {
 static uint64_t now_ms(struct emx_server *s)
 {
     return uv_now(&s->loop);
+}
+
+/* The wall clock, for the times the status page shows (Unix ms). */
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return 0;
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void status_event(struct emx_server *s, enum emx_event_kind kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void status_event(struct emx_server *s, enum emx_event_kind kind, const char *fmt, ...)
+{
+    char text[EMX_EVENT_TEXT_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
+    emx_status_event(&s->status, kind, 1, now_ms(s), wall_ms(), "%s", text);
 }
 
 static uint64_t rng_next(struct emx_server *s)
@@ -275,16 +302,21 @@ static void host_discovery_update(const struct emx_host *h, const struct emx_ins
                  count, count * per, per, budget, FD_CORE_RESERVE);
     } else {
         emx_router_discovery_update(s->router, set, count, now_ms(s));
+        emx_status_track(&s->status, s->router, now_ms(s), wall_ms());
         return;
     }
     emx_router_discovery_failed(s->router, why, now_ms(s));
+    status_event(s, EMX_EV_DISCOVERY, "discovery failed: %s", why);
 }
 
 static void host_discovery_failed(const struct emx_host *h, const char *reason)
 {
     struct emx_server *s = host_server(h);
-    if (h == s->dhost_active)
+    if (h == s->dhost_active) {
         emx_router_discovery_failed(s->router, reason, now_ms(s));
+        status_event(s, EMX_EV_DISCOVERY, "discovery failed (the last good set stays): %s",
+                     reason ? reason : "unknown");
+    }
 }
 
 static void host_init(struct emx_server *s, struct emx_host *h, const char *tag)
@@ -471,6 +503,7 @@ static void pipe_log_close(struct pipe_ctx *pc, bool was_up, uint16_t code, cons
     uint64_t now = now_ms(s);
     char text[sizeof(pc->last_reason)];
     snprintf(text, sizeof(text), "%u %s", code, reason && reason[0] ? reason : "no reason given");
+    pc->last_fail_ms = now;
     char up[64] = "";
     if (was_up)
         snprintf(up, sizeof(up), " after %" PRIu64 " ms up", now - pc->up_since);
@@ -783,6 +816,7 @@ static void on_tick(uv_timer_t *t)
 {
     struct emx_server *s = t->data;
     emx_router_tick(s->router, now_ms(s));
+    emx_status_track(&s->status, s->router, now_ms(s), wall_ms());
     if (s->disc_retired && ++s->retire_ticks >= RETIRE_EVERY_TICKS) {
         s->retire_ticks = 0;
         retire_step(s);
@@ -923,6 +957,8 @@ static void admin_edge_close(struct emx_server *s, const char *id, size_t idlen,
     s->counters.edges_kicked++;
     emx_logf(&s->log, EMX_LOG_INFO, "admin", "closing edge %08" PRIx32 " (%s) on request: %u",
              e->id, e->addr, code);
+    status_event(s, EMX_EV_ADMIN, "edge %08" PRIx32 " (%s) closed by an operator (%u)", e->id,
+                 e->addr, code);
     emx_router_edge_close(s->router, e, code, reason);
     resp->status = 202;
     emx_textbuf_puts(&resp->body, "closing\n");
@@ -956,11 +992,86 @@ static void admin_maintenance(struct emx_server *s, const char *id,
     }
     emx_logf(&s->log, EMX_LOG_INFO, "admin", "instance %s: maintenance %s on request", id,
              on ? "on" : "off");
+    status_event(s, EMX_EV_ADMIN, "instance %s: maintenance %s by an operator", id,
+                 on ? "on" : "off");
     resp->status = 200;
     resp->content_type = "application/json";
     emx_textbuf_puts(&resp->body, "{\"instance\":");
     emx_textbuf_json_str(&resp->body, id);
     emx_textbuf_printf(&resp->body, ",\"maintenance\":%s}\n", on ? "true" : "false");
+}
+
+/* ---- the status page ---- */
+
+#define TOP_SOURCES 10
+
+static const char *status_pipe_error(void *ctx, const struct emx_pipe *p, uint64_t *at)
+{
+    (void)ctx;
+    const struct pipe_ctx *pc = p->conn;
+    if (!pc || !pc->last_reason[0])
+        return NULL;
+    *at = pc->last_fail_ms;
+    return pc->last_reason;
+}
+
+/* The addresses with the most devices, the largest first. */
+static size_t top_sources(struct emx_server *s, struct emx_status_source *out, size_t cap,
+                          size_t *total)
+{
+    size_t n = 0;
+    *total = 0;
+    for (struct source_count *sc = s->sources; sc; sc = sc->hh.next) {
+        (*total)++;
+        size_t i;
+        if (n < cap)
+            i = n++;
+        else if (sc->n > out[cap - 1].n)
+            i = cap - 1;
+        else
+            continue;
+        for (; i > 0 && out[i - 1].n < sc->n; i--)
+            out[i] = out[i - 1];
+        out[i] = (struct emx_status_source){.addr = sc->addr, .n = sc->n};
+    }
+    return n;
+}
+
+/* Scripts from the admin port itself only, none inline: a string that got
+ * past the escaping still could not run. */
+#define STATUS_HEADERS                                                                             \
+    "Content-Security-Policy: default-src 'none'; script-src 'self'; connect-src 'self'; "         \
+    "style-src 'unsafe-inline'; img-src 'none'; base-uri 'none'; form-action 'none'; "             \
+    "frame-ancestors 'none'\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\n"
+
+static void admin_status(struct emx_server *s, struct emx_admin_response *resp)
+{
+    uint64_t now = now_ms(s);
+    int64_t wall = wall_ms();
+    emx_status_track(&s->status, s->router, now, wall);
+    struct emx_ops_view ov;
+    ops_view(s, &ov);
+    struct emx_status_source top[TOP_SOURCES];
+    size_t total;
+    size_t ntop = top_sources(s, top, TOP_SOURCES, &total);
+    struct emx_status_view v = {
+        .ops = &ov,
+        .server_name = s->cfg->server.name,
+        .version = EMX_VERSION,
+        .workers = s->cfg->server.workers,
+        .max_pending = (uint32_t)s->cfg->edge.max_pending,
+        .wall_ms = wall,
+        .actions_on = s->actions_on,
+        .sources = top,
+        .nsources = ntop,
+        .sources_total = total,
+        .pipe_error = status_pipe_error,
+        .ctx = s,
+    };
+    resp->status = 200;
+    resp->content_type = "text/html; charset=utf-8";
+    resp->headers = STATUS_HEADERS;
+    emx_status_html(&resp->body, s->router, &s->status, &v, now);
 }
 
 static void admin_handle(void *ctx, const struct emx_admin_request *req,
@@ -969,7 +1080,17 @@ static void admin_handle(void *ctx, const struct emx_admin_request *req,
     struct emx_server *s = ctx;
     bool get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
     const char *path = req->path;
-    if (strcmp(path, "/metrics") == 0) {
+    if (strcmp(path, "/") == 0 || strcmp(path, "/status") == 0) {
+        if (!get)
+            return admin_text(resp, 405, "use GET\n");
+        admin_status(s, resp);
+    } else if (strcmp(path, "/status.js") == 0) {
+        if (!get)
+            return admin_text(resp, 405, "use GET\n");
+        resp->status = 200;
+        resp->content_type = "text/javascript; charset=utf-8";
+        emx_textbuf_puts(&resp->body, emx_status_js);
+    } else if (strcmp(path, "/metrics") == 0) {
         if (!get)
             return admin_text(resp, 405, "use GET\n");
         struct emx_ops_view v;
@@ -1129,6 +1250,8 @@ static void begin_shutdown(struct emx_server *s, const char *why)
         return;
     }
     s->stopping = true; /* on_accept refuses, /ready 503, the agent says drain */
+    status_event(s, EMX_EV_SERVER, "%s: draining %zu edge(s), then stopping", why,
+                 emx_router_edge_count(s->router));
     emx_notify_stopping();
     size_t n = emx_router_edge_count(s->router);
     emx_logf(&s->log, EMX_LOG_INFO, "server",
@@ -1380,6 +1503,8 @@ static void reload_config(struct emx_server *s)
             emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: %s", errs.msgs[i]);
         emx_logf(&s->log, EMX_LOG_ERROR, "server",
                  "reload refused (%zu error(s)); the running configuration stays", errs.count);
+        status_event(s, EMX_EV_RELOAD, "reload refused (%zu error(s)): %s", errs.count,
+                     errs.count ? errs.msgs[0] : "out of memory");
         emx_errors_free(&errs);
         emx_free(gen);
         s->counters.reloads_failed++;
@@ -1394,6 +1519,7 @@ static void reload_config(struct emx_server *s)
     if (emx_cidr_list_parse(n->edge.trusted_proxies.items, n->edge.trusted_proxies.count, &trusted,
                             why, sizeof(why)) != 0) {
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload refused: edge.trusted_proxies: %s", why);
+        status_event(s, EMX_EV_RELOAD, "reload refused: edge.trusted_proxies: %s", why);
         emx_setup_free(ns);
         emx_free(gen);
         s->counters.reloads_failed++;
@@ -1452,7 +1578,14 @@ static void reload_config(struct emx_server *s)
     if (gen->users == 1)
         emx_setup_drop_discovery(ns);
     gen_release(s, prev); /* no longer the running configuration */
+    if (emx_admin_set_token(s->admin, ns->admin_token) == 0)
+        s->actions_on = ns->admin_token != NULL;
+    else
+        emx_logf(&s->log, EMX_LOG_ERROR, "server",
+                 "reload: out of memory for the admin token; the running one stays");
     s->counters.reloads_ok++;
+    status_event(s, EMX_EV_RELOAD, "reload done%s; %u key(s) need a restart",
+                 disc_changed ? ", discovery restarted" : "", restart);
     emx_logf(&s->log, EMX_LOG_INFO, "server",
              "reload done: limits, timeouts, watermarks and log settings applied%s; %u key(s) "
              "need a restart",
@@ -1481,6 +1614,7 @@ static void warn_unreadable_after_drop(struct emx_server *s)
     } files[] = {
         {"config file", c->file},
         {"platform.app_key_file", c->platform.app_key_file},
+        {"admin.token_file", c->admin.token_file},
         {"edge.tls_cert", c->edge.tls_cert},
         {"edge.tls_key", c->edge.tls_key},
         {"edge.tls_ca", c->edge.tls_ca},
@@ -1639,6 +1773,7 @@ int emx_server_run(struct emx_setup *setup)
     s->disc->dp = s->dp;
     s->dhost_active = &s->disc->host;
     s->start_ms = uv_now(&s->loop);
+    emx_status_init(&s->status);
     char why[128];
     if (emx_cidr_list_parse(s->cfg->edge.trusted_proxies.items, s->cfg->edge.trusted_proxies.count,
                             &s->trusted, why, sizeof(why)) != 0) {
@@ -1700,6 +1835,19 @@ int emx_server_run(struct emx_setup *setup)
         rc = -EADDRINUSE;
         goto out_listener;
     }
+    if (emx_admin_set_token(s->admin, setup->admin_token) != 0) {
+        rc = -ENOMEM;
+        goto out_admin;
+    }
+    s->actions_on = setup->admin_token != NULL;
+    if (s->actions_on)
+        emx_logf(&s->log, EMX_LOG_INFO, "admin", "admin actions on: token from %s",
+                 s->cfg->admin.token_file);
+    else
+        emx_logf(&s->log, EMX_LOG_INFO, "admin",
+                 "admin actions off (no admin.token_file): POST answers 403");
+    status_event(s, EMX_EV_SERVER, "started: %s, edges on %s%s", s->cfg->server.name, listen_addr,
+                 s->cfg->edge.path);
     if (s->cfg->admin.agent_listen && s->cfg->admin.agent_listen[0]) {
         rc = emx_agent_start(&s->loop, s->cfg->admin.agent_listen, &aops, &s->log, &s->agent);
         if (rc != 0) {
@@ -1781,6 +1929,7 @@ out_handles:
     uv_run(&s->loop, UV_RUN_DEFAULT);
 out_router:
     emx_router_free(s->router);
+    emx_status_free(&s->status);
     emx_cidr_list_free(&s->trusted);
     emx_free_ptr(&s->drain_ids);
     struct source_count *sc, *sctmp;

@@ -11,7 +11,8 @@
 
 #include "alloc.h"
 
-#define APP_KEY_MAX 4096
+#define APP_KEY_MAX     4096
+#define ADMIN_TOKEN_MIN 16 /* bytes: a guessable token protects nothing */
 
 /* Read a secret file: refuse one that others can read, strip one trailing
  * newline. The key itself never appears in a message. */
@@ -157,6 +158,27 @@ int emx_setup_load_shared(const char *config_path, const char *plugins_dir,
                 bad = -EINVAL;
                 break;
             }
+    /* The admin token: the POST actions need it in an Authorization
+     * header. Printable and without blanks, so it compares as written. */
+    if (cfg->admin.token_file && cfg->admin.token_file[0]) {
+        int line = node_line(cfg, "admin", "token_file");
+        if (read_key_file(cfg->admin.token_file, &out->admin_token, why, sizeof(why)) != 0) {
+            emx_errors_add(errs, cfg->file, line, "admin.token_file", "%s", why);
+            bad = -EINVAL;
+        } else {
+            size_t n = strlen(out->admin_token);
+            bool visible = true;
+            for (size_t i = 0; i < n; i++)
+                visible &= out->admin_token[i] > 0x20 && out->admin_token[i] < 0x7f;
+            if (!visible || n < ADMIN_TOKEN_MIN) {
+                emx_errors_add(errs, cfg->file, line, "admin.token_file",
+                               "the token in '%s' must be at least %d printable characters "
+                               "without blanks (e.g. openssl rand -hex 32)",
+                               cfg->admin.token_file, ADMIN_TOKEN_MIN);
+                bad = -EINVAL;
+            }
+        }
+    }
     if (bad || errs->count) {
         emx_setup_free(out);
         return bad ? (bad < 0 ? bad : -EINVAL) : -EINVAL;
@@ -183,6 +205,10 @@ void emx_setup_free(struct emx_setup *s)
     if (s->app_key) {
         explicit_bzero(s->app_key, strlen(s->app_key));
         emx_free_ptr(&s->app_key);
+    }
+    if (s->admin_token) {
+        explicit_bzero(s->admin_token, strlen(s->admin_token));
+        emx_free_ptr(&s->admin_token);
     }
     if (s->transport)
         emx_plugin_unload(s->transport);

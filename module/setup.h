@@ -15,6 +15,7 @@ struct emx_setup {
     struct emx_plugin *discovery;
     void *discovery_config;
     char *app_key;           /* from platform.app_key, app_key_file or EDGEMUX_APP_KEY */
+    char *admin_token;       /* from admin.token_file; NULL: admin actions off */
     const char *plugins_dir; /* the directory the plugins came from */
 };
 

@@ -152,3 +152,40 @@ void emx_textbuf_prom_label(struct emx_textbuf *b, const char *s)
         }
     }
 }
+
+void emx_textbuf_html(struct emx_textbuf *b, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)(s ? s : "");
+    while (*p) {
+        const char *ref = NULL;
+        switch (*p) {
+        case '&':
+            ref = "&amp;";
+            break;
+        case '<':
+            ref = "&lt;";
+            break;
+        case '>':
+            ref = "&gt;";
+            break;
+        case '"':
+            ref = "&quot;";
+            break;
+        case '\'':
+            ref = "&#39;";
+            break;
+        default:
+            break;
+        }
+        if (ref) {
+            emx_textbuf_puts(b, ref);
+            p++;
+        } else if ((*p < 0x20 && *p != '\t' && *p != '\n') || *p == 0x7f) {
+            p++;
+        } else {
+            size_t n = utf8_len(p);
+            emx_textbuf_append(b, n ? (const char *)p : "?", n ? n : 1);
+            p += n ? n : 1;
+        }
+    }
+}

@@ -30,5 +30,10 @@ void emx_textbuf_json_str(struct emx_textbuf *b, const char *s);
 /* A Prometheus label value (without quotes): \ " and newline escaped,
  * control bytes dropped. */
 void emx_textbuf_prom_label(struct emx_textbuf *b, const char *s);
+/* Text for an HTML page, in an element or a double- or single-quoted
+ * attribute: & < > " ' become character references, control bytes other
+ * than tab and newline are dropped and invalid UTF-8 bytes become '?', so
+ * nothing from outside can open markup. NULL writes nothing. */
+void emx_textbuf_html(struct emx_textbuf *b, const char *s);
 
 #endif

@@ -12,6 +12,7 @@ packages=(
   libc-ares-dev knot knot-dnsutils
   libsystemd-dev man-db docker-compose
   haproxy python3 procps iproute2 curl valgrind openssl
+  chromium
   prometheus
 )
 

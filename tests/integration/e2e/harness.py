@@ -434,7 +434,9 @@ class Edgemux:
     """One edgemux process with static discovery over `instances` [(port, ...)]."""
 
     def __init__(self, env, name, instance_ports, overrides=None, discovery=None, start=True,
-                 edge_port=None, extra_yaml="", wrapper=None, start_timeout=10):
+                 edge_port=None, extra_yaml="", wrapper=None, start_timeout=10, admin_token=False):
+        """admin_token: write a token file (admin.token_file) so the admin
+        POST actions are on; http() sends the token with them."""
         self.env = env
         self.wrapper = list(wrapper or [])  # e.g. a valgrind command line
         self.start_timeout = start_timeout
@@ -455,6 +457,14 @@ class Edgemux:
             "transport": {"plugin": "ws"},
             "admin": {"listen": "127.0.0.1:%d" % self.admin_port},
         }
+        self.admin_token = None
+        if admin_token:
+            self.admin_token = "adm-" + base64.b16encode(os.urandom(16)).decode().lower()
+            token_file = env.path("%s-admin-token" % name)
+            with open(token_file, "w") as f:
+                f.write(self.admin_token + "\n")
+            os.chmod(token_file, 0o600)
+            cfg["admin"]["token_file"] = token_file
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values)
         self.config_path = env.path("%s.yaml" % name)
@@ -505,9 +515,15 @@ class Edgemux:
         if not self.proc.alive():
             raise AssertionError("edgemux exited:\n" + self.proc.output())
 
-    def http(self, path, method="GET"):
+    def http(self, path, method="GET", headers=None, token=True):
+        """(status, body) of one admin request. An action (not GET or HEAD)
+        carries this edgemux's admin token unless token is False."""
+        hdrs = dict(headers or {})
+        if token and self.admin_token and method not in ("GET", "HEAD"):
+            hdrs.setdefault("Authorization", "Bearer " + self.admin_token)
         try:
-            req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.admin_port, path), method=method)
+            req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.admin_port, path), method=method,
+                                         headers=hdrs)
             with urllib.request.urlopen(req, timeout=2) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:

@@ -64,7 +64,9 @@ def agent(port):
 class Operations(E2ETest):
     def cluster(self, instances=2, overrides=None, psim_extra=()):
         self.plat = Platform(self.env, instances, extra=psim_extra)
-        self.emx = Edgemux(self.env, "emx-ops", self.plat.ports, overrides=overrides)
+        # the POST actions (maintenance, close) need the admin token
+        self.emx = Edgemux(self.env, "emx-ops", self.plat.ports, overrides=overrides,
+                           admin_token=True)
         self.emx.wait_ready()
         wait_until(lambda: all(n == 2 for n in self.plat.pipes_connected()), 10,
                    what="every pipe connected")
