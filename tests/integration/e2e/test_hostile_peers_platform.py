@@ -171,8 +171,11 @@ class HostilePlatforms(HostileSuite):
         def run(obs):
             s, sid, eid, r = self.device()
             names = ["Many-%06d" % i for i in range(70000)]
-            s.sendall(client_frame(ao_bind(10, sid, names[:65535])) + client_frame(ao_bind(11, sid, names[65535:])))
-            self.assertTrue(r.wait(lambda r: 10 in r.by_rid and 11 in r.by_rid, 15.0))
+            # one at a time: a 720 KB BIND takes the device's share of bytes in flight
+            s.sendall(client_frame(ao_bind(10, sid, names[:65535])))
+            self.assertTrue(r.wait(lambda r: 10 in r.by_rid, 15.0))
+            s.sendall(client_frame(ao_bind(11, sid, names[65535:])))
+            self.assertTrue(r.wait(lambda r: 11 in r.by_rid, 15.0))
             obs["bind_answers"] = ["0x%02x" % r.by_rid[10][0], "0x%02x" % r.by_rid[11][0]]
             self.assertEqual((r.by_rid[10], r.by_rid[11]), ([SUCCESS], [SUCCESS]))
 
@@ -188,14 +191,6 @@ class HostilePlatforms(HostileSuite):
 
     # issue 12 item 13: one heavy device must not starve the others
 
-    # Known failure, issue 12 item 13 (not fixed yet): module/router.c route()
-    # and pick_pipe() choose any pipe under platform.high_watermark, and
-    # nothing caps the bytes one device has in flight toward the pipes (or
-    # its answer bytes pending), so the heavy devices' uploads keep both
-    # pipes of the preferred tier over the watermark and the canary's GETs
-    # are answered 0xA0 "no instance" (a busy tier does not spill, by rule).
-    # Remove the decorator when the per-device share lands.
-    @unittest.expectedFailure
     def test_heavy_devices(self):
         def heavy(i, out, end):
             s, sid, eid, r = self.device()
@@ -221,7 +216,10 @@ class HostilePlatforms(HostileSuite):
             for t in threads:
                 t.join(60)
             obs["heavy_answers"] = out
-        self.attack("4 heavy devices, each with 32 echo POSTs of 256 KiB in flight (5 s)", run)
+        row = self.attack("4 heavy devices, each with 32 echo POSTs of 256 KiB in flight (5 s)", run)
+        # what the heavy devices were refused is their own share, not the pipes' room
+        self.assertGreater(row["counters"].get('emx_answers_total{reason="bytes_in_flight"}', 0), 0,
+                           row["counters"])
 
 
 if __name__ == "__main__":
