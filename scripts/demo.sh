@@ -3,10 +3,12 @@
 # three simulated platform instances (one platform-sim process) found by
 # static discovery, and edge-sim sending traffic through HAProxy. Installs what
 # it needs (scripts/deps.sh), builds (Release, build/demo-build), runs, prints
-# what went where, and stops everything again.
+# what went where and each edgemux's status page URL, and stops everything
+# again.
 #
 #   scripts/demo.sh                  run, print the summary, stop
-#   scripts/demo.sh --keep           leave the cluster running (build/demo/stop.sh stops it)
+#   scripts/demo.sh --keep           leave the cluster and its status pages running
+#                                    (build/demo/stop.sh stops it)
 #   scripts/demo.sh --duration 60s   edge-sim load duration (default 20s)
 #   scripts/demo.sh --edges 200      simulated devices (default 50)
 #
@@ -15,7 +17,7 @@
 # in its ledger), 1 otherwise or when the cluster did not come up.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 keep=${DEMO_KEEP:-0}
 duration=${DEMO_DURATION:-20s}
@@ -101,6 +103,9 @@ export EDGE_PORT EMX1_PORT EMX1_ADMIN EMX2_PORT EMX2_ADMIN
 # App key: random, only in a file only root can read.
 (umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' >"$run/appkey")
 chmod 600 "$run/appkey"
+# Admin token: the admin actions (maintenance, closing a device) need it.
+(umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' >"$run/admin-token")
+chmod 600 "$run/admin-token"
 
 cat >"$run/instances.yaml" <<EOF
 # Written by scripts/demo.sh: the three platform-sim instances.
@@ -132,6 +137,7 @@ transport:
   plugin: ws
 admin:
   listen: 127.0.0.1:$3
+  token_file: $run/admin-token
 EOF
 }
 write_edgemux_config edgemux-1 "$EMX1_PORT" "$EMX1_ADMIN"
@@ -361,6 +367,7 @@ stats_csv | awk -F, '
   $1 == "edgemux" && $2 ~ /^edgemux-/ {
     printf "  %-10s status %-5s connections sent %s, open now %s\n", $2, $18, $8, $5 }'
 echo "  edgemux-1 GET /ready -> $(ready "$EMX1_ADMIN"); edgemux-2 GET /ready -> $(ready "$EMX2_ADMIN")"
+echo "  status pages: http://127.0.0.1:$EMX1_ADMIN/ (edgemux-1)  http://127.0.0.1:$EMX2_ADMIN/ (edgemux-2)"
 echo "edge-sim: exit status $esim_rc; ledger: $multipart multipart requests, no_answer $no_answer"
 echo "logs, configs, key: ${run#"$root"/}/"
 
@@ -383,6 +390,9 @@ if [ "$keep" = 1 ]; then
   edges connect to     ws://127.0.0.1:$EDGE_PORT/Thingworx/WS   (app key in $run/appkey)
   more traffic:        $esim --url ws://127.0.0.1:$EDGE_PORT/Thingworx/WS --app-key-file $run/appkey --edges 20 --duration 30s
   edgemux admin:       curl http://127.0.0.1:$EMX1_ADMIN/ready   curl http://127.0.0.1:$EMX2_ADMIN/ready
+  status pages:        http://127.0.0.1:$EMX1_ADMIN/   http://127.0.0.1:$EMX2_ADMIN/   (open in a browser)
+  admin actions:       curl -X POST -H "Authorization: Bearer \$(cat $run/admin-token)" \\
+                         http://127.0.0.1:$EMX1_ADMIN/instances/platform-2/maintenance
   HAProxy stats:       http://127.0.0.1:$STATS_PORT/stats   (CSV: /stats;csv)
   platform-sim:        control channel 127.0.0.1:$CONTROL, one command a line, e.g.
                          $run/ctl stats
