@@ -508,8 +508,22 @@ void pipe_timer_cb(uv_timer_t *t)
         n = c->pp->pnext;
         if (c->state != CONN_OPEN || c->closing || !c->wsi)
             continue;
+        /* A platform that keeps the control budget used up tick after tick
+         * (pings queued by the megabyte while it stopped reading) would
+         * keep this pipe "up" and never let a data message through: close
+         * it after idle_read_timeout of that, so it is connected anew. */
+        if (c->pp->ctl_count >= RAW_CTL_BUDGET) {
+            if (!c->pp->ctl_flood_since)
+                c->pp->ctl_flood_since = now;
+        } else {
+            c->pp->ctl_flood_since = 0;
+        }
         c->pp->ctl_count = 0;
         c->pp->ctl_paused = false;
+        if (hangup && c->pp->ctl_flood_since && now - c->pp->ctl_flood_since >= hangup) {
+            conn_kill(c, 1008, "control frame flood from the platform");
+            continue;
+        }
         pipe_rx_update(c);
         if (!c->qh && !lws_partial_buffered(c->wsi))
             c->pp->tx_ok = now;

@@ -168,8 +168,9 @@ struct ws_pipe {
     bool ctl_paused;  /* over its control frame budget until the next tick */
     bool pong_owed;   /* raw: pong for the latest ping, sent when nothing waits */
     uint8_t pong_len;
-    uint16_t ctl_count; /* raw: pings and pongs read this tick */
-    uint64_t tx_ok;     /* uv_now() ms when writes last progressed or nothing waited */
+    uint16_t ctl_count;       /* raw: pings and pongs read this tick */
+    uint64_t ctl_flood_since; /* raw: first of the ticks that used up the budget; 0: none */
+    uint64_t tx_ok;           /* uv_now() ms when writes last progressed or nothing waited */
     uint8_t pong[125];
 };
 

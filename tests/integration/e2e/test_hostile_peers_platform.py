@@ -112,18 +112,10 @@ class HostilePlatforms(HostileSuite):
             self.assertTrue(obs["pipes_read_again"], "the instance's pipes stay up but are never read again")
         return self.attack(name, run, cpu_budget=0.1 * FLOOD_S + 0.2)
 
-    # Known failure (found by this suite): plugins/ws/pipe_raw.c reads a raw
-    # pipe's control frames at RAW_CTL_BUDGET (64) a timer tick (raw_rx
-    # pauses it, pipe_timer_cb resumes it each second). After a flood the
-    # socket holds megabytes of pings (3 million 2-byte pings for 6 MiB), so
-    # the pipe reads 64 a second for hours and never a data message again;
-    # and since silence while paused does not count toward
-    # idle_read_timeout, pipe_timer_cb never closes it: the instance keeps
-    # two pipes "up" that carry nothing (its answers and requests are never
-    # read). A flood that outlasts the budget should close the pipe (e.g.
-    # after idle_read_timeout of consecutive over-budget ticks) so it is
-    # reconnected. Remove the decorator with that fix.
-    @unittest.expectedFailure
+    # A raw pipe reads its control frames at RAW_CTL_BUDGET (64) a timer
+    # tick; after a flood the socket holds megabytes of pings, so a pipe that
+    # keeps the budget used up for idle_read_timeout is closed and connected
+    # anew (pipe_raw.c, pipe_timer_cb) instead of staying "up" unread.
     def test_deaf_platform_ping_flood(self):
         self.deaf_flood("a platform that stops reading and floods pings on both pipes (5 s)", b"\x89\x00")
 
