@@ -103,7 +103,7 @@ static void set_reason(struct edge_conn *c, uint16_t code, const char *reason)
 
 /* ---- teardown of one edge ------------------------------------------------- */
 
-static void conn_free(struct edge_conn *c)
+static void queue_drop(struct edge_conn *c)
 {
     while (c->qh) {
         struct oq *m = c->qh;
@@ -111,6 +111,13 @@ static void conn_free(struct edge_conn *c)
         c->qh = m->next;
         free(m);
     }
+    c->qt = NULL;
+    c->qbytes = 0;
+}
+
+static void conn_free(struct edge_conn *c)
+{
+    queue_drop(c);
     edge_rx_free(&c->rx);
     if (c->tx_z) {
         deflateEnd(c->tx_z);
@@ -248,8 +255,9 @@ static int write_out(struct edge_conn *c, const uint8_t *buf, size_t len)
 
 static void after_flush(struct edge_conn *c);
 
-/* Write what is queued. Returns -1 when the connection is gone. */
-static int flush_queue(struct edge_conn *c)
+/* Write what is queued; once it is all out after a close, shut the write
+ * side. Returns -1 when the connection is gone. */
+static int drain_queue(struct edge_conn *c)
 {
     while (c->qh) {
         struct oq *m = c->qh;
@@ -270,12 +278,19 @@ static int flush_queue(struct edge_conn *c)
             c->qt = NULL;
         free(m);
     }
-    if (!c->qh) {
+    if (!c->qh)
         after_flush(c);
-        /* the core may send more (pipes' answers waited for this edge) */
-        if (c->state == ES_OPEN && c->reported && c->lst->cb.on_writable)
-            c->lst->cb.on_writable(c->user);
-    }
+    return c->state == ES_GONE ? -1 : 0;
+}
+
+/* drain_queue, then tell the core when the queue emptied. */
+static int flush_queue(struct edge_conn *c)
+{
+    if (drain_queue(c))
+        return -1;
+    /* the core may send more (pipes' answers waited for this edge) */
+    if (!c->qh && c->state == ES_OPEN && c->reported && c->lst->cb.on_writable)
+        c->lst->cb.on_writable(c->user);
     return c->state == ES_GONE ? -1 : 0;
 }
 
@@ -473,6 +488,18 @@ void edge_hold(struct edge_conn *c, const uint8_t *buf, size_t len)
     c->held_len += len;
 }
 
+/* Frames of an open edge: parsed, or kept when the core has paused it (it
+ * may do so from on_accept) or earlier input is still held. */
+static void feed_or_hold(struct edge_conn *c, uint8_t *buf, size_t len)
+{
+    size_t used = 0;
+
+    if (!c->paused && c->held_len <= c->held_off)
+        used = feed_frames(c, buf, len);
+    if (c->state == ES_OPEN && used < len)
+        edge_hold(c, buf + used, len - used);
+}
+
 static void process(struct edge_conn *c, uint8_t *buf, size_t len)
 {
     if (c->state == ES_SHAKING) {
@@ -510,36 +537,20 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
                 free(c->hs);
                 c->hs = NULL;
                 c->hs_len = 0;
-                {
-                    size_t used = feed_frames(c, tmp, extra_hs);
-
-                    if (c->state == ES_OPEN && used < extra_hs)
-                        edge_hold(c, tmp + used, extra_hs - used);
-                }
+                feed_or_hold(c, tmp, extra_hs);
                 free(tmp);
             } else {
                 free(c->hs);
                 c->hs = NULL;
                 c->hs_len = 0;
             }
-            if (rest && c->state == ES_OPEN) {
-                if (c->held_len > c->held_off) {
-                    edge_hold(c, buf + take, rest);
-                } else {
-                    size_t used = feed_frames(c, buf + take, rest);
-
-                    if (c->state == ES_OPEN && used < rest)
-                        edge_hold(c, buf + take + used, rest - used);
-                }
-            }
+            if (rest && c->state == ES_OPEN)
+                feed_or_hold(c, buf + take, rest);
         }
         return;
     }
     if (c->state == ES_OPEN) {
-        size_t used = feed_frames(c, buf, len);
-
-        if (c->state == ES_OPEN && used < len)
-            edge_hold(c, buf + used, len - used);
+        feed_or_hold(c, buf, len);
         return;
     }
     /* closing: input is read and dropped until the peer's EOF */
@@ -694,6 +705,16 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
     info.deflate = r->pmd.on;
     info.tls = c->ssl != NULL;
     rn = edge_http_101(r, resp, sizeof(resp));
+    /* The 101 is queued (not yet written) before the core hears of the
+     * edge: whatever the core sends or closes from on_accept goes out after
+     * it, and a refusal can still answer 503 instead. */
+    c->wrote = 1;
+    if (!rn || queue_copy(c, (const uint8_t *)resp, rn)) {
+        memset(r, 0, sizeof(*r));
+        free(r);
+        edge_conn_gone(c, 1011, rn ? "out of memory" : "response too long");
+        return;
+    }
 
     /* open before the core hears of it: it may send at once */
     c->state = ES_OPEN;
@@ -707,18 +728,26 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
     memset(r, 0, sizeof(*r)); /* the app key */
     free(r);
     if (!user) {
-        /* refused by the core (limits, draining): no upgrade */
+        /* refused by the core (limits, draining): no upgrade. Nothing was
+         * written yet: the queue (the 101, anything sent behind it) goes. */
+        if (c->state == ES_GONE)
+            return;
+        queue_drop(c);
         c->state = ES_SHAKING;
         refuse_http(c, 503, "refused");
         return;
     }
     c->user = user;
     c->reported = 1;
-    if (!rn) {
-        edge_conn_gone(c, 1011, "response too long");
-        return;
+    if (c->state == ES_GONE)
+        return; /* dropped from on_accept (unlisten, stop): on_close follows */
+    if (c->state == ES_CLOSING) {
+        /* closed from on_accept: the core hears on_close from the loop */
+        c->report_due = 1;
+        ready_add(c);
     }
-    (void)write_out(c, (const uint8_t *)resp, rn);
+    if (drain_queue(c) == 0)
+        edge_watch(c);
     edge_accept_modulate(c->hub);
 }
 

@@ -178,12 +178,26 @@ struct tcase {
     uint16_t pipe_close;
     bool pipe_opened;
     bool stopping;
+    /* what the core does from inside on_accept */
+    enum { ACCEPT_PLAIN, ACCEPT_SEND, ACCEPT_CLOSE, ACCEPT_PAUSE } accept_action;
+    uv_timer_t resume;
+    bool resume_init;
+    int paused_messages; /* on_message while the core had the edge paused */
 };
 
 struct edge {
     struct tcase *t;
     struct emx_conn *conn;
+    bool paused;
 };
+
+static void resume_cb(uv_timer_t *h)
+{
+    struct edge *e = h->data;
+
+    e->paused = false;
+    CHECK(tp->pause_read(e->conn, false) == 0);
+}
 
 static void *core_accept(void *luser, struct emx_conn *conn, const struct emx_conn_info *info)
 {
@@ -199,6 +213,26 @@ static void *core_accept(void *luser, struct emx_conn *conn, const struct emx_co
     if (e) {
         e->t = t;
         e->conn = conn;
+    }
+    switch (t->accept_action) {
+    case ACCEPT_SEND: /* a greeting from inside on_accept: after the 101 */
+        CHECK(tp->send(conn, (const uint8_t *)"hello", 5) == 0);
+        break;
+    case ACCEPT_CLOSE: /* closed from inside on_accept: 101, then the close frame */
+        tp->close(conn, 4000, "bye");
+        break;
+    case ACCEPT_PAUSE: /* nothing read until the resume, 200 ms later */
+        CHECK(tp->pause_read(conn, true) == 0);
+        if (e && !t->resume_init) {
+            e->paused = true;
+            uv_timer_init(&t->loop, &t->resume);
+            t->resume.data = e;
+            t->resume_init = true;
+            uv_timer_start(&t->resume, resume_cb, 200, 0);
+        }
+        break;
+    default:
+        break;
     }
     return e;
 }
@@ -218,6 +252,8 @@ static void core_message(void *user, uint8_t *data, size_t len)
     struct edge *e = user;
 
     e->t->messages++;
+    if (e->paused)
+        e->t->paused_messages++;
     if (len == 5 && memcmp(data, "burst", 5) == 0) {
         for (uint32_t i = 0; i < BURST_COUNT; i++) {
             uint8_t *p = pattern(BURST_LEN, 200u + i);
@@ -262,6 +298,8 @@ static void finish(struct tcase *t)
     /* the client thread may still signal: close the async after joining it */
     uv_unref((uv_handle_t *)&t->done_async);
     uv_close((uv_handle_t *)&t->watchdog, NULL);
+    if (t->resume_init)
+        uv_close((uv_handle_t *)&t->resume, NULL);
     tp->stop(t->inst);
 }
 
@@ -351,8 +389,8 @@ static void case_end(struct tcase *t)
     free(t->cfg);
 }
 
-static void run_client_case(const char *name, const struct override *ov,
-                            struct emx_listen_spec spec, void (*client)(struct tcase *),
+static void run_action_case(const char *name, const struct override *ov,
+                            struct emx_listen_spec spec, int action, void (*client)(struct tcase *),
                             void (*verify)(struct tcase *))
 {
     struct tcase t;
@@ -364,12 +402,20 @@ static void run_client_case(const char *name, const struct override *ov,
         return;
     }
     t.client = client;
+    t.accept_action = action;
     t.thread_started = pthread_create(&t.thread, NULL, client_thread, &t) == 0;
     CHECK(t.thread_started);
     case_end(&t);
     if (verify)
         verify(&t);
     fprintf(stderr, "%s: %s\n", name, failures == before ? "ok" : "FAILED");
+}
+
+static void run_client_case(const char *name, const struct override *ov,
+                            struct emx_listen_spec spec, void (*client)(struct tcase *),
+                            void (*verify)(struct tcase *))
+{
+    run_action_case(name, ov, spec, ACCEPT_PLAIN, client, verify);
 }
 
 /* ---- raw client ----------------------------------------------------------- */
@@ -449,9 +495,11 @@ static int read_head(int fd, char *buf, size_t cap)
     return -1;
 }
 
-static int ws_open(struct client *c, int port, const char *path, bool offer_deflate)
+/* The upgrade; `extra` (frames) goes in the same write as the request head. */
+static int ws_open_extra(struct client *c, int port, const char *path, bool offer_deflate,
+                         const uint8_t *extra, size_t extra_len)
 {
-    char req[1024], head[2048];
+    char req[1024 + 256], head[2048];
     int n;
 
     memset(c, 0, sizeof(*c));
@@ -465,7 +513,11 @@ static int ws_open(struct client *c, int port, const char *path, bool offer_defl
                  "%sMax-Frame-Size: 4096\r\nappKey: test-app-key\r\n"
                  "X-Forwarded-For: 10.1.2.3\r\n\r\n",
                  path, offer_deflate ? "Sec-WebSocket-Extensions: permessage-deflate\r\n" : "");
-    if (write_full(c->fd, req, (size_t)n) || read_head(c->fd, head, sizeof(head)) < 0)
+    if (n < 0 || (size_t)n + extra_len > sizeof(req))
+        return -1;
+    if (extra_len)
+        memcpy(req + n, extra, extra_len);
+    if (write_full(c->fd, req, (size_t)n + extra_len) || read_head(c->fd, head, sizeof(head)) < 0)
         return -1;
     if (strncmp(head, "HTTP/1.1 101", 12))
         return -1;
@@ -476,6 +528,11 @@ static int ws_open(struct client *c, int port, const char *path, bool offer_defl
         c->inf_init = c->def_init = true;
     }
     return 0;
+}
+
+static int ws_open(struct client *c, int port, const char *path, bool offer_deflate)
+{
+    return ws_open_extra(c, port, path, offer_deflate, NULL, 0);
 }
 
 static void ws_client_close(struct client *c)
@@ -914,6 +971,79 @@ static void verify_stop_open(struct tcase *t)
     verify_closed(t, 1001);
 }
 
+/* The core sends from inside on_accept: the device reads the 101 first,
+ * then that message. */
+static void client_accept_send(struct tcase *t)
+{
+    struct client c;
+    uint16_t cc = 0;
+    size_t rl = 0;
+    uint8_t *r;
+
+    CHECK(ws_open(&c, t->port, t->path, false) == 0);
+    r = read_message(&c, &rl, &cc);
+    CHECK(r && rl == 5 && memcmp(r, "hello", 5) == 0);
+    free(r);
+    echo_check(&c, 100, 0, 7);
+    CHECK(send_frame(&c, 1, 0, 8, (const uint8_t *)"\x03\xe8", 2) == 0);
+    CHECK(read_message(&c, &rl, &cc) == NULL);
+    CHECK(cc == 1000);
+    ws_client_close(&c);
+}
+
+static void verify_accept_send(struct tcase *t)
+{
+    verify_closed(t, 1000);
+    CHECK(t->messages == 1);
+}
+
+/* The core closes from inside on_accept: 101, then a close frame 4000. */
+static void client_accept_close(struct tcase *t)
+{
+    struct client c;
+    uint16_t cc = 0;
+    size_t rl = 0;
+
+    CHECK(ws_open(&c, t->port, t->path, false) == 0);
+    CHECK(read_message(&c, &rl, &cc) == NULL);
+    CHECK(cc == 4000);
+    CHECK(send_frame(&c, 1, 0, 8, (const uint8_t *)"\x0f\xa0", 2) == 0);
+    ws_client_close(&c);
+}
+
+static void verify_accept_close(struct tcase *t)
+{
+    verify_closed(t, 4000);
+    CHECK(t->messages == 0);
+}
+
+/* The core pauses from inside on_accept while a frame came with the
+ * request head: it is not delivered before the resume. */
+static void client_accept_pause(struct tcase *t)
+{
+    static const uint8_t frame[] = {0x82, 0x83, 0, 0, 0, 0, 'a', 'b', 'c'};
+    struct client c;
+    uint16_t cc = 0;
+    size_t rl = 0;
+    uint8_t *r;
+
+    CHECK(ws_open_extra(&c, t->port, t->path, false, frame, sizeof(frame)) == 0);
+    r = read_message(&c, &rl, &cc);
+    CHECK(r && rl == 3 && memcmp(r, "abc", 3) == 0);
+    free(r);
+    CHECK(send_frame(&c, 1, 0, 8, (const uint8_t *)"\x03\xe8", 2) == 0);
+    CHECK(read_message(&c, &rl, &cc) == NULL);
+    CHECK(cc == 1000);
+    ws_client_close(&c);
+}
+
+static void verify_accept_pause(struct tcase *t)
+{
+    verify_closed(t, 1000);
+    CHECK(t->messages == 1);
+    CHECK(t->paused_messages == 0);
+}
+
 /* ---- pipe side: the plugin connects to its own listener ------------------- */
 
 /* A burst sent from one callback: raw pipes gather small frames for one
@@ -1155,6 +1285,12 @@ int main(void)
         run_client_case("idle-timeout", idle, spec, client_idle, verify_idle);
         run_client_case("stop-with-open-edge", no_deflate, spec, client_stop_open,
                         verify_stop_open);
+        run_action_case("send-from-on_accept", no_deflate, spec, ACCEPT_SEND, client_accept_send,
+                        verify_accept_send);
+        run_action_case("close-from-on_accept", no_deflate, spec, ACCEPT_CLOSE, client_accept_close,
+                        verify_accept_close);
+        run_action_case("pause-from-on_accept", no_deflate, spec, ACCEPT_PAUSE, client_accept_pause,
+                        verify_accept_pause);
         run_pipe_case("pipe", no_deflate, NULL, NULL, NULL, "127.0.0.1", true);
     }
 
