@@ -80,6 +80,18 @@ void edge_tune_socket(const struct edge_settings *s, int fd)
                        s->user_timeout_ms > INT_MAX ? INT_MAX : (int)s->user_timeout_ms);
 }
 
+/* At most `max` bytes of `s`, not cutting a UTF-8 character: a close
+ * reason must stay valid UTF-8 (RFC 6455 §5.5.1). */
+static size_t utf8_cut(const char *s, size_t max)
+{
+    size_t n = strnlen(s, max);
+
+    if (n == max)
+        while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+            n--;
+    return n;
+}
+
 static void set_reason(struct edge_conn *c, uint16_t code, const char *reason)
 {
     size_t n;
@@ -89,7 +101,7 @@ static void set_reason(struct edge_conn *c, uint16_t code, const char *reason)
     c->close_code = code;
     if (!reason || !*reason)
         return;
-    n = strnlen(reason, REASON_MAX);
+    n = utf8_cut(reason, REASON_MAX);
     c->close_reason = malloc(n + 1);
     if (!c->close_reason)
         return;
@@ -325,7 +337,7 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
         ready_add(c);
     }
     if (code != 1005 && code != 1006) {
-        size_t rl = reason ? strnlen(reason, REASON_MAX) : 0;
+        size_t rl = reason ? utf8_cut(reason, REASON_MAX) : 0;
 
         p[0] = (uint8_t)(code >> 8);
         p[1] = (uint8_t)code;
@@ -334,8 +346,11 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
         n = 2 + rl;
     }
     c->close_sent = 1;
-    if (send_frame(c, 0x8, p, n))
-        return; /* gone */
+    if (send_frame(c, 0x8, p, n)) {
+        /* no memory for it: nothing more can be said on this stream */
+        edge_conn_gone(c, 1011, "out of memory");
+        return;
+    }
     if (!c->qh)
         after_flush(c);
     edge_watch(c);
@@ -422,8 +437,8 @@ static int on_rx(void *user, enum edge_rx_kind kind, uint8_t *data, size_t len)
     case EDGE_RX_PING:
         /* RFC 6455 §5.5.3 allows answering only the latest of many pings:
          * a peer that does not read its pongs stops getting them */
-        if (c->qbytes <= c->hub->s.max_queued_control && send_frame(c, 0xA, data, len))
-            return 1;
+        if (c->qbytes <= c->hub->s.max_queued_control)
+            (void)send_frame(c, 0xA, data, len); /* without memory: no pong */
         return c->state != ES_OPEN;
     case EDGE_RX_PONG:
         return 0;
@@ -510,9 +525,19 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
             edge_conn_gone(c, 1011, "out of memory");
             return;
         }
-        memcpy(c->hs + c->hs_len, buf, take);
-        c->hs_len = (uint16_t)(c->hs_len + take);
-        hl = edge_http_head_len(c->hs, c->hs_len);
+        {
+            /* only the new bytes (and the 3 before them) can end the head:
+             * a sender dripping one byte at a time costs no rescans */
+            size_t from = c->hs_len > 3 ? c->hs_len - 3u : 0;
+
+            memcpy(c->hs + c->hs_len, buf, take);
+            c->hs_len = (uint16_t)(c->hs_len + take);
+            hl = edge_http_head_len(c->hs + from, c->hs_len - from);
+            if (hl > 0)
+                hl += (long)from;
+            else if (c->hs_len >= EDGE_HTTP_MAX_HEAD)
+                hl = -1;
+        }
         if (hl < 0) {
             refuse_http(c, 431, "request head over 8 KiB");
             return;

@@ -1,6 +1,7 @@
 /* RFC 6455 server-side receive path with bounded RFC 7692 inflation. */
 #include "edge_rx.h"
 
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -151,6 +152,7 @@ static int inflate_once(struct edge_rx *rx, int *rc, struct edge_rx_error *err)
 {
     z_stream *zs = rx->zs;
     size_t room;
+    uInt give;
 
     if (rx->msg_len == rx->msg_cap && msg_reserve(rx, rx->msg_cap ? rx->msg_cap : 1024))
         return fail(rx, err, 1011, "out of memory");
@@ -158,9 +160,11 @@ static int inflate_once(struct edge_rx *rx, int *rc, struct edge_rx_error *err)
     if (!room)
         return fail(rx, err, 1009, "message too big");
     zs->next_out = rx->msg + rx->msg_len;
-    zs->avail_out = (uInt)room;
+    /* zlib counts in 32 bits: a larger buffer is filled in steps */
+    give = room > UINT_MAX ? UINT_MAX : (uInt)room;
+    zs->avail_out = give;
     *rc = inflate(zs, Z_SYNC_FLUSH);
-    rx->msg_len += room - zs->avail_out;
+    rx->msg_len += give - zs->avail_out;
     if (rx->msg_len > rx->limit)
         return fail(rx, err, 1009, "message too big");
     if (*rc == Z_STREAM_END && inflateReset(zs) != Z_OK)
