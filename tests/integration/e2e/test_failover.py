@@ -92,10 +92,10 @@ class KilledInstance(E2ETest):
 
 
 class StoppedReader(E2ETest):
-    def cluster(self, platform_overrides):
+    def cluster(self, platform_overrides, edge_overrides=None):
         self.plat = Platform(self.env, 3)
         ov = {"platform": dict({"request_timeout": "3s", "all_down_grace": "1s"}, **platform_overrides),
-              "edge": {"drain_spread": "100ms"}}
+              "edge": dict({"drain_spread": "100ms"}, **(edge_overrides or {}))}
         self.emx = Edgemux(self.env, "emx-slow", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
         wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 10, what="every pipe connected")
@@ -158,8 +158,12 @@ class StoppedReader(E2ETest):
 
     def test_instance_past_high_watermark_skipped_then_used_again(self):
         # stall_after is long: only the queued bytes can make it unwritable.
+        # One device fills the pipe here, so its own share of bytes in
+        # flight (edge.max_bytes_in_flight) is off: the requests stuck on
+        # instance 2 would otherwise take it and answer the GETs 0xA3.
         self.cluster({"stall_after": "60s", "high_watermark": "64KiB", "low_watermark": "32KiB",
-                      "sndbuf": "32KiB", "request_timeout": "6s"})
+                      "sndbuf": "32KiB", "request_timeout": "6s"},
+                     {"max_bytes_in_flight": 0})
         self.assertEqual(self.plat.cmd("stop-reading 2"), "ok")
         sent, streak, n = [], 0, 0
         t0 = time.monotonic()
