@@ -568,6 +568,248 @@ int emx_ao_bind_next_name(const struct emx_ao_bind *b, size_t *cursor, struct em
     return EMX_AO_OK;
 }
 
+/* ---- Remote Access tunnel control services ---- */
+
+enum tunnel_field {
+    TF_TID = 0,
+    TF_TYPE,
+    TF_CONNECTION,
+    TF_COMMAND,
+    TF_PEER_NAME,
+    TF_CHUNKSIZE,
+    TF_IDLE_TIMEOUT,
+    TF_READ_TIMEOUT,
+    TF__COUNT
+};
+
+static const char *const tunnel_field_names[TF__COUNT] = {
+    "tid",       "type",      "connection",   "command",
+    "peer_name", "chunksize", "idle_timeout", "read_timeout",
+};
+
+static const char *const tunnel_service_names[] = {
+    [EMX_AO_TUNNEL_NONE] = "",
+    [EMX_AO_TUNNEL_START] = "StartTunnel",
+    [EMX_AO_TUNNEL_COMPLETE] = "CompleteTunnel",
+    [EMX_AO_TUNNEL_COMMAND_TO] = "TunnelCommandToEdge",
+    [EMX_AO_TUNNEL_COMMAND_FROM] = "TunnelCommandFromEdge",
+};
+
+const char *emx_ao_tunnel_service_name(enum emx_ao_tunnel_service s)
+{
+    if ((unsigned)s >= sizeof(tunnel_service_names) / sizeof(tunnel_service_names[0]))
+        return "";
+    return tunnel_service_names[s];
+}
+
+struct tunnel_walk {
+    struct emx_ao_tunnel_msg *out;
+    size_t nfields;         /* shape fields seen so far */
+    size_t slot[TF__COUNT]; /* shape index of each field we read; SIZE_MAX: none */
+    uint32_t rows;          /* rows begun */
+    size_t value_idx;       /* index of the next value in the current row */
+};
+
+static int tunnel_on_field(void *user, struct emx_ao_str name, struct emx_ao_str desc,
+                           uint8_t base_type, uint16_t aspect_count)
+{
+    (void)desc;
+    (void)base_type;
+    (void)aspect_count;
+    struct tunnel_walk *w = user;
+    for (unsigned i = 0; i < TF__COUNT; i++)
+        if (w->slot[i] == SIZE_MAX && emx_ao_str_eq(name, tunnel_field_names[i]))
+            w->slot[i] = w->nfields;
+    w->nfields++;
+    return 0;
+}
+
+static int tunnel_on_row(void *user, uint16_t field_count)
+{
+    (void)field_count;
+    struct tunnel_walk *w = user;
+    if (w->rows < UINT32_MAX)
+        w->rows++;
+    w->value_idx = 0;
+    return 0;
+}
+
+static int tunnel_on_value(void *user, uint8_t base_type, const uint8_t *value, size_t len)
+{
+    struct tunnel_walk *w = user;
+    size_t idx = w->value_idx++;
+    if (w->rows != 1) /* the SDK reads the first row only */
+        return 0;
+    struct emx_ao_tunnel_msg *m = w->out;
+    for (unsigned i = 0; i < TF__COUNT; i++) {
+        if (w->slot[i] != idx)
+            continue;
+        if (i <= TF_PEER_NAME) {
+            struct emx_ao_reader r = {value, len, 0};
+            struct emx_ao_str s;
+            if (!is_string_type(base_type) || emx_ao_read_str(&r, &s) != EMX_AO_OK)
+                continue;
+            struct emx_ao_str *dst[] = {&m->tid, &m->type, &m->connection, &m->command,
+                                        &m->peer_name};
+            *dst[i] = s;
+        } else {
+            if (base_type != EMX_BT_INTEGER || len != 4)
+                continue;
+            int32_t v = (int32_t)emx_ao_get_u32(value);
+            if (i == TF_CHUNKSIZE) {
+                m->chunksize = v;
+                m->has_chunksize = true;
+            } else if (i == TF_IDLE_TIMEOUT) {
+                m->idle_timeout = v;
+                m->has_idle_timeout = true;
+            } else {
+                m->read_timeout = v;
+                m->has_read_timeout = true;
+            }
+        }
+    }
+    return 0;
+}
+
+int emx_ao_tunnel_parse(const uint8_t *body, size_t len, struct emx_ao_tunnel_msg *out)
+{
+    memset(out, 0, sizeof(*out));
+    /* The prefix first: most requests are not tunnel services, and for them
+     * nothing past the service name is read. */
+    struct emx_ao_reader r = {body, len, 0};
+    uint8_t characteristic;
+    struct emx_ao_str name;
+    int rc;
+    if ((rc = emx_ao_read_u8(&r, &out->entity_type)) != EMX_AO_OK ||
+        (rc = emx_ao_read_str(&r, &out->thing)) != EMX_AO_OK ||
+        (rc = emx_ao_read_u8(&r, &characteristic)) != EMX_AO_OK ||
+        (rc = emx_ao_read_str(&r, &name)) != EMX_AO_OK)
+        return rc;
+    if (characteristic != EMX_AO_CHARACTERISTIC_SERVICES)
+        return EMX_AO_OK;
+    for (unsigned s = EMX_AO_TUNNEL_START; s <= EMX_AO_TUNNEL_COMMAND_FROM; s++)
+        if (emx_ao_str_eq(name, tunnel_service_names[s]))
+            out->service = (enum emx_ao_tunnel_service)s;
+    if (out->service == EMX_AO_TUNNEL_NONE)
+        return EMX_AO_OK;
+    struct emx_ao_request req;
+    if ((rc = emx_ao_request_parse(body, len, &req)) != EMX_AO_OK)
+        return rc;
+    if (!req.has_params)
+        return EMX_AO_OK;
+    struct tunnel_walk w = {.out = out};
+    for (unsigned i = 0; i < TF__COUNT; i++)
+        w.slot[i] = SIZE_MAX;
+    struct emx_ao_infotable_visitor v = {tunnel_on_field, tunnel_on_row, tunnel_on_value, &w};
+    return emx_ao_walk_infotable(req.params, req.params_len, &v, NULL);
+}
+
+/* A bounded scanner over JSON text: enough to find two top-level members. */
+struct jscan {
+    const uint8_t *p;
+    size_t len, pos;
+};
+
+static void js_ws(struct jscan *j)
+{
+    while (j->pos < j->len && (j->p[j->pos] == ' ' || j->p[j->pos] == '\t' ||
+                               j->p[j->pos] == '\n' || j->p[j->pos] == '\r'))
+        j->pos++;
+}
+
+/* A string at pos (its opening quote); *s is its raw contents. */
+static bool js_string(struct jscan *j, struct emx_ao_str *s)
+{
+    if (j->pos >= j->len || j->p[j->pos] != '"')
+        return false;
+    size_t start = ++j->pos;
+    while (j->pos < j->len) {
+        uint8_t c = j->p[j->pos];
+        if (c == '\\') {
+            j->pos += 2;
+            continue;
+        }
+        if (c == '"') {
+            s->ptr = j->p + start;
+            s->len = (uint32_t)(j->pos - start);
+            j->pos++;
+            return true;
+        }
+        j->pos++;
+    }
+    return false;
+}
+
+/* Skip one value (any kind) up to the ',' or '}' that ends it. */
+static bool js_skip_value(struct jscan *j)
+{
+    size_t depth = 0;
+    struct emx_ao_str s;
+    while (j->pos < j->len) {
+        uint8_t c = j->p[j->pos];
+        if (c == '"') {
+            if (!js_string(j, &s))
+                return false;
+            continue;
+        }
+        if (depth == 0 && (c == ',' || c == '}'))
+            return true;
+        if (c == '{' || c == '[')
+            depth++;
+        else if (c == '}' || c == ']') {
+            if (depth == 0)
+                return false;
+            depth--;
+        }
+        j->pos++;
+    }
+    return false;
+}
+
+int emx_ao_tunnel_target(struct emx_ao_str connection, struct emx_ao_str *host, uint16_t *port)
+{
+    struct jscan j = {connection.ptr, connection.ptr ? connection.len : 0, 0};
+    bool have_host = false, have_port = false;
+    js_ws(&j);
+    if (j.pos >= j.len || j.p[j.pos] != '{')
+        return EMX_AO_EBODY;
+    j.pos++;
+    for (;;) {
+        js_ws(&j);
+        struct emx_ao_str key;
+        if (!js_string(&j, &key))
+            break;
+        js_ws(&j);
+        if (j.pos >= j.len || j.p[j.pos] != ':')
+            break;
+        j.pos++;
+        js_ws(&j);
+        if (emx_ao_str_eq(key, "host") && !have_host && j.pos < j.len && j.p[j.pos] == '"') {
+            if (!js_string(&j, host))
+                break;
+            have_host = true;
+        } else if (emx_ao_str_eq(key, "port") && !have_port && j.pos < j.len && j.p[j.pos] >= '0' &&
+                   j.p[j.pos] <= '9') {
+            uint32_t v = 0;
+            while (j.pos < j.len && j.p[j.pos] >= '0' && j.p[j.pos] <= '9') {
+                if (v <= 65535)
+                    v = v * 10 + (uint32_t)(j.p[j.pos] - '0');
+                j.pos++;
+            }
+            if (v > 65535)
+                break;
+            *port = (uint16_t)v;
+            have_port = true;
+        }
+        if (!js_skip_value(&j))
+            break;
+        if (j.p[j.pos] == '}')
+            break;
+        j.pos++; /* ',' */
+    }
+    return have_host && have_port ? EMX_AO_OK : EMX_AO_EBODY;
+}
+
 /* ---- builders ---- */
 
 /* A bounded writer: once anything does not fit, every later put is a no-op

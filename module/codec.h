@@ -242,6 +242,53 @@ int emx_ao_bind_parse(const uint8_t *body, size_t len, struct emx_ao_bind *out);
  * EMX_AO_OK per name, 1 at the end. */
 int emx_ao_bind_next_name(const struct emx_ao_bind *b, size_t *cursor, struct emx_ao_str *out);
 
+/* ---- Remote Access tunnel control services (TUNNELS.md §3.1, §5) ---- */
+
+#define EMX_AO_CHARACTERISTIC_SERVICES 0x02
+
+enum emx_ao_tunnel_service {
+    EMX_AO_TUNNEL_NONE = 0,     /* not a tunnel control service */
+    EMX_AO_TUNNEL_START,        /* StartTunnel: platform → device */
+    EMX_AO_TUNNEL_COMPLETE,     /* CompleteTunnel: platform → device */
+    EMX_AO_TUNNEL_COMMAND_TO,   /* TunnelCommandToEdge: platform → device */
+    EMX_AO_TUNNEL_COMMAND_FROM, /* TunnelCommandFromEdge: device → platform */
+};
+
+/* The fields of a tunnel control service, read from the first row of its
+ * params InfoTable by field name (first definition of a name wins). A field
+ * that is absent, or whose value has another base type than the SDK reads
+ * (a string type for strings, INTEGER for numbers), is left unset: a
+ * string with ptr NULL, a number with its has_ flag false. Strings are
+ * views into the body. */
+struct emx_ao_tunnel_msg {
+    enum emx_ao_tunnel_service service;
+    uint8_t entity_type;
+    struct emx_ao_str thing; /* the entity name */
+    struct emx_ao_str tid;
+    struct emx_ao_str type;       /* StartTunnel: "tcp" or "file" */
+    struct emx_ao_str connection; /* StartTunnel, CompleteTunnel: JSON text */
+    struct emx_ao_str command;    /* TunnelCommandToEdge/FromEdge */
+    struct emx_ao_str peer_name;  /* CompleteTunnel */
+    bool has_chunksize, has_idle_timeout, has_read_timeout;
+    int32_t chunksize, idle_timeout, read_timeout;
+};
+
+/* Is this request body (everything after the header) a tunnel control
+ * service, i.e. characteristic Services (0x02) and one of the four service
+ * names, on any entity? Returns EMX_AO_OK with out->service NONE for a body
+ * that is not one (only its prefix is read then), EMX_AO_OK with the fields
+ * for one whose body parses whole, or a negative EMX_AO_E* code for a
+ * tunnel service whose body is malformed or cut short (a first chunk of a
+ * multipart message is cut short). Never reads past `len`. */
+int emx_ao_tunnel_parse(const uint8_t *body, size_t len, struct emx_ao_tunnel_msg *out);
+/* "StartTunnel", ...; "" for NONE. Never NULL. */
+const char *emx_ao_tunnel_service_name(enum emx_ao_tunnel_service s);
+/* The local target of a StartTunnel's `connection` JSON: the string value
+ * of "host" and the integer value of "port" at the object's top level.
+ * Returns EMX_AO_OK when both are found (port 0..65535), EMX_AO_EBODY
+ * otherwise. A scanner, not a JSON validator; never reads past the view. */
+int emx_ao_tunnel_target(struct emx_ao_str connection, struct emx_ao_str *host, uint16_t *port);
+
 /* ---- builders ---- */
 
 /* A response with no content: header · reasonMarker [reason] · 0xFF.

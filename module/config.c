@@ -1077,6 +1077,14 @@ const struct emx_option emx_core_options_edge[] = {
     OPT(edge, max_memory, NULL, SIZE, "1GiB", false,
         "request bytes in flight plus unread answer bytes of all devices; over it, new "
         "requests are answered 0xA0 \"server busy\"; 0: unlimited"),
+    OPT(edge, max_tunnels, "cx-server.tunneling.max-concurrent-tunnels", INT, "50", false,
+        "Remote Access tunnels at once (StartTunnels recorded); over it a StartTunnel is "
+        "answered 0xA3 and not forwarded; 0: unlimited"),
+    OPT(edge, max_tunnels_per_device, NULL, INT, "50", false,
+        "tunnels at once through one device connection (over: 0xA3); 0: unlimited"),
+    OPT(edge, tunnel_connect_timeout, NULL, DURATION, "30s", false,
+        "a tunnel record no tunnel socket claimed is dropped after this (the SDK dials within "
+        "ms of StartTunnel and gives up after 10 s)"),
     EMX_OPTION_END,
 };
 
@@ -1424,6 +1432,12 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
               (long long)cfg->edge.max_connections_per_source);
     check_range(b, cfg, S_EDGE, "max_msgs_per_sec", cfg->edge.max_msgs_per_sec, 0, 1000000);
     check_range(b, cfg, S_EDGE, "max_things", cfg->edge.max_things, 0, 1000000);
+    check_range(b, cfg, S_EDGE, "max_tunnels", cfg->edge.max_tunnels, 0, 1000000);
+    check_range(b, cfg, S_EDGE, "max_tunnels_per_device", cfg->edge.max_tunnels_per_device, 0,
+                1000000);
+    if (cfg->edge.tunnel_connect_timeout < 1000)
+        check(b, cfg, S_EDGE, "tunnel_connect_timeout", "must be at least 1s (got %llu ms)",
+              (unsigned long long)cfg->edge.tunnel_connect_timeout);
     /* The shares: 0 is off; a tiny cap would refuse nearly everything. */
     if (cfg->edge.max_bytes_in_flight && cfg->edge.max_bytes_in_flight < 1024)
         check(b, cfg, S_EDGE, "max_bytes_in_flight",

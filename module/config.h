@@ -129,6 +129,9 @@ struct emx_config {
         uint64_t max_bytes_in_flight; /* request bytes per device toward pipes; 0: off */
         uint64_t max_answer_backlog;  /* unread answer bytes per device; 0: off */
         uint64_t max_memory;          /* in-flight + unread bytes of all devices; 0: off */
+        int64_t max_tunnels;          /* tunnel records at once; 0: off */
+        int64_t max_tunnels_per_device;  /* per device connection; 0: off */
+        uint64_t tunnel_connect_timeout; /* an unclaimed tunnel record lives this long */
     } edge;
     struct {
         const char *path;

@@ -237,6 +237,23 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
            "device answers cut off after part reached the platform (too large, pipe not "
            "draining, or edge.request_timeout)");
     sample(b, "emx_edge_answers_abandoned_total", st->edge_answers_abandoned);
+    family(b, "emx_tunnels_open", "gauge",
+           "Remote Access tunnel records (StartTunnel seen, tunnel not ended)");
+    sample(b, "emx_tunnels_open", emx_router_tunnel_count(r));
+    family(b, "emx_tunnels_started_total", "counter", "StartTunnels recorded and forwarded");
+    sample(b, "emx_tunnels_started_total", st->tunnels_started);
+    family(b, "emx_tunnels_refused_total", "counter",
+           "StartTunnels answered by edgemux instead of forwarded, by reason");
+    for (unsigned i = 0; i < EMX_TUN_REFUSE__COUNT; i++)
+        sample1(b, "emx_tunnels_refused_total", "reason",
+                emx_tunnel_refusal_name((enum emx_tunnel_refusal)i), st->tunnels_refused[i]);
+    family(b, "emx_tunnels_ended_total", "counter", "tunnel records ended, by reason");
+    for (unsigned i = 0; i < EMX_TUN_END__COUNT; i++)
+        sample1(b, "emx_tunnels_ended_total", "reason", emx_tunnel_end_name((enum emx_tunnel_end)i),
+                st->tunnels_ended[i]);
+    family(b, "emx_tunnels_untracked_total", "counter",
+           "tunnel services forwarded without a record (no tid, multipart, or malformed)");
+    sample(b, "emx_tunnels_untracked_total", st->tunnels_untracked);
     family(b, "emx_chunks_discarded_total", "counter", "multipart chunks discarded");
     sample(b, "emx_chunks_discarded_total", st->chunks_discarded);
     family(b, "emx_unbinds_on_leave_total", "counter", "UNBINDs sent for devices that left");
@@ -386,4 +403,43 @@ void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char 
         }
     }
     emx_textbuf_printf(b, "],\"count\":%zu,\"truncated\":%s}\n", n, truncated ? "true" : "false");
+}
+
+void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r, size_t limit, uint64_t now)
+{
+    emx_textbuf_puts(b, "{\"tunnels\":[");
+    size_t n = 0;
+    bool truncated = false;
+    for (const struct emx_tunnel *t = emx_router_tunnel_next(r, NULL); t;
+         t = emx_router_tunnel_next(r, t)) {
+        if (n == limit) {
+            truncated = true;
+            break;
+        }
+        emx_textbuf_puts(b, n ? ",{" : "{");
+        n++;
+        json_key(b, "tid", true);
+        emx_textbuf_json_str(b, t->tid);
+        json_key(b, "thing", false);
+        emx_textbuf_json_str(b, t->thing);
+        json_key(b, "owner", false);
+        emx_textbuf_json_str(b, t->instance_id);
+        uint64_t age = now >= t->started_at ? now - t->started_at : 0;
+        emx_textbuf_printf(
+            b,
+            ",\"pipe\":%u,\"endpointId\":%" PRIu32 ",\"endpointIdHex\":\"%08" PRIx32
+            "\",\"edge_gone\":%s,\"state\":\"%s\",\"attached\":%s,\"age_ms\":%" PRIu64 ",\"type\":",
+            t->pipe_index, t->edge_id, t->edge_id, t->edge_gone ? "true" : "false",
+            emx_tunnel_state_name(t->state), t->attached ? "true" : "false", age);
+        emx_textbuf_json_str(b, t->type);
+        json_key(b, "target", false);
+        emx_textbuf_json_str(b, t->target);
+        emx_textbuf_printf(
+            b, ",\"chunksize\":%" PRId32 ",\"idle_timeout\":%" PRId32 ",\"last_command\":",
+            t->chunksize, t->idle_timeout);
+        emx_textbuf_json_str(b, t->last_command);
+        emx_textbuf_puts(b, "}");
+    }
+    emx_textbuf_printf(b, "],\"count\":%zu,\"open\":%zu,\"truncated\":%s}\n", n,
+                       emx_router_tunnel_count(r), truncated ? "true" : "false");
 }

@@ -53,4 +53,7 @@ void emx_ops_edge_json(struct emx_textbuf *b, const struct emx_edge *e, uint64_t
 void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char *thing,
                         uint32_t endpoint, size_t limit, uint64_t now);
 
+/* GET /tunnels: the open tunnel records, oldest first, at most `limit`. */
+void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r, size_t limit, uint64_t now);
+
 #endif

@@ -108,6 +108,7 @@ struct emx_inbound {
     uint64_t deadline;
     struct emx_list pipe_link;
     struct emx_list timer_link;
+    struct emx_tunnel *tunnel; /* a StartTunnel: its record, until answered */
 };
 
 struct emx_thing {
@@ -163,6 +164,10 @@ struct emx_router {
     uint64_t closing_start;
 
     struct emx_list drained; /* draining edges now idle, to close (emx_edge.drain_link) */
+
+    struct emx_tunnel *tunnels; /* by tid, oldest first */
+    size_t ntunnels;
+    struct emx_list t_tunnels; /* unattached records, by deadline */
 
     /* max_memory: edges' answer backlogs are read again, a bounded number
      * at a time from this edge on, at most every MEM_REREAD_MS. */
@@ -221,6 +226,7 @@ static const char *const answer_names[EMX_ANS__COUNT] = {
     [EMX_ANS_BYTES_IN_FLIGHT] = "bytes_in_flight",
     [EMX_ANS_ANSWER_BACKLOG] = "answer_backlog",
     [EMX_ANS_MEMORY_BUDGET] = "memory_budget",
+    [EMX_ANS_TUNNEL_REFUSED] = "tunnel_refused",
 };
 
 const uint64_t emx_latency_bounds_ms[EMX_LATENCY_BUCKETS] = {
@@ -457,6 +463,294 @@ static void answer_pipe(struct emx_router *r, struct emx_pipe *p, uint8_t code, 
 static uint32_t next_own_request_id(struct emx_router *r)
 {
     return EMX_OWN_REQUEST_ID_BASE | (r->next_own++ & ~EMX_OWN_REQUEST_ID_BASE);
+}
+
+/* ------------------------------------------------------------------ */
+/* tunnels (TUNNELS.md §8.1): who owns each tid */
+
+#define TUNNEL_TID_MAX                 255 /* longer tids are forwarded without a record */
+#define TUNNEL_THING_MAX               255 /* a Thing name is kept (for logs) up to this */
+#define TUNNEL_CONNECT_TIMEOUT_DEFAULT 30000
+
+static const char *const tunnel_refusal_names[EMX_TUN_REFUSE__COUNT] = {
+    [EMX_TUN_REFUSE_PROCESS_LIMIT] = "process_limit",
+    [EMX_TUN_REFUSE_DEVICE_LIMIT] = "device_limit",
+    [EMX_TUN_REFUSE_DUPLICATE] = "duplicate_tid",
+    [EMX_TUN_REFUSE_NO_MEMORY] = "no_memory",
+};
+
+static const char *const tunnel_end_names[EMX_TUN_END__COUNT] = {
+    [EMX_TUN_END_REFUSED] = "refused",     [EMX_TUN_END_NO_ANSWER] = "no_answer",
+    [EMX_TUN_END_COMPLETED] = "completed", [EMX_TUN_END_CANCELLED] = "cancelled",
+    [EMX_TUN_END_EDGE_LEFT] = "edge_left", [EMX_TUN_END_NO_SOCKET] = "no_socket",
+    [EMX_TUN_END_DETACHED] = "detached",
+};
+
+const char *emx_tunnel_refusal_name(enum emx_tunnel_refusal x)
+{
+    return (unsigned)x < EMX_TUN_REFUSE__COUNT ? tunnel_refusal_names[x] : "unknown";
+}
+
+const char *emx_tunnel_end_name(enum emx_tunnel_end x)
+{
+    return (unsigned)x < EMX_TUN_END__COUNT ? tunnel_end_names[x] : "unknown";
+}
+
+const char *emx_tunnel_state_name(enum emx_tunnel_state st)
+{
+    switch (st) {
+    case EMX_TUNNEL_STARTING:
+        return "starting";
+    case EMX_TUNNEL_STARTED:
+        return "started";
+    case EMX_TUNNEL_COMPLETING:
+        return "completing";
+    }
+    return "unknown";
+}
+
+/* A peer's string made fit for one log line: printable ASCII only (others
+ * become '?'), at most cap-1 bytes. */
+static const char *log_safe(char *buf, size_t cap, const void *s, size_t len)
+{
+    const unsigned char *p = s;
+    size_t n = 0;
+    for (size_t i = 0; i < len && n + 1 < cap; i++)
+        buf[n++] = (p[i] >= 0x20 && p[i] < 0x7F) ? (char)p[i] : '?';
+    buf[n] = '\0';
+    return buf;
+}
+
+/* Lines name tid, Thing and owner; never a key (none is ever kept). */
+static void tunnel_log(struct emx_router *r, const struct emx_tunnel *t, const char *what)
+{
+    char tid[96], thing[96];
+    rlog(r, EMX_LOG_INFO, "tunnel %s thing %s owner %s edge %08" PRIx32 ": %s",
+         log_safe(tid, sizeof(tid), t->tid, t->tid_len),
+         log_safe(thing, sizeof(thing), t->thing, strlen(t->thing)), t->instance_id, t->edge_id,
+         what);
+}
+
+static struct emx_tunnel *tunnel_lookup(struct emx_router *r, const void *tid, size_t len)
+{
+    struct emx_tunnel *t = NULL;
+    if (!tid || len == 0 || len > TUNNEL_TID_MAX || !r->tunnels)
+        return NULL;
+    KFIND(r, r->tunnels, tid, len, t);
+    return t;
+}
+
+static void tunnel_end(struct emx_router *r, struct emx_tunnel *t, enum emx_tunnel_end why)
+{
+    r->stats.tunnels_ended[why]++;
+    char what[40];
+    snprintf(what, sizeof(what), "ended (%s)", emx_tunnel_end_name(why));
+    tunnel_log(r, t, what);
+    emx_list_unlink(&t->timer_link);
+    if (t->start_in)
+        t->start_in->tunnel = NULL;
+    if (!t->edge_gone) {
+        struct emx_edge *e = emx_router_edge_find(r, t->edge_id);
+        if (e && e->ntunnels)
+            e->ntunnels--;
+    }
+    HASH_DELETE(hh, r->tunnels, t);
+    r->ntunnels--;
+    emx_free(t); /* the strings live in the same block */
+}
+
+/* Copy a string view into a fixed field, NUL-terminated, printable only. */
+static void copy_field(char *dst, size_t cap, struct emx_ao_str s)
+{
+    log_safe(dst, cap, s.ptr ? (const void *)s.ptr : "", s.ptr ? s.len : 0);
+}
+
+/* A StartTunnel is about to go from pipe p to edge e. Returns 0 to forward
+ * it (*out: its new record, or NULL when it has no usable tid), or 1 when
+ * it was refused and answered on the pipe instead. */
+static int tunnel_start(struct emx_router *r, struct emx_pipe *p, struct emx_edge *e,
+                        const struct emx_ao_header *h, const struct emx_ao_tunnel_msg *m,
+                        uint64_t now, struct emx_tunnel **out)
+{
+    *out = NULL;
+    if (!m->tid.ptr || m->tid.len == 0 || m->tid.len > TUNNEL_TID_MAX) {
+        r->stats.tunnels_untracked++; /* the device refuses a missing tid itself */
+        return 0;
+    }
+    enum emx_tunnel_refusal why;
+    uint8_t code = EMX_AO_SERVICE_UNAVAILABLE;
+    enum emx_answer_reason ans = EMX_ANS_TUNNEL_REFUSED;
+    const char *reason;
+    if (tunnel_lookup(r, m->tid.ptr, m->tid.len)) {
+        why = EMX_TUN_REFUSE_DUPLICATE;
+        reason = "tunnel id in use";
+    } else if (r->cfg.max_tunnels && r->ntunnels >= r->cfg.max_tunnels) {
+        why = EMX_TUN_REFUSE_PROCESS_LIMIT;
+        reason = "too many tunnels";
+    } else if (r->cfg.max_tunnels_per_device && e->ntunnels >= r->cfg.max_tunnels_per_device) {
+        why = EMX_TUN_REFUSE_DEVICE_LIMIT;
+        reason = "too many tunnels for this device";
+    } else {
+        size_t thing_len = m->thing.len < TUNNEL_THING_MAX ? m->thing.len : TUNNEL_THING_MAX;
+        size_t inst_len = strlen(p->inst->id);
+        struct emx_tunnel *t =
+            emx_calloc(1, sizeof(*t) + m->tid.len + 1 + thing_len + 1 + inst_len + 1);
+        if (t) {
+            char *str = (char *)(t + 1);
+            t->tid = str;
+            t->tid_len = m->tid.len;
+            memcpy(t->tid, m->tid.ptr, m->tid.len);
+            t->thing = t->tid + m->tid.len + 1;
+            if (thing_len)
+                memcpy(t->thing, m->thing.ptr, thing_len);
+            t->instance_id = t->thing + thing_len + 1;
+            memcpy(t->instance_id, p->inst->id, inst_len);
+            t->inst_serial = p->inst->serial;
+            t->pipe_index = p->index;
+            t->edge_id = e->id;
+            t->state = EMX_TUNNEL_STARTING;
+            t->started_at = now;
+            t->deadline = now + r->cfg.tunnel_connect_timeout;
+            copy_field(t->type, sizeof(t->type), m->type);
+            struct emx_ao_str host;
+            uint16_t port;
+            if (emx_ao_tunnel_target(m->connection, &host, &port) == EMX_AO_OK) {
+                char hbuf[64];
+                snprintf(t->target, sizeof(t->target), "%s:%u",
+                         log_safe(hbuf, sizeof(hbuf), host.ptr, host.len), (unsigned)port);
+            }
+            t->chunksize = m->has_chunksize ? m->chunksize : -1;
+            t->idle_timeout = m->has_idle_timeout ? m->idle_timeout : -1;
+            KADD_KEYPTR(r, r->tunnels, t->tid, t->tid_len, t);
+            r->ntunnels++;
+            e->ntunnels++;
+            emx_list_push_back(&r->t_tunnels, &t->timer_link);
+            r->stats.tunnels_started++;
+            char what[160];
+            snprintf(what, sizeof(what), "StartTunnel type %s target %s chunksize %" PRId32,
+                     t->type, t->target[0] ? t->target : "?", t->chunksize);
+            tunnel_log(r, t, what);
+            *out = t;
+            return 0;
+        }
+        why = EMX_TUN_REFUSE_NO_MEMORY;
+        code = EMX_AO_INTERNAL_ERROR;
+        ans = EMX_ANS_NO_INSTANCE;
+        reason = "out of memory";
+    }
+    r->stats.tunnels_refused[why]++;
+    char tid[96], thing[96];
+    rlog(r, EMX_LOG_INFO,
+         "tunnel %s thing %s owner %s edge %08" PRIx32 ": StartTunnel refused (%s)",
+         log_safe(tid, sizeof(tid), m->tid.ptr, m->tid.len),
+         log_safe(thing, sizeof(thing), m->thing.ptr, m->thing.len), p->inst->id, e->id, reason);
+    answer_pipe(r, p, code, h->request_id, h->endpoint_id, h->session_id, reason, ans);
+    return 1;
+}
+
+/* CompleteTunnel, TunnelCommandToEdge (forwarded to the device) or
+ * TunnelCommandFromEdge (from it): log, and end the record when the tunnel
+ * is over and no relay socket holds it. */
+static void tunnel_control(struct emx_router *r, const struct emx_ao_tunnel_msg *m)
+{
+    struct emx_tunnel *t = tunnel_lookup(r, m->tid.ptr, m->tid.len);
+    if (!t) {
+        char tid[96];
+        rlog(r, EMX_LOG_DEBUG, "tunnel %s: %s for no record",
+             log_safe(tid, sizeof(tid), m->tid.ptr, m->tid.len),
+             emx_ao_tunnel_service_name(m->service));
+        return;
+    }
+    char what[64];
+    if (m->service == EMX_AO_TUNNEL_COMPLETE) {
+        if (!t->attached) {
+            tunnel_end(r, t, EMX_TUN_END_COMPLETED);
+            return;
+        }
+        t->state = EMX_TUNNEL_COMPLETING;
+        tunnel_log(r, t, "CompleteTunnel");
+        return;
+    }
+    copy_field(t->last_command, sizeof(t->last_command), m->command);
+    snprintf(what, sizeof(what), "%s %s", emx_ao_tunnel_service_name(m->service), t->last_command);
+    if (m->service == EMX_AO_TUNNEL_COMMAND_FROM && emx_ao_str_eq(m->command, "CANCEL")) {
+        if (!t->attached) {
+            tunnel_log(r, t, what);
+            tunnel_end(r, t, EMX_TUN_END_CANCELLED);
+            return;
+        }
+        t->state = EMX_TUNNEL_COMPLETING;
+    }
+    tunnel_log(r, t, what);
+}
+
+/* The device's answer to a StartTunnel (its first message). */
+static void tunnel_answered(struct emx_router *r, struct emx_inbound *in, uint8_t code)
+{
+    struct emx_tunnel *t = in->tunnel;
+    if (!t)
+        return;
+    if (code == EMX_AO_SUCCESS) {
+        t->state = EMX_TUNNEL_STARTED;
+        return;
+    }
+    char what[48];
+    snprintf(what, sizeof(what), "device answered 0x%02x", code);
+    tunnel_log(r, t, what);
+    tunnel_end(r, t, EMX_TUN_END_REFUSED);
+}
+
+/* A StartTunnel leaves flight: without the device's SUCCESS (edgemux
+ * answered 0xA3 or 0xA4 in its place) the platform gave the tunnel up. */
+static void inbound_drop_tunnel(struct emx_router *r, struct emx_inbound *in)
+{
+    struct emx_tunnel *t = in->tunnel;
+    if (!t)
+        return;
+    in->tunnel = NULL;
+    t->start_in = NULL;
+    if (t->state == EMX_TUNNEL_STARTING)
+        tunnel_end(r, t, EMX_TUN_END_NO_ANSWER);
+}
+
+const struct emx_tunnel *emx_router_tunnel_find(struct emx_router *r, const char *tid,
+                                                size_t tid_len)
+{
+    return tunnel_lookup(r, tid, tid_len);
+}
+
+int emx_router_tunnel_attach(struct emx_router *r, const char *tid, size_t tid_len, uint64_t now)
+{
+    (void)now;
+    struct emx_tunnel *t = tunnel_lookup(r, tid, tid_len);
+    if (!t)
+        return -ENOENT;
+    if (t->attached)
+        return -EBUSY;
+    t->attached = true;
+    emx_list_unlink(&t->timer_link);
+    tunnel_log(r, t, "socket attached");
+    return 0;
+}
+
+int emx_router_tunnel_detach(struct emx_router *r, const char *tid, size_t tid_len, uint64_t now)
+{
+    (void)now;
+    struct emx_tunnel *t = tunnel_lookup(r, tid, tid_len);
+    if (!t)
+        return -ENOENT;
+    tunnel_end(r, t, EMX_TUN_END_DETACHED);
+    return 0;
+}
+
+size_t emx_router_tunnel_count(const struct emx_router *r)
+{
+    return r->ntunnels;
+}
+
+const struct emx_tunnel *emx_router_tunnel_next(struct emx_router *r, const struct emx_tunnel *prev)
+{
+    return prev ? prev->hh.next : r->tunnels;
 }
 
 /* ------------------------------------------------------------------ */
@@ -879,6 +1173,17 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         }
         req_free(r, q); /* the edge moved on: forget the old message */
     }
+    if (!h->multipart && h->code >= EMX_AO_GET && h->code <= EMX_AO_DELETE) {
+        /* The device's CANCEL ends its tunnel whatever becomes of the request. */
+        struct emx_ao_tunnel_msg tm;
+        int trc = emx_ao_tunnel_parse(data + body_off, len - body_off, &tm);
+        if (tm.service == EMX_AO_TUNNEL_COMMAND_FROM) {
+            if (trc == EMX_AO_OK)
+                tunnel_control(r, &tm);
+            else
+                r->stats.tunnels_untracked++;
+        }
+    }
     if (e->draining) {
         /* due to close in a drain: finish what is in flight, take nothing new */
         refuse(r, e, h, EMX_AO_INTERNAL_ERROR, "server shutting down", EMX_ANS_DRAINING, now);
@@ -1158,6 +1463,7 @@ static void edge_chunk(struct emx_router *r, struct emx_edge *e, const struct em
 /* A platform request to an edge is done (answered either way). */
 static void inbound_finish(struct emx_router *r, struct emx_edge *e, struct emx_inbound *in)
 {
+    inbound_drop_tunnel(r, in);
     if (in->pipe) {
         emx_list_unlink(&in->pipe_link);
         inst_pending_dec(r, in->pipe->inst);
@@ -1189,6 +1495,8 @@ static void edge_response(struct emx_router *r, struct emx_edge *e, const struct
     struct emx_pipe *p = in->pipe;
     if (!p || p->state != EMX_PIPE_UP) {
         r->stats.edge_answers_pipe_gone++;
+        if (!in->answering)
+            tunnel_answered(r, in, h->code);
     } else if (!in->answering && (!rate_take(r, e, now) || !p->wm.writable)) {
         bool busy = !p->wm.writable;
         answer_pipe(r, p, EMX_AO_SERVICE_UNAVAILABLE, in->orig_request_id, in->endpoint_id,
@@ -1207,6 +1515,8 @@ static void edge_response(struct emx_router *r, struct emx_edge *e, const struct
         inbound_finish(r, e, in);
         return;
     } else {
+        if (!in->answering)
+            tunnel_answered(r, in, h->code);
         in->answering = true;
         in->answer_bytes += len;
         emx_ao_put_u32(data + EMX_AO_OFF_REQUEST_ID, in->orig_request_id);
@@ -1570,8 +1880,28 @@ static void platform_request(struct emx_router *r, struct emx_pipe *p,
                     "server busy", EMX_ANS_MEMORY_BUDGET);
         return;
     }
+    /* Tunnel control services: a StartTunnel is recorded (or refused over a
+     * limit) before it goes, as the device may dial before it answers. */
+    struct emx_ao_tunnel_msg tm = {0};
+    struct emx_tunnel *tun = NULL;
+    bool tunnel_ctl = false;
+    if (h->code >= EMX_AO_GET && h->code <= EMX_AO_DELETE) {
+        size_t off = EMX_AO_HEADER_SIZE + (h->multipart ? EMX_AO_MULTIPART_SIZE : 0);
+        int trc = emx_ao_tunnel_parse(data + off, len - off, &tm);
+        if (tm.service != EMX_AO_TUNNEL_NONE) {
+            if (trc != EMX_AO_OK || (h->multipart && h->chunk_count > 1))
+                r->stats.tunnels_untracked++;
+            else if (tm.service == EMX_AO_TUNNEL_START) {
+                if (tunnel_start(r, p, e, h, &tm, now, &tun))
+                    return;
+            } else
+                tunnel_ctl = true;
+        }
+    }
     struct emx_inbound *in = emx_calloc(1, sizeof(*in));
     if (!in) {
+        if (tun)
+            tunnel_end(r, tun, EMX_TUN_END_NO_ANSWER);
         answer_pipe(r, p, EMX_AO_INTERNAL_ERROR, h->request_id, h->endpoint_id, h->session_id,
                     "out of memory", EMX_ANS_NO_INSTANCE);
         return;
@@ -1596,8 +1926,14 @@ static void platform_request(struct emx_router *r, struct emx_pipe *p,
     HASH_ADD(hh, e->inbound, local_id, sizeof(in->local_id), in);
     e->ninbound++;
     p->inst->pending++;
+    if (tun) {
+        in->tunnel = tun;
+        tun->start_in = in;
+    }
     emx_ao_put_u32(data + EMX_AO_OFF_REQUEST_ID, in->local_id);
     send_edge(r, e, data, len);
+    if (tunnel_ctl)
+        tunnel_control(r, &tm);
 }
 
 void emx_router_pipe_message(struct emx_router *r, struct emx_pipe *p, uint8_t *data, size_t len,
@@ -1816,7 +2152,25 @@ void emx_router_edge_closed(struct emx_router *r, struct emx_edge *e, uint64_t n
         }
         emx_list_unlink(&in->timer_link);
         HASH_DEL(e->inbound, in);
+        inbound_drop_tunnel(r, in);
         emx_free(in);
+    }
+    if (e->ntunnels) {
+        /* Unclaimed records go with the edge; a relay socket's tunnel runs
+         * on its own connection and outlives it (TUNNELS.md §8.4). */
+        struct emx_tunnel *t, *ttmp;
+        HASH_ITER(hh, r->tunnels, t, ttmp)
+        {
+            if (t->edge_gone || t->edge_id != e->id)
+                continue;
+            if (t->attached) {
+                t->edge_gone = true;
+                tunnel_log(r, t, "edge left; the tunnel socket keeps it");
+            } else {
+                tunnel_end(r, t, EMX_TUN_END_EDGE_LEFT);
+            }
+        }
+        e->ntunnels = 0;
     }
     if (e->things)
         unbind_on_leave(r, e, now);
@@ -2226,6 +2580,12 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
                         e->session_id, "endpoint did not answer", EMX_ANS_EDGE_TIMEOUT);
         inbound_finish(r, e, in);
     }
+    while ((it = r->t_tunnels.next) != &r->t_tunnels) {
+        struct emx_tunnel *t = emx_container_of(it, struct emx_tunnel, timer_link);
+        if (t->deadline > now)
+            break;
+        tunnel_end(r, t, EMX_TUN_END_NO_SOCKET);
+    }
     while ((it = r->t_auth.next) != &r->t_auth) {
         struct emx_edge *e = emx_container_of(it, struct emx_edge, auth_link);
         if (e->opened_at + r->cfg.auth_timeout > now)
@@ -2288,6 +2648,9 @@ uint64_t emx_router_tick(struct emx_router *r, uint64_t now)
                                  r->cfg.auth_timeout);
     if (!emx_list_empty(&r->t_quarantine))
         next = min_u64(next, emx_list_first(&r->t_quarantine, struct quarantined, link)->until);
+    if (!emx_list_empty(&r->t_tunnels))
+        next =
+            min_u64(next, emx_list_first(&r->t_tunnels, struct emx_tunnel, timer_link)->deadline);
     if (r->down && !r->down_handled)
         next = min_u64(next, r->down_since + r->cfg.all_down_grace);
     if (r->closing && r->nclosing) {
@@ -2324,6 +2687,8 @@ static int copy_config(struct emx_router *r, const struct emx_router_config *cfg
         r->cfg.worker = 0;
     if (r->cfg.max_pending == 0)
         r->cfg.max_pending = 1;
+    if (r->cfg.tunnel_connect_timeout == 0)
+        r->cfg.tunnel_connect_timeout = TUNNEL_CONNECT_TIMEOUT_DEFAULT;
     return 0;
 }
 
@@ -2350,6 +2715,7 @@ struct emx_router *emx_router_new(const struct emx_router_config *cfg,
     emx_list_init(&r->t_auth);
     emx_list_init(&r->t_quarantine);
     emx_list_init(&r->drained);
+    emx_list_init(&r->t_tunnels);
     r->next_seq = 1;
     /* Until a pipe connects, edgemux is "down" (rule 8 applies from start). */
     r->down = true;
@@ -2386,6 +2752,12 @@ static void shift_timers(struct emx_router *r, const struct emx_router_config *o
             struct emx_inbound *in = emx_container_of(it, struct emx_inbound, timer_link);
             in->deadline = shift_deadline(in->deadline, old->edge_request_timeout,
                                           r->cfg.edge_request_timeout);
+        }
+    if (old->tunnel_connect_timeout != r->cfg.tunnel_connect_timeout)
+        for (it = r->t_tunnels.next; it != &r->t_tunnels; it = it->next) {
+            struct emx_tunnel *t = emx_container_of(it, struct emx_tunnel, timer_link);
+            t->deadline = shift_deadline(t->deadline, old->tunnel_connect_timeout,
+                                         r->cfg.tunnel_connect_timeout);
         }
 }
 
@@ -2467,6 +2839,12 @@ void emx_router_free(struct emx_router *r)
         q = r->req_pool;
         r->req_pool = q->pool_next;
         emx_free(q);
+    }
+    struct emx_tunnel *t, *ttmp;
+    HASH_ITER(hh, r->tunnels, t, ttmp)
+    {
+        HASH_DELETE(hh, r->tunnels, t);
+        emx_free(t);
     }
     struct quarantined *qq, *qqtmp;
     HASH_ITER(hh, r->quarantine, qq, qqtmp)

@@ -128,7 +128,64 @@ struct emx_edge {
      * socket peer) and the socket peer itself. */
     char addr[48];
     char peer[64];
+    uint32_t ntunnels; /* tunnel records started through it (max_tunnels_per_device) */
 };
+
+/* A Remote Access tunnel that a StartTunnel set up through this router
+ * (TUNNELS.md §8.1): which platform instance owns it, so the device's
+ * tunnel socket can be taken there. Made before the StartTunnel is
+ * forwarded; ended by a non-SUCCESS answer, CompleteTunnel, the device's
+ * CANCEL, its edge leaving, or tunnel_connect_timeout with no relay socket
+ * (a record claimed with emx_router_tunnel_attach ends only at detach). */
+enum emx_tunnel_state {
+    EMX_TUNNEL_STARTING = 0, /* StartTunnel forwarded; no answer yet */
+    EMX_TUNNEL_STARTED,      /* the device answered SUCCESS */
+    EMX_TUNNEL_COMPLETING,   /* CompleteTunnel or CANCEL seen while attached */
+};
+
+struct emx_tunnel {
+    UT_hash_handle hh;
+    char *tid; /* NUL-terminated copy (the key, tid_len bytes) */
+    size_t tid_len;
+    char *thing;       /* the StartTunnel's entity name */
+    char *instance_id; /* owner: the instance whose pipe sent the StartTunnel */
+    uint64_t inst_serial;
+    unsigned pipe_index;
+    uint32_t edge_id; /* the edge it went to; kept after the edge left */
+    bool edge_gone;
+    bool attached; /* claimed by a relay socket */
+    enum emx_tunnel_state state;
+    uint64_t started_at, deadline;
+    char type[16];                   /* "tcp", "file", ... (truncated) */
+    char target[80];                 /* host:port of the connection JSON, when found */
+    int32_t chunksize, idle_timeout; /* -1 when absent */
+    char last_command[16];
+    struct emx_inbound *start_in; /* the StartTunnel while it is unanswered */
+    struct emx_list timer_link;   /* in the router's connect-deadline FIFO until attached */
+};
+
+/* Why a StartTunnel was refused, or a record ended (metrics). */
+enum emx_tunnel_refusal {
+    EMX_TUN_REFUSE_PROCESS_LIMIT = 0, /* 0xA3: edge.max_tunnels */
+    EMX_TUN_REFUSE_DEVICE_LIMIT,      /* 0xA3: edge.max_tunnels_per_device */
+    EMX_TUN_REFUSE_DUPLICATE,         /* 0xA3: its tid is already recorded */
+    EMX_TUN_REFUSE_NO_MEMORY,         /* 0xA0 */
+    EMX_TUN_REFUSE__COUNT
+};
+const char *emx_tunnel_refusal_name(enum emx_tunnel_refusal r);
+
+enum emx_tunnel_end {
+    EMX_TUN_END_REFUSED = 0, /* the device answered other than SUCCESS */
+    EMX_TUN_END_NO_ANSWER,   /* edgemux answered the platform itself (0xA3, 0xA4) */
+    EMX_TUN_END_COMPLETED,   /* CompleteTunnel */
+    EMX_TUN_END_CANCELLED,   /* the device's TunnelCommandFromEdge CANCEL */
+    EMX_TUN_END_EDGE_LEFT,
+    EMX_TUN_END_NO_SOCKET, /* tunnel_connect_timeout passed unattached */
+    EMX_TUN_END_DETACHED,  /* the relay let it go */
+    EMX_TUN_END__COUNT
+};
+const char *emx_tunnel_end_name(enum emx_tunnel_end e);
+const char *emx_tunnel_state_name(enum emx_tunnel_state s);
 
 struct emx_router_config {
     unsigned worker;             /* 0..15: the top 4 bits of every endpointId */
@@ -150,6 +207,9 @@ struct emx_router_config {
     uint64_t max_answer_backlog;  /* bytes an edge has not read before its new requests
                                    * are refused (needs io->edge_buffered); 0: off */
     uint64_t max_memory;          /* all edges' in-flight + backlog bytes; 0: off */
+    uint32_t max_tunnels;         /* tunnel records at once; 0: off */
+    uint32_t max_tunnels_per_device; /* per edge connection; 0: off */
+    uint64_t tunnel_connect_timeout; /* ms an unattached record lives */
     const char *app_key;         /* pipe AUTH; copied by the router; never logged */
 };
 
@@ -207,6 +267,7 @@ enum emx_answer_reason {
     EMX_ANS_BYTES_IN_FLIGHT,  /* 0xA3: over max_bytes_in_flight */
     EMX_ANS_ANSWER_BACKLOG,   /* 0xA3: over max_answer_backlog */
     EMX_ANS_MEMORY_BUDGET,    /* 0xA0: over max_memory (to a platform as well) */
+    EMX_ANS_TUNNEL_REFUSED,   /* 0xA3 to a platform: a StartTunnel over a tunnel limit */
     EMX_ANS__COUNT
 };
 const char *emx_answer_reason_name(enum emx_answer_reason r);
@@ -241,6 +302,13 @@ struct emx_router_stats {
      * request bytes forwarded and unanswered, and answer bytes sent to edges
      * and not read as far as it knows (a ceiling between readings). */
     uint64_t mem_requests, mem_answers;
+    /* Tunnels: records made, StartTunnels refused, records ended, and
+     * tunnel services forwarded without a record (no tid, multipart, or a
+     * body that does not parse). */
+    uint64_t tunnels_started;
+    uint64_t tunnels_refused[EMX_TUN_REFUSE__COUNT];
+    uint64_t tunnels_ended[EMX_TUN_END__COUNT];
+    uint64_t tunnels_untracked;
 };
 
 struct emx_router *emx_router_new(const struct emx_router_config *cfg,
@@ -311,6 +379,21 @@ struct emx_instance *emx_router_instance_next(struct emx_router *r, struct emx_i
 int emx_router_instance_maintenance(struct emx_router *r, const char *id, bool on, uint64_t now);
 bool emx_instance_is_eligible(const struct emx_router *r, const struct emx_instance *inst,
                               uint64_t now);
+
+/* ---- tunnels ---- */
+
+/* The record of a tid (not NUL-terminated; tid_len bytes), or NULL. */
+const struct emx_tunnel *emx_router_tunnel_find(struct emx_router *r, const char *tid,
+                                                size_t tid_len);
+/* A relay socket claims the record: its deadline stops, and it ends only
+ * at emx_router_tunnel_detach. Returns 0, -ENOENT, or -EBUSY (claimed). */
+int emx_router_tunnel_attach(struct emx_router *r, const char *tid, size_t tid_len, uint64_t now);
+/* The relay socket is gone: the record ends. Returns 0 or -ENOENT. */
+int emx_router_tunnel_detach(struct emx_router *r, const char *tid, size_t tid_len, uint64_t now);
+size_t emx_router_tunnel_count(const struct emx_router *r);
+/* Iterate the records, oldest first: first with NULL. */
+const struct emx_tunnel *emx_router_tunnel_next(struct emx_router *r,
+                                                const struct emx_tunnel *prev);
 
 /* ---- time ---- */
 

@@ -1108,6 +1108,12 @@ static void admin_handle(void *ctx, const struct emx_admin_request *req,
         if (!get)
             return admin_text(resp, 405, "use GET\n");
         admin_edges(s, req, resp);
+    } else if (strcmp(path, "/tunnels") == 0) {
+        if (!get)
+            return admin_text(resp, 405, "use GET\n");
+        resp->status = 200;
+        resp->content_type = "application/json";
+        emx_ops_tunnels_json(&resp->body, s->router, EDGES_LIST_LIMIT, now_ms(s));
     } else if (strncmp(path, "/edges/", 7) == 0) {
         const char *id = path + 7;
         const char *slash = strchr(id, '/');
@@ -1667,6 +1673,9 @@ static struct emx_router_config router_config(const struct emx_setup *st)
                                   ? c->edge.max_answer_backlog
                                   : c->edge.max_queued / 2,
         .max_memory = c->edge.max_memory,
+        .max_tunnels = (uint32_t)c->edge.max_tunnels,
+        .max_tunnels_per_device = (uint32_t)c->edge.max_tunnels_per_device,
+        .tunnel_connect_timeout = c->edge.tunnel_connect_timeout,
         .app_key = st->app_key,
     };
     return rc;

@@ -67,6 +67,7 @@ static const unsigned char answer_codes[EMX_ANS__COUNT] = {
     [EMX_ANS_BYTES_IN_FLIGHT] = EMX_AO_SERVICE_UNAVAILABLE,
     [EMX_ANS_ANSWER_BACKLOG] = EMX_AO_SERVICE_UNAVAILABLE,
     [EMX_ANS_MEMORY_BUDGET] = EMX_AO_INTERNAL_ERROR,
+    [EMX_ANS_TUNNEL_REFUSED] = EMX_AO_SERVICE_UNAVAILABLE,
 };
 
 unsigned emx_answer_reason_code(enum emx_answer_reason r)

@@ -90,6 +90,46 @@ static void walk_all(const uint8_t *p, size_t n)
     }
 }
 
+static void touch_str(const uint8_t *b, size_t n, struct emx_ao_str s)
+{
+    if (s.ptr)
+        touch(b, n, s.ptr, s.len);
+    else if (s.len)
+        abort();
+}
+
+/* The tunnel parser: its views lie in the body; a body that parses as a
+ * request parses as a tunnel service too (or is none), and one that does
+ * not never yields a tunnel service with OK. */
+static void tunnel(const uint8_t *b, size_t n)
+{
+    struct emx_ao_tunnel_msg m;
+    int rc = emx_ao_tunnel_parse(b, n, &m);
+    struct emx_ao_request rq;
+    int rrc = emx_ao_request_parse(b, n, &rq);
+    if (rc == EMX_AO_OK && m.service != EMX_AO_TUNNEL_NONE && rrc != EMX_AO_OK)
+        abort();
+    if (rrc == EMX_AO_OK && rc != EMX_AO_OK)
+        abort();
+    if (m.service == EMX_AO_TUNNEL_NONE && rc == EMX_AO_OK)
+        return;
+    touch_str(b, n, m.thing);
+    touch_str(b, n, m.tid);
+    touch_str(b, n, m.type);
+    touch_str(b, n, m.connection);
+    touch_str(b, n, m.command);
+    touch_str(b, n, m.peer_name);
+    sink += (unsigned)strlen(emx_ao_tunnel_service_name(m.service));
+    struct emx_ao_str host;
+    uint16_t port = 0;
+    if (emx_ao_tunnel_target(m.connection, &host, &port) == EMX_AO_OK)
+        touch_str(m.connection.ptr, m.connection.len, host);
+    /* The scanner over the raw bytes, whatever they are. */
+    struct emx_ao_str raw = {b, (uint32_t)(n < UINT32_MAX ? n : UINT32_MAX)};
+    if (emx_ao_tunnel_target(raw, &host, &port) == EMX_AO_OK)
+        touch_str(b, n, host);
+}
+
 static void body(uint8_t code, bool multipart, const uint8_t *b, size_t n)
 {
     if (multipart) {
@@ -149,6 +189,7 @@ static void body(uint8_t code, bool multipart, const uint8_t *b, size_t n)
         break;
     }
     default: {
+        tunnel(b, n);
         struct emx_ao_request rq;
         if (emx_ao_request_parse(b, n, &rq) != EMX_AO_OK)
             break;

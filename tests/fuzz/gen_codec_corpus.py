@@ -117,6 +117,41 @@ SEEDS = {
     "header_only": hdr(0x01, 13, 0, 0),
 }
 
+# Remote Access tunnel control services, as TUNNELS.md §3.1 and §5 show them.
+TUNNEL_SESSION = 0x4761C29E
+
+
+def start_tunnel(tid="tun-1", conn='{"host": "127.0.0.1", "port": 7777}'):
+    fields = [field("tid", 0), field("type", 0), field("chunksize", 22), field("idle_timeout", 22),
+              field("read_timeout", 22), field("connection", 0)]
+    values = row(b"\x00" + s(tid), b"\x00" + s("tcp"), b"\x16" + struct.pack(">i", 8192),
+                 b"\x16" + struct.pack(">i", 30000), b"\x16" + struct.pack(">i", 10),
+                 b"\x00" + s(conn))
+    return (hdr(0x03, 1000, 0, TUNNEL_SESSION) + b"\x0a" + s("SteamSensor") + b"\x02"
+            + s("StartTunnel") + b"\x00\x05" + table(fields, [values]))
+
+
+def tunnel_service(name, pairs, req=6):
+    fields = [field(k, 0) for k, _ in pairs]
+    values = row(*[b"\x00" + s(v) for _, v in pairs])
+    return (hdr(0x03, req, 0, TUNNEL_SESSION) + b"\x0a" + s("SteamSensor") + b"\x02" + s(name)
+            + b"\x00\x05" + table(fields, [values]))
+
+
+TUNNEL_SEEDS = {
+    "tunnel_start": start_tunnel(),
+    "tunnel_start_answer": hdr(0x40, 1000, 0, TUNNEL_SESSION) + b"\x00\xff",
+    "tunnel_from_edge_cancel": tunnel_service("TunnelCommandFromEdge",
+                                              [("tid", "tun-1"), ("command", "CANCEL")]),
+    "tunnel_to_edge_connect": tunnel_service("TunnelCommandToEdge",
+                                             [("tid", "tun-1"), ("command", "CONNECT")], 1001),
+    "tunnel_complete": tunnel_service("CompleteTunnel", [("tid", "tun-1"), ("peer_name", "platform-1"),
+                                                         ("connection", '{"reason": "test done"}')], 1002),
+    "tunnel_start_nested_json": start_tunnel(
+        conn='{"message": {"a": [1, "}"]}, "port": 22, "host": "10.0.0.\\"5"}'),
+}
+SEEDS.update(TUNNEL_SEEDS)
+
 
 def main():
     out = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), "corpus", "codec")
@@ -126,6 +161,8 @@ def main():
             f.write(data)
     assert len(SEEDS["auth"]) == 60 and len(SEEDS["bind"]) == 30
     assert len(SEEDS["not_found"]) == 17
+    assert len(SEEDS["tunnel_start"]) == 198 and len(SEEDS["tunnel_from_edge_cancel"]) == 95
+    assert SEEDS["tunnel_start_answer"].hex() == "0140000003e8000000004761c29e0000ff"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1610,6 +1611,281 @@ static void test_trailing_bytes(void **state)
     }
 }
 
+/* ---- Remote Access tunnel control services (TUNNELS.md §3.1, §5) ---- */
+
+/* The StartTunnel the test platform sent (198 bytes), as TUNNELS.md §3.1
+ * shows it. */
+static const char TUN_START_HEX[] =
+    "0103000003e8000000004761c29e000a0b537465616d53656e736f72020b5374"
+    "61727454756e6e656c0005010374696400000000010474797065000000000109"
+    "6368756e6b73697a6500160000010c69646c655f74696d656f75740016000001"
+    "0c726561645f74696d656f757400160000010a636f6e6e656374696f6e000000"
+    "0000010006000574756e2d31000374637016000020001600007530160000000a"
+    "00237b22686f7374223a20223132372e302e302e31222c2022706f7274223a20"
+    "373737377d00";
+/* The device's TunnelCommandFromEdge CANCEL (95 bytes), TUNNELS.md §5. */
+static const char TUN_CANCEL_HEX[] =
+    "010300000006000000004761c29e000a0b537465616d53656e736f7202155475"
+    "6e6e656c436f6d6d616e6446726f6d4564676500050103746964000000000107"
+    "636f6d6d616e640000000000010002000574756e2d31000643414e43454c00";
+/* CompleteTunnel: tid, peer_name, connection {"reason": "test done"}. */
+static const char TUN_COMPLETE_HEX[] =
+    "0103000003ea000000004761c29e000a0b537465616d53656e736f72020e436f"
+    "6d706c65746554756e6e656c00050103746964000000000109706565725f6e61"
+    "6d6500000000010a636f6e6e656374696f6e0000000000010003000574756e2d"
+    "31000a706c6174666f726d2d3100177b22726561736f6e223a20227465737420"
+    "646f6e65227d00";
+/* TunnelCommandToEdge CONNECT. */
+static const char TUN_TO_EDGE_HEX[] =
+    "0103000003e9000000004761c29e000a0b537465616d53656e736f7202135475"
+    "6e6e656c436f6d6d616e64546f4564676500050103746964000000000107636f"
+    "6d6d616e640000000000010002000574756e2d310007434f4e4e45435400";
+
+static size_t unhex(const char *hex, uint8_t *out, size_t cap)
+{
+    size_t n = strlen(hex) / 2;
+    assert_true(n <= cap);
+    for (size_t i = 0; i < n; i++) {
+        unsigned v;
+        assert_int_equal(sscanf(hex + 2 * i, "%2x", &v), 1);
+        out[i] = (uint8_t)v;
+    }
+    return n;
+}
+
+static bool str_is(struct emx_ao_str s, const char *want)
+{
+    return s.ptr != NULL && emx_ao_str_eq(s, want);
+}
+
+/* Every prefix of the body, in an exactly-sized heap copy, is refused or
+ * (a prefix that ends before the service name) leaves the service unknown;
+ * none reads past its end. */
+static void tunnel_truncations(const uint8_t *body, size_t len)
+{
+    for (size_t cut = 0; cut < len; cut++) {
+        uint8_t *copy = malloc(cut ? cut : 1);
+        assert_non_null(copy);
+        memcpy(copy, body, cut);
+        struct emx_ao_tunnel_msg m;
+        int rc = emx_ao_tunnel_parse(copy, cut, &m);
+        assert_true(rc < 0);
+        free(copy);
+    }
+}
+
+static void test_tunnel_start_vector(void **state)
+{
+    (void)state;
+    uint8_t buf[512];
+    size_t n = unhex(TUN_START_HEX, buf, sizeof(buf));
+    assert_int_equal(n, 198);
+    struct emx_ao_header h;
+    size_t off;
+    assert_int_equal(emx_ao_header_parse(buf, n, &h, &off), EMX_AO_OK);
+    assert_int_equal(h.code, EMX_AO_POST);
+    assert_int_equal(h.request_id, 1000);
+    assert_int_equal(h.session_id, 0x4761C29E);
+    struct emx_ao_tunnel_msg m;
+    assert_int_equal(emx_ao_tunnel_parse(buf + off, n - off, &m), EMX_AO_OK);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_START);
+    assert_string_equal(emx_ao_tunnel_service_name(m.service), "StartTunnel");
+    assert_int_equal(m.entity_type, 0x0A);
+    assert_true(str_is(m.thing, "SteamSensor"));
+    assert_true(str_is(m.tid, "tun-1"));
+    assert_true(str_is(m.type, "tcp"));
+    assert_true(str_is(m.connection, "{\"host\": \"127.0.0.1\", \"port\": 7777}"));
+    assert_null(m.command.ptr);
+    assert_null(m.peer_name.ptr);
+    assert_true(m.has_chunksize && m.has_idle_timeout && m.has_read_timeout);
+    assert_int_equal(m.chunksize, 8192);
+    assert_int_equal(m.idle_timeout, 30000);
+    assert_int_equal(m.read_timeout, 10);
+    struct emx_ao_str host;
+    uint16_t port = 0;
+    assert_int_equal(emx_ao_tunnel_target(m.connection, &host, &port), EMX_AO_OK);
+    assert_true(str_is(host, "127.0.0.1"));
+    assert_int_equal(port, 7777);
+    tunnel_truncations(buf + off, n - off);
+    /* One byte more is trailing garbage. */
+    buf[n] = 0;
+    assert_int_equal(emx_ao_tunnel_parse(buf + off, n - off + 1, &m), EMX_AO_ETRAIL);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_START);
+}
+
+static void test_tunnel_control_vectors(void **state)
+{
+    (void)state;
+    uint8_t buf[512];
+    size_t off = EMX_AO_HEADER_SIZE;
+    struct emx_ao_tunnel_msg m;
+
+    size_t n = unhex(TUN_CANCEL_HEX, buf, sizeof(buf));
+    assert_int_equal(n, 95);
+    assert_int_equal(emx_ao_tunnel_parse(buf + off, n - off, &m), EMX_AO_OK);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_COMMAND_FROM);
+    assert_true(str_is(m.tid, "tun-1"));
+    assert_true(str_is(m.command, "CANCEL"));
+    assert_false(m.has_chunksize);
+    tunnel_truncations(buf + off, n - off);
+
+    n = unhex(TUN_COMPLETE_HEX, buf, sizeof(buf));
+    assert_int_equal(emx_ao_tunnel_parse(buf + off, n - off, &m), EMX_AO_OK);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_COMPLETE);
+    assert_true(str_is(m.tid, "tun-1"));
+    assert_true(str_is(m.peer_name, "platform-1"));
+    assert_true(str_is(m.connection, "{\"reason\": \"test done\"}"));
+    struct emx_ao_str host;
+    uint16_t port;
+    assert_int_equal(emx_ao_tunnel_target(m.connection, &host, &port), EMX_AO_EBODY);
+    tunnel_truncations(buf + off, n - off);
+
+    n = unhex(TUN_TO_EDGE_HEX, buf, sizeof(buf));
+    assert_int_equal(emx_ao_tunnel_parse(buf + off, n - off, &m), EMX_AO_OK);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_COMMAND_TO);
+    assert_true(str_is(m.command, "CONNECT"));
+    tunnel_truncations(buf + off, n - off);
+}
+
+static void test_tunnel_not_a_service(void **state)
+{
+    (void)state;
+    struct emx_ao_tunnel_msg m;
+    /* A property GET named like the service: not Services. */
+    struct bb b = {.n = 0};
+    bb_u8(&b, 0x0A);
+    bb_str(&b, "SteamSensor");
+    bb_u8(&b, 0x01); /* Properties */
+    bb_str(&b, "StartTunnel");
+    bb_u8(&b, 0);
+    bb_u8(&b, 0xFF);
+    assert_int_equal(emx_ao_tunnel_parse(b.b, b.n, &m), EMX_AO_OK);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_NONE);
+    /* Another service: only the prefix is read (garbage after it is not
+     * this parser's concern). */
+    b.n = 0;
+    bb_u8(&b, 0x0A);
+    bb_str(&b, "SteamSensor");
+    bb_u8(&b, 0x02);
+    bb_str(&b, "StartTunnelX");
+    bb_u8(&b, 0x77);
+    assert_int_equal(emx_ao_tunnel_parse(b.b, b.n, &m), EMX_AO_OK);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_NONE);
+    /* A tunnel service without params: recognised, no fields. */
+    b.n = 0;
+    bb_u8(&b, 0x0A);
+    bb_str(&b, "SteamSensor");
+    bb_u8(&b, 0x02);
+    bb_str(&b, "StartTunnel");
+    bb_u8(&b, 0);
+    bb_u8(&b, 0xFF);
+    assert_int_equal(emx_ao_tunnel_parse(b.b, b.n, &m), EMX_AO_OK);
+    assert_int_equal(m.service, EMX_AO_TUNNEL_START);
+    assert_null(m.tid.ptr);
+    assert_int_equal(emx_ao_tunnel_parse(b.b, 0, &m), EMX_AO_ETRUNC);
+}
+
+/* Fields by name in any order, wrong base types left unset, only the first
+ * row read, a duplicate field name: the first one counts. */
+static void test_tunnel_fields(void **state)
+{
+    (void)state;
+    struct bb b = {.n = 0};
+    bb_u8(&b, 0x0A);
+    bb_str(&b, "Pump");
+    bb_u8(&b, 0x02);
+    bb_str(&b, "StartTunnel");
+    bb_u8(&b, 0);
+    bb_u8(&b, 0x05);
+    const char *names[] = {"chunksize", "extra", "tid", "type", "tid", "idle_timeout"};
+    const uint8_t types[] = {EMX_BT_NUMBER,  EMX_BT_BOOLEAN, EMX_BT_STRING,
+                             EMX_BT_INTEGER, EMX_BT_STRING,  EMX_BT_INTEGER};
+    for (unsigned i = 0; i < 6; i++) {
+        bb_u8(&b, 1);
+        bb_str(&b, names[i]);
+        bb_str(&b, "");
+        bb_u8(&b, types[i]);
+        bb_u16(&b, 0);
+    }
+    bb_u8(&b, 0);
+    for (unsigned row = 0; row < 2; row++) {
+        bb_u8(&b, 1);
+        bb_u16(&b, 6);
+        bb_u8(&b, EMX_BT_NUMBER); /* chunksize as NUMBER: not read */
+        bb_double(&b, 8192.0);
+        bb_u8(&b, EMX_BT_BOOLEAN);
+        bb_u8(&b, 1);
+        bb_u8(&b, EMX_BT_STRING);
+        bb_str(&b, row ? "second-row" : "t-9");
+        bb_u8(&b, EMX_BT_INTEGER); /* type as INTEGER: not read */
+        bb_u32(&b, 7);
+        bb_u8(&b, EMX_BT_STRING);
+        bb_str(&b, "dup");
+        bb_u8(&b, EMX_BT_INTEGER);
+        bb_u32(&b, (uint32_t)-5);
+    }
+    bb_u8(&b, 0);
+    struct emx_ao_tunnel_msg m;
+    assert_int_equal(emx_ao_tunnel_parse(b.b, b.n, &m), EMX_AO_OK);
+    assert_true(str_is(m.thing, "Pump"));
+    assert_true(str_is(m.tid, "t-9"));
+    assert_null(m.type.ptr);
+    assert_false(m.has_chunksize);
+    assert_true(m.has_idle_timeout);
+    assert_int_equal(m.idle_timeout, -5);
+}
+
+static void test_tunnel_target_scanner(void **state)
+{
+    (void)state;
+    struct {
+        const char *json;
+        int rc;
+        const char *host;
+        unsigned port;
+    } cases[] = {
+        {"{\"host\": \"127.0.0.1\", \"port\": 7777}", EMX_AO_OK, "127.0.0.1", 7777},
+        {" { \"port\":22,\"num_connects\":-1,\"host\":\"dev.local\" } ", EMX_AO_OK, "dev.local",
+         22},
+        {"{\"message\":{\"host\":\"x\",\"a\":[1,\"}\"]},\"host\":\"h\",\"port\":1}", EMX_AO_OK, "h",
+         1},
+        {"{\"host\":\"a\\\"b\",\"port\":65535}", EMX_AO_OK, "a\\\"b", 65535},
+        {"{\"host\":\"h\",\"port\":65536}", EMX_AO_EBODY, NULL, 0},
+        {"{\"host\":\"h\",\"port\":99999999999999999999}", EMX_AO_EBODY, NULL, 0},
+        {"{\"host\":\"h\",\"port\":\"22\"}", EMX_AO_EBODY, NULL, 0},
+        {"{\"host\":\"h\"}", EMX_AO_EBODY, NULL, 0},
+        {"{\"port\":22}", EMX_AO_EBODY, NULL, 0},
+        {"[\"host\",\"port\"]", EMX_AO_EBODY, NULL, 0},
+        {"", EMX_AO_EBODY, NULL, 0},
+        {"{\"host\":\"h\",\"port\":22", EMX_AO_OK, "h", 22},
+        {"{\"host\":\"h", EMX_AO_EBODY, NULL, 0},
+        {"{\"a\":{{{{", EMX_AO_EBODY, NULL, 0},
+    };
+    for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        size_t len = strlen(cases[i].json);
+        /* Every prefix in an exactly-sized copy: never a read past it. */
+        for (size_t cut = 0; cut <= len; cut++) {
+            char *copy = malloc(cut ? cut : 1);
+            assert_non_null(copy);
+            memcpy(copy, cases[i].json, cut);
+            struct emx_ao_str conn = {(const uint8_t *)copy, (uint32_t)cut}, host = {0};
+            uint16_t port = 0;
+            int rc = emx_ao_tunnel_target(conn, &host, &port);
+            if (cut == len) {
+                assert_int_equal(rc, cases[i].rc);
+                if (rc == EMX_AO_OK) {
+                    assert_true(str_is(host, cases[i].host));
+                    assert_int_equal(port, cases[i].port);
+                }
+            }
+            free(copy);
+        }
+    }
+    struct emx_ao_str none = {NULL, 0}, host;
+    uint16_t port;
+    assert_int_equal(emx_ao_tunnel_target(none, &host, &port), EMX_AO_EBODY);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1644,6 +1920,11 @@ int main(void)
         cmocka_unit_test(test_builders_args),
         cmocka_unit_test(test_edgemux_answers),
         cmocka_unit_test(test_trailing_bytes),
+        cmocka_unit_test(test_tunnel_start_vector),
+        cmocka_unit_test(test_tunnel_control_vectors),
+        cmocka_unit_test(test_tunnel_not_a_service),
+        cmocka_unit_test(test_tunnel_fields),
+        cmocka_unit_test(test_tunnel_target_scanner),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

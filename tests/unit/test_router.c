@@ -2924,6 +2924,276 @@ static void edge_close_and_thing_iteration(void **state)
     assert_int_equal(count_edge_closes(f, m, e->id), 1);
 }
 
+/* ==== tunnels (TUNNELS.md §8.1): owner records ==== */
+
+#define SERVICES 0x02
+
+/* A request on a Thing's service with one row of STRING params. */
+static size_t build_service(uint8_t *buf, size_t cap, uint32_t rid, uint32_t eid,
+                            const char *service, const char *const *names,
+                            const char *const *values, size_t n)
+{
+    uint8_t params[512];
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        params[k++] = 0x01;
+        k += emx_ao_write_str(params + k, sizeof(params) - k, names[i], strlen(names[i]));
+        params[k++] = 0x00; /* empty description */
+        params[k++] = EMX_BT_STRING;
+        params[k++] = 0;
+        params[k++] = 0;
+    }
+    params[k++] = 0x00;
+    params[k++] = 0x01;
+    params[k++] = 0;
+    params[k++] = (uint8_t)n;
+    for (size_t i = 0; i < n; i++) {
+        params[k++] = EMX_BT_STRING;
+        k += emx_ao_write_str(params + k, sizeof(params) - k, values[i], strlen(values[i]));
+    }
+    params[k++] = 0x00;
+    assert_true(k < sizeof(params));
+    size_t len = emx_ao_build_request(buf, cap, EMX_AO_POST, rid, eid, SESSION, THING,
+                                      "SteamSensor", SERVICES, service, params, k);
+    assert_true(len > 0);
+    return len;
+}
+
+/* The platform sends StartTunnel `tid` on pipe p for edge e; returns the
+ * request as the edge got it (code 0 when it got nothing). */
+static struct emx_ao_header start_tunnel(struct fx *f, struct emx_pipe *p, struct emx_edge *e,
+                                         uint32_t rid, const char *tid)
+{
+    const char *names[] = {"tid", "type", "connection"};
+    const char *values[] = {tid, "tcp", "{\"host\": \"127.0.0.1\", \"port\": 7777}"};
+    uint8_t buf[1024];
+    size_t m = f->nev;
+    pipe_msg(f, p, buf, build_service(buf, sizeof(buf), rid, e->id, "StartTunnel", names, values, 3));
+    const struct ev *v = find_edge_send(f, m, e->id, EMX_AO_POST, ANY);
+    struct emx_ao_header none = {0};
+    return v ? v->h : none;
+}
+
+static const struct emx_tunnel *tunnel(struct fx *f, const char *tid)
+{
+    return emx_router_tunnel_find(f->r, tid, strlen(tid));
+}
+
+static void tunnel_recorded_before_forward_success_keeps_complete_ends(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[1]->pipes[1];
+    struct emx_ao_header req = start_tunnel(f, p, e, 0x700, "tun-1");
+    assert_int_equal(req.code, EMX_AO_POST);
+    const struct emx_tunnel *t = tunnel(f, "tun-1");
+    assert_non_null(t);
+    assert_string_equal(t->instance_id, "p2");
+    assert_int_equal(t->pipe_index, 1);
+    assert_string_equal(t->thing, "SteamSensor");
+    assert_int_equal(t->edge_id, e->id);
+    assert_int_equal(t->state, EMX_TUNNEL_STARTING);
+    assert_string_equal(t->type, "tcp");
+    assert_string_equal(t->target, "127.0.0.1:7777");
+    assert_int_equal(t->chunksize, -1);
+    assert_int_equal(t->started_at, f->now);
+    assert_int_equal(emx_router_tunnel_count(f->r), 1);
+    assert_int_equal(e->ntunnels, 1);
+    assert_int_equal(emx_router_stats(f->r)->tunnels_started, 1);
+    assert_ptr_equal(emx_router_tunnel_next(f->r, NULL), t);
+    assert_null(emx_router_tunnel_next(f->r, t));
+    assert_null(tunnel(f, "tun-2"));
+    assert_null(emx_router_tunnel_find(f->r, "tun-", 4));
+
+    /* SUCCESS goes back to the platform as always and keeps the record. */
+    size_t m = f->nev;
+    edge_answer(f, e, EMX_AO_SUCCESS, &req);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_SUCCESS, 0x700, e->id));
+    assert_int_equal(t->state, EMX_TUNNEL_STARTED);
+
+    /* A TunnelCommandToEdge is forwarded and noted. */
+    const char *cn[] = {"tid", "command"};
+    const char *cv[] = {"tun-1", "CONNECT"};
+    uint8_t buf[512];
+    m = f->nev;
+    pipe_msg(f, &f->inst[0]->pipes[0], buf,
+             build_service(buf, sizeof(buf), 0x701, e->id, "TunnelCommandToEdge", cn, cv, 2));
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_POST, ANY), 1);
+    assert_string_equal(t->last_command, "CONNECT");
+
+    /* CompleteTunnel (from any instance) ends an unclaimed record; it is
+     * still delivered. */
+    const char *kn[] = {"tid", "peer_name", "connection"};
+    const char *kv[] = {"tun-1", "p1", "{\"reason\": \"done\"}"};
+    m = f->nev;
+    pipe_msg(f, &f->inst[0]->pipes[0], buf,
+             build_service(buf, sizeof(buf), 0x702, e->id, "CompleteTunnel", kn, kv, 3));
+    assert_int_equal(count_edge_sends(f, m, e->id, EMX_AO_POST, ANY), 1);
+    assert_null(tunnel(f, "tun-1"));
+    assert_int_equal(emx_router_tunnel_count(f->r), 0);
+    assert_int_equal(e->ntunnels, 0);
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_COMPLETED], 1);
+}
+
+static void tunnel_non_success_answer_or_a4_ends_record(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    struct emx_ao_header req = start_tunnel(f, p, e, 0x710, "bad-host");
+    assert_non_null(tunnel(f, "bad-host"));
+    size_t m = f->nev;
+    edge_answer(f, e, EMX_AO_INTERNAL_ERROR, &req);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_INTERNAL_ERROR, 0x710, e->id));
+    assert_null(tunnel(f, "bad-host"));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_REFUSED], 1);
+
+    /* No answer at all: the platform gets 0xA4 and the record goes. */
+    start_tunnel(f, p, e, 0x711, "silent");
+    assert_non_null(tunnel(f, "silent"));
+    tick_at(f, f->now + f->cfg.edge_request_timeout);
+    assert_null(tunnel(f, "silent"));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_NO_ANSWER], 1);
+    assert_int_equal(e->ntunnels, 0);
+}
+
+static void tunnel_limits_refuse_with_a3_and_do_not_forward(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.max_tunnels = 3;
+    f->cfg.max_tunnels_per_device = 2;
+    start_equal(f, 1);
+    struct emx_edge *a = edge_authed(f);
+    struct emx_edge *b = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    assert_int_equal(start_tunnel(f, p, a, 0x720, "a1").code, EMX_AO_POST);
+    assert_int_equal(start_tunnel(f, p, a, 0x721, "a2").code, EMX_AO_POST);
+    size_t m = f->nev;
+    assert_int_equal(start_tunnel(f, p, a, 0x722, "a3").code, 0);
+    const struct ev *v = find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x722, a->id);
+    assert_non_null(v);
+    assert_null(tunnel(f, "a3"));
+    const struct emx_router_stats *st = emx_router_stats(f->r);
+    assert_int_equal(st->tunnels_refused[EMX_TUN_REFUSE_DEVICE_LIMIT], 1);
+    assert_int_equal(st->answers[EMX_ANS_TUNNEL_REFUSED], 1);
+
+    /* The same tid again, for another edge: refused. */
+    m = f->nev;
+    assert_int_equal(start_tunnel(f, p, b, 0x723, "a1").code, 0);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x723, b->id));
+    assert_int_equal(st->tunnels_refused[EMX_TUN_REFUSE_DUPLICATE], 1);
+    assert_int_equal(tunnel(f, "a1")->edge_id, a->id);
+
+    assert_int_equal(start_tunnel(f, p, b, 0x724, "b1").code, EMX_AO_POST);
+    m = f->nev;
+    assert_int_equal(start_tunnel(f, p, b, 0x725, "b2").code, 0);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x725, b->id));
+    assert_int_equal(st->tunnels_refused[EMX_TUN_REFUSE_PROCESS_LIMIT], 1);
+    assert_int_equal(emx_router_tunnel_count(f->r), 3);
+    assert_int_equal(st->tunnels_started, 3);
+
+    /* Other services and a StartTunnel without a tid pass untouched. */
+    m = f->nev;
+    platform_get(f, p, 0x726, a->id);
+    assert_int_equal(count_edge_sends(f, m, a->id, EMX_AO_GET, ANY), 1);
+    const char *nn[] = {"type"};
+    const char *nv[] = {"tcp"};
+    uint8_t buf[512];
+    m = f->nev;
+    pipe_msg(f, p, buf, build_service(buf, sizeof(buf), 0x727, a->id, "StartTunnel", nn, nv, 1));
+    assert_int_equal(count_edge_sends(f, m, a->id, EMX_AO_POST, ANY), 1);
+    assert_int_equal(st->tunnels_untracked, 1);
+}
+
+static void tunnel_deadline_attach_detach_and_edge_leaving(void **state)
+{
+    struct fx *f = *state;
+    f->cfg.tunnel_connect_timeout = 30000;
+    f->cfg.edge_request_timeout = 60000;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    struct emx_ao_header r1 = start_tunnel(f, p, e, 0x730, "t1");
+    struct emx_ao_header r2 = start_tunnel(f, p, e, 0x731, "t2");
+    edge_answer(f, e, EMX_AO_SUCCESS, &r1);
+    edge_answer(f, e, EMX_AO_SUCCESS, &r2);
+    assert_int_equal(emx_router_tunnel_attach(f->r, "t1", 2, f->now), 0);
+    assert_int_equal(emx_router_tunnel_attach(f->r, "t1", 2, f->now), -EBUSY);
+    assert_int_equal(emx_router_tunnel_attach(f->r, "nope", 4, f->now), -ENOENT);
+    assert_int_equal(emx_router_tunnel_detach(f->r, "nope", 4, f->now), -ENOENT);
+    uint64_t t0 = f->now;
+    tick_at(f, t0 + 29999);
+    assert_non_null(tunnel(f, "t2"));
+    tick_at(f, t0 + 30000);
+    assert_null(tunnel(f, "t2"));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_NO_SOCKET], 1);
+    assert_non_null(tunnel(f, "t1")); /* claimed: no deadline */
+    assert_int_equal(e->ntunnels, 1);
+
+    /* A third, unclaimed: the edge leaving ends it; the claimed one stays. */
+    struct emx_ao_header r3 = start_tunnel(f, p, e, 0x732, "t3");
+    edge_answer(f, e, EMX_AO_SUCCESS, &r3);
+    uint32_t id = e->id;
+    emx_router_edge_closed(f->r, e, f->now);
+    assert_null(tunnel(f, "t3"));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_EDGE_LEFT], 1);
+    const struct emx_tunnel *t = tunnel(f, "t1");
+    assert_non_null(t);
+    assert_true(t->edge_gone);
+    assert_int_equal(t->edge_id, id);
+    assert_int_equal(emx_router_tunnel_detach(f->r, "t1", 2, f->now), 0);
+    assert_null(tunnel(f, "t1"));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_DETACHED], 1);
+    assert_int_equal(emx_router_tunnel_count(f->r), 0);
+}
+
+static void tunnel_device_cancel_ends_record_and_is_forwarded(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    struct emx_ao_header r1 = start_tunnel(f, p, e, 0x740, "c1");
+    edge_answer(f, e, EMX_AO_SUCCESS, &r1);
+    const char *n[] = {"tid", "command"};
+    const char *v[] = {"c1", "DISCONNECT"};
+    uint8_t buf[512];
+    uint32_t rid = f->next_rid++;
+    size_t m = f->nev;
+    edge_msg(f, e, buf,
+             build_service(buf, sizeof(buf), rid, 0, "TunnelCommandFromEdge", n, v, 2));
+    assert_non_null(find_pipe_send(f, m, EMX_AO_POST, rid, e->id));
+    assert_string_equal(tunnel(f, "c1")->last_command, "DISCONNECT");
+    v[1] = "CANCEL";
+    rid = f->next_rid++;
+    m = f->nev;
+    edge_msg(f, e, buf,
+             build_service(buf, sizeof(buf), rid, 0, "TunnelCommandFromEdge", n, v, 2));
+    assert_non_null(find_pipe_send(f, m, EMX_AO_POST, rid, e->id));
+    assert_null(tunnel(f, "c1"));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_CANCELLED], 1);
+
+    /* A claimed record is only marked; detach ends it. */
+    struct emx_ao_header r2 = start_tunnel(f, p, e, 0x741, "c2");
+    edge_answer(f, e, EMX_AO_SUCCESS, &r2);
+    assert_int_equal(emx_router_tunnel_attach(f->r, "c2", 2, f->now), 0);
+    v[0] = "c2";
+    edge_msg(f, e, buf,
+             build_service(buf, sizeof(buf), f->next_rid++, 0, "TunnelCommandFromEdge", n, v, 2));
+    assert_int_equal(tunnel(f, "c2")->state, EMX_TUNNEL_COMPLETING);
+
+    /* Reload: a shorter connect timeout moves deadlines. */
+    start_tunnel(f, p, e, 0x742, "c3");
+    struct emx_router_config c = f->cfg;
+    c.tunnel_connect_timeout = 5000;
+    assert_int_equal(emx_router_set_config(f->r, &c, f->now), 0);
+    tick_at(f, f->now + 5000);
+    assert_null(tunnel(f, "c3"));
+    assert_non_null(tunnel(f, "c2"));
+}
+
 #define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
 
 
@@ -3612,6 +3882,11 @@ int main(void)
         T(bytes_in_flight_counts_multipart_chunks_and_zero_is_off),
         T(answer_backlog_cap_refuses_a3_until_the_edge_reads),
         T(memory_budget_sheds_newest_with_a0_and_recovers),
+        T(tunnel_recorded_before_forward_success_keeps_complete_ends),
+        T(tunnel_non_success_answer_or_a4_ends_record),
+        T(tunnel_limits_refuse_with_a3_and_do_not_forward),
+        T(tunnel_deadline_attach_detach_and_edge_leaving),
+        T(tunnel_device_cancel_ends_record_and_is_forwarded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
