@@ -154,7 +154,9 @@ static void names_add(struct names *ns, const char *id)
     int w =
         snprintf(ns->text + ns->len, sizeof(ns->text) - ns->len, "%s%s", ns->n > 1 ? ", " : "", id);
     if (w < 0 || (size_t)w >= sizeof(ns->text) - ns->len) {
-        memcpy(ns->text + sizeof(ns->text) - 5, ", ...", 5); /* keeps the NUL */
+        /* ", ..." and its NUL end the text (5 characters would have
+         * overwritten the NUL in the last byte) */
+        memcpy(ns->text + sizeof(ns->text) - 6, ", ...", 6);
         ns->len = sizeof(ns->text) - 1;
     } else {
         ns->len += (size_t)w;

@@ -164,6 +164,34 @@ static bool has_event(const struct emx_status *st, enum emx_event_kind kind, con
     return false;
 }
 
+/* Many instances in one change: the event lists as many ids as fit and
+ * ends in ", ..." inside its bound (it once lost its NUL there). */
+static void track_lists_many_instances_within_bounds(void **state)
+{
+    (void)state;
+    struct fx f = {0};
+    struct emx_router *r = make_router(&f);
+    struct emx_status st;
+    emx_status_init(&st);
+    struct emx_instance_info set[20];
+    char ids[20][32];
+    for (int i = 0; i < 20; i++) {
+        snprintf(ids[i], sizeof(ids[i]), "platform-instance-%02d", i);
+        set[i] = (struct emx_instance_info){
+            .id = ids[i], .host = "10.0.0.1", .port = (uint16_t)(8000 + i), .weight = 1};
+    }
+    emx_router_discovery_update(r, set, 20, 1000);
+    emx_status_track(&st, r, 1000, 5000);
+    const struct emx_event *e = emx_status_event_at(&st, 0);
+    assert_non_null(e);
+    size_t n = strnlen(e->text, sizeof(e->text));
+    assert_true(n < sizeof(e->text));
+    assert_non_null(strstr(e->text, "20 instances added: platform-instance-00, "));
+    assert_non_null(strstr(e->text, ", ..."));
+    emx_status_free(&st);
+    emx_router_free(r);
+}
+
 static void track_notices_changes(void **state)
 {
     (void)state;
@@ -324,6 +352,7 @@ int main(void)
         cmocka_unit_test(html_escaping),
         cmocka_unit_test(events_ring_is_bounded_and_merges_repeats),
         cmocka_unit_test(track_notices_changes),
+        cmocka_unit_test(track_lists_many_instances_within_bounds),
         cmocka_unit_test(page_numbers_and_escaping),
         cmocka_unit_test(answer_codes),
     };
