@@ -13,7 +13,7 @@ import threading
 import time
 import unittest
 
-from harness import (GET, INTERNAL_ERROR, PUT, SERVICE_UNAVAILABLE, SUCCESS, E2ETest, Edgemux,
+from harness import (GET, INTERNAL_ERROR, PUT, SERVICE_UNAVAILABLE, SLACK, SUCCESS, E2ETest, Edgemux,
                      Platform, ao_chunk_ids, ao_header, ao_infotable_blob, ao_parse, ao_str,
                      wait_until)
 
@@ -106,7 +106,8 @@ class FairShare(E2ETest):
         busy = light.get(INTERNAL_ERROR, 0)
         print("light: %d GETs %r (slowest %.2fs); heavy answers %r; errors %r" %
               (total, light, slowest, heavy, errors))
-        self.assertGreater(total, 100, light)
+        # enough GETs to judge (a sanitizer build serves fewer in the time)
+        self.assertGreater(total, 100 // SLACK, light)
         self.assertEqual(errors, [])
         # Before: 3,859 of 4,142 GETs answered 0xA0. Now a few at most, for
         # a moment when every pipe really is over its watermark.
