@@ -401,6 +401,16 @@ static int load_path(const char *path, enum emx_plugin_kind kind, struct emx_plu
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         int e = errno;
+        /* After server.user the plugin directory may not be searchable any
+         * more; a plugin already loaded from this very path is the one the
+         * configuration names, and it is held open: share it. */
+        for (size_t i = 0; e == EACCES && loaded && i < nloaded; i++)
+            if (loaded[i] && loaded[i]->kind == kind && loaded[i]->path &&
+                strcmp(loaded[i]->path, path) == 0) {
+                loaded[i]->refs++;
+                *out = loaded[i];
+                return 0;
+            }
         return refuse(&c, -e, "cannot open: %s", strerror(e));
     }
     rc = check_file(&c, fd);
