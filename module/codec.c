@@ -652,6 +652,10 @@ static int tunnel_on_value(void *user, uint8_t base_type, const uint8_t *value, 
             struct emx_ao_str *dst[] = {&m->tid, &m->type, &m->connection, &m->command,
                                         &m->peer_name};
             *dst[i] = s;
+            if (i == TF_TID) {
+                m->tid_value = value;
+                m->tid_value_len = r.pos; /* the prefix and the bytes, nothing after */
+            }
         } else {
             if (base_type != EMX_BT_INTEGER || len != 4)
                 continue;
@@ -702,6 +706,23 @@ int emx_ao_tunnel_parse(const uint8_t *body, size_t len, struct emx_ao_tunnel_ms
         w.slot[i] = SIZE_MAX;
     struct emx_ao_infotable_visitor v = {tunnel_on_field, tunnel_on_row, tunnel_on_value, &w};
     return emx_ao_walk_infotable(req.params, req.params_len, &v, NULL);
+}
+
+size_t emx_ao_tunnel_with_tid(const uint8_t *msg, size_t len, const struct emx_ao_tunnel_msg *m,
+                              const void *tid, size_t tid_len, uint8_t *out, size_t cap)
+{
+    if (!m->tid_value || m->tid_value < msg || m->tid_value_len > len ||
+        (size_t)(m->tid_value - msg) > len - m->tid_value_len)
+        return 0;
+    size_t head = (size_t)(m->tid_value - msg), tail = len - head - m->tid_value_len;
+    size_t enc = emx_ao_str_size(tid_len);
+    if (tid_len > 0x7FFFFFFFu || cap < head || cap - head < enc || cap - head - enc < tail)
+        return 0;
+    memcpy(out, msg, head);
+    if (emx_ao_write_str(out + head, enc, tid, tid_len) != enc)
+        return 0;
+    memcpy(out + head + enc, msg + head + m->tid_value_len, tail);
+    return head + enc + tail;
 }
 
 /* A bounded scanner over JSON text: enough to find two top-level members. */

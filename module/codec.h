@@ -271,6 +271,10 @@ struct emx_ao_tunnel_msg {
     struct emx_ao_str peer_name;  /* CompleteTunnel */
     bool has_chunksize, has_idle_timeout, has_read_timeout;
     int32_t chunksize, idle_timeout, read_timeout;
+    /* Where tid's value lies, encoded (its length prefix and bytes): what
+     * emx_ao_tunnel_with_tid replaces. NULL when tid is unset. */
+    const uint8_t *tid_value;
+    size_t tid_value_len;
 };
 
 /* Is this request body (everything after the header) a tunnel control
@@ -288,6 +292,12 @@ const char *emx_ao_tunnel_service_name(enum emx_ao_tunnel_service s);
  * Returns EMX_AO_OK when both are found (port 0..65535), EMX_AO_EBODY
  * otherwise. A scanner, not a JSON validator; never reads past the view. */
 int emx_ao_tunnel_target(struct emx_ao_str connection, struct emx_ao_str *host, uint16_t *port);
+/* Copy the single-part message `msg` (header and body; `m` parsed from its
+ * body) into `out` with the value of its tid field replaced by the string
+ * `tid`. Every other byte is unchanged. Returns the new length, or 0 when
+ * `m` has no tid, the tid does not lie inside `msg`, or `cap` is short. */
+size_t emx_ao_tunnel_with_tid(const uint8_t *msg, size_t len, const struct emx_ao_tunnel_msg *m,
+                              const void *tid, size_t tid_len, uint8_t *out, size_t cap);
 
 /* ---- builders ---- */
 

@@ -559,6 +559,67 @@ static void tunnel_end(struct emx_router *r, struct emx_tunnel *t, enum emx_tunn
     emx_free(t); /* the strings live in the same block */
 }
 
+void emx_tunnel_token(const char *instance_id, char out[EMX_TUNNEL_TOKEN_LEN + 1])
+{
+    uint32_t h = 2166136261u; /* FNV-1a-32: stable across processes and versions */
+    for (const unsigned char *p = (const unsigned char *)instance_id; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    snprintf(out, EMX_TUNNEL_TOKEN_LEN + 1, "x%08" PRIx32 "~", h);
+}
+
+bool emx_tunnel_token_split(const char *tid, size_t len, const char **rest, size_t *rest_len)
+{
+    if (len <= EMX_TUNNEL_TOKEN_LEN || tid[0] != 'x' || tid[EMX_TUNNEL_TOKEN_LEN - 1] != '~')
+        return false;
+    for (size_t i = 1; i < EMX_TUNNEL_TOKEN_LEN - 1; i++)
+        if (!((tid[i] >= '0' && tid[i] <= '9') || (tid[i] >= 'a' && tid[i] <= 'f')))
+            return false;
+    *rest = tid + EMX_TUNNEL_TOKEN_LEN;
+    *rest_len = len - EMX_TUNNEL_TOKEN_LEN;
+    return true;
+}
+
+struct emx_instance *emx_router_instance_by_token(struct emx_router *r, const char *tid,
+                                                  size_t len)
+{
+    const char *rest;
+    size_t rest_len;
+    if (!emx_tunnel_token_split(tid, len, &rest, &rest_len))
+        return NULL;
+    for (struct emx_instance *inst = emx_router_instance_next(r, NULL); inst;
+         inst = emx_router_instance_next(r, inst)) {
+        char tok[EMX_TUNNEL_TOKEN_LEN + 1];
+        emx_tunnel_token(inst->id, tok);
+        if (memcmp(tok, tid, EMX_TUNNEL_TOKEN_LEN) == 0)
+            return inst;
+    }
+    return NULL;
+}
+
+/* The message a tunnel service becomes on its way: `tid` in place of its
+ * tid (single-part messages only). Returns a new buffer (*out_len) or NULL
+ * (no memory, no tid): the message then goes unchanged. */
+static uint8_t *tunnel_retid(const uint8_t *msg, size_t len, const struct emx_ao_tunnel_msg *m,
+                             const char *prefix, size_t plen, const void *tid, size_t tid_len,
+                             size_t *out_len)
+{
+    char joined[EMX_TUNNEL_TOKEN_LEN + TUNNEL_TID_MAX];
+    if (!m->tid_value || plen > EMX_TUNNEL_TOKEN_LEN || tid_len > TUNNEL_TID_MAX)
+        return NULL;
+    memcpy(joined, prefix, plen);
+    memcpy(joined + plen, tid, tid_len);
+    size_t cap = len + 4 + EMX_TUNNEL_TOKEN_LEN;
+    uint8_t *buf = emx_malloc(cap);
+    if (!buf)
+        return NULL;
+    *out_len = emx_ao_tunnel_with_tid(msg, len, m, joined, plen + tid_len, buf, cap);
+    if (!*out_len) {
+        emx_free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
 /* Copy a string view into a fixed field, NUL-terminated, printable only. */
 static void copy_field(char *dst, size_t cap, struct emx_ao_str s)
 {
@@ -1159,6 +1220,22 @@ static void refuse(struct emx_router *r, struct emx_edge *e, const struct emx_ao
     arm_request_timer(r, q, now);
 }
 
+/* A device's TunnelCommandFromEdge names the tid it saw: the platform
+ * gets its own back, the token removed (§9.3). Returns the rewritten
+ * message, or NULL to route `data` unchanged (not such a service, no
+ * token, no memory). */
+static uint8_t *tunnel_untoken(const uint8_t *data, size_t len, size_t body_off, size_t *out_len)
+{
+    struct emx_ao_tunnel_msg tm;
+    const char *rest;
+    size_t rest_len;
+    if (emx_ao_tunnel_parse(data + body_off, len - body_off, &tm) != EMX_AO_OK ||
+        tm.service != EMX_AO_TUNNEL_COMMAND_FROM || !tm.tid.ptr ||
+        !emx_tunnel_token_split((const char *)tm.tid.ptr, tm.tid.len, &rest, &rest_len))
+        return NULL;
+    return tunnel_retid(data, len, &tm, "", 0, rest, rest_len, out_len);
+}
+
 static void edge_request(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
                          uint8_t *data, size_t len, size_t body_off, uint64_t now)
 {
@@ -1565,7 +1642,15 @@ void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *
     } else if (h.multipart && h.chunk_id > 1) {
         edge_chunk(r, e, &h, data, len, body_off, now);
     } else {
-        edge_request(r, e, &h, data, len, body_off, now);
+        uint8_t *plain = NULL;
+        size_t plain_len = 0;
+        if (!h.multipart && h.code >= EMX_AO_GET && h.code <= EMX_AO_DELETE)
+            plain = tunnel_untoken(data, len, body_off, &plain_len);
+        if (plain)
+            edge_request(r, e, &h, plain, plain_len, body_off, now);
+        else
+            edge_request(r, e, &h, data, len, body_off, now);
+        emx_free(plain);
     }
 out:
     close_drained(r);
@@ -1931,7 +2016,25 @@ static void platform_request(struct emx_router *r, struct emx_pipe *p,
         tun->start_in = in;
     }
     emx_ao_put_u32(data + EMX_AO_OFF_REQUEST_ID, in->local_id);
-    send_edge(r, e, data, len);
+    /* The device sees the tid with its owner's token in front (§9.3): a
+     * StartTunnel's owner is this pipe's instance; for the other services
+     * it is the record's owner, else the sender. */
+    uint8_t *retid = NULL;
+    size_t retid_len = 0;
+    if ((tun || tunnel_ctl) && tm.tid.ptr && tm.tid.len) {
+        const struct emx_tunnel *rec = tun ? tun : tunnel_lookup(r, tm.tid.ptr, tm.tid.len);
+        char tok[EMX_TUNNEL_TOKEN_LEN + 1];
+        emx_tunnel_token(rec ? rec->instance_id : p->inst->id, tok);
+        retid = tunnel_retid(data, len, &tm, tok, EMX_TUNNEL_TOKEN_LEN, tm.tid.ptr, tm.tid.len,
+                             &retid_len);
+        if (!retid)
+            r->stats.tunnels_untracked++;
+    }
+    if (retid)
+        send_edge(r, e, retid, retid_len);
+    else
+        send_edge(r, e, data, len);
+    emx_free(retid);
     if (tunnel_ctl)
         tunnel_control(r, &tm);
 }

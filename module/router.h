@@ -382,6 +382,20 @@ bool emx_instance_is_eligible(const struct emx_router *r, const struct emx_insta
 
 /* ---- tunnels ---- */
 
+/* Self-routing tids (docs/protocol.md §9.3): the tid a device sees is the
+ * platform's prefixed with a token naming the owner instance, "x" + 8 hex
+ * digits of FNV-1a-32 of the instance id + "~". Every edgemux computes the
+ * same token from the same discovery set. */
+#define EMX_TUNNEL_TOKEN_LEN 10
+void emx_tunnel_token(const char *instance_id, char out[EMX_TUNNEL_TOKEN_LEN + 1]);
+/* Does `tid` start with a well-formed token followed by at least one byte?
+ * Then *rest / *rest_len are the platform's tid. */
+bool emx_tunnel_token_split(const char *tid, size_t len, const char **rest, size_t *rest_len);
+/* The instance (draining ones included) whose token `tid` starts with, or
+ * NULL. */
+struct emx_instance *emx_router_instance_by_token(struct emx_router *r, const char *tid,
+                                                  size_t len);
+
 /* The record of a tid (not NUL-terminated; tid_len bytes), or NULL. */
 const struct emx_tunnel *emx_router_tunnel_find(struct emx_router *r, const char *tid,
                                                 size_t tid_len);

@@ -1713,6 +1713,42 @@ static void test_tunnel_start_vector(void **state)
     assert_int_equal(m.service, EMX_AO_TUNNEL_START);
 }
 
+/* The tid is replaced in place of its value, by a longer one (its length
+ * prefix grows from 1 to 4 bytes past 127) and a shorter one; every other
+ * field parses the same, and a message without a tid is not rewritten. */
+static void test_tunnel_with_tid(void **state)
+{
+    (void)state;
+    const char *vectors[] = {TUN_START_HEX, TUN_CANCEL_HEX, TUN_COMPLETE_HEX, TUN_TO_EDGE_HEX};
+    char big[200];
+    memset(big, 'z', sizeof(big));
+    for (size_t v = 0; v < 4; v++) {
+        uint8_t buf[512], out[1024];
+        size_t n = unhex(vectors[v], buf, sizeof(buf));
+        size_t off = EMX_AO_HEADER_SIZE;
+        struct emx_ao_tunnel_msg m, m2;
+        assert_int_equal(emx_ao_tunnel_parse(buf + off, n - off, &m), EMX_AO_OK);
+        const char *tids[] = {"xdeadbeef~tun-1", "t", big};
+        size_t lens[] = {15, 1, sizeof(big)};
+        for (size_t t = 0; t < 3; t++) {
+            size_t w = emx_ao_tunnel_with_tid(buf, n, &m, tids[t], lens[t], out, sizeof(out));
+            assert_int_equal(w, n - 5 - 1 + lens[t] + (lens[t] < 128 ? 1 : 4));
+            assert_memory_equal(out, buf, EMX_AO_HEADER_SIZE);
+            assert_int_equal(emx_ao_tunnel_parse(out + off, w - off, &m2), EMX_AO_OK);
+            assert_int_equal(m2.service, m.service);
+            assert_int_equal(m2.tid.len, lens[t]);
+            assert_memory_equal(m2.tid.ptr, tids[t], lens[t]);
+            assert_int_equal(m2.command.len, m.command.len);
+            assert_int_equal(m2.connection.len, m.connection.len);
+            assert_int_equal(m2.chunksize, m.chunksize);
+            /* too small an output buffer: nothing */
+            assert_int_equal(emx_ao_tunnel_with_tid(buf, n, &m, tids[t], lens[t], out, w - 1), 0);
+        }
+        m.tid_value = NULL;
+        assert_int_equal(emx_ao_tunnel_with_tid(buf, n, &m, "a", 1, out, sizeof(out)), 0);
+    }
+}
+
 static void test_tunnel_control_vectors(void **state)
 {
     (void)state;
@@ -1922,6 +1958,7 @@ int main(void)
         cmocka_unit_test(test_trailing_bytes),
         cmocka_unit_test(test_tunnel_start_vector),
         cmocka_unit_test(test_tunnel_control_vectors),
+        cmocka_unit_test(test_tunnel_with_tid),
         cmocka_unit_test(test_tunnel_not_a_service),
         cmocka_unit_test(test_tunnel_fields),
         cmocka_unit_test(test_tunnel_target_scanner),
