@@ -36,6 +36,49 @@ size_t ao_infotable_blob(uint8_t *buf, size_t cap, const char *field, const uint
     return p;
 }
 
+size_t ao_infotable_row_size(const struct ao_field *f, size_t n)
+{
+    size_t need = 1 + 3 + 1; /* end of shape; row marker + count; end of rows */
+    for (size_t k = 0; k < n; k++) {
+        need += 1 + emx_ao_str_size(strlen(f[k].name)) + 1 + 1 + 2 + 1;
+        need += f[k].type == EMX_BT_STRING ? emx_ao_str_size(f[k].s ? strlen(f[k].s) : 0) : 4;
+    }
+    return need;
+}
+
+size_t ao_infotable_row(uint8_t *buf, size_t cap, const struct ao_field *f, size_t n)
+{
+    if (n > 0xFFFF || cap < ao_infotable_row_size(f, n))
+        return 0;
+    size_t p = 0;
+    for (size_t k = 0; k < n; k++) {
+        if (f[k].type != EMX_BT_STRING && f[k].type != EMX_BT_INTEGER)
+            return 0;
+        buf[p++] = 1;
+        p += emx_ao_write_str(buf + p, cap - p, f[k].name, strlen(f[k].name));
+        buf[p++] = 0; /* empty description */
+        buf[p++] = f[k].type;
+        emx_ao_put_u16(buf + p, 0);
+        p += 2;
+    }
+    buf[p++] = 0; /* end of shape */
+    buf[p++] = 1; /* one row */
+    emx_ao_put_u16(buf + p, (uint16_t)n);
+    p += 2;
+    for (size_t k = 0; k < n; k++) {
+        buf[p++] = f[k].type;
+        if (f[k].type == EMX_BT_STRING) {
+            const char *s = f[k].s ? f[k].s : "";
+            p += emx_ao_write_str(buf + p, cap - p, s, strlen(s));
+        } else {
+            emx_ao_put_u32(buf + p, (uint32_t)f[k].i);
+            p += 4;
+        }
+    }
+    buf[p++] = 0; /* end of rows */
+    return p;
+}
+
 int ao_emit(const struct emx_ao_header *h, uint8_t entity_type, const char *entity_name,
             const uint8_t *body, size_t body_len, size_t chunk_size, ao_send_fn send, void *arg)
 {

@@ -17,6 +17,19 @@ size_t ao_infotable_blob(uint8_t *buf, size_t cap, const char *field, const uint
 /* Bytes ao_infotable_blob needs. */
 size_t ao_infotable_blob_size(const char *field, size_t len);
 
+/* One field of a one-row InfoTable: STRING (s) or INTEGER (i). */
+struct ao_field {
+    const char *name;
+    uint8_t type; /* EMX_BT_STRING or EMX_BT_INTEGER */
+    const char *s;
+    int32_t i;
+};
+/* An InfoTable with these fields, in this order, and one row of their
+ * values (the tunnel control services' params, TUNNELS.md §3.1, §5).
+ * Returns bytes written, or 0 when cap is too small or a type is other. */
+size_t ao_infotable_row(uint8_t *buf, size_t cap, const struct ao_field *f, size_t n);
+size_t ao_infotable_row_size(const struct ao_field *f, size_t n);
+
 /* Emit one AlwaysOn message as the SDK would: whole if header + body fit in
  * chunk_size, else as multipart chunks each no larger than chunk_size that
  * repeat the header, the multipart header and entityType · entityName.

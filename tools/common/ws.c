@@ -637,9 +637,18 @@ static long parse_frames(struct ws_conn *c, uint8_t *p, size_t n)
                 if (len == 1)
                     return fail(c, "bad close frame", 1002), -1;
                 c->close_code = len >= 2 ? (uint16_t)((pl[0] << 8) | pl[1]) : 1005;
+                if (len > 2) {
+                    size_t tl = (size_t)len - 2 < sizeof(c->close_text) - 1
+                                    ? (size_t)len - 2
+                                    : sizeof(c->close_text) - 1;
+                    memcpy(c->close_text, pl + 2, tl);
+                    c->close_text[tl] = '\0';
+                }
                 if (!c->reason)
                     c->reason = "peer sent close";
-                if (c->state == WS_OPEN) {
+                /* The SDK drops a tunnel socket without answering the
+                 * server's close frame (TUNNELS.md §6). */
+                if (c->state == WS_OPEN && !(c->sdk_tunnel && c->role == WS_CLIENT)) {
                     uint8_t echo[2] = {(uint8_t)(c->close_code >> 8), (uint8_t)c->close_code};
                     ws_send_control(c, WS_OP_CLOSE, echo, len >= 2 ? 2 : 0);
                     if (c->state == WS_CLOSED)
@@ -776,7 +785,15 @@ static long handshake(struct ws_conn *c, uint8_t *p, size_t n)
             ws_abort(c, "upgrade refused", false);
             return -1;
         }
-        if (!up || !ws_str_ieq(*up, "websocket") || !conn || !ws_str_has_token(*conn, "upgrade")) {
+        if (c->sdk_tunnel && c->rx_max_frame && (size_t)hl > c->rx_max_frame) {
+            ws_abort(c, "upgrade response larger than Max-Frame-Size", false);
+            return -1;
+        }
+        /* The SDK compares each header as one value: "Upgrade, keep-alive"
+         * fails its check. */
+        bool conn_ok = conn && (c->sdk_tunnel ? ws_str_ieq(*conn, "upgrade")
+                                              : ws_str_has_token(*conn, "upgrade"));
+        if (!up || !ws_str_ieq(*up, "websocket") || !conn_ok) {
             ws_abort(c, "bad upgrade response headers", false);
             return -1;
         }
@@ -850,6 +867,12 @@ static long process(struct ws_conn *c, uint8_t *p, size_t n)
         if (r <= 0)
             return r;
         pos = (size_t)r;
+        if (c->role == WS_CLIENT && c->sdk_tunnel) {
+            /* The SDK reads the response into one buffer and drops whatever
+             * came with it. */
+            c->glued_bytes += n - pos;
+            return (long)n;
+        }
     }
     long r = parse_frames(c, p + pos, n - pos);
     return r < 0 ? -1 : (long)pos + r;
@@ -1022,7 +1045,16 @@ struct ws_conn *ws_client_connect(uv_loop_t *loop, const struct sockaddr *dest,
     char mfs[48] = "";
     if (o->max_frame_size)
         snprintf(mfs, sizeof(mfs), "Max-Frame-Size: %u\r\n", (unsigned)o->max_frame_size);
-    int n = snprintf(
+    int n;
+    if (o->sdk_tunnel)
+        n = snprintf(cr->text, cap,
+                     "GET %s HTTP/1.1\r\nUser-Agent: ThingWorx C SDK\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nHost: %s\r\nSec-WebSocket-Version: 13\r\n"
+                     "Sec-WebSocket-Key: %s\r\n%s%s%s%s\r\n",
+                     o->path, o->host, key, mfs, o->app_key ? "appKey: " : "",
+                     o->app_key ? o->app_key : "", o->app_key ? "\r\n" : "");
+    else
+        n = snprintf(
         cr->text, cap,
         "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: ThingWorx C SDK\r\n"
         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -1051,7 +1083,8 @@ struct ws_conn *ws_client_connect(uv_loop_t *loop, const struct sockaddr *dest,
         return NULL;
     }
     c->accept = strdup(accept);
-    c->deflate = o->deflate; /* offered; confirmed by the response */
+    c->deflate = o->deflate && !o->sdk_tunnel; /* offered; confirmed by the response */
+    c->sdk_tunnel = o->sdk_tunnel;
     c->rx_max_frame = o->max_frame_size;
     c->reject_64bit = true;
     cr->c = c;

@@ -91,6 +91,12 @@ struct ws_client_opts {
     uint32_t max_frame_size;   /* Max-Frame-Size header and receive limit; 0: none */
     bool deflate;              /* offer permessage-deflate */
     const char *extra_headers; /* raw "Name: value\r\n" lines, or NULL */
+    /* A ThingWorx C SDK 2.2.1 tunnel socket (TUNNELS.md §3.3): the SDK's
+     * header order, no compression, Upgrade and Connection each checked as
+     * one case-insensitive value, the response head no larger than
+     * max_frame_size, and every byte that came in the same read as the 101
+     * discarded (counted in ws_conn.glued_bytes), as the SDK does. */
+    bool sdk_tunnel;
 };
 
 struct ws_stats {
@@ -121,6 +127,9 @@ struct ws_conn {
     const char *reason;      /* why the connection ended (static string) */
     uint16_t close_code;     /* close code received, or 0 */
     uint16_t http_status;    /* client: status of a refused upgrade */
+    bool sdk_tunnel;         /* client: see ws_client_opts.sdk_tunnel */
+    uint64_t glued_bytes;    /* sdk_tunnel: bytes discarded with the 101 */
+    char close_text[124];    /* reason text of the close frame received, NUL-ended */
     /* Raw bytes not yet parsed (incomplete frame or HTTP head). */
     uint8_t *rbuf;
     size_t rlen, rcap;

@@ -42,7 +42,143 @@ static struct {
     uv_signal_t sigint;
     uint64_t last_progress_ns;
     uint64_t rng;
+    /* --tunnel-echo-port: a TCP echo server standing for tunnel targets. */
+    bool echo_on;
+    uv_tcp_t echo;
+    uint64_t echo_conns, echo_bytes;
 } G;
+
+/* ---- the tunnel targets' echo server ---- */
+
+#define ECHO_HIGH_MARK (1u << 20)
+
+struct echo_conn {
+    uv_tcp_t tcp;
+    struct echo_conn *prev, *next; /* G.echo_list */
+    bool reading;
+};
+
+static struct echo_conn *echo_list;
+
+struct echo_write {
+    uv_write_t req;
+    struct echo_conn *e;
+    char data[];
+};
+
+static void echo_closed(uv_handle_t *h)
+{
+    struct echo_conn *e = h->data;
+    if (e->prev)
+        e->prev->next = e->next;
+    else if (echo_list == e)
+        echo_list = e->next;
+    if (e->next)
+        e->next->prev = e->prev;
+    free(e);
+}
+
+static void echo_close_all(void)
+{
+    for (struct echo_conn *e = echo_list; e; e = e->next)
+        if (!uv_is_closing((uv_handle_t *)&e->tcp))
+            uv_close((uv_handle_t *)&e->tcp, echo_closed);
+}
+
+static void echo_alloc(uv_handle_t *h, size_t sz, uv_buf_t *buf)
+{
+    (void)h;
+    (void)sz;
+    static char scratch[65536];
+    *buf = uv_buf_init(scratch, sizeof(scratch));
+}
+
+static void echo_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+static void echo_written(uv_write_t *req, int status)
+{
+    struct echo_write *w = (struct echo_write *)req;
+    struct echo_conn *e = w->e;
+    free(w);
+    if (status < 0 || uv_is_closing((uv_handle_t *)&e->tcp))
+        return;
+    if (!e->reading && uv_stream_get_write_queue_size((uv_stream_t *)&e->tcp) < ECHO_HIGH_MARK) {
+        e->reading = true;
+        uv_read_start((uv_stream_t *)&e->tcp, echo_alloc, echo_read);
+    }
+}
+
+static void echo_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct echo_conn *e = s->data;
+    if (nread == 0)
+        return;
+    if (nread < 0) {
+        if (!uv_is_closing((uv_handle_t *)s))
+            uv_close((uv_handle_t *)s, echo_closed);
+        return;
+    }
+    struct echo_write *w = malloc(sizeof(*w) + (size_t)nread);
+    if (!w) {
+        uv_close((uv_handle_t *)s, echo_closed);
+        return;
+    }
+    w->e = e;
+    memcpy(w->data, buf->base, (size_t)nread);
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)nread);
+    if (uv_write(&w->req, s, &b, 1, echo_written) != 0) {
+        free(w);
+        uv_close((uv_handle_t *)s, echo_closed);
+        return;
+    }
+    G.echo_bytes += (uint64_t)nread;
+    if (uv_stream_get_write_queue_size(s) >= ECHO_HIGH_MARK) {
+        e->reading = false;
+        uv_read_stop(s);
+    }
+}
+
+static void echo_on_connection(uv_stream_t *server, int status)
+{
+    if (status < 0)
+        return;
+    struct echo_conn *e = calloc(1, sizeof(*e));
+    if (!e)
+        return;
+    uv_tcp_init(G.loop, &e->tcp);
+    e->tcp.data = e;
+    e->next = echo_list;
+    if (echo_list)
+        echo_list->prev = e;
+    echo_list = e;
+    if (uv_accept(server, (uv_stream_t *)&e->tcp) != 0) {
+        uv_close((uv_handle_t *)&e->tcp, echo_closed);
+        return;
+    }
+    G.echo_conns++;
+    uv_tcp_nodelay(&e->tcp, 1);
+    e->reading = true;
+    uv_read_start((uv_stream_t *)&e->tcp, echo_alloc, echo_read);
+}
+
+static int echo_listen(uint32_t port)
+{
+    struct sockaddr_in sa;
+    uv_ip4_addr("127.0.0.1", (int)port, &sa);
+    uv_tcp_init(G.loop, &G.echo);
+    int rc = uv_tcp_bind(&G.echo, (struct sockaddr *)&sa, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&G.echo, 128, echo_on_connection);
+    int l = sizeof(sa);
+    if (rc == 0)
+        rc = uv_tcp_getsockname(&G.echo, (struct sockaddr *)&sa, &l);
+    if (rc != 0)
+        return rc;
+    G.echo_on = true;
+    printf("edge-sim tunnel-echo port=%u\n", ntohs(sa.sin_port));
+    fflush(stdout);
+    return 0;
+}
 
 static uint64_t rnd(void)
 {
@@ -152,6 +288,7 @@ struct totals {
     uint64_t by_outcome[EDGE_OUTCOME_COUNT], by_code[256], count;
     uint64_t ready, connects, disconnects, pings_ignored, unexpected, bad, wrong_ep;
     uint32_t max_frame;
+    struct edge_tunnel_stats tun;
 };
 
 static void collect(struct totals *t)
@@ -174,6 +311,7 @@ static void collect(struct totals *t)
         t->wrong_ep += s->wrong_endpoint;
         if (s->max_frame_in > t->max_frame)
             t->max_frame = s->max_frame_in;
+        emx_edge_tunnel_stats_add(&t->tun, emx_edge_client_tunnel_stats(G.edges[i].c));
     }
 }
 
@@ -186,10 +324,11 @@ static void progress(uint64_t now)
     double el = (double)(now - G.start_ns) / 1e9;
     fprintf(stderr,
             "[%6.1fs] ready %" PRIu64 "/%u sent %" PRIu64 " answered %" PRIu64 " pending %" PRIu64
-            " lost %" PRIu64 " refused-offline %" PRIu64 " disconnects %" PRIu64 "\n",
+            " lost %" PRIu64 " refused-offline %" PRIu64 " disconnects %" PRIu64
+            " tunnels %" PRIu64 "\n",
             el, t.ready, G.nedges, G.issued, t.by_outcome[EDGE_ANSWERED],
             t.by_outcome[EDGE_PENDING], t.by_outcome[EDGE_CONNECTION_LOST], G.refused,
-            t.disconnects);
+            t.disconnects, t.tun.active);
 }
 
 static void on_tick(uv_timer_t *tm)
@@ -223,6 +362,10 @@ static void on_tick(uv_timer_t *tm)
             emx_edge_client_stop(G.edges[i].c);
         uv_close((uv_handle_t *)&G.sigint, NULL);
         uv_close((uv_handle_t *)tm, NULL);
+        if (G.echo_on) {
+            uv_close((uv_handle_t *)&G.echo, NULL);
+            echo_close_all();
+        }
     }
 }
 
@@ -279,6 +422,29 @@ static int summary(void)
     printf("  server misbehaviour: unexpected answers %" PRIu64 ", bad messages %" PRIu64
            ", wrong endpointId %" PRIu64 "\n",
            t.unexpected, t.bad, t.wrong_ep);
+    const struct edge_tunnel_stats *u = &t.tun;
+    printf("  tunnels: requests=%" PRIu64 " refused=%" PRIu64 " opened=%" PRIu64
+           " upgrade_refused=%" PRIu64 " last_refused_status=%u upgrade_failed=%" PRIu64
+           " closed=%" PRIu64 " active=%" PRIu64 " cancels_sent=%" PRIu64
+           " disconnects_sent=%" PRIu64 " control_failed=%" PRIu64 " completes=%" PRIu64
+           " commands=%" PRIu64 "\n",
+           u->requests, u->refused, u->opened, u->upgrade_refused, u->last_refused_status,
+           u->upgrade_failed, u->closed, u->active, u->cancels_sent, u->disconnects_sent,
+           u->control_failed, u->completes, u->commands);
+    printf("  tunnel data: bytes_to_platform=%" PRIu64 " bytes_from_platform=%" PRIu64
+           " msgs_to_platform=%" PRIu64 " msgs_from_platform=%" PRIu64 " glued_bytes=%" PRIu64
+           " binary_dropped=%" PRIu64 " oversize_dropped=%" PRIu64 " bad_base64=%" PRIu64
+           " no_target=%" PRIu64 " max_frame_in=%u\n",
+           u->bytes_to_platform, u->bytes_from_platform, u->msgs_to_platform,
+           u->msgs_from_platform, u->glued_bytes, u->binary_dropped, u->oversize_dropped,
+           u->bad_base64, u->no_target, u->max_frame_in);
+    printf("  tunnel events: target_connects=%" PRIu64 " target_failures=%" PRIu64
+           " target_write_errors=%" PRIu64 " server_closes=%" PRIu64 " socket_errors=%" PRIu64
+           " idle_timeouts=%" PRIu64 " pings_ignored=%" PRIu64 " foreign_stop_reason=%" PRIu64
+           " echo_conns=%" PRIu64 " echo_bytes=%" PRIu64 "\n",
+           u->target_connects, u->target_failures, u->target_write_errors, u->server_closes,
+           u->socket_errors, u->idle_timeouts, u->pings_ignored, u->foreign_stop_reason,
+           G.echo_conns, G.echo_bytes);
     free(lat);
     int rc = 0;
     if (G.ledger_path) {
@@ -331,6 +497,10 @@ static void usage(FILE *f)
             "  --answer-pings         answer server pings (the SDK does not)\n"
             "  --ledger FILE          write every request and its outcome as JSON\n"
             "  --strict               also fail on server misbehaviour\n"
+            "  --tunnel-echo-port P   run a TCP echo server on 127.0.0.1:P for tunnel\n"
+            "                         targets (0: any port; prints 'edge-sim tunnel-echo port=P')\n"
+            "  --no-tunnels           ignore tunnel services (SDK without ENABLE_TUNNELING)\n"
+            "  --max-tunnels N        concurrent tunnels per edge (default 64)\n"
             "  --quiet                no progress lines\n");
 }
 
@@ -358,12 +528,17 @@ int main(int argc, char **argv)
                                          {"ledger", required_argument, NULL, 'l'},
                                          {"strict", no_argument, NULL, 'x'},
                                          {"quiet", no_argument, NULL, 'q'},
+                                         {"tunnel-echo-port", required_argument, NULL, 'E'},
+                                         {"no-tunnels", no_argument, NULL, 'T'},
+                                         {"max-tunnels", required_argument, NULL, 'N'},
                                          {"help", no_argument, NULL, 'h'},
                                          {0, 0, 0, 0}};
     struct edge_client_config cfg = {0};
     char *key = NULL;
     const char *ips = NULL;
     double d;
+    uint32_t echo_port = 0;
+    bool want_echo = false;
     G.nedges = 1;
     G.nthings = 1;
     G.rate = 1;
@@ -451,6 +626,16 @@ int main(int argc, char **argv)
         case 'q':
             G.quiet = true;
             break;
+        case 'E':
+            ok = parse_u32(optarg, &echo_port) && echo_port <= 65535;
+            want_echo = ok;
+            break;
+        case 'T':
+            cfg.tunnels_off = true;
+            break;
+        case 'N':
+            ok = parse_u32(optarg, &cfg.max_tunnels) && cfg.max_tunnels > 0;
+            break;
         case 'h':
             usage(stdout);
             return 0;
@@ -499,6 +684,14 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     G.loop = uv_default_loop();
     G.rng = uv_hrtime() | 1;
+    if (want_echo) {
+        int erc = echo_listen(echo_port);
+        if (erc != 0) {
+            fprintf(stderr, "edge-sim: tunnel echo on 127.0.0.1:%u: %s\n", echo_port,
+                    uv_strerror(erc));
+            return 1;
+        }
+    }
     if (G.size) {
         uint8_t *fill = calloc(1, G.size);
         size_t cap = ao_infotable_blob_size("Value", G.size);

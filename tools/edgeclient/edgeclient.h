@@ -62,6 +62,11 @@ struct edge_client_config {
     enum edge_answer_mode answer_mode;
     uint32_t answer_size;      /* echo answers carry this many bytes when non-zero */
     const char *extra_headers; /* raw "Name: value\r\n" lines added to the upgrade */
+    /* Remote Access tunnels (TUNNELS.md §2-§6), served as the C SDK 2.2.1
+     * does for bound Things: StartTunnel, CompleteTunnel,
+     * TunnelCommandToEdge. */
+    bool tunnels_off;     /* a library built without ENABLE_TUNNELING */
+    uint32_t max_tunnels; /* concurrent tunnels per client; default 64 */
     void (*on_state)(struct emx_edge_client *c, enum edge_state s, void *user);
     void *user;
 };
@@ -102,6 +107,50 @@ struct edge_client_stats {
     uint16_t last_http_status, last_close_code;
 };
 
+/* Tunnel counters: per tunnel, per client (every tunnel it ever had) and
+ * summed by the caller over clients. Raw bytes are the TCP payload, before
+ * base64 / after decoding. */
+struct edge_tunnel_stats {
+    uint64_t requests;        /* StartTunnel received for a bound Thing */
+    uint64_t refused;         /* ... answered other than SUCCESS */
+    uint64_t opened;          /* tunnel sockets upgraded (101) */
+    uint64_t upgrade_refused; /* upgrade answered with a status other than 101 */
+    uint64_t upgrade_failed;  /* TCP error, bad 101, timeout */
+    uint64_t closed;          /* tunnels ended, for any reason */
+    uint64_t active;          /* tunnels now */
+    uint64_t cancels_sent, disconnects_sent;
+    uint64_t control_failed; /* a CANCEL/DISCONNECT not sent: AlwaysOn not READY */
+    uint64_t completes, commands; /* CompleteTunnel / TunnelCommandToEdge received */
+    uint64_t bytes_to_platform, bytes_from_platform; /* raw */
+    uint64_t msgs_to_platform, msgs_from_platform;
+    uint64_t glued_bytes;      /* bytes that came in the same read as the 101 (dropped) */
+    uint64_t binary_dropped;   /* binary messages from the platform (dropped) */
+    uint64_t oversize_dropped; /* text messages decoding to more than chunksize */
+    uint64_t bad_base64;       /* text messages that are not base64 */
+    uint64_t no_target;        /* data while the local target was not connected */
+    uint64_t target_connects, target_failures, target_write_errors;
+    uint64_t server_closes, socket_errors, idle_timeouts, pings_ignored;
+    uint64_t foreign_stop_reason; /* server close whose reason says "Tunnel stopped by edge" */
+    uint16_t last_refused_status; /* HTTP status of the last refused upgrade */
+    uint32_t max_frame_in;        /* largest frame payload received on a tunnel socket */
+};
+
+enum edge_tunnel_state {
+    EDGE_TUN_UPGRADING = 0, /* tunnel socket connecting */
+    EDGE_TUN_OPEN,
+    EDGE_TUN_ENDING, /* CompleteTunnel: CANCEL sent, close frame next */
+    EDGE_TUN_CLOSED,
+};
+
+struct edge_tunnel_info {
+    char tid[256], thing[256];
+    enum edge_tunnel_state state;
+    bool target_connected;
+    uint32_t chunksize, idle_timeout_ms;
+    int32_t connects_left; /* negative: unlimited */
+    struct edge_tunnel_stats stats;
+};
+
 typedef void (*edge_request_cb)(struct emx_edge_client *c, const struct edge_ledger_entry *e,
                                 void *arg);
 
@@ -136,6 +185,13 @@ enum edge_state emx_edge_client_state(const struct emx_edge_client *c);
 uint32_t emx_edge_client_session(const struct emx_edge_client *c);
 size_t emx_edge_client_pending(const struct emx_edge_client *c);
 const char *emx_edge_outcome_name(enum edge_outcome o);
+
+/* Tunnel counters of every tunnel the client had, live ones included. */
+const struct edge_tunnel_stats *emx_edge_client_tunnel_stats(struct emx_edge_client *c);
+/* Live tunnels: fills up to `max` entries, returns how many there are. */
+size_t emx_edge_client_tunnels(struct emx_edge_client *c, struct edge_tunnel_info *out, size_t max);
+/* Add a's counters to sum (active included; max_frame_in is the max). */
+void emx_edge_tunnel_stats_add(struct edge_tunnel_stats *sum, const struct edge_tunnel_stats *a);
 
 /* Write the ledger's entries as JSON objects (comma-separated, no brackets)
  * to f; `first` says whether no object precedes them. Returns 0 or -1. */

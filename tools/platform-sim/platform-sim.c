@@ -19,6 +19,7 @@
 #include <uv.h>
 
 #include "ao.h"
+#include "b64.h"
 #include "codec.h"
 #include "hmap.h"
 #include "list.h"
@@ -43,6 +44,8 @@ enum violation {
     V_KEEPALIVE_FORWARDED,
     V_UNEXPECTED_ANSWER, /* answer to no platform request of this pipe */
     V_WRONG_ENDPOINT,    /* answer with another endpointId than asked */
+    V_TUNNEL_BINARY,     /* a binary message on a tunnel's device socket */
+    V_TUNNEL_BAD_BASE64, /* a tunnel text message that is not base64 */
     V_COUNT
 };
 static const char *const violation_names[V_COUNT] = {
@@ -50,7 +53,8 @@ static const char *const violation_names[V_COUNT] = {
     "message_before_auth",  "bad_auth",          "text_frame",
     "bad_header",           "bad_body",          "bad_multipart",
     "endpoint_zero",        "unknown_session",   "unknown_code",
-    "keepalive_forwarded",  "unexpected_answer", "wrong_endpoint"};
+    "keepalive_forwarded",  "unexpected_answer", "wrong_endpoint",
+    "tunnel_binary_message", "tunnel_bad_base64"};
 
 struct counters {
     uint64_t msgs_in, msgs_out, bytes_in, bytes_out;
@@ -111,11 +115,16 @@ struct ctl_client {
     unsigned refs; /* outstanding platform→edge requests */
 };
 
+struct tunnel;
+enum ctl_req_kind { CR_PLAIN = 0, CR_START, CR_TUNNEL };
+
 struct ctl_req {
     struct emx_list link; /* in pconn.ctl_reqs */
     struct ctl_client *client;
     uint32_t rid, ep;
     uint64_t deadline;
+    uint8_t kind;       /* enum ctl_req_kind */
+    struct tunnel *tun; /* CR_START: the tunnel it starts */
 };
 
 struct delayed {
@@ -153,6 +162,13 @@ static struct sim {
     uv_timer_t sweep;
     uv_signal_t sigint, sigterm;
 } S;
+
+static int tunnel_upgrade(struct pconn *pc, struct ws_conn *ws, const struct ws_http *req,
+                          bool client, const char *tid, size_t tl);
+static void tunnel_command_from_edge(const struct emx_ao_tunnel_msg *m);
+static void tunnel_instance_crash(struct instance *in);
+static void tunnel_req_done(struct ctl_req *r, int code, const char *err);
+static bool parse_u32(const char *s, uint32_t *out);
 
 static void violation(struct pconn *pc, enum violation v)
 {
@@ -470,7 +486,10 @@ static void handle_answer(struct pconn *pc, const struct emx_ao_header *h)
             violation(pc, V_WRONG_ENDPOINT);
         S.ctl_answered++;
         S.edge_answers_by_code[h->code]++;
-        ctl_req_done(r, "answer 0x%02X %s", h->code, emx_ao_code_name(h->code));
+        if (r->kind != CR_PLAIN)
+            tunnel_req_done(r, h->code, NULL);
+        else
+            ctl_req_done(r, "answer 0x%02X %s", h->code, emx_ao_code_name(h->code));
         return;
     }
     violation(pc, V_UNEXPECTED_ANSWER);
@@ -631,6 +650,19 @@ static void handle_whole(struct pconn *pc, const uint8_t *m, size_t len)
             send_simple(pc, EMX_AO_BAD_REQUEST, &h, h.session_id, "bad request body");
             return;
         }
+        if (h.code == EMX_AO_POST && rq.characteristic == EMX_AO_CHARACTERISTIC_SERVICES &&
+            emx_ao_str_eq(rq.name, "TunnelCommandFromEdge")) {
+            struct emx_ao_tunnel_msg tm;
+            if (emx_ao_tunnel_parse(body, blen, &tm) != EMX_AO_OK ||
+                tm.service != EMX_AO_TUNNEL_COMMAND_FROM) {
+                violation(pc, V_BAD_BODY);
+                send_simple(pc, EMX_AO_BAD_REQUEST, &h, h.session_id, "bad tunnel command");
+                return;
+            }
+            send_simple(pc, EMX_AO_SUCCESS, &h, h.session_id, NULL);
+            tunnel_command_from_edge(&tm);
+            return;
+        }
         answer_echo(pc, &h, &rq);
         return;
     }
@@ -668,6 +700,12 @@ static int on_ws_upgrade(struct ws_conn *ws, const struct ws_http *req)
     const struct ws_str *boot = ws_http_header(req, "X-Edgemux-Boot");
     const struct ws_str *key = ws_http_header(req, "appKey");
     const struct ws_str *mfs = ws_http_header(req, "Max-Frame-Size");
+    static const char tsrv[] = "/Thingworx/WSTunnelServer/", tcli[] = "/Thingworx/WSTunnelClient/";
+    size_t sl = sizeof(tsrv) - 1;
+    if (req->path.n >= sl &&
+        (memcmp(req->path.p, tsrv, sl) == 0 || memcmp(req->path.p, tcli, sl) == 0))
+        return tunnel_upgrade(pc, ws, req, req->path.p[sl - 7] == 'C', req->path.p + sl,
+                              req->path.n - sl);
     size_t pl = strlen(S.path);
     /* The path may carry a query string. */
     if (req->path.n < pl || memcmp(req->path.p, S.path, pl) != 0 ||
@@ -753,10 +791,26 @@ static void on_ws_close(struct ws_conn *ws)
         uv_close((uv_handle_t *)&d->t, delayed_closed);
     }
     emx_list_for_each_safe(pos, tmp, &pc->ctl_reqs)
-        ctl_req_done(emx_container_of(pos, struct ctl_req, link), "err connection closed");
+    {
+        struct ctl_req *r = emx_container_of(pos, struct ctl_req, link);
+        if (r->kind != CR_PLAIN)
+            tunnel_req_done(r, 0, "err connection closed");
+        else
+            ctl_req_done(r, "err connection closed");
+    }
     /* A direct edge that goes away loses its binds, as on the platform. */
     if (pc->direct_key)
         key_drop(pc->direct_key);
+    ao_reasm_free(&pc->reasm);
+    free(pc->server);
+    free(pc->boot);
+    free(pc);
+}
+
+/* A connection that became a tunnel socket is no longer a pconn. */
+static void pconn_release(struct pconn *pc)
+{
+    emx_list_unlink(&pc->link);
     ao_reasm_free(&pc->reasm);
     free(pc->server);
     free(pc->boot);
@@ -833,6 +887,7 @@ static void instance_crash(struct instance *in)
         struct pconn *pc = emx_container_of(pos, struct pconn, link);
         ws_abort(pc->ws, "instance crashed", true);
     }
+    tunnel_instance_crash(in);
 }
 
 static void instance_reading(struct instance *in, bool stop)
@@ -1047,6 +1102,801 @@ static void json_stats(struct jbuf *j)
     jput(j, "]}", 2);
 }
 
+/* ---- Remote Access tunnels (TUNNELS.md) ----
+ *
+ * `tunnel` creates an endpoint for a tid on one instance (the owner), opens
+ * a local TCP listener that stands for the Remote Access client (RAC) and
+ * sends StartTunnel down a pipe of that instance. The device's socket
+ * /Thingworx/WSTunnelServer/<tid> is accepted on the owner only; a RAC
+ * attaches by TCP to the listener (or as /Thingworx/WSTunnelClient/<tid>),
+ * and the sim relays: RAC bytes -> base64 text messages to the device,
+ * the device's text messages -> decoded bytes to the RAC. Records are kept
+ * after a tunnel ends so `tunnels` can report them. */
+
+#define TUN_HIGH_MARK     (256u * 1024)      /* pause the source above this queue */
+#define TUN_PENDING_MAX   (4u * 1024 * 1024) /* device messages kept while no RAC is attached */
+#define TUN_RELAY_DELAY   50                 /* ms between the 101 and the first data */
+#define TUN_CANCEL_GRACE  500                /* ms a cancelled device socket may close itself */
+#define TUN_MAX_CHUNKSIZE (1u << 20)
+
+enum tun_state { TS_STARTING, TS_READY, TS_OPEN, TS_CLOSED, TS_REFUSED };
+static const char *const tun_state_names[] = {"starting", "ready", "open", "closed", "refused"};
+
+enum tun_timer { TT_NONE, TT_RELAY_START, TT_CANCEL_GRACE };
+
+struct rac {
+    uv_tcp_t tcp;
+    struct tunnel *t; /* NULL once detached */
+    uint8_t *buf;     /* one read: at most chunksize bytes */
+    size_t cap;
+    bool reading;
+};
+
+struct rac_write {
+    uv_write_t req;
+    struct rac *r;
+    uint8_t data[];
+};
+
+struct tunnel {
+    struct emx_list link; /* S.tunnels, oldest first */
+    char *tid, *thing, *host;
+    struct instance *owner;
+    uint16_t port;
+    uint32_t chunksize, idle_ms;
+    int32_t num_connects;
+    uint8_t state, answer, timer_mode;
+    bool active; /* upgrades for its tid are accepted */
+    bool relay_ready, listening;
+    uv_tcp_t listener;
+    uint16_t rac_port;
+    uv_timer_t timer;
+    struct rac *rac;
+    struct ws_conn *dev, *client;
+    /* Device messages that came while nothing was attached: op(1) len(4) bytes. */
+    uint8_t *pend;
+    size_t pend_len, pend_cap;
+    /* Statistics. */
+    uint64_t to_dev_raw, to_dev_msgs, from_dev_raw, from_dev_msgs;
+    uint64_t dev_wire_in, dev_wire_out; /* of device sockets already closed */
+    uint32_t max_frame_to_dev;
+    uint64_t upgrades, wrong_instance, bad_key, conflicts, cancels, disconnects;
+    uint64_t rac_conns, rac_refused, client_conns, binary_from_dev, bad_base64_from_dev;
+    uint16_t close_code;
+    char close_reason[124];
+    const char *close_why;
+    bool xff_present;
+    char *xff, *user_agent, *cookie;
+    uint32_t max_frame_size;
+};
+
+static struct {
+    struct emx_list list;
+    struct hmap by_tid; /* tid -> newest tunnel with that tid */
+    uint64_t count, unknown_tid, wrong_instance, bad_key, conflicts;
+    uint64_t cancels, disconnects, commands_unknown_tid, commands_other;
+} T;
+
+static const struct ws_handlers tun_dev_handlers, tun_client_handlers;
+static void tun_flow(struct tunnel *t);
+static void tun_dev_message(struct tunnel *t, int op, const uint8_t *data, size_t len);
+
+static struct tunnel *tun_find(const char *tid, size_t n)
+{
+    return hmap_get(&T.by_tid, tid, n);
+}
+
+static void tun_deactivate(struct tunnel *t, enum tun_state st)
+{
+    t->active = false;
+    if (t->state != TS_CLOSED && t->state != TS_REFUSED)
+        t->state = (uint8_t)st;
+    if (t->listening) {
+        uv_close((uv_handle_t *)&t->listener, NULL);
+        t->listening = false;
+    }
+    if (t->state == TS_CLOSED || t->state == TS_REFUSED) {
+        free(t->pend);
+        t->pend = NULL;
+        t->pend_len = t->pend_cap = 0;
+    }
+}
+
+/* ---- the RAC side (TCP) ---- */
+
+static void rac_closed(uv_handle_t *h)
+{
+    struct rac *r = h->data;
+    free(r->buf);
+    free(r);
+}
+
+static void rac_detach(struct tunnel *t)
+{
+    struct rac *r = t->rac;
+    if (!r)
+        return;
+    t->rac = NULL;
+    r->t = NULL;
+    if (!uv_is_closing((uv_handle_t *)&r->tcp))
+        uv_close((uv_handle_t *)&r->tcp, rac_closed);
+}
+
+static void rac_shutdown_done(uv_shutdown_t *req, int status)
+{
+    (void)status;
+    struct rac *r = req->data;
+    free(req);
+    if (!uv_is_closing((uv_handle_t *)&r->tcp))
+        uv_close((uv_handle_t *)&r->tcp, rac_closed);
+}
+
+/* Detach the RAC and close it once what it was sent is written. */
+static void rac_finish(struct tunnel *t)
+{
+    struct rac *r = t->rac;
+    if (!r)
+        return;
+    t->rac = NULL;
+    r->t = NULL;
+    uv_read_stop((uv_stream_t *)&r->tcp);
+    uv_shutdown_t *req = malloc(sizeof(*req));
+    if (req) {
+        req->data = r;
+        if (uv_shutdown(req, (uv_stream_t *)&r->tcp, rac_shutdown_done) == 0)
+            return;
+        free(req);
+    }
+    if (!uv_is_closing((uv_handle_t *)&r->tcp))
+        uv_close((uv_handle_t *)&r->tcp, rac_closed);
+}
+
+static void rac_written(uv_write_t *req, int status)
+{
+    struct rac_write *w = (struct rac_write *)req;
+    struct rac *r = w->r;
+    free(w);
+    if (r->t) {
+        if (status < 0) {
+            struct tunnel *t = r->t;
+            rac_detach(t);
+            if (t->dev)
+                ws_close(t->dev, 1000, "Normal Close");
+            return;
+        }
+        tun_flow(r->t);
+    }
+}
+
+static int rac_write(struct rac *r, const uint8_t *p, size_t n)
+{
+    struct rac_write *w = malloc(sizeof(*w) + n);
+    if (!w)
+        return -1;
+    w->r = r;
+    memcpy(w->data, p, n);
+    uv_buf_t b = uv_buf_init((char *)w->data, (unsigned)n);
+    if (uv_write(&w->req, (uv_stream_t *)&r->tcp, &b, 1, rac_written) != 0) {
+        free(w);
+        return -1;
+    }
+    return 0;
+}
+
+static void rac_alloc(uv_handle_t *h, size_t sz, uv_buf_t *buf)
+{
+    (void)sz;
+    struct rac *r = h->data;
+    *buf = uv_buf_init((char *)r->buf, (unsigned)r->cap);
+}
+
+static void tun_note_sent(struct tunnel *t, size_t msg_len)
+{
+    uint32_t mf = t->dev->tx_max_frame;
+    size_t frame = mf && msg_len > mf ? mf : msg_len;
+    if (frame > t->max_frame_to_dev)
+        t->max_frame_to_dev = (uint32_t)frame;
+}
+
+static void rac_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    (void)buf;
+    struct rac *r = s->data;
+    struct tunnel *t = r->t;
+    if (nread == 0 || !t)
+        return;
+    if (nread < 0) {
+        /* The RAC went away: the tunnel ends as a platform would end it. */
+        rac_detach(t);
+        if (t->dev)
+            ws_close(t->dev, 1000, "Normal Close");
+        return;
+    }
+    if (!t->dev || t->dev->state != WS_OPEN)
+        return;
+    /* One base64 text message per read of at most chunksize bytes. */
+    size_t el = b64_encoded_len((size_t)nread);
+    char *enc = malloc(el);
+    if (!enc) {
+        rac_detach(t);
+        ws_close(t->dev, 1011, "out of memory");
+        return;
+    }
+    b64_encode(r->buf, (size_t)nread, enc);
+    t->to_dev_raw += (uint64_t)nread;
+    t->to_dev_msgs++;
+    tun_note_sent(t, el);
+    ws_send(t->dev, WS_OP_TEXT, enc, el);
+    free(enc);
+    if (t->rac == r)
+        tun_flow(t);
+}
+
+static void rac_on_connection(uv_stream_t *server, int status)
+{
+    struct tunnel *t = server->data;
+    if (status < 0)
+        return;
+    struct rac *r = calloc(1, sizeof(*r));
+    if (!r)
+        return;
+    uv_tcp_init(S.loop, &r->tcp);
+    r->tcp.data = r;
+    if (uv_accept(server, (uv_stream_t *)&r->tcp) != 0) {
+        uv_close((uv_handle_t *)&r->tcp, rac_closed);
+        return;
+    }
+    r->cap = t->chunksize;
+    r->buf = malloc(r->cap);
+    if (!r->buf || t->rac || t->client || t->state == TS_CLOSED || t->state == TS_REFUSED) {
+        t->rac_refused++;
+        uv_close((uv_handle_t *)&r->tcp, rac_closed);
+        return;
+    }
+    uv_tcp_nodelay(&r->tcp, 1);
+    r->t = t;
+    t->rac = r;
+    t->rac_conns++;
+    tun_flow(t);
+}
+
+/* Replay device messages kept while nothing was attached. */
+static void tun_flush_pending(struct tunnel *t)
+{
+    if (!t->pend_len)
+        return;
+    uint8_t *p = t->pend;
+    size_t n = t->pend_len;
+    t->pend = NULL;
+    t->pend_len = t->pend_cap = 0;
+    for (size_t i = 0; i + 5 <= n;) {
+        uint32_t l = emx_ao_get_u32(p + i + 1);
+        tun_dev_message(t, p[i], p + i + 5, l);
+        i += 5 + l;
+    }
+    free(p);
+}
+
+/* Who reads what: the RAC (or client socket) while the device socket takes
+ * its bytes, the device while its consumer does. */
+static void tun_flow(struct tunnel *t)
+{
+    bool dev_open = t->dev && t->dev->state == WS_OPEN;
+    if (dev_open && (t->rac || t->client) && t->pend_len)
+        tun_flush_pending(t);
+    dev_open = t->dev && t->dev->state == WS_OPEN;
+    bool dev_takes = dev_open && t->relay_ready && t->dev->queued < TUN_HIGH_MARK;
+    if (t->rac) {
+        bool want = dev_takes;
+        if (want != t->rac->reading) {
+            t->rac->reading = want;
+            if (want)
+                uv_read_start((uv_stream_t *)&t->rac->tcp, rac_alloc, rac_read);
+            else
+                uv_read_stop((uv_stream_t *)&t->rac->tcp);
+        }
+    }
+    if (t->client && t->client->state == WS_OPEN)
+        ws_pause_read(t->client, !dev_takes);
+    if (dev_open) {
+        bool read_dev;
+        if (t->rac)
+            read_dev = uv_stream_get_write_queue_size((uv_stream_t *)&t->rac->tcp) < TUN_HIGH_MARK;
+        else if (t->client)
+            read_dev = t->client->state == WS_OPEN && t->client->queued < TUN_HIGH_MARK;
+        else
+            read_dev = t->pend_len < TUN_PENDING_MAX;
+        ws_pause_read(t->dev, !read_dev);
+    }
+}
+
+/* ---- the device side ---- */
+
+static void tun_dev_message(struct tunnel *t, int op, const uint8_t *data, size_t len)
+{
+    if (!t->rac && !(t->client && t->client->state == WS_OPEN)) {
+        /* Nothing attached yet: keep it (bounded; tun_flow stops reading). */
+        if (len > UINT32_MAX || t->state == TS_CLOSED || t->state == TS_REFUSED)
+            return;
+        size_t need = t->pend_len + 5 + len;
+        if (need > t->pend_cap) {
+            size_t cap = t->pend_cap ? t->pend_cap : 65536;
+            while (cap < need)
+                cap *= 2;
+            uint8_t *p = realloc(t->pend, cap);
+            if (!p)
+                return;
+            t->pend = p;
+            t->pend_cap = cap;
+        }
+        t->pend[t->pend_len] = (uint8_t)op;
+        emx_ao_put_u32(t->pend + t->pend_len + 1, (uint32_t)len);
+        memcpy(t->pend + t->pend_len + 5, data, len);
+        t->pend_len = need;
+        return;
+    }
+    t->from_dev_msgs++;
+    if (op != WS_OP_TEXT) {
+        /* The SDK sends text only; a relay that re-typed a message is wrong. */
+        t->binary_from_dev++;
+        violation(NULL, V_TUNNEL_BINARY);
+        if (t->client)
+            ws_send(t->client, op, data, len);
+        return;
+    }
+    if (t->client) {
+        long n = b64_decoded_len((const char *)data, len);
+        if (n < 0)
+            t->bad_base64_from_dev++;
+        else
+            t->from_dev_raw += (uint64_t)n;
+        ws_send(t->client, op, data, len);
+        return;
+    }
+    uint8_t *out = malloc(b64_decoded_max(len) + 1);
+    long n = out ? b64_decode((const char *)data, len, out) : -1;
+    if (n < 0) {
+        t->bad_base64_from_dev++;
+        violation(NULL, V_TUNNEL_BAD_BASE64);
+    } else if (n > 0) {
+        t->from_dev_raw += (uint64_t)n;
+        if (rac_write(t->rac, out, (size_t)n) != 0) {
+            rac_detach(t);
+            ws_close(t->dev, 1011, "RAC write failed");
+        }
+    }
+    free(out);
+}
+
+static void tun_on_timer(uv_timer_t *tm)
+{
+    struct tunnel *t = tm->data;
+    uint8_t mode = t->timer_mode;
+    t->timer_mode = TT_NONE;
+    if (mode == TT_RELAY_START) {
+        /* The 101 must have left alone: the SDK drops what comes with it. */
+        if (t->dev && t->dev->queued > 0) {
+            t->timer_mode = TT_RELAY_START;
+            uv_timer_start(&t->timer, tun_on_timer, TUN_RELAY_DELAY, 0);
+            return;
+        }
+        t->relay_ready = true;
+        tun_flow(t);
+    } else if (mode == TT_CANCEL_GRACE) {
+        if (t->dev)
+            ws_close(t->dev, 1000, "Normal Close");
+    }
+}
+
+static void tun_dev_open(struct ws_conn *ws)
+{
+    struct tunnel *t = ws->user;
+    t->state = TS_OPEN;
+    t->relay_ready = false;
+    if (t->timer_mode != TT_CANCEL_GRACE) {
+        t->timer_mode = TT_RELAY_START;
+        uv_timer_start(&t->timer, tun_on_timer, TUN_RELAY_DELAY, 0);
+    }
+    tun_flow(t);
+}
+
+static void tun_dev_on_message(struct ws_conn *ws, int op, const uint8_t *data, size_t len)
+{
+    struct tunnel *t = ws->user;
+    tun_dev_message(t, op, data, len);
+    if (t->dev == ws)
+        tun_flow(t);
+}
+
+static void tun_drain(struct ws_conn *ws)
+{
+    tun_flow(ws->user);
+}
+
+static void tun_dev_close(struct ws_conn *ws)
+{
+    struct tunnel *t = ws->user;
+    t->dev = NULL;
+    t->dev_wire_in += ws->stats.bytes_in;
+    t->dev_wire_out += ws->stats.bytes_out;
+    t->close_code = ws->close_code;
+    snprintf(t->close_reason, sizeof(t->close_reason), "%s", ws->close_text);
+    t->close_why = ws->reason;
+    if (t->timer_mode != TT_NONE) {
+        uv_timer_stop(&t->timer);
+        t->timer_mode = TT_NONE;
+    }
+    /* Nothing is left to relay: the device never re-dials a tunnel. */
+    rac_finish(t);
+    if (t->client)
+        ws_close(t->client, ws->close_code && ws->close_code != 1005 && ws->close_code != 1006
+                                ? ws->close_code
+                                : 1000,
+                 ws->close_text[0] ? ws->close_text : "Normal Close");
+    tun_deactivate(t, TS_CLOSED);
+}
+
+static void tun_client_open(struct ws_conn *ws)
+{
+    tun_flow(ws->user);
+}
+
+static void tun_client_on_message(struct ws_conn *ws, int op, const uint8_t *data, size_t len)
+{
+    struct tunnel *t = ws->user;
+    if (!t->dev || t->dev->state != WS_OPEN)
+        return;
+    if (op == WS_OP_TEXT) {
+        long n = b64_decoded_len((const char *)data, len);
+        if (n > 0)
+            t->to_dev_raw += (uint64_t)n;
+    }
+    t->to_dev_msgs++;
+    tun_note_sent(t, len);
+    ws_send(t->dev, op, data, len);
+    tun_flow(t);
+}
+
+static void tun_client_close(struct ws_conn *ws)
+{
+    struct tunnel *t = ws->user;
+    if (t->client != ws)
+        return;
+    t->client = NULL;
+    if (t->dev)
+        ws_close(t->dev, 1000, "Normal Close");
+}
+
+static const struct ws_handlers tun_dev_handlers = {
+    .on_open = tun_dev_open,
+    .on_message = tun_dev_on_message,
+    .on_close = tun_dev_close,
+    .on_drain = tun_drain,
+};
+
+static const struct ws_handlers tun_client_handlers = {
+    .on_open = tun_client_open,
+    .on_message = tun_client_on_message,
+    .on_close = tun_client_close,
+    .on_drain = tun_drain,
+};
+
+static void pconn_release(struct pconn *pc);
+
+/* An upgrade on /Thingworx/WSTunnelServer/<tid> (device) or
+ * /Thingworx/WSTunnelClient/<tid> (client). Returns the HTTP status. */
+static int tunnel_upgrade(struct pconn *pc, struct ws_conn *ws, const struct ws_http *req,
+                          bool client, const char *tid, size_t tl)
+{
+    struct tunnel *t = tl ? tun_find(tid, tl) : NULL;
+    if (!t || !t->active) {
+        T.unknown_tid++;
+        return 404;
+    }
+    if (t->owner != pc->in) {
+        /* Only the instance that sent the StartTunnel has the endpoint. */
+        t->wrong_instance++;
+        T.wrong_instance++;
+        return 404;
+    }
+    const struct ws_str *key = ws_http_header(req, "appKey");
+    const struct ws_str *cookie = ws_http_header(req, "Cookie");
+    const struct ws_str *mfs = ws_http_header(req, "Max-Frame-Size");
+    if (client ? (!cookie || cookie->n == 0)
+               : (!key || key->n != strlen(S.app_key) || memcmp(key->p, S.app_key, key->n) != 0)) {
+        t->bad_key++;
+        T.bad_key++;
+        return 401;
+    }
+    if (client ? (t->client || t->rac) : (t->dev != NULL)) {
+        t->conflicts++;
+        T.conflicts++;
+        return 409;
+    }
+    uint32_t v = 0;
+    if (mfs) {
+        if (mfs->n == 0 || mfs->n > 10)
+            return 400;
+        uint64_t acc = 0;
+        for (size_t i = 0; i < mfs->n; i++) {
+            if (!isdigit((unsigned char)mfs->p[i]))
+                return 400;
+            acc = acc * 10 + (uint64_t)(mfs->p[i] - '0');
+        }
+        if (acc < 125 || acc > 0x7FFFFFFF)
+            return 400;
+        v = (uint32_t)acc;
+    }
+    ws->deflate = false;
+    ws->rx_max_message = 4u * 1024 * 1024;
+    if (client) {
+        free(t->cookie);
+        t->cookie = dup_str(*cookie);
+        ws->tx_max_frame = v;
+        ws->h = &tun_client_handlers;
+        t->client = ws;
+        t->client_conns++;
+    } else {
+        const struct ws_str *xff = ws_http_header(req, "X-Forwarded-For");
+        const struct ws_str *ua = ws_http_header(req, "User-Agent");
+        t->upgrades++;
+        t->xff_present = xff != NULL;
+        free(t->xff);
+        t->xff = xff ? dup_str(*xff) : NULL;
+        free(t->user_agent);
+        t->user_agent = ua ? dup_str(*ua) : NULL;
+        t->max_frame_size = v;
+        /* Never a frame larger than the device reads (TUNNELS.md §4). */
+        ws->tx_max_frame = v ? v : t->chunksize / 3 * 4;
+        ws->h = &tun_dev_handlers;
+        t->dev = ws;
+    }
+    ws->user = t;
+    pconn_release(pc);
+    return 101;
+}
+
+/* TunnelCommandFromEdge: answered SUCCESS on any instance (the tunnel table
+ * is the cluster's), counted on the newest tunnel with that tid. */
+static void tunnel_command_from_edge(const struct emx_ao_tunnel_msg *m)
+{
+    struct tunnel *t = m->tid.ptr ? tun_find((const char *)m->tid.ptr, m->tid.len) : NULL;
+    bool cancel = m->command.ptr && emx_ao_str_eq(m->command, "CANCEL");
+    bool disc = m->command.ptr && emx_ao_str_eq(m->command, "DISCONNECT");
+    if (cancel)
+        T.cancels++;
+    else if (disc)
+        T.disconnects++;
+    else
+        T.commands_other++;
+    if (!t) {
+        T.commands_unknown_tid++;
+        return;
+    }
+    if (disc) {
+        t->disconnects++;
+        return;
+    }
+    if (!cancel)
+        return;
+    t->cancels++;
+    /* The tunnel is over: close the RAC now; the device closes its socket
+     * itself right after a CANCEL it sends for CompleteTunnel, else we do. */
+    rac_finish(t);
+    if (t->client)
+        ws_close(t->client, 1000, "Normal Close");
+    if (t->dev) {
+        t->timer_mode = TT_CANCEL_GRACE;
+        uv_timer_start(&t->timer, tun_on_timer, TUN_CANCEL_GRACE, 0);
+    } else {
+        tun_deactivate(t, TS_CLOSED);
+    }
+}
+
+/* Instance `in` crashed: its tunnel endpoints and sockets go with it. */
+static void tunnel_instance_crash(struct instance *in)
+{
+    struct emx_list *pos;
+    for (pos = T.list.next; pos != &T.list; pos = pos->next) {
+        struct tunnel *t = emx_container_of(pos, struct tunnel, link);
+        if (t->owner != in || (t->state == TS_CLOSED || t->state == TS_REFUSED))
+            continue;
+        if (t->rac)
+            rac_detach(t);
+        if (t->client)
+            ws_abort(t->client, "instance crashed", true);
+        if (t->dev)
+            ws_abort(t->dev, "instance crashed", true);
+        if (t->timer_mode != TT_NONE) {
+            uv_timer_stop(&t->timer);
+            t->timer_mode = TT_NONE;
+        }
+        if (!t->close_why)
+            t->close_why = "instance crashed";
+        tun_deactivate(t, TS_CLOSED);
+    }
+}
+
+static struct tunnel *tunnel_new(struct instance *in, const char *tid, const char *thing,
+                                 const char *host, uint16_t port, uint32_t chunksize,
+                                 uint32_t idle_ms, int32_t num_connects, const char **err)
+{
+    struct tunnel *t = calloc(1, sizeof(*t));
+    if (!t || !(t->tid = strdup(tid)) || !(t->thing = strdup(thing)) ||
+        !(t->host = strdup(host))) {
+        *err = "out of memory";
+        goto fail;
+    }
+    t->owner = in;
+    t->port = port;
+    t->chunksize = chunksize;
+    t->idle_ms = idle_ms;
+    t->num_connects = num_connects;
+    uv_tcp_init(S.loop, &t->listener);
+    t->listener.data = t;
+    struct sockaddr_in sa;
+    uv_ip4_addr("127.0.0.1", 0, &sa);
+    int rc = uv_tcp_bind(&t->listener, (struct sockaddr *)&sa, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&t->listener, 16, rac_on_connection);
+    int l = sizeof(sa);
+    if (rc == 0)
+        rc = uv_tcp_getsockname(&t->listener, (struct sockaddr *)&sa, &l);
+    if (rc != 0) {
+        *err = uv_strerror(rc);
+        /* The handle is closed; t (and the memory it lives in) is kept. */
+        uv_close((uv_handle_t *)&t->listener, NULL);
+        t->state = TS_REFUSED;
+        emx_list_push_back(&T.list, &t->link);
+        return NULL;
+    }
+    t->listening = true;
+    t->rac_port = ntohs(sa.sin_port);
+    uv_timer_init(S.loop, &t->timer);
+    t->timer.data = t;
+    if (hmap_put(&T.by_tid, tid, strlen(tid), t, NULL) != 0) {
+        *err = "out of memory";
+        uv_close((uv_handle_t *)&t->listener, NULL);
+        uv_close((uv_handle_t *)&t->timer, NULL);
+        t->listening = false;
+        t->state = TS_REFUSED;
+        emx_list_push_back(&T.list, &t->link);
+        return NULL;
+    }
+    t->active = true;
+    t->state = TS_STARTING;
+    emx_list_push_back(&T.list, &t->link);
+    T.count++;
+    return t;
+fail:
+    if (t) {
+        free(t->tid);
+        free(t->thing);
+        free(t->host);
+    }
+    free(t);
+    return NULL;
+}
+
+/* The answer (or failure) of a tunnel control request a control client
+ * sent. */
+static void tunnel_req_done(struct ctl_req *r, int code, const char *err)
+{
+    struct tunnel *t = r->tun;
+    if (r->kind != CR_START || !t) {
+        if (err)
+            ctl_req_done(r, "%s", err);
+        else
+            ctl_req_done(r, "answer 0x%02X %s", code, emx_ao_code_name((uint8_t)code));
+        return;
+    }
+    if (!err && code == EMX_AO_SUCCESS) {
+        t->answer = (uint8_t)code;
+        if (t->state == TS_STARTING)
+            t->state = TS_READY;
+        ctl_req_done(r, "answer 0x%02X %s port %u", code, emx_ao_code_name((uint8_t)code),
+                     t->rac_port);
+        return;
+    }
+    if (!err)
+        t->answer = (uint8_t)code;
+    /* Refused (or unanswered before the device came): the endpoint goes. */
+    if (!err || !t->dev) {
+        if (t->dev)
+            ws_close(t->dev, 1000, "Normal Close");
+        rac_detach(t);
+        tun_deactivate(t, TS_REFUSED);
+    }
+    if (err)
+        ctl_req_done(r, "%s", err);
+    else
+        ctl_req_done(r, "answer 0x%02X %s", code, emx_ao_code_name((uint8_t)code));
+}
+
+/* ---- `tunnels` output: key=value pairs, values percent-encoded ---- */
+
+static void kv(struct jbuf *j, const char *key, const char *v)
+{
+    jf(j, " %s=", key);
+    if (!v)
+        return;
+    for (const unsigned char *p = (const unsigned char *)v; *p; p++) {
+        if (isalnum(*p) || strchr("-._~:,/", *p))
+            jput(j, (const char *)p, 1);
+        else
+            jf(j, "%%%02X", *p);
+    }
+}
+
+static void tunnels_report(struct ctl_client *cc)
+{
+    struct jbuf j = {0};
+    uint64_t active = 0, open = 0, to_raw = 0, from_raw = 0, binary = 0, bad64 = 0, n = 0;
+    struct emx_list *pos;
+    for (pos = T.list.next; pos != &T.list; pos = pos->next) {
+        struct tunnel *t = emx_container_of(pos, struct tunnel, link);
+        uint64_t win = t->dev_wire_in + (t->dev ? t->dev->stats.bytes_in : 0);
+        uint64_t wout = t->dev_wire_out + (t->dev ? t->dev->stats.bytes_out : 0);
+        char target[300];
+        snprintf(target, sizeof(target), "%s:%u", t->host, t->port);
+        jput(&j, "tunnel", 6);
+        kv(&j, "tid", t->tid);
+        jf(&j, " instance=%d", t->owner->id);
+        kv(&j, "thing", t->thing);
+        jf(&j, " state=%s answer=0x%02X rac_port=%u", tun_state_names[t->state], t->answer,
+           t->rac_port);
+        kv(&j, "target", target);
+        jf(&j,
+           " chunksize=%" PRIu32 " idle_timeout=%" PRIu32 " num_connects=%" PRId32
+           " device_connected=%d rac_connected=%d client_connected=%d upgrades=%" PRIu64
+           " rac_conns=%" PRIu64 " rac_refused=%" PRIu64 " client_conns=%" PRIu64,
+           t->chunksize, t->idle_ms, t->num_connects, t->dev != NULL, t->rac != NULL,
+           t->client != NULL, t->upgrades, t->rac_conns, t->rac_refused, t->client_conns);
+        jf(&j,
+           " to_device_raw=%" PRIu64 " to_device_wire=%" PRIu64 " to_device_msgs=%" PRIu64
+           " from_device_raw=%" PRIu64 " from_device_wire=%" PRIu64 " from_device_msgs=%" PRIu64
+           " max_frame_to_device=%" PRIu32 " binary_from_device=%" PRIu64
+           " bad_base64_from_device=%" PRIu64,
+           t->to_dev_raw, wout, t->to_dev_msgs, t->from_dev_raw, win, t->from_dev_msgs,
+           t->max_frame_to_dev, t->binary_from_dev, t->bad_base64_from_dev);
+        jf(&j,
+           " wrong_instance=%" PRIu64 " bad_key=%" PRIu64 " conflicts=%" PRIu64
+           " cancels=%" PRIu64 " disconnects=%" PRIu64 " close_code=%u",
+           t->wrong_instance, t->bad_key, t->conflicts, t->cancels, t->disconnects,
+           t->close_code);
+        kv(&j, "close_reason", t->close_reason);
+        kv(&j, "close_why", t->close_why);
+        jf(&j, " xff_present=%d", t->xff_present);
+        kv(&j, "xff", t->xff);
+        jf(&j, " max_frame_size=%" PRIu32, t->max_frame_size);
+        kv(&j, "user_agent", t->user_agent);
+        kv(&j, "cookie", t->cookie);
+        jput(&j, "\n", 1);
+        n++;
+        active += t->active;
+        open += t->dev != NULL;
+        to_raw += t->to_dev_raw;
+        from_raw += t->from_dev_raw;
+        binary += t->binary_from_dev;
+        bad64 += t->bad_base64_from_dev;
+    }
+    jf(&j,
+       "tunnels count=%" PRIu64 " active=%" PRIu64 " open=%" PRIu64 " wrong_instance=%" PRIu64
+       " unknown_tid=%" PRIu64 " bad_key=%" PRIu64 " conflicts=%" PRIu64,
+       n, active, open, T.wrong_instance, T.unknown_tid, T.bad_key, T.conflicts);
+    jf(&j,
+       " cancels=%" PRIu64 " disconnects=%" PRIu64 " other_commands=%" PRIu64
+       " commands_unknown_tid=%" PRIu64 " to_device_raw=%" PRIu64 " from_device_raw=%" PRIu64
+       " binary_from_device=%" PRIu64 " bad_base64_from_device=%" PRIu64 "\n",
+       T.cancels, T.disconnects, T.commands_other, T.commands_unknown_tid, to_raw, from_raw,
+       binary, bad64);
+    if (j.oom)
+        ctl_reply(cc, "tunnels err out of memory");
+    else
+        ctl_write(cc, j.p, j.len);
+    free(j.p);
+}
+
 /* ---- control channel ---- */
 
 static struct instance *inst_arg(const char *s)
@@ -1058,13 +1908,16 @@ static struct instance *inst_arg(const char *s)
     return &S.inst[v - 1];
 }
 
-static void ctl_platform_request(struct ctl_client *cc, uint8_t code, struct instance *in,
-                                 const char *thing, const char *prop, const char *value)
+/* The connection that carries requests for `thing` from instance `in`:
+ * its direct edge, or a pipe of that edge's edgemux on `in`. Replies an
+ * error to cc and returns NULL when there is none. */
+static struct pconn *pipe_for(struct ctl_client *cc, struct instance *in, const char *thing,
+                              struct bkey **kp)
 {
     struct binding *b = hmap_get(&S.things, thing, strlen(thing));
     if (!b) {
         ctl_reply(cc, "err not bound: %s", thing);
-        return;
+        return NULL;
     }
     struct bkey *k = b->key;
     struct pconn *target = NULL;
@@ -1081,37 +1934,33 @@ static void ctl_platform_request(struct ctl_client *cc, uint8_t code, struct ins
             }
         }
     }
-    if (!target) {
+    if (!target)
         ctl_reply(cc, "err no pipe on instance %d for %s", in->id, thing);
-        return;
-    }
-    uint8_t *params = NULL;
-    size_t plen = 0;
-    if (value) {
-        size_t vl = strlen(value), cap = ao_infotable_blob_size(prop, vl);
-        params = malloc(cap);
-        if (!params) {
-            ctl_reply(cc, "err out of memory");
-            return;
-        }
-        plen = ao_infotable_blob(params, cap, prop, (const uint8_t *)value, vl);
-    }
-    size_t tl = strlen(thing), nl = strlen(prop);
+    *kp = k;
+    return target;
+}
+
+/* Send a platform→edge request on `target`; the control client gets the
+ * answer line. `params` is an InfoTable or NULL. */
+static struct ctl_req *platform_send(struct ctl_client *cc, struct pconn *target, struct bkey *k,
+                                     uint8_t code, const char *thing, uint8_t characteristic,
+                                     const char *name, const uint8_t *params, size_t plen)
+{
+    size_t tl = strlen(thing), nl = strlen(name);
     size_t blen = 1 + emx_ao_str_size(tl) + 1 + emx_ao_str_size(nl) + 2 + plen;
     uint8_t *body = malloc(blen);
     struct ctl_req *r = calloc(1, sizeof(*r));
     if (!body || !r) {
         free(body);
         free(r);
-        free(params);
         ctl_reply(cc, "err out of memory");
-        return;
+        return NULL;
     }
     size_t p = 0;
     body[p++] = 0x0A; /* THING */
     p += emx_ao_write_str(body + p, blen - p, thing, tl);
-    body[p++] = 1; /* PROPERTIES */
-    p += emx_ao_write_str(body + p, blen - p, prop, nl);
+    body[p++] = characteristic;
+    p += emx_ao_write_str(body + p, blen - p, name, nl);
     body[p++] = 0;
     if (params) {
         body[p++] = EMX_BT_INFOTABLE;
@@ -1120,7 +1969,6 @@ static void ctl_platform_request(struct ctl_client *cc, uint8_t code, struct ins
     } else {
         body[p++] = EMX_BT_NOTHING;
     }
-    free(params);
     r->client = cc;
     cc->refs++;
     r->rid = target->next_rid++;
@@ -1135,6 +1983,190 @@ static void ctl_platform_request(struct ctl_client *cc, uint8_t code, struct ins
     S.ctl_sent++;
     ao_emit(&h, 0x0A, thing, body, p, S.chunk_size, send_cb, target);
     free(body);
+    return r;
+}
+
+static void ctl_platform_request(struct ctl_client *cc, uint8_t code, struct instance *in,
+                                 const char *thing, const char *prop, const char *value)
+{
+    struct bkey *k;
+    struct pconn *target = pipe_for(cc, in, thing, &k);
+    if (!target)
+        return;
+    uint8_t *params = NULL;
+    size_t plen = 0;
+    if (value) {
+        size_t vl = strlen(value), cap = ao_infotable_blob_size(prop, vl);
+        params = malloc(cap);
+        if (!params) {
+            ctl_reply(cc, "err out of memory");
+            return;
+        }
+        plen = ao_infotable_blob(params, cap, prop, (const uint8_t *)value, vl);
+    }
+    platform_send(cc, target, k, code, thing, 1 /* PROPERTIES */, prop, params, plen);
+    free(params);
+}
+
+/* Send a tunnel control service (one-row InfoTable of `f`). */
+static struct ctl_req *tunnel_service(struct ctl_client *cc, struct pconn *target, struct bkey *k,
+                                      const char *thing, const char *service,
+                                      const struct ao_field *f, size_t n)
+{
+    size_t cap = ao_infotable_row_size(f, n);
+    uint8_t *it = malloc(cap);
+    size_t len = it ? ao_infotable_row(it, cap, f, n) : 0;
+    if (!len) {
+        free(it);
+        ctl_reply(cc, "err out of memory");
+        return NULL;
+    }
+    struct ctl_req *r = platform_send(cc, target, k, EMX_AO_POST, thing,
+                                      EMX_AO_CHARACTERISTIC_SERVICES, service, it, len);
+    free(it);
+    return r;
+}
+
+static bool tid_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 200)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] <= 0x20 || (unsigned char)s[i] >= 0x7F)
+            return false;
+    return true;
+}
+
+/* JSON string contents we write without escaping. */
+static bool json_plain(const char *s, size_t max)
+{
+    size_t n = strlen(s);
+    if (n > max)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '"' || s[i] == '\\' || (unsigned char)s[i] < 0x20)
+            return false;
+    return true;
+}
+
+/* tunnel N THING TID HOST PORT [CHUNKSIZE] [IDLE_MS] [NUM_CONNECTS] */
+static void ctl_tunnel(struct ctl_client *cc, struct instance *in, int argc, char **argv)
+{
+    uint32_t port, chunk = 8192, idle = 30000;
+    long nc = 1;
+    char *end = NULL;
+    if (!tid_ok(argv[3])) {
+        ctl_reply(cc, "err bad tid");
+        return;
+    }
+    if (!json_plain(argv[4], 255) || !argv[4][0] || !parse_u32(argv[5], &port) || port == 0 ||
+        port > 65535) {
+        ctl_reply(cc, "err bad target");
+        return;
+    }
+    if ((argc > 6 && (!parse_u32(argv[6], &chunk) || chunk <= 16 || chunk > TUN_MAX_CHUNKSIZE)) ||
+        (argc > 7 && (!parse_u32(argv[7], &idle) || idle > INT32_MAX))) {
+        ctl_reply(cc, "err bad chunksize or idle_timeout");
+        return;
+    }
+    if (argc > 8) {
+        errno = 0;
+        nc = strtol(argv[8], &end, 10);
+        if (errno || *end || end == argv[8] || nc < INT32_MIN || nc > INT32_MAX) {
+            ctl_reply(cc, "err bad num_connects");
+            return;
+        }
+    }
+    struct tunnel *old = tun_find(argv[3], strlen(argv[3]));
+    if (old && old->active) {
+        ctl_reply(cc, "err tunnel %s exists", argv[3]);
+        return;
+    }
+    struct bkey *k;
+    struct pconn *target = pipe_for(cc, in, argv[2], &k);
+    if (!target)
+        return;
+    const char *err = NULL;
+    struct tunnel *t =
+        tunnel_new(in, argv[3], argv[2], argv[4], (uint16_t)port, chunk, idle, (int32_t)nc, &err);
+    if (!t) {
+        ctl_reply(cc, "err %s", err ? err : "cannot create the tunnel");
+        return;
+    }
+    char conn[400];
+    snprintf(conn, sizeof(conn), "{\"host\": \"%s\", \"port\": %" PRIu32 ", \"num_connects\": %ld}",
+             argv[4], port, nc);
+    const struct ao_field f[] = {
+        {"tid", EMX_BT_STRING, argv[3], 0},
+        {"type", EMX_BT_STRING, "tcp", 0},
+        {"chunksize", EMX_BT_INTEGER, NULL, (int32_t)chunk},
+        {"idle_timeout", EMX_BT_INTEGER, NULL, (int32_t)idle},
+        {"read_timeout", EMX_BT_INTEGER, NULL, 10},
+        {"connection", EMX_BT_STRING, conn, 0},
+    };
+    struct ctl_req *r = tunnel_service(cc, target, k, argv[2], "StartTunnel", f, 6);
+    if (!r) {
+        tun_deactivate(t, TS_REFUSED);
+        return;
+    }
+    r->kind = CR_START;
+    r->tun = t;
+}
+
+/* tunnel-complete N THING TID [REASON...] */
+static void ctl_tunnel_complete(struct ctl_client *cc, struct instance *in, int argc, char **argv)
+{
+    char reason[256] = "test done";
+    if (argc > 4) {
+        size_t n = 0;
+        for (int i = 4; i < argc; i++) {
+            int w = snprintf(reason + n, sizeof(reason) - n, "%s%s", i > 4 ? " " : "", argv[i]);
+            if (w < 0 || (size_t)w >= sizeof(reason) - n) {
+                ctl_reply(cc, "err reason too long");
+                return;
+            }
+            n += (size_t)w;
+        }
+    }
+    if (!tid_ok(argv[3]) || !json_plain(reason, 200)) {
+        ctl_reply(cc, "err bad tid or reason");
+        return;
+    }
+    struct bkey *k;
+    struct pconn *target = pipe_for(cc, in, argv[2], &k);
+    if (!target)
+        return;
+    char conn[300];
+    snprintf(conn, sizeof(conn), "{\"reason\": \"%s\"}", reason);
+    const struct ao_field f[] = {
+        {"tid", EMX_BT_STRING, argv[3], 0},
+        {"peer_name", EMX_BT_STRING, "platform-sim", 0},
+        {"connection", EMX_BT_STRING, conn, 0},
+    };
+    struct ctl_req *r = tunnel_service(cc, target, k, argv[2], "CompleteTunnel", f, 3);
+    if (r)
+        r->kind = CR_TUNNEL;
+}
+
+/* tunnel-command N THING TID CONNECT|DISCONNECT */
+static void ctl_tunnel_command(struct ctl_client *cc, struct instance *in, char **argv)
+{
+    if (!tid_ok(argv[3]) || !tid_ok(argv[4])) {
+        ctl_reply(cc, "err bad tid or command");
+        return;
+    }
+    struct bkey *k;
+    struct pconn *target = pipe_for(cc, in, argv[2], &k);
+    if (!target)
+        return;
+    const struct ao_field f[] = {
+        {"tid", EMX_BT_STRING, argv[3], 0},
+        {"command", EMX_BT_STRING, argv[4], 0},
+    };
+    struct ctl_req *r = tunnel_service(cc, target, k, argv[2], "TunnelCommandToEdge", f, 2);
+    if (r)
+        r->kind = CR_TUNNEL;
 }
 
 /* Test hook: send something a conformant server never sends to the
@@ -1193,10 +2225,10 @@ static void ctl_closed(uv_handle_t *h);
 
 static void ctl_command(struct ctl_client *cc, char *line)
 {
-    char *argv[6] = {0};
+    char *argv[12] = {0};
     int argc = 0;
     char *save = NULL;
-    for (char *t = strtok_r(line, " \t\r", &save); t && argc < 6;
+    for (char *t = strtok_r(line, " \t\r", &save); t && argc < 12;
          t = strtok_r(NULL, " \t\r", &save))
         argv[argc++] = t;
     if (argc == 0)
@@ -1223,6 +2255,8 @@ static void ctl_command(struct ctl_client *cc, char *line)
         ctl_reply(cc, "ports %s", buf);
     } else if (strcmp(cmd, "misbehave") == 0 && argc == 3) {
         ctl_misbehave(cc, argv[1], argv[2]);
+    } else if (strcmp(cmd, "tunnels") == 0) {
+        tunnels_report(cc);
     } else if (strcmp(cmd, "shutdown") == 0) {
         ctl_reply(cc, "ok");
         shutdown_all();
@@ -1244,6 +2278,12 @@ static void ctl_command(struct ctl_client *cc, char *line)
         ctl_platform_request(cc, EMX_AO_GET, in, argv[2], argv[3], NULL);
     } else if (strcmp(cmd, "put") == 0 && argc == 5) {
         ctl_platform_request(cc, EMX_AO_PUT, in, argv[2], argv[3], argv[4]);
+    } else if (strcmp(cmd, "tunnel") == 0 && argc >= 6 && argc <= 9) {
+        ctl_tunnel(cc, in, argc, argv);
+    } else if (strcmp(cmd, "tunnel-complete") == 0 && argc >= 4) {
+        ctl_tunnel_complete(cc, in, argc, argv);
+    } else if (strcmp(cmd, "tunnel-command") == 0 && argc == 5) {
+        ctl_tunnel_command(cc, in, argv);
     } else {
         ctl_reply(cc, "err unknown command");
     }
@@ -1363,7 +2403,10 @@ static void on_sweep(uv_timer_t *t)
                 struct ctl_req *r = emx_container_of(rp, struct ctl_req, link);
                 if (r->deadline <= now) {
                     S.ctl_timeouts++;
-                    ctl_req_done(r, "err timeout");
+                    if (r->kind != CR_PLAIN)
+                        tunnel_req_done(r, 0, "err timeout");
+                    else
+                        ctl_req_done(r, "err timeout");
                 }
             }
         }
@@ -1423,7 +2466,10 @@ static void usage(FILE *f)
                "  --quiet              no log lines for contract violations\n"
                "Control commands: crash N, restore N, stop-reading N, resume-reading N,\n"
                "  get N THING PROP, put N THING PROP VALUE, stats, binds, ports,\n"
-               "  misbehave THING ping|text|badheader|len64|oversize (direct edges), shutdown\n"
+               "  misbehave THING ping|text|badheader|len64|oversize (direct edges), shutdown,\n"
+               "  tunnel N THING TID HOST PORT [CHUNKSIZE] [IDLE_MS] [NUM_CONNECTS],\n"
+               "  tunnel-complete N THING TID [REASON], tunnel-command N THING TID COMMAND,\n"
+               "  tunnels (see tools/README.md)\n"
                "Prints 'platform-sim ready control=C ports=P1,...' once listening.\n");
 }
 
@@ -1560,6 +2606,8 @@ int main(int argc, char **argv)
     emx_list_init(&S.ctl_clients);
     hmap_init(&S.keys);
     hmap_init(&S.things);
+    emx_list_init(&T.list);
+    hmap_init(&T.by_tid);
     if (uv_random(NULL, NULL, &S.session_base, sizeof(S.session_base), 0, NULL) != 0)
         S.session_base = (uint32_t)uv_hrtime();
     S.session_base &= 0x7FFFFFFF; /* far from 0xFFFFFFFF */
