@@ -850,6 +850,10 @@ static long handshake(struct ws_conn *c, uint8_t *p, size_t n)
                   "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                   "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n",
                   accept, c->deflate ? "Sec-WebSocket-Extensions: permessage-deflate\r\n" : "");
+    if (c->glue_len && (size_t)rn + c->glue_len <= sizeof(resp)) {
+        memcpy(resp + rn, c->glue, c->glue_len);
+        rn += c->glue_len;
+    }
     if (ws_write_raw(c, resp, (size_t)rn) != 0)
         return -1;
     c->state = WS_OPEN;

@@ -130,6 +130,8 @@ struct ws_conn {
     bool sdk_tunnel;         /* client: see ws_client_opts.sdk_tunnel */
     uint64_t glued_bytes;    /* sdk_tunnel: bytes discarded with the 101 */
     char close_text[124];    /* reason text of the close frame received, NUL-ended */
+    uint8_t glue[16];        /* server test hook: bytes sent in the same write as the 101 */
+    uint8_t glue_len;
     /* Raw bytes not yet parsed (incomplete frame or HTTP head). */
     uint8_t *rbuf;
     size_t rlen, rcap;

@@ -1147,7 +1147,7 @@ struct tunnel {
     int32_t num_connects;
     uint8_t state, answer, timer_mode;
     bool active; /* upgrades for its tid are accepted */
-    bool relay_ready, listening;
+    bool relay_ready, listening, glue;
     uv_tcp_t listener;
     uint16_t rac_port;
     uv_timer_t timer;
@@ -1175,6 +1175,7 @@ static struct {
     struct hmap by_tid; /* tid -> newest tunnel with that tid */
     uint64_t count, unknown_tid, wrong_instance, bad_key, conflicts;
     uint64_t cancels, disconnects, commands_unknown_tid, commands_other;
+    bool glue; /* test hook: tunnels created now glue a data frame to their 101 */
 } T;
 
 static const struct ws_handlers tun_dev_handlers, tun_client_handlers;
@@ -1648,6 +1649,12 @@ static int tunnel_upgrade(struct pconn *pc, struct ws_conn *ws, const struct ws_
         t->max_frame_size = v;
         /* Never a frame larger than the device reads (TUNNELS.md §4). */
         ws->tx_max_frame = v ? v : t->chunksize / 3 * 4;
+        if (t->glue) {
+            /* A text frame "QUJD" ("ABC"): a device must drop it. */
+            static const uint8_t f[] = {0x81, 4, 'Q', 'U', 'J', 'D'};
+            memcpy(ws->glue, f, sizeof(f));
+            ws->glue_len = sizeof(f);
+        }
         ws->h = &tun_dev_handlers;
         t->dev = ws;
     }
@@ -1728,6 +1735,7 @@ static struct tunnel *tunnel_new(struct instance *in, const char *tid, const cha
         goto fail;
     }
     t->owner = in;
+    t->glue = T.glue;
     t->port = port;
     t->chunksize = chunksize;
     t->idle_ms = idle_ms;
@@ -1811,6 +1819,62 @@ static void tunnel_req_done(struct ctl_req *r, int code, const char *err)
         ctl_req_done(r, "%s", err);
     else
         ctl_req_done(r, "answer 0x%02X %s", code, emx_ao_code_name((uint8_t)code));
+}
+
+/* Test hooks for device strictness: tunnel-misbehave glue|noglue (for the
+ * tunnels created while it is on), or
+ * tunnel-misbehave TID binary|oversize|bigframe|ping on an open tunnel. */
+static void ctl_tunnel_misbehave(struct ctl_client *cc, int argc, char **argv)
+{
+    if (argc == 2 && (strcmp(argv[1], "glue") == 0 || strcmp(argv[1], "noglue") == 0)) {
+        T.glue = argv[1][0] == 'g';
+        ctl_reply(cc, "ok");
+        return;
+    }
+    struct tunnel *t = argc == 3 ? tun_find(argv[1], strlen(argv[1])) : NULL;
+    if (!t || !t->dev || t->dev->state != WS_OPEN) {
+        ctl_reply(cc, "err no open tunnel %s", argc == 3 ? argv[1] : "");
+        return;
+    }
+    struct ws_conn *ws = t->dev;
+    const char *kind = argv[2];
+    if (strcmp(kind, "binary") == 0) {
+        ws_send(ws, WS_OP_BINARY, "ABC", 3);
+    } else if (strcmp(kind, "ping") == 0) {
+        ws_send_control(ws, WS_OP_PING, "srv", 3);
+    } else if (strcmp(kind, "oversize") == 0 || strcmp(kind, "bigframe") == 0) {
+        bool big = kind[0] == 'b';
+        /* oversize: a message decoding to chunksize + 3 bytes, framed right;
+         * bigframe: one frame of Max-Frame-Size + 1 bytes. */
+        size_t raw = big ? 0 : (size_t)t->chunksize + 3;
+        size_t n = big ? (size_t)(ws->tx_max_frame ? ws->tx_max_frame : 10922) + 1
+                       : b64_encoded_len(raw);
+        uint8_t *zero = calloc(1, raw + 1);
+        char *text = malloc(n + 10);
+        if (!zero || !text) {
+            free(zero);
+            free(text);
+            ctl_reply(cc, "err out of memory");
+            return;
+        }
+        if (big) {
+            memset(text + 4, 'A', n);
+            text[0] = (char)0x81;
+            text[1] = 126;
+            text[2] = (char)(n >> 8);
+            text[3] = (char)n;
+            ws_write_raw(ws, text, n + 4);
+        } else {
+            b64_encode(zero, raw, text);
+            ws_send(ws, WS_OP_TEXT, text, n);
+        }
+        free(zero);
+        free(text);
+    } else {
+        ctl_reply(cc, "err unknown kind %s", kind);
+        return;
+    }
+    ctl_reply(cc, "ok");
 }
 
 /* ---- `tunnels` output: key=value pairs, values percent-encoded ---- */
@@ -2257,6 +2321,8 @@ static void ctl_command(struct ctl_client *cc, char *line)
         ctl_misbehave(cc, argv[1], argv[2]);
     } else if (strcmp(cmd, "tunnels") == 0) {
         tunnels_report(cc);
+    } else if (strcmp(cmd, "tunnel-misbehave") == 0) {
+        ctl_tunnel_misbehave(cc, argc, argv);
     } else if (strcmp(cmd, "shutdown") == 0) {
         ctl_reply(cc, "ok");
         shutdown_all();
@@ -2469,7 +2535,8 @@ static void usage(FILE *f)
                "  misbehave THING ping|text|badheader|len64|oversize (direct edges), shutdown,\n"
                "  tunnel N THING TID HOST PORT [CHUNKSIZE] [IDLE_MS] [NUM_CONNECTS],\n"
                "  tunnel-complete N THING TID [REASON], tunnel-command N THING TID COMMAND,\n"
-               "  tunnels (see tools/README.md)\n"
+               "  tunnels, tunnel-misbehave glue|noglue,\n"
+               "  tunnel-misbehave TID binary|oversize|bigframe|ping (see tools/README.md)\n"
                "Prints 'platform-sim ready control=C ports=P1,...' once listening.\n");
 }
 
