@@ -384,6 +384,26 @@ class Tunnels(unittest.TestCase):
         self.assertEqual(kv["server_closes"], 1, out)
         self.assertEqual(kv["glued_bytes"], 0, out)
 
+    def test_crash_drops_tunnel(self):
+        # Killing the owner instance drops the tunnel's sockets with it.
+        rac_port = self.start_tunnel("tun-x")
+        self.wait_open("tun-x")
+        rac = socket.create_connection(("127.0.0.1", rac_port), timeout=10)
+        rac.sendall(b"ping")
+        self.assertEqual(recv_exact(rac, 4), b"ping")
+        self.assertEqual(self.ctl.cmd("crash 1"), "ok")
+        rac.settimeout(5)
+        self.assertEqual(rac.recv(1), b"", "the RAC connection outlived the instance")
+        rac.close()
+        t = self.tunnel("tun-x")
+        self.assertEqual(t["state"], "closed")
+        self.assertEqual(t["close_why"], "instance crashed")
+        self.assertEqual(self.ctl.cmd("restore 1"), "ok")
+        rc, kv, out = self.edge_summary()
+        self.assertEqual(kv["closed"], 1, out)
+        self.assertEqual(kv["active"], 0, out)
+        self.assertEqual(kv["socket_errors"], 1, out)
+
 
 if __name__ == "__main__":
     unittest.main()
