@@ -769,7 +769,9 @@ static int store_text(const struct emx_option *o, const char *text, const char *
     }
     case EMX_OPT_DURATION: {
         uint64_t v;
-        bool bare_ms = matched_key && ends_with(matched_key, "-ms");
+        /* the Connection Server's idle-timeout is in milliseconds too */
+        bool bare_ms = matched_key && (ends_with(matched_key, "-ms") ||
+                                       strcmp(matched_key, "cx-server.tunneling.idle-timeout") == 0);
         if (parse_duration(text, bare_ms, &v)) {
             const char *p = text;
             uint64_t ignored;
@@ -1085,6 +1087,18 @@ const struct emx_option emx_core_options_edge[] = {
     OPT(edge, tunnel_connect_timeout, NULL, DURATION, "30s", false,
         "a tunnel record no tunnel socket claimed is dropped after this (the SDK dials within "
         "ms of StartTunnel and gives up after 10 s)"),
+    OPT(edge, tunnels, NULL, BOOL, "true", false,
+        "relay Remote Access tunnel sockets (/Thingworx/WSTunnelServer/, WSTunnelClient/) to "
+        "the instance that owns each tunnel; false: those paths are answered 404"),
+    OPT(edge, tunnel_idle_timeout, "cx-server.tunneling.idle-timeout", DURATION, "30s", false,
+        "a relayed tunnel with no message either way for this long is closed 1001 on both "
+        "sides; 0: never"),
+    OPT(edge, tunnel_headers_to_copy, "cx-server.tunneling.headers-to-copy", STRING_LIST, NULL,
+        false,
+        "request headers of a tunnel socket passed on to the owner instance (appKey and "
+        "Cookie are the ones edgemux keeps); unset: appKey and Cookie"),
+    OPT(edge, tunnel_drain_timeout, NULL, DURATION, "30s", false,
+        "on SIGTERM, open tunnels may finish for this long, then they are closed 1001"),
     EMX_OPTION_END,
 };
 
@@ -1438,6 +1452,16 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
     if (cfg->edge.tunnel_connect_timeout < 1000)
         check(b, cfg, S_EDGE, "tunnel_connect_timeout", "must be at least 1s (got %llu ms)",
               (unsigned long long)cfg->edge.tunnel_connect_timeout);
+    if (cfg->edge.tunnel_idle_timeout && cfg->edge.tunnel_idle_timeout < 1000)
+        check(b, cfg, S_EDGE, "tunnel_idle_timeout", "must be 0 or at least 1s (got %llu ms)",
+              (unsigned long long)cfg->edge.tunnel_idle_timeout);
+    for (size_t i = 0; i < cfg->edge.tunnel_headers_to_copy.count; i++) {
+        const char *h = cfg->edge.tunnel_headers_to_copy.items[i];
+        if (!h || (strcasecmp(h, "appKey") && strcasecmp(h, "Cookie")))
+            check(b, cfg, S_EDGE, "tunnel_headers_to_copy",
+                  "'%s' cannot be copied (edgemux keeps appKey and Cookie of a tunnel socket)",
+                  h ? h : "");
+    }
     /* The shares: 0 is off; a tiny cap would refuse nearly everything. */
     if (cfg->edge.max_bytes_in_flight && cfg->edge.max_bytes_in_flight < 1024)
         check(b, cfg, S_EDGE, "max_bytes_in_flight",

@@ -132,6 +132,10 @@ struct emx_config {
         int64_t max_tunnels;          /* tunnel records at once; 0: off */
         int64_t max_tunnels_per_device;  /* per device connection; 0: off */
         uint64_t tunnel_connect_timeout; /* an unclaimed tunnel record lives this long */
+        bool tunnels;                    /* relay tunnel sockets (else 404) */
+        uint64_t tunnel_idle_timeout;    /* a relayed tunnel with no message this long closes */
+        struct emx_strlist tunnel_headers_to_copy; /* empty: appKey, Cookie */
+        uint64_t tunnel_drain_timeout;   /* SIGTERM: tunnels are closed after this */
     } edge;
     struct {
         const char *path;

@@ -1,5 +1,7 @@
 #include "ops.h"
 
+#include "tunnel_relay.h"
+
 #include <inttypes.h>
 #include <stdio.h>
 
@@ -160,6 +162,39 @@ static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64
 #undef EACH_INSTANCE
 }
 
+static void relay_metrics(struct emx_textbuf *b, const struct emx_relays *rs)
+{
+    const struct emx_relay_stats *st = &rs->st;
+    family(b, "emx_tunnel_sockets_open", "gauge",
+           "tunnel sockets relayed to their owner instance now, by side (server: devices, "
+           "client: remote access clients)");
+    for (unsigned i = 0; i < EMX_RELAY_SIDES; i++)
+        sample1(b, "emx_tunnel_sockets_open", "side", emx_relay_side_name(i), rs->nopen[i]);
+    family(b, "emx_tunnel_sockets_opened_total", "counter",
+           "tunnel sockets whose peer got its 101, by side");
+    for (unsigned i = 0; i < EMX_RELAY_SIDES; i++)
+        sample1(b, "emx_tunnel_sockets_opened_total", "side", emx_relay_side_name(i),
+                st->opened[i]);
+    family(b, "emx_tunnel_sockets_refused_total", "counter",
+           "tunnel socket upgrades refused, by reason");
+    for (unsigned i = 0; i < EMX_RELAY_REFUSE__COUNT; i++)
+        sample1(b, "emx_tunnel_sockets_refused_total", "reason",
+                emx_relay_refusal_name((enum emx_relay_refusal)i), st->refused[i]);
+    family(b, "emx_tunnel_sockets_closed_total", "counter",
+           "relayed tunnel sockets that ended, by the side that closed first");
+    sample1(b, "emx_tunnel_sockets_closed_total", "by", "peer", st->closed_by_peer);
+    sample1(b, "emx_tunnel_sockets_closed_total", "by", "owner", st->closed_by_owner);
+    sample1(b, "emx_tunnel_sockets_closed_total", "by", "edgemux", st->closed_by_edgemux);
+    family(b, "emx_tunnel_bytes_total", "counter",
+           "tunnel message bytes relayed (of ended tunnels), by direction");
+    sample1(b, "emx_tunnel_bytes_total", "direction", "to_owner", st->bytes_to_owner);
+    sample1(b, "emx_tunnel_bytes_total", "direction", "to_peer", st->bytes_to_peer);
+    family(b, "emx_tunnel_messages_total", "counter",
+           "tunnel messages relayed (of ended tunnels), by direction");
+    sample1(b, "emx_tunnel_messages_total", "direction", "to_owner", st->msgs_to_owner);
+    sample1(b, "emx_tunnel_messages_total", "direction", "to_peer", st->msgs_to_peer);
+}
+
 void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct emx_ops_view *v,
                      uint64_t now)
 {
@@ -254,6 +289,8 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
     family(b, "emx_tunnels_untracked_total", "counter",
            "tunnel services forwarded without a record (no tid, multipart, or malformed)");
     sample(b, "emx_tunnels_untracked_total", st->tunnels_untracked);
+    if (v->relays)
+        relay_metrics(b, v->relays);
     family(b, "emx_chunks_discarded_total", "counter", "multipart chunks discarded");
     sample(b, "emx_chunks_discarded_total", st->chunks_discarded);
     family(b, "emx_unbinds_on_leave_total", "counter", "UNBINDs sent for devices that left");
@@ -405,7 +442,8 @@ void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char 
     emx_textbuf_printf(b, "],\"count\":%zu,\"truncated\":%s}\n", n, truncated ? "true" : "false");
 }
 
-void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r, size_t limit, uint64_t now)
+void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r,
+                          const struct emx_relays *relays, size_t limit, uint64_t now)
 {
     emx_textbuf_puts(b, "{\"tunnels\":[");
     size_t n = 0;
@@ -440,6 +478,29 @@ void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r, size_t li
         emx_textbuf_json_str(b, t->last_command);
         emx_textbuf_puts(b, "}");
     }
-    emx_textbuf_printf(b, "],\"count\":%zu,\"open\":%zu,\"truncated\":%s}\n", n,
+    emx_textbuf_printf(b, "],\"count\":%zu,\"open\":%zu,\"truncated\":%s", n,
                        emx_router_tunnel_count(r), truncated ? "true" : "false");
+    /* the tunnel sockets relayed now, whichever edgemux saw the StartTunnel */
+    emx_textbuf_puts(b, ",\"sockets\":[");
+    size_t k = 0;
+    const struct emx_list *pos;
+    for (pos = relays ? relays->all.next : NULL; relays && pos != &relays->all && k < limit;
+         pos = pos->next, k++) {
+        const struct emx_relay *rl = emx_container_of(pos, const struct emx_relay, link);
+        emx_textbuf_puts(b, k ? ",{" : "{");
+        json_key(b, "tid", true);
+        emx_textbuf_json_str(b, rl->platform_tid);
+        json_key(b, "side", false);
+        emx_textbuf_json_str(b, emx_relay_side_name(rl->side));
+        json_key(b, "owner", false);
+        emx_textbuf_json_str(b, rl->owner);
+        json_key(b, "thing", false);
+        emx_textbuf_json_str(b, rl->thing ? rl->thing : "");
+        json_key(b, "from", false);
+        emx_textbuf_json_str(b, rl->addr);
+        emx_textbuf_printf(b, ",\"state\":\"%s\",\"record_here\":%s,\"age_ms\":%" PRIu64 "}",
+                           rl->open ? "open" : "connecting", rl->attached ? "true" : "false",
+                           now >= rl->started_ms ? now - rl->started_ms : 0);
+    }
+    emx_textbuf_printf(b, "],\"sockets_count\":%zu}\n", relays ? relays->n : 0);
 }

@@ -35,6 +35,7 @@ struct emx_ops_view {
     bool draining;
     unsigned agent_weight; /* percent the agent reports; 0 when draining */
     uint64_t start_ms;     /* loop time the server started */
+    const struct emx_relays *relays; /* tunnel sockets; NULL: none */
 };
 
 const char *emx_refuse_reason_name(enum emx_refuse_reason r);
@@ -54,6 +55,8 @@ void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char 
                         uint32_t endpoint, size_t limit, uint64_t now);
 
 /* GET /tunnels: the open tunnel records, oldest first, at most `limit`. */
-void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r, size_t limit, uint64_t now);
+struct emx_relays;
+void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r,
+                          const struct emx_relays *relays, size_t limit, uint64_t now);
 
 #endif

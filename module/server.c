@@ -29,6 +29,7 @@
 #include "router.h"
 #include "setup.h"
 #include "status.h"
+#include "tunnel_relay.h"
 
 #define TICK_MS           50  /* router timers: request timeouts are seconds */
 #define QUEUED_REFRESH_MS 100 /* the kernel drains SIOCOUTQ without telling us */
@@ -163,6 +164,7 @@ struct emx_server {
     size_t drain_n, drain_idx, drain_waiting;
     uint64_t drain_start;
     bool finished;
+    struct emx_relays relays; /* tunnel sockets the transport relays */
 };
 
 static uint64_t now_ms(struct emx_server *s)
@@ -436,12 +438,28 @@ static void edge_on_close(void *user, uint16_t code, const char *reason)
     emx_router_edge_closed(s->router, e, now_ms(s));
 }
 
+static void *edge_on_tunnel(void *listener_user, struct emx_conn *conn,
+                            const struct emx_tunnel_request *req, struct emx_tunnel_route *route,
+                            int *status)
+{
+    struct emx_server *s = listener_user;
+    return emx_relays_on_tunnel(&s->relays, conn, req, route, status);
+}
+
 static const struct emx_conn_callbacks edge_callbacks = {
     .on_accept = edge_on_accept,
     .on_message = edge_on_message,
     .on_writable = edge_on_writable,
     .on_close = edge_on_close,
+    .on_tunnel = edge_on_tunnel,
+    .on_tunnel_open = emx_relays_on_open,
+    .on_tunnel_end = emx_relays_on_end,
 };
+
+static uint64_t relay_now(void *ctx)
+{
+    return now_ms(ctx);
+}
 
 /* ------------------------------------------------------------------ */
 /* pipes */
@@ -782,6 +800,11 @@ static void io_instance_removed(void *ctx, struct emx_instance *inst)
             s->tp->close(pc->conn, 1001, "instance removed");
         uv_close((uv_handle_t *)&pc->retry, retry_closed);
     }
+    /* tunnels cannot move: the ones it owned end now */
+    size_t n = emx_relays_close_owner(&s->relays, inst->id, 1001, "tunnel owner removed");
+    if (n)
+        emx_logf(&s->log, EMX_LOG_INFO, "tunnel", "instance %s removed: closing %zu tunnel(s)",
+                 inst->id, n);
 }
 
 /* After each loop iteration: tell the router what the pipes really hold. */
@@ -879,6 +902,7 @@ static void ops_view(struct emx_server *s, struct emx_ops_view *v)
     v->draining = s->stopping;
     v->agent_weight = agent_weight(s);
     v->start_ms = s->start_ms;
+    v->relays = &s->relays;
 }
 
 static void admin_text(struct emx_admin_response *resp, int status, const char *msg)
@@ -1113,7 +1137,7 @@ static void admin_handle(void *ctx, const struct emx_admin_request *req,
             return admin_text(resp, 405, "use GET\n");
         resp->status = 200;
         resp->content_type = "application/json";
-        emx_ops_tunnels_json(&resp->body, s->router, EDGES_LIST_LIMIT, now_ms(s));
+        emx_ops_tunnels_json(&resp->body, s->router, &s->relays, EDGES_LIST_LIMIT, now_ms(s));
     } else if (strncmp(path, "/edges/", 7) == 0) {
         const char *id = path + 7;
         const char *slash = strchr(id, '/');
@@ -1233,13 +1257,25 @@ static void on_drain_step(uv_timer_t *t)
             s->drain_ids[w++] = s->drain_ids[s->drain_idx];
     s->drain_waiting = w;
     bool edges_done = s->drain_idx >= s->drain_n && w == 0 && emx_router_edge_count(s->router) == 0;
-    if (edges_done && pending_on_pipes(s) == 0) {
+    /* Tunnels cannot move to another edgemux: they may finish until
+     * edge.tunnel_drain_timeout, then they are closed. */
+    uint64_t tunnel_by = s->cfg->edge.tunnel_drain_timeout;
+    if (s->relays.n && elapsed >= tunnel_by) {
+        size_t n = emx_relays_close_all(&s->relays, 1001, "server shutting down");
+        if (n)
+            emx_logf(&s->log, EMX_LOG_INFO, "server", "tunnel drain bound reached: closing %zu tunnel(s)",
+                     n);
+    }
+    if (tunnel_by > answer_by)
+        answer_by = tunnel_by;
+    if (edges_done && pending_on_pipes(s) == 0 && s->relays.n == 0) {
         emx_logf(&s->log, EMX_LOG_INFO, "server", "drained in %" PRIu64 " ms", elapsed);
         finish_shutdown(s);
     } else if (elapsed >= answer_by + DRAIN_SLACK_MS) {
         emx_logf(&s->log, EMX_LOG_WARN, "server",
-                 "drain bound reached: %zu edge(s) open, %" PRIu64 " request(s) in flight",
-                 emx_router_edge_count(s->router), pending_on_pipes(s));
+                 "drain bound reached: %zu edge(s) open, %" PRIu64
+                 " request(s) in flight, %zu tunnel(s)",
+                 emx_router_edge_count(s->router), pending_on_pipes(s), s->relays.n);
         finish_shutdown(s);
     }
 }
@@ -1252,6 +1288,7 @@ static void begin_shutdown(struct emx_server *s, const char *why)
         for (struct emx_edge *e = emx_router_edge_next(s->router, NULL); e;
              e = emx_router_edge_next(s->router, e))
             emx_router_edge_close(s->router, e, 1001, "server shutting down");
+        emx_relays_close_all(&s->relays, 1001, "server shutting down");
         finish_shutdown(s);
         return;
     }
@@ -1766,6 +1803,18 @@ int emx_server_run(struct emx_setup *setup)
         rc = -ENOMEM;
         goto out_loop;
     }
+    struct emx_relay_env renv = {
+        .router = s->router,
+        .log = &s->log,
+        .tp = s->tp,
+        .cfg = &s->cfg,
+        .trusted = &s->trusted,
+        .server_header = (const char *const *)&s->hdr_server,
+        .stopping = &s->stopping,
+        .now = relay_now,
+        .now_ctx = s,
+    };
+    emx_relays_init(&s->relays, &renv);
 
     static const char ttag_fmt[] = "transport:%s.0";
     static const char dtag_fmt[] = "discovery:%s.0";
@@ -1937,6 +1986,7 @@ out_handles:
     close_own_handles(s);
     uv_run(&s->loop, UV_RUN_DEFAULT);
 out_router:
+    emx_relays_free(&s->relays); /* the transport has ended every tunnel */
     emx_router_free(s->router);
     emx_status_free(&s->status);
     emx_cidr_list_free(&s->trusted);

@@ -127,7 +127,7 @@ static void queue_drop(struct edge_conn *c)
     c->qbytes = 0;
 }
 
-static void conn_free(struct edge_conn *c)
+void edge_conn_free(struct edge_conn *c)
 {
     queue_drop(c);
     edge_rx_free(&c->rx);
@@ -157,13 +157,17 @@ static void poll_closed(uv_handle_t *h)
         if (*pp)
             *pp = c->ready_next;
     }
+    if (c->tunnel) {
+        tunnel_conn_freed(c); /* the tunnel frees it */
+        return;
+    }
     if (c->reported && c->lst->cb.on_close)
         c->lst->cb.on_close(c->user, c->close_code ? c->close_code : 1006,
                             c->close_reason ? c->close_reason : "");
-    conn_free(c);
+    edge_conn_free(c);
 }
 
-static void ready_add(struct edge_conn *c);
+
 
 /* The socket is done: stop, close, and let the close callback report. */
 void edge_conn_gone(struct edge_conn *c, uint16_t code, const char *reason)
@@ -240,7 +244,7 @@ static int queue_copy(struct edge_conn *c, const uint8_t *buf, size_t len)
 
 /* Write bytes in order after whatever is queued; keep what the socket does
  * not take. Returns 0, -EIO (the connection is gone) or -ENOMEM. */
-static int write_out(struct edge_conn *c, const uint8_t *buf, size_t len)
+int edge_write(struct edge_conn *c, const uint8_t *buf, size_t len)
 {
     size_t off = 0;
 
@@ -269,7 +273,7 @@ static void after_flush(struct edge_conn *c);
 
 /* Write what is queued; once it is all out after a close, shut the write
  * side. Returns -1 when the connection is gone. */
-static int drain_queue(struct edge_conn *c)
+int edge_drain(struct edge_conn *c)
 {
     while (c->qh) {
         struct oq *m = c->qh;
@@ -298,21 +302,23 @@ static int drain_queue(struct edge_conn *c)
 /* drain_queue, then tell the core when the queue emptied. */
 static int flush_queue(struct edge_conn *c)
 {
-    if (drain_queue(c))
+    if (edge_drain(c))
         return -1;
     /* the core may send more (pipes' answers waited for this edge) */
     if (!c->qh && c->state == ES_OPEN && c->reported && c->lst->cb.on_writable)
         c->lst->cb.on_writable(c->user);
+    if (c->tunnel && c->state != ES_GONE)
+        tunnel_drained(c); /* the other side may read again */
     return c->state == ES_GONE ? -1 : 0;
 }
 
-static int send_frame(struct edge_conn *c, uint8_t op, const uint8_t *data, size_t len)
+int edge_send_op(struct edge_conn *c, uint8_t op, const uint8_t *data, size_t len)
 {
     size_t n = edge_frame(c, op, false, data, len);
 
     if (!n)
         return -ENOMEM;
-    return write_out(c, c->hub->tbuf, n);
+    return edge_write(c, c->hub->tbuf, n);
 }
 
 /* ---- closing -------------------------------------------------------------- */
@@ -334,7 +340,7 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
      * the transport's, bounded by close_timeout. */
     if (c->reported) {
         c->report_due = 1;
-        ready_add(c);
+        edge_ready_add(c);
     }
     if (code != 1005 && code != 1006) {
         size_t rl = reason ? utf8_cut(reason, REASON_MAX) : 0;
@@ -346,7 +352,7 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
         n = 2 + rl;
     }
     c->close_sent = 1;
-    if (send_frame(c, 0x8, p, n)) {
+    if (edge_send_op(c, 0x8, p, n)) {
         /* no memory for it: nothing more can be said on this stream */
         edge_conn_gone(c, 1011, "out of memory");
         return;
@@ -357,7 +363,7 @@ static void begin_close(struct edge_conn *c, uint16_t code, const char *reason)
 }
 
 /* edgemux closes: the core hears this code. */
-static void start_close(struct edge_conn *c, uint16_t code, const char *reason)
+void edge_start_close(struct edge_conn *c, uint16_t code, const char *reason)
 {
     if (c->state != ES_OPEN)
         return;
@@ -380,7 +386,7 @@ static void after_flush(struct edge_conn *c)
 }
 
 /* An HTTP answer to a request that does not upgrade. */
-static void refuse_http(struct edge_conn *c, int status, const char *why)
+void edge_refuse_http(struct edge_conn *c, int status, const char *why)
 {
     char buf[256];
     size_t n = edge_http_refusal(status, buf, sizeof(buf));
@@ -392,7 +398,7 @@ static void refuse_http(struct edge_conn *c, int status, const char *why)
     c->close_sent = 1;
     free(c->hs);
     c->hs = NULL;
-    if (write_out(c, (const uint8_t *)buf, n))
+    if (edge_write(c, (const uint8_t *)buf, n))
         return;
     if (!c->qh)
         after_flush(c);
@@ -409,9 +415,10 @@ void edge_watch(struct edge_conn *c)
 
     if (c->state == ES_GONE)
         return;
-    if (c->state != ES_OPEN || !c->paused)
+    /* a tunnel's device side waits unread for its back end (paused) */
+    if (c->state == ES_CLOSING || !c->paused)
         ev |= UV_READABLE;
-    if (c->qh || c->ssl_want_write)
+    if (c->qh || c->ssl_want_write || c->connecting)
         ev |= UV_WRITABLE;
     if (ev == c->events)
         return;
@@ -430,6 +437,9 @@ static int on_rx(void *user, enum edge_rx_kind kind, uint8_t *data, size_t len)
 
     switch (kind) {
     case EDGE_RX_MESSAGE:
+    case EDGE_RX_TEXT: /* tunnels only */
+        if (c->tunnel)
+            return tunnel_rx(c, kind == EDGE_RX_TEXT, data, len);
         if (len >= 4096)
             c->big_rx = 1;
         c->lst->cb.on_message(c->user, data, len);
@@ -438,7 +448,7 @@ static int on_rx(void *user, enum edge_rx_kind kind, uint8_t *data, size_t len)
         /* RFC 6455 §5.5.3 allows answering only the latest of many pings:
          * a peer that does not read its pongs stops getting them */
         if (c->qbytes <= c->hub->s.max_queued_control)
-            (void)send_frame(c, 0xA, data, len); /* without memory: no pong */
+            (void)edge_send_op(c, 0xA, data, len); /* without memory: no pong */
         return c->state != ES_OPEN;
     case EDGE_RX_PONG:
         return 0;
@@ -456,6 +466,8 @@ static int on_rx(void *user, enum edge_rx_kind kind, uint8_t *data, size_t len)
          * (RFC 6455 §5.5.1), an empty close for an empty one */
         set_reason(c, code, reason);
         begin_close(c, code, NULL);
+        if (c->tunnel)
+            tunnel_close_rcvd(c, code, reason); /* the other side closes the same way */
         return 1;
     }
     }
@@ -474,7 +486,7 @@ static size_t feed_frames(struct edge_conn *c, uint8_t *buf, size_t len)
     if (n < 0) {
         if (c->state == ES_OPEN) {
             LOG(c->hub, EMX_LOG_DEBUG, "ws: edge closed %u: %s", err.code, err.reason);
-            start_close(c, err.code, err.reason);
+            edge_start_close(c, err.code, err.reason);
         }
         return len;
     }
@@ -495,7 +507,7 @@ void edge_hold(struct edge_conn *c, const uint8_t *buf, size_t len)
     }
     p = realloc(c->held, c->held_len + len);
     if (!p) {
-        start_close(c, 1011, "out of memory");
+        edge_start_close(c, 1011, "out of memory");
         return;
     }
     memcpy(p + c->held_len, buf, len);
@@ -539,7 +551,7 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
                 hl = -1;
         }
         if (hl < 0) {
-            refuse_http(c, 431, "request head over 8 KiB");
+            edge_refuse_http(c, 431, "request head over 8 KiB");
             return;
         }
         if (hl == 0)
@@ -555,7 +567,7 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
                 uint8_t *tmp = malloc(extra_hs);
 
                 if (!tmp) {
-                    start_close(c, 1011, "out of memory");
+                    edge_start_close(c, 1011, "out of memory");
                     return;
                 }
                 memcpy(tmp, c->hs + hl, extra_hs);
@@ -582,7 +594,7 @@ static void process(struct edge_conn *c, uint8_t *buf, size_t len)
 }
 
 /* Bytes read (0: EOF), -EAGAIN, or another negative error. */
-static long sock_read(struct edge_conn *c, uint8_t *buf, size_t cap)
+long edge_sock_read(struct edge_conn *c, uint8_t *buf, size_t cap)
 {
     if (c->ssl) {
         int n, e;
@@ -630,7 +642,7 @@ void edge_conn_read(struct edge_conn *c)
     /* input held from a pause goes first: the ready list parses it, then
      * reads on (a poll event can come before the idle callback does) */
     if (c->state == ES_OPEN && c->held && c->held_off < c->held_len) {
-        ready_add(c);
+        edge_ready_add(c);
         return;
     }
     c->wrote = c->big_rx = 0;
@@ -639,7 +651,7 @@ void edge_conn_read(struct edge_conn *c)
 
         if (c->state == ES_GONE || (c->state == ES_OPEN && c->paused))
             return;
-        n = sock_read(c, hub->rbuf, RBUF_SIZE);
+        n = edge_sock_read(c, hub->rbuf, RBUF_SIZE);
         if (n == -EAGAIN)
             break;
         if (n == 0) {
@@ -673,6 +685,10 @@ static void on_poll(uv_poll_t *h, int status, int events)
 
     if (c->state == ES_GONE)
         return;
+    if (c->client && c->state == ES_SHAKING) {
+        tunnel_be_poll(c, status, events); /* connect, TLS, upgrade */
+        return;
+    }
     if (status < 0) {
         edge_conn_gone(c, 1006, "connection lost");
         return;
@@ -697,7 +713,7 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
     struct edge_listener *l = c->lst;
     struct edge_http_req *r = malloc(sizeof(*r));
     struct emx_conn_info info = {0};
-    struct edge_rx_params rp;
+    struct edge_rx_params rp = {0};
     char peer[64], resp[512];
     size_t rn;
     void *user;
@@ -706,14 +722,15 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
         edge_conn_gone(c, 1011, "out of memory");
         return;
     }
-    edge_http_parse(head, hlen, l->path, &l->pmd, r);
+    edge_http_parse(head, hlen, l->path, c->hub->tunnels_on && l->cb.on_tunnel && !l->closed,
+                    &l->pmd, r);
     if (r->status) {
         int st = r->status;
         const char *why = r->why;
 
         memset(r, 0, sizeof(*r));
         free(r);
-        refuse_http(c, st, why);
+        edge_refuse_http(c, st, why);
         return;
     }
     c->pmd = r->pmd;
@@ -722,6 +739,12 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
         c->max_frame = MAX_FRAME_CAP;
     if (c->max_frame < MIN_FRAME)
         c->max_frame = MIN_FRAME;
+    if (r->tunnel) {
+        tunnel_begin(c, r); /* answered once the owner has */
+        memset(r, 0, sizeof(*r)); /* the app key, cookies */
+        free(r);
+        return;
+    }
     ws_peer_string(c->fd, peer, sizeof(peer));
     info.peer = peer;
     info.forwarded_for = r->has_xff ? r->xff : NULL;
@@ -759,7 +782,7 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
             return;
         queue_drop(c);
         c->state = ES_SHAKING;
-        refuse_http(c, 503, "refused");
+        edge_refuse_http(c, 503, "refused");
         return;
     }
     c->user = user;
@@ -769,9 +792,9 @@ static void handshake_done(struct edge_conn *c, const char *head, size_t hlen)
     if (c->state == ES_CLOSING) {
         /* closed from on_accept: the core hears on_close from the loop */
         c->report_due = 1;
-        ready_add(c);
+        edge_ready_add(c);
     }
-    if (drain_queue(c) == 0)
+    if (edge_drain(c) == 0)
         edge_watch(c);
     edge_accept_modulate(c->hub);
 }
@@ -814,7 +837,7 @@ static void ready_cb(uv_idle_t *h)
     }
 }
 
-static void ready_add(struct edge_conn *c)
+void edge_ready_add(struct edge_conn *c)
 {
     if (c->ready || c->state == ES_GONE)
         return;
@@ -844,10 +867,12 @@ static void sweep_idle(struct edge_hub *hub, uint64_t now)
         socklen_t tl = sizeof(ti);
 
         hub->sweep_cursor = c->next;
+        if (c->tunnel)
+            continue; /* tunnels have their own idle timeout */
         if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) != 0)
             continue;
         if ((uint64_t)ti.tcpi_last_data_recv >= hub->s.idle_timeout_ms)
-            start_close(c, 1001, "idle timeout");
+            edge_start_close(c, 1001, "idle timeout");
     }
 }
 
@@ -874,7 +899,7 @@ int edge_send(struct emx_conn *conn, const uint8_t *data, size_t len)
     size_t plen = len, n;
     int rc;
 
-    if (!c || c->state != ES_OPEN)
+    if (!c || c->state != ES_OPEN || c->tunnel)
         return -EPIPE;
     if (!data && len)
         return -EINVAL;
@@ -883,16 +908,16 @@ int edge_send(struct emx_conn *conn, const uint8_t *data, size_t len)
     if (c->pmd.on) {
         rc = edge_compress(c, p, len, &p, &plen);
         if (rc) {
-            start_close(c, 1011, "compression failed");
+            edge_start_close(c, 1011, "compression failed");
             return rc;
         }
     }
     n = edge_frame(c, 0x2, c->pmd.on, p, plen);
     if (!n) {
-        start_close(c, 1011, "out of memory");
+        edge_start_close(c, 1011, "out of memory");
         return -ENOMEM;
     }
-    return write_out(c, c->hub->tbuf, n);
+    return edge_write(c, c->hub->tbuf, n);
 }
 
 size_t edge_buffered(struct emx_conn *conn)
@@ -915,6 +940,8 @@ int edge_pause_read(struct emx_conn *conn, bool pause)
 
     if (!c || c->state == ES_GONE)
         return -ENOTCONN;
+    if (c->tunnel)
+        return -EPERM; /* a tunnel paces itself */
     if (c->state != ES_OPEN)
         return 0;
     if ((bool)c->paused == pause)
@@ -924,7 +951,7 @@ int edge_pause_read(struct emx_conn *conn, bool pause)
     /* held input is parsed, and TLS's buffered input read, from the loop:
      * never inside the core's call */
     if (!pause)
-        ready_add(c);
+        edge_ready_add(c);
     return 0;
 }
 
@@ -932,13 +959,17 @@ void edge_close(struct emx_conn *conn, uint16_t code, const char *reason)
 {
     struct edge_conn *c = E(conn);
 
+    if (c && c->tunnel) {
+        tunnel_close(c, code, reason); /* both sides */
+        return;
+    }
     if (!c || c->state == ES_GONE || c->state == ES_CLOSING)
         return;
     if (c->state == ES_SHAKING) {
         edge_conn_gone(c, code, reason);
         return;
     }
-    start_close(c, code ? code : 1000, reason);
+    edge_start_close(c, code ? code : 1000, reason);
 }
 
 int edge_set_message_limit(struct emx_conn *conn, size_t limit)
@@ -970,12 +1001,20 @@ struct edge_hub *edge_hub_new(uv_loop_t *loop, const struct emx_host *host,
     hub->loop = loop;
     hub->host = host;
     hub->s = *s;
+    /* mask keys only need to be unpredictable to scripts in a browser */
+    if (getentropy(&hub->rng, sizeof(hub->rng)) != 0 || !hub->rng)
+        hub->rng = uv_hrtime() | 1;
     return hub;
 }
 
 struct edge_settings *edge_hub_settings(struct edge_hub *hub)
 {
     return &hub->s;
+}
+
+void edge_hub_enable_tunnels(struct edge_hub *hub, bool on)
+{
+    hub->tunnels_on = on;
 }
 
 static void hub_handle_closed(uv_handle_t *h)
@@ -1038,6 +1077,7 @@ void edge_hub_free(struct edge_hub *hub)
         hub->listeners = l->next;
         edge_listener_free(l);
     }
+    tunnel_hub_free(hub);
     free(hub->rbuf);
     free(hub->tbuf);
     free(hub->zbuf);

@@ -42,6 +42,11 @@ struct edge_settings {
     int listen_backlog;
     unsigned fd_reserve;
     size_t max_queued_control; /* pongs are not answered past this many queued bytes */
+    /* tunnels */
+    size_t tunnel_max_message;      /* largest message relayed either way */
+    size_t tunnel_max_queued;       /* a side with this much queued stops the other's reading */
+    uint64_t tunnel_connect_timeout_ms; /* owner's connect + upgrade; then 504 */
+    uint64_t tunnel_data_delay_ms;  /* owner → peer data waits this long after the 101 went */
 };
 
 struct edge_hub;
@@ -57,6 +62,8 @@ void edge_hub_free(struct edge_hub *hub);
 /* The core's ABI 1.1 settings, applied where the options were left at
  * their defaults (ws.c decides which). */
 struct edge_settings *edge_hub_settings(struct edge_hub *hub);
+/* Take tunnel paths when the core knows of them (its ABI is 1.3 or later). */
+void edge_hub_enable_tunnels(struct edge_hub *hub, bool on);
 
 int edge_listen(struct edge_hub *hub, const struct emx_listen_spec *spec,
                 const struct emx_conn_callbacks *cb, void *user, struct emx_listener **out);

@@ -37,6 +37,9 @@ enum hdr_id {
     H_APPKEY,
     H_MAXFRAME,
     H_XFF,
+    H_COOKIE,
+    H_USER_AGENT,
+    H_ACCEPT,
     H__COUNT
 };
 
@@ -51,11 +54,15 @@ static const char *const hdr_names[H__COUNT] = {
     "appkey",
     "max-frame-size",
     "x-forwarded-for",
+    "cookie",
+    "user-agent",
+    "sec-websocket-accept",
 };
 
 /* Headers that may appear once; the others are lists joined with ", ". */
 static const bool hdr_single[H__COUNT] = {
-    [H_HOST] = true, [H_KEY] = true, [H_VERSION] = true, [H_APPKEY] = true, [H_MAXFRAME] = true,
+    [H_HOST] = true,   [H_KEY] = true,    [H_VERSION] = true,    [H_APPKEY] = true,
+    [H_MAXFRAME] = true, [H_COOKIE] = true, [H_USER_AGENT] = true, [H_ACCEPT] = true,
 };
 
 struct collect {
@@ -73,10 +80,11 @@ struct collect {
     size_t val_len[H__COUNT];
     bool val_long[H__COUNT];
     bool done;
-    char store[2 * EDGE_HTTP_MAX_HEAD + 8 * 1024];
+    char store[3 * EDGE_HTTP_MAX_HEAD + 10 * 1024];
 };
 
-static const bool hdr_list_big[H__COUNT] = {[H_EXTENSIONS] = true, [H_XFF] = true};
+static const bool hdr_list_big[H__COUNT] = {
+    [H_EXTENSIONS] = true, [H_XFF] = true, [H_COOKIE] = true};
 
 static void collect_init(struct collect *c)
 {
@@ -430,7 +438,39 @@ static void refuse(struct edge_http_req *r, int status, const char *why)
     r->why = why;
 }
 
-void edge_http_parse(const char *head, size_t len, const char *path,
+/* RFC 3986 pchar without percent-encoding or ':'/'@' ambiguity: what a
+ * tid may hold to stand verbatim in a path (the SDK escapes nothing). */
+static bool tid_char(int ch)
+{
+    return isalnum(ch) || (ch && strchr("-._~!$&'()*+,;=", ch));
+}
+
+/* A tunnel path: which side, and its tid. Returns 0 (not one), 1 (one,
+ * tid copied) or -1 (one whose tid is not acceptable). */
+static int tunnel_path(const char *url, size_t plen, struct edge_http_req *out)
+{
+    static const char *const prefixes[] = {NULL, EDGE_TUNNEL_SERVER_PATH,
+                                           EDGE_TUNNEL_CLIENT_PATH};
+
+    for (int side = EDGE_TUNNEL_SERVER; side <= EDGE_TUNNEL_CLIENT; side++) {
+        size_t n = strlen(prefixes[side]);
+
+        if (plen < n || strncmp(url, prefixes[side], n))
+            continue;
+        if (plen == n || plen - n > EDGE_TID_MAX)
+            return -1;
+        for (size_t i = n; i < plen; i++)
+            if (!tid_char((unsigned char)url[i]))
+                return -1;
+        out->tunnel = side;
+        memcpy(out->tid, url + n, plen - n);
+        out->tid[plen - n] = '\0';
+        return 1;
+    }
+    return 0;
+}
+
+void edge_http_parse(const char *head, size_t len, const char *path, bool tunnels,
                      const struct edge_pmd_conf *pmd, struct edge_http_req *out)
 {
     http_parser_settings set;
@@ -484,8 +524,16 @@ void edge_http_parse(const char *head, size_t len, const char *path,
     q = strchr(c->url, '?');
     plen = q ? (size_t)(q - c->url) : c->url_len;
     if (!path || strlen(path) != plen || strncmp(c->url, path, plen)) {
-        refuse(out, 404, "path not served");
-        goto done;
+        int t = tunnels ? tunnel_path(c->url, plen, out) : 0;
+
+        if (t == 0) {
+            refuse(out, 404, "path not served");
+            goto done;
+        }
+        if (t < 0) {
+            refuse(out, 404, "tunnel id not acceptable");
+            goto done;
+        }
     }
     for (int i = 1; i < H__COUNT; i++) {
         if (c->val_long[i]) {
@@ -497,7 +545,9 @@ void edge_http_parse(const char *head, size_t len, const char *path,
             goto done;
         }
     }
-    if (c->val_len[H_XFF] >= sizeof(out->xff) || c->val_len[H_APPKEY] >= sizeof(out->app_key)) {
+    if (c->val_len[H_XFF] >= sizeof(out->xff) || c->val_len[H_APPKEY] >= sizeof(out->app_key) ||
+        c->val_len[H_COOKIE] >= sizeof(out->cookie) ||
+        c->val_len[H_USER_AGENT] >= sizeof(out->user_agent)) {
         refuse(out, 431, "header too long");
         goto done;
     }
@@ -541,12 +591,79 @@ void edge_http_parse(const char *head, size_t len, const char *path,
         if (end != c->val[H_MAXFRAME] && *end == '\0' && v > 0)
             out->max_frame = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
     }
-    negotiate(c->val[H_EXTENSIONS], pmd, &out->pmd);
+    if (out->tunnel) {
+        /* tunnel messages pass unchanged: no compression on either side */
+        if (c->count[H_COOKIE]) {
+            out->has_cookie = true;
+            memcpy(out->cookie, c->val[H_COOKIE], c->val_len[H_COOKIE] + 1);
+        }
+        if (c->count[H_USER_AGENT]) {
+            out->has_user_agent = true;
+            memcpy(out->user_agent, c->val[H_USER_AGENT], c->val_len[H_USER_AGENT] + 1);
+        }
+    } else {
+        negotiate(c->val[H_EXTENSIONS], pmd, &out->pmd);
+    }
     out->status = 0;
     out->why = NULL;
 done:
-    /* the app key may have been copied into the collector: wipe it */
+    /* the app key and cookies may have been copied into the collector */
     memset(c->val[H_APPKEY], 0, c->val_cap[H_APPKEY]);
+    memset(c->val[H_COOKIE], 0, c->val_cap[H_COOKIE]);
+    free(c);
+}
+
+/* ---- a tunnel back end's answer ---------------------------------------------- */
+
+void edge_http_parse_response(const char *head, size_t len, const char *key,
+                              struct edge_http_resp *out)
+{
+    http_parser_settings set;
+    http_parser p;
+    struct collect *c;
+    char want[32];
+
+    memset(out, 0, sizeof(*out));
+    c = malloc(sizeof(*c));
+    if (!c) {
+        out->why = "out of memory";
+        return;
+    }
+    collect_init(c);
+    memset(&set, 0, sizeof(set));
+    set.on_header_field = on_field;
+    set.on_header_value = on_value;
+    set.on_headers_complete = on_headers_complete;
+    http_parser_init(&p, HTTP_RESPONSE);
+    p.data = c;
+    (void)http_parser_execute(&p, &set, head, len);
+    /* a 101 ends the HTTP part; http-parser stops there with HPE_OK or
+     * reports the upgrade */
+    if (!c->done || (HTTP_PARSER_ERRNO(&p) != HPE_OK && !p.upgrade)) {
+        out->why = "malformed response";
+        goto done;
+    }
+    for (int i = 1; i < H__COUNT; i++)
+        while (c->val_len[i] &&
+               (c->val[i][c->val_len[i] - 1] == ' ' || c->val[i][c->val_len[i] - 1] == '\t'))
+            c->val[i][--c->val_len[i]] = '\0';
+    out->status = p.status_code;
+    if (out->status != 101) {
+        out->why = "refused";
+        goto done;
+    }
+    accept_of(key, want);
+    if (!list_has(c->val[H_UPGRADE], "websocket"))
+        out->why = "101 without Upgrade: websocket";
+    else if (!list_has(c->val[H_CONNECTION], "upgrade"))
+        out->why = "101 without Connection: upgrade";
+    else if (!want[0] || strcmp(c->val[H_ACCEPT], want))
+        out->why = "wrong Sec-WebSocket-Accept";
+    else if (c->count[H_EXTENSIONS] && c->val_len[H_EXTENSIONS])
+        out->why = "101 with an extension not offered";
+    else
+        out->upgraded = true;
+done:
     free(c);
 }
 
@@ -585,6 +702,12 @@ size_t edge_http_refusal(int status, char *out, size_t cap)
     case 400:
         text = "Bad Request";
         break;
+    case 401:
+        text = "Unauthorized";
+        break;
+    case 403:
+        text = "Forbidden";
+        break;
     case 404:
         text = "Not Found";
         break;
@@ -602,8 +725,17 @@ size_t edge_http_refusal(int status, char *out, size_t cap)
         text = "Upgrade Required";
         extra = "Sec-WebSocket-Version: 13\r\nUpgrade: websocket\r\n";
         break;
+    case 429:
+        text = "Too Many Requests";
+        break;
     case 431:
         text = "Request Header Fields Too Large";
+        break;
+    case 502:
+        text = "Bad Gateway";
+        break;
+    case 504:
+        text = "Gateway Timeout";
         break;
     default:
         status = 503;

@@ -27,6 +27,12 @@ struct edge_pmd {
     uint8_t client_window; /* the client's window: edgemux inflates with it */
 };
 
+/* Remote Access tunnel paths (TUNNELS.md §1): the tid follows the prefix. */
+#define EDGE_TUNNEL_SERVER_PATH "/Thingworx/WSTunnelServer/"
+#define EDGE_TUNNEL_CLIENT_PATH "/Thingworx/WSTunnelClient/"
+#define EDGE_TID_MAX            300 /* a platform tid of 255 bytes and its token */
+enum { EDGE_TUNNEL_NONE = 0, EDGE_TUNNEL_SERVER = 1, EDGE_TUNNEL_CLIENT = 2 };
+
 struct edge_http_req {
     int status;         /* 0: upgrade; otherwise the HTTP status to answer */
     const char *why;    /* static text naming what was wrong (logs) */
@@ -37,6 +43,20 @@ struct edge_http_req {
     bool has_xff;
     uint32_t max_frame; /* Max-Frame-Size; 0: none */
     struct edge_pmd pmd;
+    /* tunnel paths only (never negotiate compression) */
+    int tunnel; /* EDGE_TUNNEL_*: the path's prefix */
+    char tid[EDGE_TID_MAX + 1];
+    char cookie[EDGE_HTTP_MAX_HEAD]; /* a secret: never logged */
+    bool has_cookie;
+    char user_agent[256];
+    bool has_user_agent;
+};
+
+/* A tunnel back end's answer to its upgrade. */
+struct edge_http_resp {
+    int status;       /* the HTTP status; 0 when none could be read */
+    bool upgraded;    /* a 101 that passes RFC 6455 §4.1's client checks */
+    const char *why;  /* static text: what was wrong, when not upgraded */
 };
 
 /* Length of the head (through the blank line) if `buf` holds a whole one,
@@ -44,9 +64,16 @@ struct edge_http_req {
 long edge_http_head_len(const char *buf, size_t len);
 
 /* Check a whole head against `path` (a query string is ignored) and
- * negotiate permessage-deflate. Fills `out`; out->status says the outcome. */
-void edge_http_parse(const char *head, size_t len, const char *path,
+ * negotiate permessage-deflate. With `tunnels`, the tunnel paths are
+ * accepted too (out->tunnel, out->tid; no compression). Fills `out`;
+ * out->status says the outcome. */
+void edge_http_parse(const char *head, size_t len, const char *path, bool tunnels,
                      const struct edge_pmd_conf *pmd, struct edge_http_req *out);
+
+/* Check a whole response head (to a request that sent Sec-WebSocket-Key
+ * `key`, offering no extension). */
+void edge_http_parse_response(const char *head, size_t len, const char *key,
+                              struct edge_http_resp *out);
 
 /* The 101 response for an accepted request. Returns its length, or 0 if
  * `cap` is too small. */

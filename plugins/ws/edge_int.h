@@ -89,6 +89,9 @@ struct edge_conn {
     unsigned wrote : 1;      /* something was written during this read */
     unsigned big_rx : 1;     /* this read delivered a message of 4 KiB or more */
     unsigned ssl_want_write : 1;
+    unsigned tunnel : 1;     /* one side of a tunnel: `user` is its struct tunnel */
+    unsigned client : 1;     /* edgemux is the client (a tunnel's back end): frames masked */
+    unsigned connecting : 1; /* a back end in TCP connect or TLS handshake */
     int events; /* what the poll handle watches */
     int fd;
     uint64_t t0; /* ms: handshake start, or close start */
@@ -138,6 +141,13 @@ struct edge_hub {
     size_t tcap;
     uint8_t *zbuf; /* compressed output */
     size_t zcap;
+    /* tunnels (tunnel.c) */
+    bool tunnels_on; /* the core takes tunnel paths (ABI >= 1.3) */
+    uint64_t rng;    /* mask keys of back-end frames */
+    size_t ntunnels;
+    SSL_CTX *tun_ctx; /* client context of wss back ends, for the files below */
+    char *tun_ca, *tun_cert, *tun_key;
+    bool tun_verify;
 };
 
 static inline struct edge_conn *E(struct emx_conn *c)
@@ -152,6 +162,14 @@ static inline struct emx_conn *C(struct edge_conn *c)
 
 /* edge.c */
 void edge_conn_gone(struct edge_conn *c, uint16_t code, const char *reason);
+void edge_conn_free(struct edge_conn *c);
+int edge_write(struct edge_conn *c, const uint8_t *buf, size_t len);
+int edge_drain(struct edge_conn *c);
+int edge_send_op(struct edge_conn *c, uint8_t op, const uint8_t *data, size_t len);
+void edge_start_close(struct edge_conn *c, uint16_t code, const char *reason);
+void edge_refuse_http(struct edge_conn *c, int status, const char *why);
+long edge_sock_read(struct edge_conn *c, uint8_t *buf, size_t cap);
+void edge_ready_add(struct edge_conn *c);
 void edge_conn_read(struct edge_conn *c);
 void edge_hold(struct edge_conn *c, const uint8_t *buf, size_t len);
 void edge_list_add(struct edge_conn *c, int which);
@@ -163,6 +181,16 @@ int edge_compress(struct edge_conn *c, const uint8_t *data, size_t len, const ui
                   size_t *outlen);
 size_t edge_frame(struct edge_conn *c, uint8_t op, bool rsv1, const uint8_t *data, size_t len);
 void edge_tbuf_trim(struct edge_hub *hub);
+
+/* tunnel.c: what edge.c hands a tunnel's connections to */
+void tunnel_begin(struct edge_conn *dev, const struct edge_http_req *r);
+int tunnel_rx(struct edge_conn *c, bool text, uint8_t *data, size_t len);
+void tunnel_close_rcvd(struct edge_conn *c, uint16_t code, const char *reason);
+void tunnel_drained(struct edge_conn *c);
+void tunnel_conn_freed(struct edge_conn *c);
+void tunnel_be_poll(struct edge_conn *be, int status, int events);
+void tunnel_close(struct edge_conn *dev, uint16_t code, const char *reason);
+void tunnel_hub_free(struct edge_hub *hub);
 
 /* edge_accept.c */
 void edge_accept_modulate(struct edge_hub *hub);

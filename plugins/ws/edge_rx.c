@@ -259,7 +259,7 @@ static size_t hdr_need(const uint8_t *h)
 {
     uint8_t l7 = h[1] & 0x7F;
 
-    return 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + 4;
+    return 2 + (l7 == 126 ? 2 : l7 == 127 ? 8 : 0) + ((h[1] & 0x80) ? 4 : 0);
 }
 
 /* The first two header bytes: everything that needs no length. */
@@ -275,7 +275,9 @@ static int check_start(struct edge_rx *rx, struct edge_rx_error *err)
     if (op != OP_CONT && op != OP_TEXT && op != OP_BIN && op != OP_CLOSE && op != OP_PING &&
         op != OP_PONG)
         return fail(rx, err, 1002, "reserved opcode");
-    if (!(b1 & 0x80))
+    if (rx->p.from_server && (b1 & 0x80))
+        return fail(rx, err, 1002, "masked frame from a server");
+    if (!rx->p.from_server && !(b1 & 0x80))
         return fail(rx, err, 1002, "unmasked frame");
     if (control) {
         if (!fin)
@@ -299,7 +301,7 @@ static int check_start(struct edge_rx *rx, struct edge_rx_error *err)
     }
     if (rx->in_msg)
         return fail(rx, err, 1002, "new message inside a fragmented one");
-    if (op == OP_TEXT)
+    if (op == OP_TEXT && !rx->p.text)
         return fail(rx, err, 1003, "text frames are not accepted");
     return 0;
 }
@@ -323,7 +325,11 @@ static int start_frame(struct edge_rx *rx, struct edge_rx_error *err)
             n = (n << 8) | h[2 + i];
         at = 10;
     }
-    memcpy(rx->mask, h + at, 4);
+    rx->masked = (h[1] & 0x80) != 0;
+    if (rx->masked)
+        memcpy(rx->mask, h + at, 4);
+    else
+        memset(rx->mask, 0, 4);
     rx->mask_pos = 0;
     rx->op = h[0] & 0x0F;
     rx->fin = (h[0] & 0x80) != 0;
@@ -336,6 +342,7 @@ static int start_frame(struct edge_rx *rx, struct edge_rx_error *err)
     }
     if (rx->op != OP_CONT) {
         rx->in_msg = true;
+        rx->msg_text = rx->op == OP_TEXT;
         rx->compressed = (h[0] & 0x40) != 0;
         rx->msg_len = 0;
         rx->wire = 0;
@@ -360,6 +367,8 @@ static void unmask(struct edge_rx *rx, uint8_t *p, size_t n)
     uint8_t k[8];
     uint64_t k8;
 
+    if (!rx->masked)
+        return;
     for (; i < n && rx->mask_pos; i++) {
         p[i] ^= rx->mask[rx->mask_pos];
         rx->mask_pos = (uint8_t)((rx->mask_pos + 1) & 3);
@@ -416,7 +425,10 @@ static int end_data(struct edge_rx *rx, edge_rx_cb cb, void *user, struct edge_r
     if (rx->msg_len > rx->limit) /* the limit was lowered since */
         return fail(rx, err, 1009, "message too big");
     rx->in_msg = false;
-    rc = cb(user, EDGE_RX_MESSAGE, rx->msg ? rx->msg : (uint8_t *)tail, rx->msg_len);
+    if (rx->msg_text && rx->msg_len && !utf8_valid(rx->msg, rx->msg_len))
+        return fail(rx, err, 1007, "text message is not UTF-8");
+    rc = cb(user, rx->msg_text ? EDGE_RX_TEXT : EDGE_RX_MESSAGE, rx->msg ? rx->msg : (uint8_t *)tail,
+            rx->msg_len);
     rx->msg_len = 0;
     if (rx->compressed && rx->p.no_takeover)
         zs_free(rx); /* nothing to keep between messages */
@@ -473,17 +485,19 @@ long edge_rx_feed(struct edge_rx *rx, uint8_t *buf, size_t len, edge_rx_cb cb, v
             } else if (rx->compressed) {
                 if (inflate_into(rx, p, n, err))
                     return -1;
-            } else if (rx->fin && rx->op == OP_BIN && n == rx->left && rx->msg_len == 0 &&
-                       n <= rx->limit) {
+            } else if (rx->fin && (rx->op == OP_BIN || rx->op == OP_TEXT) && n == rx->left &&
+                       rx->msg_len == 0 && n <= rx->limit) {
                 /* the common case: a whole message in one frame in this
                  * buffer, delivered where it lies */
                 int rc;
 
+                if (rx->op == OP_TEXT && !utf8_valid(p, n))
+                    return fail(rx, err, 1007, "text message is not UTF-8");
                 off += n;
                 rx->left = 0;
                 rx->in_frame = false;
                 rx->in_msg = false;
-                rc = cb(user, EDGE_RX_MESSAGE, p, n);
+                rc = cb(user, rx->op == OP_TEXT ? EDGE_RX_TEXT : EDGE_RX_MESSAGE, p, n);
                 if (rc)
                     return (long)off;
                 continue;

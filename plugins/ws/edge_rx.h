@@ -24,6 +24,8 @@ struct edge_rx_params {
     bool deflate;        /* permessage-deflate negotiated */
     bool no_takeover;    /* client_no_context_takeover: a fresh inflater per message */
     uint8_t window_bits; /* the client's compression window (9..15) */
+    bool text;           /* text messages are delivered (tunnels), not refused 1003 */
+    bool from_server;    /* the peer is a server: frames must be unmasked (tunnel back ends) */
 };
 
 struct edge_rx {
@@ -40,6 +42,8 @@ struct edge_rx {
     uint64_t left;
     /* message being assembled */
     bool in_msg;
+    bool msg_text; /* the message being assembled is text */
+    bool masked;   /* the frame being read is masked */
     bool compressed;
     uint8_t *msg;
     size_t msg_len, msg_cap;
@@ -52,7 +56,8 @@ struct edge_rx {
     bool failed;
 };
 
-enum edge_rx_kind { EDGE_RX_MESSAGE, EDGE_RX_PING, EDGE_RX_PONG, EDGE_RX_CLOSE };
+/* EDGE_RX_TEXT only with params.text; its payload is valid UTF-8. */
+enum edge_rx_kind { EDGE_RX_MESSAGE, EDGE_RX_TEXT, EDGE_RX_PING, EDGE_RX_PONG, EDGE_RX_CLOSE };
 
 /* One complete message or control frame. `data` is borrowed for the call
  * and may be modified. Return 0 to go on, 1 to stop feeding (the caller

@@ -30,33 +30,56 @@ void edge_tbuf_trim(struct edge_hub *hub)
     }
 }
 
-/* Server frames are not masked; data frames are cut at the peer's
+/* A client's frame payload, masked with `key`. */
+static void mask_copy(uint8_t *dst, const uint8_t *src, size_t n, const uint8_t key[4])
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] = src[i] ^ key[i & 3];
+}
+
+/* Server frames are not masked; a tunnel's back end (edgemux is the
+ * client) masks every frame. Data frames are cut at the peer's
  * Max-Frame-Size. Returns the framed length in hub->tbuf, or 0. */
 size_t edge_frame(struct edge_conn *c, uint8_t op, bool rsv1, const uint8_t *data, size_t len)
 {
     size_t fmax = (op & 0x8) ? 125 : c->max_frame;
     size_t frames = len ? (len + fmax - 1) / fmax : 1;
-    size_t total = len + frames * 4, off = 0, w = 0;
+    size_t total = len + frames * (c->client ? 8 : 4), off = 0, w = 0;
     uint8_t *dst;
 
     if (len > SIZE_MAX / 2 || !(dst = tbuf_reserve(c->hub, total)))
         return 0;
     do {
         size_t frag = len - off;
+        uint8_t mbit = c->client ? 0x80 : 0;
 
         if (frag > fmax)
             frag = fmax;
         dst[w++] = (uint8_t)((off + frag == len ? 0x80 : 0) | (off == 0 ? op : 0) |
                              (off == 0 && rsv1 ? 0x40 : 0));
         if (frag > 125) {
-            dst[w++] = 126;
+            dst[w++] = mbit | 126;
             dst[w++] = (uint8_t)(frag >> 8);
             dst[w++] = (uint8_t)frag;
         } else {
-            dst[w++] = (uint8_t)frag;
+            dst[w++] = (uint8_t)(mbit | frag);
         }
-        if (frag)
+        if (c->client) {
+            uint64_t x = c->hub->rng; /* xorshift64 */
+            uint8_t key[4];
+
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c->hub->rng = x;
+            memcpy(key, &x, 4);
+            memcpy(dst + w, key, 4);
+            w += 4;
+            if (frag)
+                mask_copy(dst + w, data + off, frag, key);
+        } else if (frag) {
             memcpy(dst + w, data + off, frag);
+        }
         w += frag;
         off += frag;
     } while (off < len);

@@ -59,6 +59,17 @@ static const struct emx_option ws_options[] = {
         "(silent or held sockets cannot lock devices out)"),
     OPT("max_queued_control", EMX_OPT_SIZE, "64KiB", max_queued_control,
         "an edge with more bytes queued than this gets no pong for its pings"),
+    OPT("tunnel_max_message", EMX_OPT_SIZE, "256KiB", tunnel_max_message,
+        "tunnels: largest message relayed either way (over it the side that sent it is "
+        "closed 1009)"),
+    OPT("tunnel_max_queued", EMX_OPT_SIZE, "256KiB", tunnel_max_queued,
+        "tunnels: a side with this many bytes queued stops the other side's reading until "
+        "half has drained"),
+    OPT("tunnel_connect_timeout", EMX_OPT_DURATION, "5s", tunnel_connect_timeout,
+        "tunnels: the owner instance's connect, TLS and upgrade; later the peer gets 504"),
+    OPT("tunnel_data_delay", EMX_OPT_DURATION, "50ms", tunnel_data_delay,
+        "tunnels: data toward the peer waits this long after its 101 has left (the C SDK "
+        "drops bytes that arrive with the response)"),
     OPT("listen_backlog", EMX_OPT_INT, "65535", listen_backlog,
         "listen backlog of edge listeners; the kernel caps it at net.core.somaxconn"),
     OPT("fd_reserve", EMX_OPT_INT, "256", fd_reserve,
@@ -136,13 +147,18 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
         cfg->max_http_header_pool > 65535 || cfg->listen_backlog < 1 ||
         cfg->listen_backlog > 65535 || cfg->fd_reserve < 16 || cfg->fd_reserve > 1000000 ||
         cfg->inflate_window_bits < 9 || cfg->inflate_window_bits > 15 ||
-        cfg->handshake_evict > cfg->handshake_timeout || cfg->max_queued_control < 256) {
+        cfg->handshake_evict > cfg->handshake_timeout || cfg->max_queued_control < 256 ||
+        cfg->tunnel_max_message < 1024 || cfg->tunnel_max_message > (64u << 20) ||
+        cfg->tunnel_max_queued < 4096 || cfg->tunnel_connect_timeout < 100 ||
+        cfg->tunnel_data_delay > 10000) {
         host->log(host, EMX_LOG_ERROR,
                   "ws: invalid option (deflate_window_bits 9..15, deflate_mem_level 1..9, "
                   "rx_buffer_size 128..1MiB, default_max_frame_size 64..65535, "
                   "max_http_header_pool 1..65535, listen_backlog 1..65535, "
                   "fd_reserve 16..1000000, inflate_window_bits 9..15, handshake_evict <= "
-                  "handshake_timeout, max_queued_control >= 256)");
+                  "handshake_timeout, max_queued_control >= 256, tunnel_max_message 1KiB..64MiB, "
+                  "tunnel_max_queued >= 4KiB, tunnel_connect_timeout >= 100ms, "
+                  "tunnel_data_delay <= 10s)");
         return -EINVAL;
     }
     inst = ws_zalloc(sizeof(*inst));
@@ -184,6 +200,10 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
             .listen_backlog = (int)cfg->listen_backlog,
             .fd_reserve = (unsigned)cfg->fd_reserve,
             .max_queued_control = (size_t)cfg->max_queued_control,
+            .tunnel_max_message = (size_t)cfg->tunnel_max_message,
+            .tunnel_max_queued = (size_t)cfg->tunnel_max_queued,
+            .tunnel_connect_timeout_ms = cfg->tunnel_connect_timeout,
+            .tunnel_data_delay_ms = cfg->tunnel_data_delay,
         };
 
         inst->edges = edge_hub_new(host->loop, host, &es);
@@ -192,6 +212,8 @@ static int ws_create(const struct emx_host *host, const void *config, void **out
             free(inst);
             return -ENOMEM;
         }
+        /* tunnel callbacks exist in the listener callbacks from ABI 1.3 */
+        edge_hub_enable_tunnels(inst->edges, host->abi_minor >= 3);
     }
     *out = inst;
     return 0;

@@ -77,6 +77,10 @@ struct ws_config {
     int64_t inflate_window_bits;
     uint64_t handshake_evict;
     uint64_t max_queued_control;
+    uint64_t tunnel_max_message;
+    uint64_t tunnel_max_queued;
+    uint64_t tunnel_connect_timeout;
+    uint64_t tunnel_data_delay;
 };
 
 /* Defaults of the options the core's settings can stand in for. */

@@ -78,6 +78,12 @@ static int on_rx(void *user, enum edge_rx_kind kind, uint8_t *data, size_t len)
         abort();
     s->calls++;
     switch (kind) {
+    case EDGE_RX_TEXT:
+        /* tunnels only; relayed, never parsed as AlwaysOn */
+        if (!s->rx.p.text || len > s->rx.limit)
+            abort();
+        touch(data, len);
+        break;
     case EDGE_RX_MESSAGE:
         if (len > s->rx.limit)
             abort();
@@ -187,7 +193,7 @@ static bool feed_piece(struct state *s, const uint8_t *src, size_t n)
 static void fuzz_rx(const uint8_t *data, size_t size)
 {
     struct state s;
-    struct edge_rx_params p;
+    struct edge_rx_params p = {0};
     size_t preauth, pieces;
     uint8_t flags;
 
@@ -198,6 +204,9 @@ static void fuzz_rx(const uint8_t *data, size_t size)
     p.deflate = flags & 1;
     p.no_takeover = (flags & 2) != 0;
     p.window_bits = (uint8_t)(8 + (data[1] & 7));
+    /* tunnel receive sides: text allowed; a back end reads unmasked frames */
+    p.text = (data[1] & 0x40) != 0;
+    p.from_server = (data[1] & 0x80) != 0;
     preauth = (flags & 4) ? 4096 : 64 + (size_t)data[2] * 2;
     s.full_limit = (flags & 8) ? (size_t)1 << 20 : (size_t)64 << 10;
     s.max_limit = preauth;
@@ -252,7 +261,7 @@ static void fuzz_http(const uint8_t *data, size_t size)
     if (hl < -1 || hl > (long)size)
         abort();
     /* the whole input as a head, whether or not it ends with a blank line */
-    edge_http_parse(head, size, "/Thingworx/WS", &confs[size & 1], &r);
+    edge_http_parse(head, size, "/Thingworx/WS", (size & 2) != 0, &confs[size & 1], &r);
     if (r.status == 0) {
         size_t n = edge_http_101(&r, out, sizeof(out));
 
@@ -263,10 +272,21 @@ static void fuzz_http(const uint8_t *data, size_t size)
             abort();
         if (strlen(r.app_key) >= sizeof(r.app_key) || strlen(r.xff) >= sizeof(r.xff))
             abort();
+        if (r.tunnel && (r.pmd.on || !r.tid[0] || strlen(r.tid) > EDGE_TID_MAX ||
+                         strpbrk(r.tid, "/?#% ")))
+            abort();
     } else {
         if (!r.why || r.status < 400 || r.status > 599)
             abort();
         if (!edge_http_refusal(r.status, out, sizeof(out)))
+            abort();
+    }
+    {
+        /* the same bytes as a tunnel back end's answer */
+        struct edge_http_resp resp;
+
+        edge_http_parse_response(head, size, "dGhlIHNhbXBsZSBub25jZQ==", &resp);
+        if (resp.upgraded ? (resp.status != 101 || resp.why) : !resp.why)
             abort();
     }
     free(head);

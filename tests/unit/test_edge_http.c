@@ -30,6 +30,8 @@ static const char *req(const char *line, const char *headers)
     return head;
 }
 
+static bool tunnels; /* parse with the tunnel paths accepted */
+
 /* The usual upgrade's headers plus `extra`. */
 static const char *upgrade(const char *extra)
 {
@@ -56,7 +58,7 @@ static void parse_conf(const char *h, const struct edge_pmd_conf *pmd, struct ed
     memcpy(copy, h, n);
     hl = edge_http_head_len(copy, n);
     assert_int_equal(hl, (long)n);
-    edge_http_parse(copy, n, PATH, pmd, r);
+    edge_http_parse(copy, n, PATH, tunnels, pmd, r);
     free(copy);
 }
 
@@ -545,10 +547,109 @@ static void test_pmd_unknown_extension(void **state)
     assert_true(offer("PerMessage-Deflate").on);
 }
 
+/* ---- tunnel paths ------------------------------------------------------------ */
+
+static void test_tunnel_paths(void **state)
+{
+    static const char hdrs[] = "Host: 127.0.0.1\r\n"
+                               "Upgrade: websocket\r\n"
+                               "Connection: Upgrade\r\n"
+                               "Sec-WebSocket-Key: " KEY "\r\n"
+                               "Sec-WebSocket-Version: 13\r\n"
+                               "Max-Frame-Size: 10922\r\n"
+                               "appKey: secret\r\n"
+                               "User-Agent: ThingWorx C SDK\r\n"
+                               "Cookie: JSESSIONID=abc; x=y\r\n"
+                               "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    struct edge_http_req r;
+    char line[512];
+
+    (void)state;
+    tunnels = false;
+    parse(req("GET /Thingworx/WSTunnelServer/xdeadbeef~tun-1 HTTP/1.1", hdrs), &r);
+    assert_int_equal(r.status, 404); /* not without the core's consent */
+    tunnels = true;
+    parse(req("GET /Thingworx/WSTunnelServer/xdeadbeef~tun-1 HTTP/1.1", hdrs), &r);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(r.tunnel, EDGE_TUNNEL_SERVER);
+    assert_string_equal(r.tid, "xdeadbeef~tun-1");
+    assert_false(r.pmd.on); /* offered, never taken on a tunnel */
+    assert_int_equal(r.max_frame, 10922);
+    assert_string_equal(r.app_key, "secret");
+    assert_string_equal(r.user_agent, "ThingWorx C SDK");
+    assert_string_equal(r.cookie, "JSESSIONID=abc; x=y");
+    parse(req("GET /Thingworx/WSTunnelClient/abc HTTP/1.1", hdrs), &r);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(r.tunnel, EDGE_TUNNEL_CLIENT);
+    assert_string_equal(r.tid, "abc");
+    /* the usual path is no tunnel */
+    parse(req("GET " PATH " HTTP/1.1", hdrs), &r);
+    assert_int_equal(r.status, 0);
+    assert_int_equal(r.tunnel, EDGE_TUNNEL_NONE);
+    /* no tid, a tid with a path separator, escapes, or too long: 404 */
+    const char *bad[] = {"/Thingworx/WSTunnelServer/", "/Thingworx/WSTunnelServer/a/b",
+                         "/Thingworx/WSTunnelServer/a%20b", "/Thingworx/WSTunnelServerX",
+                         "/Thingworx/WSTunnelClient/"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(line, sizeof(line), "GET %s HTTP/1.1", bad[i]);
+        parse(req(line, hdrs), &r);
+        assert_int_equal(r.status, 404);
+    }
+    char longtid[EDGE_TID_MAX + 2];
+    memset(longtid, 'a', sizeof(longtid) - 1);
+    longtid[sizeof(longtid) - 1] = '\0';
+    snprintf(line, sizeof(line), "GET /Thingworx/WSTunnelServer/%s HTTP/1.1", longtid);
+    parse(req(line, hdrs), &r);
+    assert_int_equal(r.status, 404);
+    longtid[EDGE_TID_MAX] = '\0';
+    snprintf(line, sizeof(line), "GET /Thingworx/WSTunnelServer/%s HTTP/1.1", longtid);
+    parse(req(line, hdrs), &r);
+    assert_int_equal(r.status, 0);
+    tunnels = false;
+}
+
+static void test_tunnel_response(void **state)
+{
+    /* RFC 6455 §1.3's sample key and accept */
+    static const char key[] = "dGhlIHNhbXBsZSBub25jZQ==";
+    struct edge_http_resp r;
+    const char *ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    const char *wrong_accept = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                               "Connection: Upgrade\r\nSec-WebSocket-Accept: AAAA\r\n\r\n";
+    const char *no_upgrade = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    const char *ext = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+                      "Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+    const char *nf = "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+
+    (void)state;
+    edge_http_parse_response(ok, strlen(ok), key, &r);
+    assert_true(r.upgraded);
+    assert_int_equal(r.status, 101);
+    edge_http_parse_response(wrong_accept, strlen(wrong_accept), key, &r);
+    assert_false(r.upgraded);
+    assert_non_null(r.why);
+    edge_http_parse_response(no_upgrade, strlen(no_upgrade), key, &r);
+    assert_false(r.upgraded);
+    edge_http_parse_response(ext, strlen(ext), key, &r);
+    assert_false(r.upgraded);
+    edge_http_parse_response(nf, strlen(nf), key, &r);
+    assert_false(r.upgraded);
+    assert_int_equal(r.status, 404);
+    edge_http_parse_response("garbage\r\n\r\n", 11, key, &r);
+    assert_false(r.upgraded);
+    assert_int_equal(r.status, 0);
+    assert_non_null(r.why);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accepted),
+        cmocka_unit_test(test_tunnel_paths),
+        cmocka_unit_test(test_tunnel_response),
         cmocka_unit_test(test_method),
         cmocka_unit_test(test_version_of_http),
         cmocka_unit_test(test_path),

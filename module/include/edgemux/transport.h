@@ -37,6 +37,41 @@ struct emx_conn_info {
     bool tls;
 };
 
+/* ---- ABI 1.3: Remote Access tunnel sockets (docs/protocol.md §9) ----
+ *
+ * A listener that gets an upgrade for /Thingworx/WSTunnelServer/<tid> (a
+ * device) or /Thingworx/WSTunnelClient/<tid> (a remote access client) asks
+ * the core where it goes (on_tunnel). The transport then opens a dedicated
+ * WebSocket to that instance, finishes its upgrade before the peer gets a
+ * 101 (or passes the instance's refusal on), and relays messages unchanged
+ * both ways on its own; the core hears when the tunnel opened and ended. */
+enum emx_tunnel_side {
+    EMX_TUNNEL_SIDE_SERVER = 1, /* WSTunnelServer: the device's socket */
+    EMX_TUNNEL_SIDE_CLIENT = 2, /* WSTunnelClient: the remote access client's */
+};
+
+/* Borrowed for the call. */
+struct emx_tunnel_request {
+    enum emx_tunnel_side side;
+    const char *tid;           /* the path after the prefix: RFC 3986 pchars, at most 300 bytes */
+    const char *peer;          /* "ip:port" of the socket peer */
+    const char *forwarded_for; /* X-Forwarded-For as received, or NULL */
+    uint32_t max_frame_size;   /* Max-Frame-Size the peer announced; 0: none */
+    bool tls;
+};
+
+struct emx_tunnel_route; /* below, after emx_connect_spec */
+
+/* How a tunnel ended. Borrowed for the call. */
+struct emx_tunnel_result {
+    int status;         /* 0: relayed; else the HTTP status the peer got instead of a 101 */
+    uint16_t code;      /* relayed: the close code the first side to close gave (1006: none) */
+    const char *reason; /* that side's close reason, or why the upgrade was refused */
+    bool owner_closed;  /* relayed: the instance's side closed first */
+    uint64_t bytes_to_owner, bytes_to_peer; /* message payload bytes relayed */
+    uint64_t msgs_to_owner, msgs_to_peer;
+};
+
 struct emx_conn_callbacks {
     /* Listener only: a peer finished its upgrade. Return the per-connection
      * user pointer for the callbacks below, or NULL to refuse (the transport
@@ -52,6 +87,21 @@ struct emx_conn_callbacks {
     /* The connection is gone (or a connect failed). No callback for this
      * connection follows; `conn` must not be used after this returns. */
     void (*on_close)(void *user, uint16_t code, const char *reason);
+
+    /* ---- ABI 1.3, listener only; NULL: tunnel paths are answered 404 ---- */
+
+    /* A peer asks for a tunnel path. Fill *route and return the tunnel's
+     * user pointer, or return NULL with *status set (404 no such tunnel,
+     * 503 its instance is not reachable, 429 over a limit) to refuse it.
+     * `conn` is the peer's connection: close() ends the tunnel (both
+     * sides); it stays valid until on_tunnel_end. */
+    void *(*on_tunnel)(void *listener_user, struct emx_conn *conn,
+                       const struct emx_tunnel_request *req, struct emx_tunnel_route *route,
+                       int *status);
+    /* The instance accepted and the peer got its 101. */
+    void (*on_tunnel_open)(void *tunnel_user);
+    /* Both sides are gone (exactly once per accepted on_tunnel). */
+    void (*on_tunnel_end)(void *tunnel_user, const struct emx_tunnel_result *res);
 };
 
 struct emx_listen_spec {
@@ -89,6 +139,17 @@ struct emx_connect_spec {
     uint64_t ping_interval_ms;    /* platform.ping_interval */
     uint64_t idle_read_timeout_ms; /* platform.idle_read_timeout */
     uint64_t connect_timeout_ms;  /* platform.connect_timeout */
+};
+
+/* Filled by on_tunnel. The strings stay valid until on_tunnel_end. */
+struct emx_tunnel_route {
+    /* The owner instance: host, port, TLS, and the path to open there. The
+     * headers ("Name: value") are added to the back end's upgrade. */
+    struct emx_connect_spec target;
+    /* Names of the peer's request headers passed on when present. */
+    const char *const *copy_headers;
+    size_t copy_header_count;
+    uint64_t idle_timeout_ms; /* no message either way this long: both sides close 1001; 0: none */
 };
 
 struct emx_transport_plugin {

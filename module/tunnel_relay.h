@@ -1,0 +1,114 @@
+/* The core's side of Remote Access tunnel sockets (docs/protocol.md §9):
+ * the transport asks where a tunnel socket goes (on_tunnel), relays it on
+ * its own, and reports when it opened and ended. This file decides the
+ * owner instance from the tid (its token, else this edgemux's record),
+ * applies the limits and the drain, and keeps what the admin API shows.
+ * Owned by the loop that runs the server. */
+#ifndef EMX_TUNNEL_RELAY_H
+#define EMX_TUNNEL_RELAY_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "list.h"
+#include "log.h"
+#include "netaddr.h"
+#include "router.h"
+
+#include "edgemux/transport.h"
+
+#define EMX_TUNNEL_PATH_SERVER "/Thingworx/WSTunnelServer/"
+#define EMX_TUNNEL_PATH_CLIENT "/Thingworx/WSTunnelClient/"
+
+/* Why a tunnel socket got no 101. */
+enum emx_relay_refusal {
+    EMX_RELAY_REFUSE_DISABLED = 0, /* 404: edge.tunnels is false */
+    EMX_RELAY_REFUSE_DRAINING,     /* 503: SIGTERM drain */
+    EMX_RELAY_REFUSE_LIMIT,        /* 429: edge.max_tunnels sockets relayed */
+    EMX_RELAY_REFUSE_UNKNOWN_TID,  /* 404: no token and no record here */
+    EMX_RELAY_REFUSE_UNKNOWN_OWNER, /* 404: a token no known instance has */
+    EMX_RELAY_REFUSE_OWNER_DOWN,   /* 503: the owner has no pipe up */
+    EMX_RELAY_REFUSE_CLAIMED,      /* 404: the record's device socket is already relayed */
+    EMX_RELAY_REFUSE_NO_MEMORY,    /* 503 */
+    EMX_RELAY_REFUSE_OWNER,        /* the owner refused the upgrade: its status passed on */
+    EMX_RELAY_REFUSE_UNREACHABLE,  /* 502/504: the owner could not be reached in time */
+    EMX_RELAY_REFUSE_PEER_LEFT,    /* the peer left before the owner answered */
+    EMX_RELAY_REFUSE__COUNT
+};
+const char *emx_relay_refusal_name(enum emx_relay_refusal r);
+
+enum { EMX_RELAY_SIDE_SERVER = 0, EMX_RELAY_SIDE_CLIENT = 1, EMX_RELAY_SIDES = 2 };
+const char *emx_relay_side_name(unsigned side);
+
+struct emx_relay_stats {
+    uint64_t opened[EMX_RELAY_SIDES];
+    uint64_t refused[EMX_RELAY_REFUSE__COUNT];
+    uint64_t closed_by_peer, closed_by_owner, closed_by_edgemux;
+    uint64_t bytes_to_owner, bytes_to_peer, msgs_to_owner, msgs_to_peer;
+};
+
+/* One tunnel socket the transport relays (from on_tunnel to on_tunnel_end). */
+struct emx_relay {
+    struct emx_list link;
+    struct emx_relays *rs;
+    struct emx_conn *conn;
+    uint64_t id;
+    unsigned side;
+    bool open;     /* the peer got its 101 */
+    bool attached; /* claimed this edgemux's record of the tid */
+    bool closing;  /* edgemux closed it (drain, owner removed, admin) */
+    uint64_t started_ms, opened_ms;
+    char *tid;          /* as the peer sent it */
+    char *platform_tid; /* as the owner knows it */
+    char *owner;        /* instance id */
+    char *thing;        /* from the record, when there is one */
+    char addr[EMX_ADDR_MAX];
+    /* what the route points at until on_tunnel_end */
+    char *host, *path, *hdr_xff;
+    const char *headers[2];
+    const char *copy[2];
+};
+
+/* What the relays read of the server. The pointers stay valid for the
+ * server's life; *cfg changes with reloads. */
+struct emx_relay_env {
+    struct emx_router *router;
+    const struct emx_log *log;
+    const struct emx_transport_plugin *tp;
+    struct emx_config *const *cfg;
+    const struct emx_cidr_list *trusted;
+    const char *const *server_header; /* "X-Edgemux-Server: name" */
+    const bool *stopping;
+    uint64_t (*now)(void *ctx); /* loop time, ms */
+    void *now_ctx;
+};
+
+struct emx_relays {
+    struct emx_relay_env env;
+    struct emx_list all; /* oldest first */
+    size_t n, nopen[EMX_RELAY_SIDES];
+    uint64_t next_id;
+    struct emx_relay_stats st;
+};
+
+void emx_relays_init(struct emx_relays *rs, const struct emx_relay_env *env);
+/* Only once every relay has ended (the transport stopped). */
+void emx_relays_free(struct emx_relays *rs);
+
+/* The transport's callbacks (struct emx_conn_callbacks, ABI 1.3); the
+ * listener user pointer is the struct emx_relays. */
+void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
+                           const struct emx_tunnel_request *req, struct emx_tunnel_route *route,
+                           int *status);
+void emx_relays_on_open(void *relay);
+void emx_relays_on_end(void *relay, const struct emx_tunnel_result *res);
+
+/* Close every relay to this instance (it was removed), or every relay
+ * (drain bound, shutdown). Returns how many were asked to close. */
+size_t emx_relays_close_owner(struct emx_relays *rs, const char *instance_id, uint16_t code,
+                              const char *reason);
+size_t emx_relays_close_all(struct emx_relays *rs, uint16_t code, const char *reason);
+
+#endif
