@@ -9,9 +9,15 @@
 #include <stdint.h>
 
 /* Characters b64_encode writes for n bytes (no NUL). */
-static inline size_t b64_encoded_len(size_t n) { return (n + 2) / 3 * 4; }
+static inline size_t b64_encoded_len(size_t n)
+{
+    return (n + 2) / 3 * 4;
+}
 /* Largest number of bytes b64_decode can write for n characters. */
-static inline size_t b64_decoded_max(size_t n) { return n / 4 * 3; }
+static inline size_t b64_decoded_max(size_t n)
+{
+    return n / 4 * 3;
+}
 
 /* Encode n bytes into out (b64_encoded_len(n) bytes); returns that length. */
 size_t b64_encode(const uint8_t *in, size_t n, char *out);

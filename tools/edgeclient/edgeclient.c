@@ -608,6 +608,8 @@ static void ttcp_connected(uv_connect_t *req, int status)
     x->connected = true;
     t->st.target_connects++;
     uv_tcp_nodelay(&x->tcp, 1);
+    if (t->tmode == TM_NONE)
+        tun_arm_idle(t);
     tun_flow(t);
 }
 
@@ -798,6 +800,9 @@ static void tun_on_timer(uv_timer_t *tm)
     default:
         break;
     }
+    /* Whatever ran, the idle clock keeps going. */
+    if (!t->ended && t->tmode == TM_NONE)
+        tun_arm_idle(t);
 }
 
 static void tun_timer_closed(uv_handle_t *h)

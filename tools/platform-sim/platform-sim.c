@@ -1693,8 +1693,12 @@ static void tunnel_command_from_edge(const struct emx_ao_tunnel_msg *m)
     if (t->client)
         ws_close(t->client, 1000, "Normal Close");
     if (t->dev) {
-        t->timer_mode = TT_CANCEL_GRACE;
-        uv_timer_start(&t->timer, tun_on_timer, TUN_CANCEL_GRACE, 0);
+        /* A device cancelling for idleness repeats its CANCEL every round
+         * trip: the first one starts the clock. */
+        if (t->timer_mode != TT_CANCEL_GRACE) {
+            t->timer_mode = TT_CANCEL_GRACE;
+            uv_timer_start(&t->timer, tun_on_timer, TUN_CANCEL_GRACE, 0);
+        }
     } else {
         tun_deactivate(t, TS_CLOSED);
     }

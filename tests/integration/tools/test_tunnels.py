@@ -404,6 +404,20 @@ class Tunnels(unittest.TestCase):
         self.assertEqual(kv["active"], 0, out)
         self.assertEqual(kv["socket_errors"], 1, out)
 
+    def test_idle_timeout(self):
+        # No device -> platform data for idle_timeout: CANCEL (repeated per
+        # round trip); the sim closes the device socket, and the tunnel ends.
+        self.start_tunnel("tun-i", extra=" 8192 400")
+        self.wait_open("tun-i")
+        wait_until(lambda: (self.tunnel("tun-i") or {}).get("state") == "closed", 10,
+                   "the idle tunnel closed")
+        self.assertGreaterEqual(int(self.tunnel("tun-i")["cancels"]), 1)
+        rc, kv, out = self.edge_summary()
+        self.assertEqual(rc, 0, out)
+        self.assertEqual(kv["idle_timeouts"], 1, out)
+        self.assertEqual(kv["server_closes"], 1, out)
+        self.assertEqual(kv["active"], 0, out)
+
 
 if __name__ == "__main__":
     unittest.main()
