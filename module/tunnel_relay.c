@@ -43,6 +43,9 @@ void emx_relays_init(struct emx_relays *rs, const struct emx_relay_env *env)
 
 static void relay_free(struct emx_relay *rl)
 {
+    for (size_t i = 0; i < rl->nalts; i++)
+        emx_free((char *)rl->alts[i].host);
+    emx_free(rl->alts);
     emx_free(rl->tid);
     emx_free(rl->platform_tid);
     emx_free(rl->owner);
@@ -137,6 +140,20 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
             return refuse(rs, req, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
     }
     const struct emx_tunnel *rec = emx_router_tunnel_find(r, ptid, ptid_len);
+    struct emx_instance *probe[EMX_RELAY_PROBE_MAX];
+    size_t nprobe = 0;
+    if (!inst && !rec && side == EMX_RELAY_SIDE_CLIENT) {
+        /* A remote access client knows the platform's tid only, and the
+         * StartTunnel may have passed another edgemux: ask the instances
+         * in turn; one that does not own the tid answers 404. */
+        for (struct emx_instance *i = emx_router_instance_next(r, NULL);
+             i && nprobe < EMX_RELAY_PROBE_MAX; i = emx_router_instance_next(r, i))
+            if (i->up_pipes > 0)
+                probe[nprobe++] = i;
+        if (!nprobe)
+            return refuse(rs, req, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
+        inst = probe[0];
+    }
     if (!inst) {
         if (!rec)
             return refuse(rs, req, EMX_RELAY_REFUSE_UNKNOWN_TID, 404, status);
@@ -220,6 +237,27 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
         .connect_timeout_ms = cfg->platform.connect_timeout,
     };
     route->idle_timeout_ms = cfg->edge.tunnel_idle_timeout;
+    if (nprobe > 1) {
+        rl->alts = emx_calloc(nprobe - 1, sizeof(*rl->alts));
+        for (size_t i = 1; rl->alts && i < nprobe; i++) {
+            rl->alts[i - 1] = route->target;
+            rl->alts[i - 1].host = emx_strdup(probe[i]->host);
+            rl->alts[i - 1].port = probe[i]->port;
+            rl->alts[i - 1].tls = probe[i]->tls;
+            rl->nalts = i;
+            if (!rl->alts[i - 1].host)
+                break;
+        }
+        if (!rl->alts || rl->nalts != nprobe - 1 || !rl->alts[nprobe - 2].host) {
+            if (rl->attached)
+                emx_router_tunnel_detach(r, ptid, ptid_len, now);
+            relay_free(rl);
+            return refuse(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+        }
+        /* rl->owner names the first one asked until another answers 101 */
+        route->alternates = rl->alts;
+        route->alternate_count = rl->nalts;
+    }
     emx_list_push_back(&rs->all, &rl->link);
     rs->n++;
     char tid[96], thing[96];
@@ -231,10 +269,23 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
     return rl;
 }
 
-void emx_relays_on_open(void *relay)
+void emx_relays_on_open(void *relay, size_t target)
 {
     struct emx_relay *rl = relay;
     struct emx_relays *rs = rl->rs;
+    if (target > 0 && target <= rl->nalts) {
+        /* a probe found the owner: name it (logs, /tunnels, removal) */
+        struct emx_instance *inst = NULL;
+        for (struct emx_instance *i = emx_router_instance_next(rs->env.router, NULL); i;
+             i = emx_router_instance_next(rs->env.router, i))
+            if (i->port == rl->alts[target - 1].port && !strcmp(i->host, rl->alts[target - 1].host))
+                inst = i;
+        char *id = inst ? emx_strdup(inst->id) : NULL;
+        if (id) {
+            emx_free(rl->owner);
+            rl->owner = id;
+        }
+    }
     rl->open = true;
     rl->opened_ms = rs->env.now(rs->env.now_ctx);
     rs->nopen[rl->side]++;

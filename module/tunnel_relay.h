@@ -69,7 +69,13 @@ struct emx_relay {
     char *host, *path, *hdr_xff;
     const char *headers[2];
     const char *copy[2];
+    struct emx_connect_spec *alts; /* WSTunnelClient with no known owner: asked in turn */
+    size_t nalts;
 };
+
+/* A WSTunnelClient socket whose owner is not known here asks at most this
+ * many instances (each one that does not own it answers 404). */
+#define EMX_RELAY_PROBE_MAX 16
 
 /* What the relays read of the server. The pointers stay valid for the
  * server's life; *cfg changes with reloads. */
@@ -102,7 +108,7 @@ void emx_relays_free(struct emx_relays *rs);
 void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
                            const struct emx_tunnel_request *req, struct emx_tunnel_route *route,
                            int *status);
-void emx_relays_on_open(void *relay);
+void emx_relays_on_open(void *relay, size_t target);
 void emx_relays_on_end(void *relay, const struct emx_tunnel_result *res);
 
 /* Close every relay to this instance (it was removed), or every relay

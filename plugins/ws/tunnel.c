@@ -39,12 +39,19 @@ struct tunnel {
     const struct emx_conn_callbacks *cb;
     void *user;
     int side;
-    unsigned refs; /* dev, be, timer, resolver */
-    char *host;
+    unsigned refs; /* dev, be (and abandoned probes), timer, resolver */
+    struct tun_target {
+        char *host;
+        uint16_t port;
+        bool tls;
+    } * targets; /* the owner, or the instances to try in turn (404: next) */
+    size_t ntargets, cur;
+    char *host; /* targets[cur] */
     uint16_t port;
     bool tls;
-    char *req; /* the back end's upgrade request: holds the app key, wiped */
-    size_t req_len;
+    char *path;
+    char *hdrs; /* the back end's upgrade headers after Host: holds the app key, wiped */
+    size_t hdrs_len;
     char key[32];    /* the back end's Sec-WebSocket-Key */
     char accept[32]; /* the peer's Sec-WebSocket-Accept */
     uv_getaddrinfo_t gai;
@@ -109,11 +116,14 @@ static void tunnel_free(struct tunnel *t)
         edge_conn_free(t->dev);
     if (t->be)
         edge_conn_free(t->be);
-    if (t->req) {
-        OPENSSL_cleanse(t->req, t->req_len);
-        free(t->req);
+    if (t->hdrs) {
+        OPENSSL_cleanse(t->hdrs, t->hdrs_len);
+        free(t->hdrs);
     }
-    free(t->host);
+    for (size_t i = 0; i < t->ntargets; i++)
+        free(t->targets[i].host);
+    free(t->targets);
+    free(t->path);
     free(t);
 }
 
@@ -142,8 +152,8 @@ static void fail(struct tunnel *t, int status, const char *why)
     if (!t->status) {
         t->status = status;
         t->why = why;
-        LOG(t->hub, EMX_LOG_INFO, "ws: tunnel upgrade to %s:%u refused %d: %s", t->host,
-            (unsigned)t->port, status, why);
+        LOG(t->hub, EMX_LOG_INFO, "ws: tunnel upgrade to %s:%u refused %d: %s",
+            t->host ? t->host : "?", (unsigned)t->port, status, why);
     }
     if (t->resolving)
         uv_cancel((uv_req_t *)&t->gai);
@@ -195,6 +205,12 @@ void tunnel_conn_freed(struct edge_conn *c)
     bool is_be = c == t->be;
     struct edge_conn *other = is_be ? t->dev : t->be;
 
+    if (c->client && !is_be) {
+        /* a probe that answered 404: the next target took its place */
+        edge_conn_free(c);
+        tunnel_unref(t);
+        return;
+    }
     if (is_be)
         t->be_freed = true;
     else
@@ -441,9 +457,11 @@ static void be_upgraded(struct tunnel *t, const uint8_t *extra, size_t extra_len
     edge_watch(dev);
     edge_watch(be);
     if (t->cb->on_tunnel_open)
-        t->cb->on_tunnel_open(t->user);
+        t->cb->on_tunnel_open(t->user, t->cur);
     arm_timer(t);
 }
+
+static void next_target(struct tunnel *t);
 
 /* Bytes of the owner's answer to the upgrade. */
 static void be_head(struct tunnel *t, const uint8_t *buf, size_t len)
@@ -472,6 +490,15 @@ static void be_head(struct tunnel *t, const uint8_t *buf, size_t len)
          * else the owner said is a bad gateway */
         int st = r.status >= 400 && r.status <= 599 ? r.status : 502;
 
+        if (r.status == 404 && t->cur + 1 < t->ntargets) {
+            /* not this instance's tunnel: try the next */
+            struct edge_conn *old = t->be;
+
+            t->be = NULL;
+            edge_conn_gone(old, 1006, "not the owner");
+            next_target(t);
+            return;
+        }
         fail(t, st, r.status >= 400 ? "refused by the owner" : r.why);
         return;
     }
@@ -490,14 +517,22 @@ static void be_head(struct tunnel *t, const uint8_t *buf, size_t len)
 static void be_send_request(struct tunnel *t)
 {
     struct edge_conn *be = t->be;
+    bool v6 = strchr(t->host, ':') != NULL;
+    size_t cap = t->hdrs_len + strlen(t->path) + strlen(t->host) + 64;
+    char *req = malloc(cap);
+    int n;
 
     be->connecting = 0;
-    if (edge_write(be, (const uint8_t *)t->req, t->req_len) != 0)
+    if (!req) {
+        fail(t, 503, "out of memory");
         return;
-    OPENSSL_cleanse(t->req, t->req_len);
-    free(t->req);
-    t->req = NULL;
-    edge_watch(be);
+    }
+    n = snprintf(req, cap, "GET %s HTTP/1.1\r\nHost: %s%s%s:%u\r\n%s", t->path, v6 ? "[" : "",
+                 t->host, v6 ? "]" : "", (unsigned)t->port, t->hdrs);
+    if (n > 0 && (size_t)n < cap && edge_write(be, (const uint8_t *)req, (size_t)n) == 0)
+        edge_watch(be);
+    OPENSSL_cleanse(req, cap);
+    free(req);
 }
 
 /* TLS handshake step: 1 done, 0 wait, -1 failed. */
@@ -661,6 +696,34 @@ static void resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     tunnel_unref(t);
 }
 
+/* Resolve and connect to targets[cur]. */
+static void start_target(struct tunnel *t)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
+    char port[8];
+
+    t->host = t->targets[t->cur].host;
+    t->port = t->targets[t->cur].port;
+    t->tls = t->targets[t->cur].tls;
+    LOG(t->hub, EMX_LOG_DEBUG, "ws: tunnel back end: connecting to %s:%u", t->host,
+        (unsigned)t->port);
+    snprintf(port, sizeof(port), "%u", (unsigned)t->port);
+    t->gai.data = t;
+    t->refs++;
+    t->resolving = true;
+    if (uv_getaddrinfo(t->hub->loop, &t->gai, resolved, t->host, port, &hints) != 0) {
+        t->resolving = false;
+        t->refs--;
+        fail(t, 502, "owner's name does not resolve");
+    }
+}
+
+static void next_target(struct tunnel *t)
+{
+    t->cur++;
+    start_target(t);
+}
+
 /* ---- the peer's upgrade ------------------------------------------------------- */
 
 static bool listed(const struct emx_tunnel_route *rt, const char *name)
@@ -690,10 +753,9 @@ static size_t build_request(struct tunnel *t, const struct emx_tunnel_route *rt,
     if (RAND_bytes(raw, sizeof(raw)) != 1)
         return 0;
     EVP_EncodeBlock((unsigned char *)t->key, raw, sizeof(raw));
-    PUT("GET %s HTTP/1.1\r\nHost: %s%s%s:%u\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n",
-        rt->target.path, strchr(t->host, ':') ? "[" : "", t->host,
-        strchr(t->host, ':') ? "]" : "", (unsigned)t->port, t->key);
+    PUT("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+        "Sec-WebSocket-Version: 13\r\n",
+        t->key);
     if (r->has_app_key && listed(rt, "appKey"))
         PUT("appKey: %s\r\n", r->app_key);
     if (r->has_cookie && listed(rt, "Cookie"))
@@ -750,8 +812,6 @@ void tunnel_begin(struct edge_conn *dev, const struct edge_http_req *r)
     t->refs = 2; /* dev, timer */
     t->started = uv_now(hub->loop);
     t->idle_ms = rt.idle_timeout_ms;
-    t->port = rt.target.port;
-    t->tls = rt.target.tls;
     memcpy(t->accept, r->accept, sizeof(t->accept));
     hub->ntunnels++;
     dev->tunnel = 1;
@@ -761,35 +821,37 @@ void tunnel_begin(struct edge_conn *dev, const struct edge_http_req *r)
     t->timer.data = t;
     edge_watch(dev);
     arm_timer(t);
-    t->host = rt.target.host ? strdup(rt.target.host) : NULL;
-    t->req = malloc(TUN_REQ_MAX);
-    if (!t->host || !t->req || !rt.target.path) {
+    t->ntargets = 1 + (rt.alternates ? rt.alternate_count : 0);
+    t->targets = calloc(t->ntargets, sizeof(*t->targets));
+    t->path = rt.target.path ? strdup(rt.target.path) : NULL;
+    t->hdrs = malloc(TUN_REQ_MAX);
+    if (!t->targets || !t->path || !t->hdrs) {
+        t->ntargets = 0;
         fail(t, 503, "out of memory");
         return;
     }
-    t->req_len = build_request(t, &rt, r, t->req, TUN_REQ_MAX);
-    if (!t->req_len) {
+    for (size_t i = 0; i < t->ntargets; i++) {
+        const struct emx_connect_spec *sp = i ? &rt.alternates[i - 1] : &rt.target;
+
+        t->targets[i].host = sp->host ? strdup(sp->host) : NULL;
+        t->targets[i].port = sp->port;
+        t->targets[i].tls = sp->tls;
+        if (!t->targets[i].host) {
+            fail(t, 503, "out of memory");
+            return;
+        }
+        if (sp->tls && !client_ctx(hub, &rt.target)) {
+            fail(t, 502, "TLS context for the owner failed");
+            return;
+        }
+    }
+    t->hdrs_len = build_request(t, &rt, r, t->hdrs, TUN_REQ_MAX);
+    if (!t->hdrs_len) {
         fail(t, 431, "tunnel request too long");
         return;
     }
-    if (t->tls && !client_ctx(hub, &rt.target)) {
-        fail(t, 502, "TLS context for the owner failed");
-        return;
-    }
-    {
-        struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
-        char port[8];
-
-        snprintf(port, sizeof(port), "%u", (unsigned)t->port);
-        t->gai.data = t;
-        t->refs++;
-        t->resolving = true;
-        if (uv_getaddrinfo(hub->loop, &t->gai, resolved, t->host, port, &hints) != 0) {
-            t->resolving = false;
-            t->refs--;
-            fail(t, 502, "owner's name does not resolve");
-        }
-    }
-    LOG(hub, EMX_LOG_DEBUG, "ws: tunnel %s from %s: connecting to %s:%u", r->tid, peer, t->host,
-        (unsigned)t->port);
+    t->cur = 0;
+    start_target(t);
+    LOG(hub, EMX_LOG_DEBUG, "ws: tunnel %s from %s: %zu instance(s) to ask", r->tid, peer,
+        t->ntargets);
 }

@@ -98,8 +98,9 @@ struct emx_conn_callbacks {
     void *(*on_tunnel)(void *listener_user, struct emx_conn *conn,
                        const struct emx_tunnel_request *req, struct emx_tunnel_route *route,
                        int *status);
-    /* The instance accepted and the peer got its 101. */
-    void (*on_tunnel_open)(void *tunnel_user);
+    /* An instance accepted and the peer got its 101: `target` 0 is the
+     * route's target, i the alternate i-1. */
+    void (*on_tunnel_open)(void *tunnel_user, size_t target);
     /* Both sides are gone (exactly once per accepted on_tunnel). */
     void (*on_tunnel_end)(void *tunnel_user, const struct emx_tunnel_result *res);
 };
@@ -150,6 +151,11 @@ struct emx_tunnel_route {
     const char *const *copy_headers;
     size_t copy_header_count;
     uint64_t idle_timeout_ms; /* no message either way this long: both sides close 1001; 0: none */
+    /* Instances to try in turn when the target answers 404 (an owner the
+     * core could not name); the path, TLS files and headers of `target`
+     * apply to each. Valid as long as the strings above. */
+    const struct emx_connect_spec *alternates;
+    size_t alternate_count;
 };
 
 struct emx_transport_plugin {

@@ -18,7 +18,7 @@ import urllib.parse
 
 from harness import (GET, SLACK, SUCCESS, E2ETest, Edgemux, HAProxy, Platform, RawEdge, ao_parse,
                      ao_request, wait_until)
-from tunneldevice import TunnelDevice, TunnelSocket
+from tunneldevice import CLIENT_PATH, TunnelDevice, TunnelSocket
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -63,6 +63,11 @@ class Tunnels(E2ETest):
         edge = RawEdge(port or self.hap.edge_port, app_key=self.env.app_key)
         self.addCleanup(edge.close)
         return TunnelDevice(edge, self.env.app_key, thing)
+
+    def start_client(self, inst, thing, tid, dev):
+        """A tunnel whose remote access client will attach as a
+        WSTunnelClient socket (not the RAC port)."""
+        return self.start(inst, thing, tid, dev)
 
     def start(self, inst, thing, tid, dev, port=None, chunksize=8192):
         """platform-sim sends StartTunnel via instance `inst`; the device
@@ -165,6 +170,37 @@ class Tunnels(E2ETest):
         self.assertEqual([(x["tid"], x["record_here"]) for x in view["sockets"]], [("t-cross", False)])
         _, body = self.emx[0].http("/tunnels")
         self.assertEqual([x["tid"] for x in json.loads(body)["tunnels"]], ["t-cross"])
+
+    def test_client_side_reaches_the_owner_from_either_edgemux(self):
+        """The remote access client knows the platform's tid only: the
+        edgemux that forwarded the StartTunnel takes it to the owner from its
+        record, the other asks the instances in turn (404: not theirs)."""
+        dev = self.device("Dev7", port=self.emx[0].edge_port)
+        for via, tid, inst in ((0, "t-rac-a", 3), (1, "t-rac-b", 2)):
+            ts, _, _ = self.start(inst, "Dev7", tid, dev, port=self.emx[0].edge_port)
+            self.echo(ts)
+            rac = TunnelSocket(self.emx[via].edge_port, tid, None, path=CLIENT_PATH,
+                               cookie="JSESSIONID=rac-%d" % via)
+            self.addCleanup(rac.drop)
+            self.assertEqual(rac.status, 101, (via, rac.head))
+            data = os.urandom(100 * KIB)
+            rac.send_data(data)
+            got = b""
+            while len(got) < len(data):
+                kind, part = rac.recv_message(timeout=10)
+                self.assertEqual(kind, "text")
+                got += part
+            self.assertEqual(got, data, "client side via edgemux %d" % (via + 1))
+            rows, totals = self.sim_tunnels()
+            self.assertEqual(rows[tid]["instance"], str(inst))
+            self.assertEqual(rows[tid]["cookie"], "JSESSIONID=rac-%d" % via)
+        _, body = self.emx[1].http("/tunnels")
+        sockets = json.loads(body)["sockets"]
+        self.assertEqual([(x["tid"], x["side"]) for x in sockets], [("t-rac-b", "client")])
+        self.assertEqual(sockets[0]["owner"], "127.0.0.1:%d" % self.plat.ports[1])
+        # a tid no instance has: every one asked, then 404
+        rac = TunnelSocket(self.emx[1].edge_port, "t-nobody", None, path=CLIENT_PATH, cookie="c=1")
+        self.assertEqual(rac.status, 404, rac.head)
 
     def test_unknown_tid_refused_without_a_back_end(self):
         for tid, want in (("no-such-tunnel", 404), ("x00000000~no-owner", 404), ("a%2Fb", 404)):

@@ -20,6 +20,7 @@ import time
 from harness import BIND, POST, SUCCESS, ao_bind, ao_header, ao_parse, ao_response, ao_str
 
 TUNNEL_PATH = "/Thingworx/WSTunnelServer/"
+CLIENT_PATH = "/Thingworx/WSTunnelClient/"
 
 
 def read_str(buf, at):
@@ -81,15 +82,23 @@ def tunnel_service(msg):
 class TunnelSocket:
     """The tunnel WebSocket as the SDK opens and uses it."""
 
-    def __init__(self, port, tid, app_key, chunksize=8192, host="127.0.0.1", timeout=10):
+    def __init__(self, port, tid, app_key, chunksize=8192, host="127.0.0.1", timeout=10,
+                 path=TUNNEL_PATH, cookie=None):
+        """With path=CLIENT_PATH and a cookie: a remote access client's
+        socket (WSTunnelClient) instead of the device's."""
         self.chunksize = chunksize
         self.max_frame = chunksize * 4 // 3
         self.sock = socket.create_connection((host, port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
         req = ("GET %s%s HTTP/1.1\r\nUser-Agent: ThingWorx C SDK\r\nUpgrade: websocket\r\n"
                "Connection: Upgrade\r\nHost: %s\r\nSec-WebSocket-Version: 13\r\n"
-               "Sec-WebSocket-Key: %s\r\nMax-Frame-Size: %d\r\nappKey: %s\r\n\r\n"
-               % (TUNNEL_PATH, tid, host, key, self.max_frame, app_key))
+               "Sec-WebSocket-Key: %s\r\nMax-Frame-Size: %d\r\n"
+               % (path, tid, host, key, self.max_frame))
+        if app_key:
+            req += "appKey: %s\r\n" % app_key
+        if cookie:
+            req += "Cookie: %s\r\n" % cookie
+        req += "\r\n"
         self.sock.sendall(req.encode())
         # The SDK reads the response once and drops whatever came with it.
         first = self.sock.recv(65536)
