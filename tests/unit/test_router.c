@@ -3107,6 +3107,93 @@ static void tunnel_limits_refuse_with_a3_and_do_not_forward(void **state)
     assert_int_equal(st->tunnels_untracked, 1);
 }
 
+/* The tid of a tunnel service as it was sent (parsed from the bytes). */
+static void sent_tid(const struct ev *v, char *out, size_t cap)
+{
+    struct emx_ao_tunnel_msg m;
+    assert_int_equal(emx_ao_tunnel_parse(v->buf + v->body_off, v->len - v->body_off, &m), EMX_AO_OK);
+    assert_non_null(m.tid.ptr);
+    assert_true(m.tid.len < cap);
+    memcpy(out, m.tid.ptr, m.tid.len);
+    out[m.tid.len] = '\0';
+}
+
+/* docs/protocol.md §9.3: the device sees tids with the owner's token in
+ * front; the platform gets its own back from the device's
+ * TunnelCommandFromEdge; the token maps back to its instance. */
+static void tunnel_tids_carry_the_owner_token(void **state)
+{
+    struct fx *f = *state;
+    start_equal(f, 2);
+    struct emx_edge *e = edge_authed(f);
+    char tok[EMX_TUNNEL_TOKEN_LEN + 1], want[64], got[64];
+    emx_tunnel_token("p2", tok);
+    assert_int_equal(strlen(tok), EMX_TUNNEL_TOKEN_LEN);
+    assert_int_equal(tok[0], 'x');
+    assert_int_equal(tok[EMX_TUNNEL_TOKEN_LEN - 1], '~');
+    /* FNV-1a-32 of "p2": the same in every process and version */
+    assert_string_equal(tok, "x9f4ed4e7~");
+
+    size_t m = f->nev;
+    struct emx_ao_header req = start_tunnel(f, &f->inst[1]->pipes[0], e, 0x780, "tun-9");
+    assert_int_equal(req.code, EMX_AO_POST);
+    const struct ev *v = find_edge_send(f, m, e->id, EMX_AO_POST, ANY);
+    sent_tid(v, got, sizeof(got));
+    snprintf(want, sizeof(want), "%stun-9", tok);
+    assert_string_equal(got, want);
+    /* the record keeps the platform's tid */
+    assert_non_null(tunnel(f, "tun-9"));
+    const char *rest;
+    size_t rest_len;
+    assert_true(emx_tunnel_token_split(got, strlen(got), &rest, &rest_len));
+    assert_int_equal(rest_len, 5);
+    assert_memory_equal(rest, "tun-9", 5);
+    assert_ptr_equal(emx_router_instance_by_token(f->r, got, strlen(got)), f->inst[1]);
+    assert_null(emx_router_instance_by_token(f->r, "x00000000~tun-9", 15));
+    assert_null(emx_router_instance_by_token(f->r, "tun-9", 5));
+    assert_false(emx_tunnel_token_split("x0c0b0f9f~", 10, &rest, &rest_len)); /* no tid after */
+    assert_false(emx_tunnel_token_split("X0c0b0f9f~a", 11, &rest, &rest_len));
+    assert_false(emx_tunnel_token_split("x0c0b0f9g~a", 11, &rest, &rest_len));
+
+    /* CompleteTunnel from the other instance: the record's owner token */
+    const char *kn[] = {"tid", "peer_name"};
+    const char *kv[] = {"tun-9", "p1"};
+    uint8_t buf[512];
+    m = f->nev;
+    pipe_msg(f, &f->inst[0]->pipes[0], buf,
+             build_service(buf, sizeof(buf), 0x781, e->id, "TunnelCommandToEdge", kn, kv, 2));
+    v = find_edge_send(f, m, e->id, EMX_AO_POST, ANY);
+    sent_tid(v, got, sizeof(got));
+    assert_string_equal(got, want);
+    /* a tid with no record: the sender's token */
+    const char *un[] = {"tid", "command"};
+    const char *uv[] = {"other", "CONNECT"};
+    m = f->nev;
+    pipe_msg(f, &f->inst[0]->pipes[0], buf,
+             build_service(buf, sizeof(buf), 0x782, e->id, "TunnelCommandToEdge", un, uv, 2));
+    v = find_edge_send(f, m, e->id, EMX_AO_POST, ANY);
+    sent_tid(v, got, sizeof(got));
+    emx_tunnel_token("p1", tok);
+    snprintf(want, sizeof(want), "%sother", tok);
+    assert_string_equal(got, want);
+
+    /* the device's CANCEL names the tid it saw: the platform gets its own */
+    emx_tunnel_token("p2", tok);
+    snprintf(want, sizeof(want), "%stun-9", tok);
+    const char *fn[] = {"tid", "command"};
+    const char *fv[] = {want, "CANCEL"};
+    m = f->nev;
+    edge_msg(f, e, buf, build_service(buf, sizeof(buf), 0x90, 0, "TunnelCommandFromEdge", fn, fv, 2));
+    v = NULL;
+    for (size_t i = m; i < f->nev; i++)
+        if (f->ev[i].kind == EV_PIPE_SEND && f->ev[i].h.request_id == 0x90)
+            v = &f->ev[i];
+    assert_non_null(v);
+    sent_tid(v, got, sizeof(got));
+    assert_string_equal(got, "tun-9");
+    assert_null(tunnel(f, "tun-9")); /* the CANCEL ended the unclaimed record */
+}
+
 static void tunnel_deadline_attach_detach_and_edge_leaving(void **state)
 {
     struct fx *f = *state;
@@ -3886,6 +3973,7 @@ int main(void)
         T(tunnel_non_success_answer_or_a4_ends_record),
         T(tunnel_limits_refuse_with_a3_and_do_not_forward),
         T(tunnel_deadline_attach_detach_and_edge_leaving),
+        T(tunnel_tids_carry_the_owner_token),
         T(tunnel_device_cancel_ends_record_and_is_forwarded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
