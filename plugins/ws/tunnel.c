@@ -316,6 +316,8 @@ static void timer_cb(uv_timer_t *h)
     if (!t->opened) {
         if (now - t->started >= t->hub->s.tunnel_connect_timeout_ms)
             fail(t, 504, "owner did not answer in time");
+        else
+            arm_timer(t);
         return;
     }
     if (!t->gate_open && t->dev && t->dev->state == ES_OPEN) {
@@ -427,6 +429,13 @@ static void be_upgraded(struct tunnel *t, const uint8_t *extra, size_t extra_len
     free(be->hs);
     be->hs = NULL;
     be->hs_len = 0;
+    if (t->hdrs) {
+        /* no other instance is asked now: the request buffer (TUN_REQ_MAX,
+         * with the app key) is not kept for the tunnel's life */
+        OPENSSL_cleanse(t->hdrs, t->hdrs_len);
+        free(t->hdrs);
+        t->hdrs = NULL;
+    }
     be->state = ES_OPEN;
     edge_list_add(be, L_OPEN);
     edge_rx_init(&be->rx, &bp, t->hub->s.tunnel_max_message);
