@@ -167,8 +167,6 @@ static void poll_closed(uv_handle_t *h)
     edge_conn_free(c);
 }
 
-
-
 /* The socket is done: stop, close, and let the close callback report. */
 void edge_conn_gone(struct edge_conn *c, uint16_t code, const char *reason)
 {
@@ -487,6 +485,8 @@ static size_t feed_frames(struct edge_conn *c, uint8_t *buf, size_t len)
         if (c->state == ES_OPEN) {
             LOG(c->hub, EMX_LOG_DEBUG, "ws: edge closed %u: %s", err.code, err.reason);
             edge_start_close(c, err.code, err.reason);
+            if (c->tunnel)
+                tunnel_side_failed(c); /* the other side does not wait for this close */
         }
         return len;
     }
@@ -649,7 +649,9 @@ void edge_conn_read(struct edge_conn *c)
     for (int i = 0; i < READS_PER_EVENT; i++) {
         long n;
 
-        if (c->state == ES_GONE || (c->state == ES_OPEN && c->paused))
+        /* paused: an open edge the core paused, or a tunnel's peer waiting
+         * for its owner (nothing of it is read before its 101) */
+        if (c->state == ES_GONE || (c->state != ES_CLOSING && c->paused))
             return;
         n = edge_sock_read(c, hub->rbuf, RBUF_SIZE);
         if (n == -EAGAIN)
