@@ -186,6 +186,7 @@ void edge_tbuf_trim(struct edge_hub *hub);
 void tunnel_begin(struct edge_conn *dev, const struct edge_http_req *r);
 int tunnel_rx(struct edge_conn *c, bool text, uint8_t *data, size_t len);
 void tunnel_close_rcvd(struct edge_conn *c, uint16_t code, const char *reason);
+void tunnel_side_failed(struct edge_conn *c);
 void tunnel_drained(struct edge_conn *c);
 void tunnel_conn_freed(struct edge_conn *c);
 void tunnel_be_poll(struct edge_conn *be, int status, int events);

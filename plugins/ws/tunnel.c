@@ -245,6 +245,27 @@ void tunnel_close_rcvd(struct edge_conn *c, uint16_t code, const char *reason)
         edge_start_close(other, fwd, is_be ? to_device_reason(t, reason) : reason);
 }
 
+/* edgemux closed side `c` itself for what it sent (edge_rx: a protocol
+ * error, a message too big): the other side is closed now, as when `c` is
+ * lost, not once `c`'s close handshake ends. A peer that neither answers
+ * that close nor drops TCP would otherwise hold the other side open for
+ * close_timeout, its messages dropped meanwhile. */
+void tunnel_side_failed(struct edge_conn *c)
+{
+    struct tunnel *t = T(c);
+    bool is_be;
+    struct edge_conn *other;
+
+    if (!t || !t->opened || t->ending)
+        return;
+    is_be = c == t->be;
+    other = is_be ? t->dev : t->be;
+    note_end(t, is_be, c->close_code ? c->close_code : 1002, c->close_reason);
+    if (other && other->state == ES_OPEN)
+        edge_start_close(other, is_be ? 1011 : 1001,
+                         is_be ? "tunnel owner connection lost" : "tunnel peer gone");
+}
+
 /* ---- relaying ---------------------------------------------------------------- */
 
 int tunnel_rx(struct edge_conn *c, bool text, uint8_t *data, size_t len)
@@ -463,6 +484,8 @@ static void be_upgraded(struct tunnel *t, const uint8_t *extra, size_t extra_len
     t->gate_at += t->hub->s.tunnel_data_delay_ms;
     if (edge_write(dev, (const uint8_t *)resp, (size_t)n) != 0)
         return; /* gone: tunnel_conn_freed closes the back end */
+    if (dev->held)
+        edge_ready_add(dev); /* frames that came with the upgrade go first */
     edge_watch(dev);
     edge_watch(be);
     if (t->cb->on_tunnel_open)
@@ -791,7 +814,20 @@ void tunnel_begin(struct edge_conn *dev, const struct edge_http_req *r)
     char peer[64];
     int status = 404;
     void *user;
+    long hl = dev->hs ? edge_http_head_len(dev->hs, dev->hs_len) : 0;
 
+    /* Frames sent with the upgrade (RFC 6455 §4.1 has a client wait for
+     * the 101, but one that does not must not lose them: the stream would
+     * go out of step) are kept until the owner has answered. Only what the
+     * head buffer took is at hand; a full one may have left more unseen,
+     * so that peer is refused. */
+    if (hl > 0 && (size_t)hl < dev->hs_len) {
+        if (dev->hs_len >= EDGE_HTTP_MAX_HEAD) {
+            edge_refuse_http(dev, 400, "data with the upgrade over 8 KiB");
+            return;
+        }
+        edge_hold(dev, (const uint8_t *)dev->hs + hl, dev->hs_len - (size_t)hl);
+    }
     free(dev->hs);
     dev->hs = NULL;
     dev->hs_len = 0;
