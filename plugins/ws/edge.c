@@ -485,6 +485,8 @@ static size_t feed_frames(struct edge_conn *c, uint8_t *buf, size_t len)
         if (c->state == ES_OPEN) {
             LOG(c->hub, EMX_LOG_DEBUG, "ws: edge closed %u: %s", err.code, err.reason);
             edge_start_close(c, err.code, err.reason);
+            if (c->tunnel)
+                tunnel_side_failed(c); /* the other side does not wait for this close */
         }
         return len;
     }
