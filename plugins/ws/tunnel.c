@@ -329,13 +329,24 @@ void tunnel_drained(struct edge_conn *c)
 
 /* ---- timer: connect deadline, the data gate, idleness ----------------------- */
 
+/* The owner must answer within tunnel_connect_timeout, and before the
+ * peer's own handshake_timeout drops it without a status. */
+static uint64_t connect_limit(const struct edge_hub *hub)
+{
+    uint64_t lim = hub->s.tunnel_connect_timeout_ms, hs = hub->s.handshake_timeout_ms;
+
+    if (hs > 100 && lim > hs - 100)
+        lim = hs - 100;
+    return lim;
+}
+
 static void timer_cb(uv_timer_t *h)
 {
     struct tunnel *t = h->data;
     uint64_t now = uv_now(t->hub->loop);
 
     if (!t->opened) {
-        if (now - t->started >= t->hub->s.tunnel_connect_timeout_ms)
+        if (now - t->started >= connect_limit(t->hub))
             fail(t, 504, "owner did not answer in time");
         else
             arm_timer(t);
@@ -369,7 +380,7 @@ static void arm_timer(struct tunnel *t)
     if (t->timer_closing)
         return;
     if (!t->opened) {
-        uint64_t end = t->started + t->hub->s.tunnel_connect_timeout_ms;
+        uint64_t end = t->started + connect_limit(t->hub);
 
         next = end > now ? end - now : 0;
     } else {
@@ -862,6 +873,10 @@ void tunnel_begin(struct edge_conn *dev, const struct edge_http_req *r)
     dev->tunnel = 1;
     dev->user = t;
     dev->paused = 1; /* nothing is read until the owner has answered */
+    /* handshake_timeout counts again from the upgrade: the owner's answer
+     * gets the whole of it (at the list's tail: it stays ordered by t0) */
+    dev->t0 = t->started;
+    edge_list_add(dev, L_SHAKING);
     uv_timer_init(hub->loop, &t->timer);
     t->timer.data = t;
     edge_watch(dev);
