@@ -7,7 +7,7 @@
 #   C  edges -> edgemux -> platform-sim
 #   D  edges -> HAProxy -> edgemux -> platform-sim
 # Parts (PARTS, default all): throughput latency capacity callgrind syscalls memory storm
-#   (only when named: memory-busy wss scale workers sdk-write)
+#   (only when named: memory-busy wss scale workers sdk-write tunnels)
 #
 #   scripts/bench.sh                      # everything
 #   PARTS="throughput" RUNS=3 scripts/bench.sh
@@ -19,6 +19,7 @@
 # SDKW_ROUNDS (3), SDKW_REQUESTS (300), SDKW_TLS (0; 1: also wss direct), SDKW_MULTIPART (0; bytes:
 # also multipart PUTs of that size, 8 KiB chunks, direct), SDKW_ROUTE (none; an unused
 # 127.x address: also through HAProxy from it with a `quickack 1` route, added and removed by the script),
+# TUN_ROUNDS (3), TUN_ARGS (more tools/bench/tunnel_bench.py options, e.g. "--size 32 --idle 100"),
 # OUT, BUILD, SRC (the source tree to build; default this checkout — point it
 # at a clean export, e.g. `git archive HEAD`, while the tree is being edited).
 set -euo pipefail
@@ -58,8 +59,9 @@ has_part() { [[ " $PARTS " == *" $1 "* ]]; }
 echo "== build (Release) in $BUILD" >&2
 # No tests: a benchmark build needs only the binaries it runs.
 cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DEMX_TESTS=OFF >"$OUT/cmake.log"
-cmake --build "$BUILD" -j2 --target edgemux edgemux-bench platform-sim emx-transport-ws \
-  emx-discovery-static >>"$OUT/cmake.log"
+TARGETS=(edgemux edgemux-bench platform-sim emx-transport-ws emx-discovery-static)
+if has_part tunnels; then TARGETS+=(edge-sim); fi
+cmake --build "$BUILD" -j2 --target "${TARGETS[@]}" >>"$OUT/cmake.log"
 BENCH=$BUILD/tools/bench/edgemux-bench
 PSIM=$BUILD/tools/platform-sim/platform-sim
 EMX=$BUILD/module/edgemux
@@ -619,6 +621,24 @@ if has_part sdk-write; then
       log "sdk-write $l $w: median over $k rounds: p50 $v ms, p99 $q ms"
     done
   done
+fi
+
+TUN_ROUNDS=${TUN_ROUNDS:-3}
+if has_part tunnels; then
+  # Remote Access tunnels (tools/bench/tunnel_bench.py): edge-sim devices
+  # through haproxy-conf/bench-tunnel.cfg's two front ends, straight to
+  # platform-sim or through edgemux; one tunnel each way and echoing, 20 at
+  # once, memory per idle tunnel, CPU per GB. HAProxy and edgemux on
+  # SERVER_CPU, the rest on LOAD_CPU. The script is this checkout's.
+  log "== Remote Access tunnels: HAProxy -> platform-sim against HAProxy -> edgemux -> platform-sim, $TUN_ROUNDS rounds"
+  # shellcheck disable=SC2086 # TUN_ARGS is a list of options
+  if ! python3 "$ROOT/tools/bench/tunnel_bench.py" --emx "$EMX" --plugins "$PLUGINS" --psim "$PSIM" \
+    --edge-sim "$BUILD/tools/edge-sim/edge-sim" --haproxy-cfg "$ROOT/haproxy-conf/bench-tunnel.cfg" \
+    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --rounds "$TUN_ROUNDS" ${TUN_ARGS:-} \
+    --json "$OUT/tunnels.json" >"$OUT/tunnels.txt" 2>&1; then
+    log "tunnels: FAILED (see $OUT/tunnels.txt)"
+  fi
+  while IFS= read -r l; do log "$l"; done <"$OUT/tunnels.txt"
 fi
 
 log "results in $OUT"
