@@ -30,13 +30,6 @@ void edge_tbuf_trim(struct edge_hub *hub)
     }
 }
 
-/* A client's frame payload, masked with `key`. */
-static void mask_copy(uint8_t *dst, const uint8_t *src, size_t n, const uint8_t key[4])
-{
-    for (size_t i = 0; i < n; i++)
-        dst[i] = src[i] ^ key[i & 3];
-}
-
 /* Server frames are not masked; a tunnel's back end (edgemux is the
  * client) masks every frame. Data frames are cut at the peer's
  * Max-Frame-Size. Returns the framed length in hub->tbuf, or 0. */
@@ -76,7 +69,7 @@ size_t edge_frame(struct edge_conn *c, uint8_t op, bool rsv1, const uint8_t *dat
             memcpy(dst + w, key, 4);
             w += 4;
             if (frag)
-                mask_copy(dst + w, data + off, frag, key);
+                ws_mask_copy(dst + w, data + off, frag, key);
         } else if (frag) {
             memcpy(dst + w, data + off, frag);
         }

@@ -27,27 +27,6 @@ static uint32_t raw_rand(struct emx_conn *c)
     return c->pp->rng = x;
 }
 
-/* Copy `len` bytes masked with `key` (bytes in wire order), 8 at a time. */
-static void raw_mask_copy(uint8_t *dst, const uint8_t *src, size_t len, const uint8_t key[4])
-{
-    uint64_t k8;
-    uint8_t kb[8];
-    size_t i = 0;
-
-    memcpy(kb, key, 4);
-    memcpy(kb + 4, key, 4);
-    memcpy(&k8, kb, 8);
-    for (; i + 8 <= len; i += 8) {
-        uint64_t v;
-
-        memcpy(&v, src + i, 8);
-        v ^= k8;
-        memcpy(dst + i, &v, 8);
-    }
-    for (; i < len; i++)
-        dst[i] = src[i] ^ key[i & 3];
-}
-
 /* Frame a whole message (fragmented at max_frame) into dst, which holds
  * raw_wire_len() bytes. Returns the bytes written. */
 static size_t raw_frame(struct emx_conn *c, uint8_t *dst, uint8_t op, const uint8_t *data,
@@ -74,7 +53,7 @@ static size_t raw_frame(struct emx_conn *c, uint8_t *dst, uint8_t op, const uint
         memcpy(dst + w, key, 4);
         w += 4;
         if (frag)
-            raw_mask_copy(dst + w, data + off, frag, key);
+            ws_mask_copy(dst + w, data + off, frag, key);
         w += frag;
         off += frag;
     } while (off < len);

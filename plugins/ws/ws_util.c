@@ -52,3 +52,24 @@ void ws_peer_string(int fd, char *out, size_t outlen)
         }
     }
 }
+
+/* Copy `len` bytes masked with `key` (bytes in wire order), 8 at a time. */
+void ws_mask_copy(uint8_t *dst, const uint8_t *src, size_t len, const uint8_t key[4])
+{
+    uint64_t k8;
+    uint8_t kb[8];
+    size_t i = 0;
+
+    memcpy(kb, key, 4);
+    memcpy(kb + 4, key, 4);
+    memcpy(&k8, kb, 8);
+    for (; i + 8 <= len; i += 8) {
+        uint64_t v;
+
+        memcpy(&v, src + i, 8);
+        v ^= k8;
+        memcpy(dst + i, &v, 8);
+    }
+    for (; i < len; i++)
+        dst[i] = src[i] ^ key[i & 3];
+}

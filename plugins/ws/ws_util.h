@@ -26,5 +26,8 @@ void ws_set_int_opt(int fd, int level, int name, int v);
 /* "ip:port" ("[ip6]:port") of a socket's peer; "" when unknown. IPv4 peers
  * of a dual-stack listener are shown as IPv4. */
 void ws_peer_string(int fd, char *out, size_t outlen);
+/* Copy `len` bytes masked with `key` (RFC 6455 §5.3; bytes in wire
+ * order), 8 at a time: client frames (raw pipes, tunnel back ends). */
+void ws_mask_copy(uint8_t *dst, const uint8_t *src, size_t len, const uint8_t key[4]);
 
 #endif

@@ -323,8 +323,9 @@ class Tunnels(E2ETest):
             self.assertEqual(ts.violations, [])
             self.assertEqual(ts.glued, 0)
         # AlwaysOn latency beside 20 busy tunnels: within 2x of the run
-        # without (plus 2 ms for a 2-core machine's scheduling noise)
-        self.assertLess(during, 2 * base + 0.002 * SLACK,
+        # without (plus 5 ms: on a 2-core machine the Python device, RAC and
+        # echo threads of this test compete with edgemux for the CPU)
+        self.assertLess(during, 2 * base + 0.005 * SLACK,
                         "median GET %.2f ms beside tunnels, %.2f ms without" % (during * 1e3, base * 1e3))
         _, totals = self.sim_tunnels()
         self.assertEqual(totals["wrong_instance"], "0")
