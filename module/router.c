@@ -1221,23 +1221,28 @@ static void refuse(struct emx_router *r, struct emx_edge *e, const struct emx_ao
 }
 
 /* A device's TunnelCommandFromEdge names the tid it saw: the platform
- * gets its own back, the token removed (§9.3). Returns the rewritten
- * message, or NULL to route `data` unchanged (not such a service, no
- * token, no memory). */
-static uint8_t *tunnel_untoken(const uint8_t *data, size_t len, size_t body_off, size_t *out_len)
+ * gets its own back, the token removed (§9.3). `tm` was parsed from
+ * `data`'s body; its tid is made the platform's. Returns the rewritten
+ * message, or NULL to route `data` unchanged (no token, no memory). */
+static uint8_t *tunnel_untoken(const uint8_t *data, size_t len, struct emx_ao_tunnel_msg *tm,
+                               size_t *out_len)
 {
-    struct emx_ao_tunnel_msg tm;
     const char *rest;
     size_t rest_len;
-    if (emx_ao_tunnel_parse(data + body_off, len - body_off, &tm) != EMX_AO_OK ||
-        tm.service != EMX_AO_TUNNEL_COMMAND_FROM || !tm.tid.ptr ||
-        !emx_tunnel_token_split((const char *)tm.tid.ptr, tm.tid.len, &rest, &rest_len))
+    if (tm->service != EMX_AO_TUNNEL_COMMAND_FROM || !tm->tid.ptr ||
+        !emx_tunnel_token_split((const char *)tm->tid.ptr, tm->tid.len, &rest, &rest_len))
         return NULL;
-    return tunnel_retid(data, len, &tm, "", 0, rest, rest_len, out_len);
+    uint8_t *out = tunnel_retid(data, len, tm, "", 0, rest, rest_len, out_len);
+    tm->tid.ptr = (const uint8_t *)rest; /* a view into `data`, which outlives the call */
+    tm->tid.len = (uint32_t)rest_len;
+    return out;
 }
 
+/* tm: the tunnel fields of a single-part GET..DELETE (parsed once by the
+ * caller, trc its result), NULL for other requests. */
 static void edge_request(struct emx_router *r, struct emx_edge *e, const struct emx_ao_header *h,
-                         uint8_t *data, size_t len, size_t body_off, uint64_t now)
+                         uint8_t *data, size_t len, size_t body_off,
+                         const struct emx_ao_tunnel_msg *tm, int trc, uint64_t now)
 {
     uint64_t key = req_key(e->id, h->request_id);
     struct emx_req *q;
@@ -1250,16 +1255,12 @@ static void edge_request(struct emx_router *r, struct emx_edge *e, const struct 
         }
         req_free(r, q); /* the edge moved on: forget the old message */
     }
-    if (!h->multipart && h->code >= EMX_AO_GET && h->code <= EMX_AO_DELETE) {
+    if (tm && tm->service == EMX_AO_TUNNEL_COMMAND_FROM) {
         /* The device's CANCEL ends its tunnel whatever becomes of the request. */
-        struct emx_ao_tunnel_msg tm;
-        int trc = emx_ao_tunnel_parse(data + body_off, len - body_off, &tm);
-        if (tm.service == EMX_AO_TUNNEL_COMMAND_FROM) {
-            if (trc == EMX_AO_OK)
-                tunnel_control(r, &tm);
-            else
-                r->stats.tunnels_untracked++;
-        }
+        if (trc == EMX_AO_OK)
+            tunnel_control(r, tm);
+        else
+            r->stats.tunnels_untracked++;
     }
     if (e->draining) {
         /* due to close in a drain: finish what is in flight, take nothing new */
@@ -1642,14 +1643,18 @@ void emx_router_edge_message(struct emx_router *r, struct emx_edge *e, uint8_t *
     } else if (h.multipart && h.chunk_id > 1) {
         edge_chunk(r, e, &h, data, len, body_off, now);
     } else {
+        /* tunnel services are read once here (a CANCEL's tid loses its token) */
+        struct emx_ao_tunnel_msg tm;
+        bool svc = !h.multipart && h.code >= EMX_AO_GET && h.code <= EMX_AO_DELETE;
+        int trc = svc ? emx_ao_tunnel_parse(data + body_off, len - body_off, &tm) : 0;
         uint8_t *plain = NULL;
         size_t plain_len = 0;
-        if (!h.multipart && h.code >= EMX_AO_GET && h.code <= EMX_AO_DELETE)
-            plain = tunnel_untoken(data, len, body_off, &plain_len);
+        if (svc && trc == EMX_AO_OK)
+            plain = tunnel_untoken(data, len, &tm, &plain_len);
         if (plain)
-            edge_request(r, e, &h, plain, plain_len, body_off, now);
+            edge_request(r, e, &h, plain, plain_len, body_off, &tm, trc, now);
         else
-            edge_request(r, e, &h, data, len, body_off, now);
+            edge_request(r, e, &h, data, len, body_off, svc ? &tm : NULL, trc, now);
         emx_free(plain);
     }
 out:
