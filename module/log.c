@@ -14,6 +14,7 @@ void emx_log_init(struct emx_log *log)
     log->level = EMX_LOG_INFO;
     log->format = EMX_LOG_TEXT;
     log->fd = 2;
+    log->worker = -1;
 }
 
 bool emx_log_enabled(const struct emx_log *log, enum emx_log_level level)
@@ -104,11 +105,18 @@ void emx_vlogf(const struct emx_log *log, enum emx_log_level level, const char *
         pos = (size_t)snprintf(line, sizeof(line), "{\"ts\":\"%s\",\"level\":\"%s\",\"tag\":\"",
                                when, emx_log_level_name(level));
         pos = json_escape(line, sizeof(line), pos, tag ? tag : "core");
-        pos += (size_t)snprintf(line + pos, sizeof(line) - pos, "\",\"msg\":\"");
+        if (log->worker >= 0)
+            pos += (size_t)snprintf(line + pos, sizeof(line) - pos, "\",\"worker\":%d,\"msg\":\"",
+                                    log->worker);
+        else
+            pos += (size_t)snprintf(line + pos, sizeof(line) - pos, "\",\"msg\":\"");
         /* Leave room for the closing quote, brace and newline, so a long
          * message is cut inside the string and the line stays valid JSON. */
         pos = json_escape(line, sizeof(line) - 4, pos, msg);
         pos += (size_t)snprintf(line + pos, sizeof(line) - pos, "\"}\n");
+    } else if (log->worker >= 0) {
+        pos = (size_t)snprintf(line, sizeof(line), "%s %-5s [%s] w%d: %s\n", when,
+                               emx_log_level_name(level), tag ? tag : "core", log->worker, msg);
     } else {
         pos = (size_t)snprintf(line, sizeof(line), "%s %-5s [%s] %s\n", when,
                                emx_log_level_name(level), tag ? tag : "core", msg);

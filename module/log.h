@@ -19,6 +19,7 @@ struct emx_log {
     enum emx_log_level level;
     enum emx_log_format format;
     int fd; /* where lines go; 2 by default */
+    int worker; /* server.workers > 1: the worker loop's index, shown on each line; -1: none */
 };
 
 void emx_log_init(struct emx_log *log);

@@ -4,6 +4,7 @@
 
 #include <inttypes.h>
 #include <stdio.h>
+#include <string.h>
 
 static const char *const refuse_names[EMX_REFUSE__COUNT] = {
     [EMX_REFUSE_MAX_CONNECTIONS] = "max_connections",
@@ -76,6 +77,15 @@ static void sample2(struct emx_textbuf *b, const char *name, const char *k1, con
     emx_textbuf_printf(b, "\"} %" PRIu64 "\n", v);
 }
 
+/* A pipe's label: its index; "worker.index" with several workers. */
+static void pipe_label(char *buf, size_t cap, size_t nr, size_t worker, unsigned i)
+{
+    if (nr > 1)
+        snprintf(buf, cap, "%zu.%u", worker, i);
+    else
+        snprintf(buf, cap, "%u", i);
+}
+
 static void instance_sums(const struct emx_instance *inst, uint64_t out[4])
 {
     out[0] = out[1] = out[2] = out[3] = 0;
@@ -87,8 +97,26 @@ static void instance_sums(const struct emx_instance *inst, uint64_t out[4])
     }
 }
 
-static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64_t now)
+/* The same instance in router k (by id; its active one when inst is
+ * active), or NULL. Worker 0's router lists the instances; the others'
+ * figures are added by id. */
+static struct emx_instance *inst_in(struct emx_router *rk, const struct emx_instance *inst)
 {
+    struct emx_instance *o = emx_router_instance_find(rk, inst->id);
+    if (!o || o->state != inst->state)
+        return NULL;
+    return o;
+}
+
+#define EACH_OTHER(rs_, n_, inst_, o_)                                                             \
+    for (size_t k_ = 0; k_ < (n_); k_++)                                                           \
+        for (struct emx_instance *o_ = k_ == 0 ? (inst_) : inst_in((rs_)[k_], (inst_)); o_;          \
+             o_ = NULL)
+
+static void instance_metrics(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                             uint64_t now)
+{
+    struct emx_router *r = rs[0];
     struct emx_instance *inst;
 /* A draining instance whose id an active one took over (it moved) is left
  * out: two series with one label set would spoil the whole scrape. */
@@ -99,8 +127,14 @@ static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64
            "AlwaysOn messages on an instance's pipes, by direction");
     EACH_INSTANCE
     {
-        uint64_t s[4];
-        instance_sums(inst, s);
+        uint64_t s[4] = {0, 0, 0, 0};
+        EACH_OTHER(rs, nr, inst, o)
+        {
+            uint64_t t[4];
+            instance_sums(o, t);
+            for (unsigned j = 0; j < 4; j++)
+                s[j] += t[j];
+        }
         sample2(b, "emx_instance_messages_total", "instance", inst->id, "direction", "to_platform",
                 s[0]);
         sample2(b, "emx_instance_messages_total", "instance", inst->id, "direction",
@@ -110,8 +144,14 @@ static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64
            "AlwaysOn bytes on an instance's pipes, by direction");
     EACH_INSTANCE
     {
-        uint64_t s[4];
-        instance_sums(inst, s);
+        uint64_t s[4] = {0, 0, 0, 0};
+        EACH_OTHER(rs, nr, inst, o)
+        {
+            uint64_t t[4];
+            instance_sums(o, t);
+            for (unsigned j = 0; j < 4; j++)
+                s[j] += t[j];
+        }
         sample2(b, "emx_instance_bytes_total", "instance", inst->id, "direction", "to_platform",
                 s[2]);
         sample2(b, "emx_instance_bytes_total", "instance", inst->id, "direction", "from_platform",
@@ -119,11 +159,21 @@ static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64
     }
     family(b, "emx_instance_requests_total", "counter", "device requests routed to an instance");
     EACH_INSTANCE
-    sample1(b, "emx_instance_requests_total", "instance", inst->id, inst->requests);
+    {
+        uint64_t n = 0;
+        EACH_OTHER(rs, nr, inst, o)
+        n += o->requests;
+        sample1(b, "emx_instance_requests_total", "instance", inst->id, n);
+    }
     family(b, "emx_instance_pending", "gauge",
            "requests in flight on an instance, both directions");
     EACH_INSTANCE
-    sample1(b, "emx_instance_pending", "instance", inst->id, inst->pending);
+    {
+        uint64_t n = 0;
+        EACH_OTHER(rs, nr, inst, o)
+        n += o->pending;
+        sample1(b, "emx_instance_pending", "instance", inst->id, n);
+    }
     family(b, "emx_instance_maintenance", "gauge",
            "1 while an instance is in maintenance (no new requests)");
     EACH_INSTANCE
@@ -135,9 +185,10 @@ static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64
     EACH_INSTANCE
     {
         unsigned n[3] = {0, 0, 0};
-        for (unsigned i = 0; i < inst->npipes; i++)
-            if ((unsigned)inst->pipes[i].state < 3)
-                n[inst->pipes[i].state]++;
+        EACH_OTHER(rs, nr, inst, o)
+        for (unsigned i = 0; i < o->npipes; i++)
+            if ((unsigned)o->pipes[i].state < 3)
+                n[o->pipes[i].state]++;
         for (unsigned st = 0; st < 3; st++)
             sample2(b, "emx_pipes", "instance", inst->id, "state",
                     emx_pipe_state_name((enum emx_pipe_state)st), n[st]);
@@ -145,19 +196,20 @@ static void instance_metrics(struct emx_textbuf *b, struct emx_router *r, uint64
     family(b, "emx_pipe_queued_bytes", "gauge",
            "bytes queued to a pipe (edgemux's queue and the kernel's unsent bytes)");
     EACH_INSTANCE
-    for (unsigned i = 0; i < inst->npipes; i++) {
-        char idx[16];
-        snprintf(idx, sizeof(idx), "%u", i);
-        sample2(b, "emx_pipe_queued_bytes", "instance", inst->id, "pipe", idx,
-                inst->pipes[i].wm.queued);
+    EACH_OTHER(rs, nr, inst, o)
+    for (unsigned i = 0; i < o->npipes; i++) {
+        char idx[48];
+        pipe_label(idx, sizeof(idx), nr, k_, i);
+        sample2(b, "emx_pipe_queued_bytes", "instance", inst->id, "pipe", idx, o->pipes[i].wm.queued);
     }
     family(b, "emx_pipe_writable", "gauge", "1 while a pipe is connected and takes requests");
     EACH_INSTANCE
-    for (unsigned i = 0; i < inst->npipes; i++) {
-        char idx[16];
-        snprintf(idx, sizeof(idx), "%u", i);
+    EACH_OTHER(rs, nr, inst, o)
+    for (unsigned i = 0; i < o->npipes; i++) {
+        char idx[48];
+        pipe_label(idx, sizeof(idx), nr, k_, i);
         sample2(b, "emx_pipe_writable", "instance", inst->id, "pipe", idx,
-                emx_pipe_is_writable(r, &inst->pipes[i], now));
+                emx_pipe_is_writable(rs[k_], &o->pipes[i], now));
     }
 #undef EACH_INSTANCE
 }
@@ -195,11 +247,104 @@ static void relay_metrics(struct emx_textbuf *b, const struct emx_relays *rs)
     sample1(b, "emx_tunnel_messages_total", "direction", "to_peer", st->msgs_to_peer);
 }
 
+/* The routers' statistics added up. Every field is a uint64_t count or an
+ * array of them, except discovery_last_good_ms, a time: the latest. */
+static void stats_sum(struct emx_router *const *rs, size_t nr, struct emx_router_stats *out)
+{
+    _Static_assert(sizeof(struct emx_router_stats) % sizeof(uint64_t) == 0,
+                   "emx_router_stats holds uint64_t fields only");
+    memset(out, 0, sizeof(*out));
+    uint64_t *dst = (uint64_t *)out;
+    size_t words = sizeof(*out) / sizeof(uint64_t);
+    uint64_t last_good = 0;
+    for (size_t k = 0; k < nr; k++) {
+        const struct emx_router_stats *st = emx_router_stats(rs[k]);
+        uint64_t src[sizeof(*out) / sizeof(uint64_t)];
+        memcpy(src, st, sizeof(src));
+        for (size_t i = 0; i < words; i++)
+            dst[i] += src[i];
+        if (st->discovery_last_good_ms > last_good)
+            last_good = st->discovery_last_good_ms;
+    }
+    out->discovery_last_good_ms = last_good;
+}
+
+static void worker_sample(struct emx_textbuf *b, const char *name, size_t k, const char *k2,
+                          const char *v2, uint64_t v)
+{
+    if (k2)
+        emx_textbuf_printf(b, "%s{worker=\"%zu\",%s=\"%s\"} %" PRIu64 "\n", name, k, k2, v2, v);
+    else
+        emx_textbuf_printf(b, "%s{worker=\"%zu\"} %" PRIu64 "\n", name, k, v);
+}
+
+/* Per-worker series: each family's samples add up to its process total. */
+static void worker_metrics(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                           const struct emx_server_counters *const *wc)
+{
+    family(b, "emx_worker_edges_connected", "gauge", "device connections open, by worker loop");
+    for (size_t k = 0; k < nr; k++)
+        worker_sample(b, "emx_worker_edges_connected", k, NULL, NULL, emx_router_edge_count(rs[k]));
+    family(b, "emx_worker_edges_accepted_total", "counter",
+           "device connections accepted, by worker loop");
+    for (size_t k = 0; k < nr; k++)
+        worker_sample(b, "emx_worker_edges_accepted_total", k, NULL, NULL,
+                      emx_router_stats(rs[k])->edges_opened);
+    family(b, "emx_worker_pipes_connected", "gauge", "pipes connected, by worker loop");
+    for (size_t k = 0; k < nr; k++)
+        worker_sample(b, "emx_worker_pipes_connected", k, NULL, NULL, emx_router_pipes_up(rs[k]));
+    family(b, "emx_worker_edge_messages_total", "counter",
+           "AlwaysOn messages from and to devices, by worker loop");
+    for (size_t k = 0; k < nr; k++) {
+        const struct emx_router_stats *st = emx_router_stats(rs[k]);
+        worker_sample(b, "emx_worker_edge_messages_total", k, "direction", "from_edge",
+                      st->edge_msgs_in);
+        worker_sample(b, "emx_worker_edge_messages_total", k, "direction", "to_edge",
+                      st->edge_msgs_out);
+    }
+    family(b, "emx_worker_answers_total", "counter",
+           "requests answered by edgemux itself (all reasons), by worker loop");
+    for (size_t k = 0; k < nr; k++) {
+        uint64_t n = 0;
+        for (unsigned i = 0; i < EMX_ANS__COUNT; i++)
+            n += emx_router_stats(rs[k])->answers[i];
+        worker_sample(b, "emx_worker_answers_total", k, NULL, NULL, n);
+    }
+    if (wc) {
+        family(b, "emx_worker_edges_refused_total", "counter",
+               "device connections refused at accept (all reasons), by worker loop");
+        for (size_t k = 0; k < nr; k++) {
+            uint64_t n = 0;
+            for (unsigned i = 0; i < EMX_REFUSE__COUNT; i++)
+                n += wc[k] ? wc[k]->refused[i] : 0;
+            worker_sample(b, "emx_worker_edges_refused_total", k, NULL, NULL, n);
+        }
+    }
+}
+
 void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct emx_ops_view *v,
                      uint64_t now)
 {
-    const struct emx_router_stats *st = emx_router_stats(r);
+    emx_ops_metrics_n(b, &r, 1, v, now);
+}
+
+void emx_ops_metrics_n(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                       const struct emx_ops_view *v, uint64_t now)
+{
+    struct emx_router *r = rs[0];
+    struct emx_router_stats sum;
+    stats_sum(rs, nr, &sum);
+    const struct emx_router_stats *st = &sum;
     const struct emx_server_counters *c = v->counters;
+    unsigned pipes_up = 0;
+    size_t edges = 0, tunnels = 0;
+    uint64_t budget = 0;
+    for (size_t k = 0; k < nr; k++) {
+        pipes_up += emx_router_pipes_up(rs[k]);
+        edges += emx_router_edge_count(rs[k]);
+        tunnels += emx_router_tunnel_count(rs[k]);
+        budget += emx_router_config(rs[k])->max_memory;
+    }
 
     family(b, "emx_ready", "gauge", "1 while at least one pipe is connected and not draining");
     sample(b, "emx_ready", v->ready);
@@ -210,10 +355,10 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
     family(b, "emx_uptime_seconds", "gauge", "seconds since the server started");
     sample(b, "emx_uptime_seconds", now >= v->start_ms ? (now - v->start_ms) / 1000 : 0);
     family(b, "emx_pipes_connected", "gauge", "pipes connected (AUTH done), all instances");
-    sample(b, "emx_pipes_connected", emx_router_pipes_up(r));
+    sample(b, "emx_pipes_connected", pipes_up);
 
     family(b, "emx_edges_connected", "gauge", "device connections open");
-    sample(b, "emx_edges_connected", emx_router_edge_count(r));
+    sample(b, "emx_edges_connected", edges);
     family(b, "emx_edges_accepted_total", "counter",
            "device connections accepted (WebSocket handshake done)");
     sample(b, "emx_edges_accepted_total", st->edges_opened);
@@ -254,7 +399,7 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
     sample1(b, "emx_memory_held_bytes", "kind", "requests_in_flight", st->mem_requests);
     sample1(b, "emx_memory_held_bytes", "kind", "answers_unread", st->mem_answers);
     family(b, "emx_memory_budget_bytes", "gauge", "edge.max_memory (0: unlimited)");
-    sample(b, "emx_memory_budget_bytes", emx_router_config(r)->max_memory);
+    sample(b, "emx_memory_budget_bytes", budget);
     family(b, "emx_late_answers_total", "counter",
            "answers that matched nothing pending (late or unknown), by sender");
     sample1(b, "emx_late_answers_total", "from", "platform", st->late_platform_answers);
@@ -274,7 +419,7 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
     sample(b, "emx_edge_answers_abandoned_total", st->edge_answers_abandoned);
     family(b, "emx_tunnels_open", "gauge",
            "Remote Access tunnel records (StartTunnel seen, tunnel not ended)");
-    sample(b, "emx_tunnels_open", emx_router_tunnel_count(r));
+    sample(b, "emx_tunnels_open", tunnels);
     family(b, "emx_tunnels_started_total", "counter", "StartTunnels recorded and forwarded");
     sample(b, "emx_tunnels_started_total", st->tunnels_started);
     family(b, "emx_tunnels_refused_total", "counter",
@@ -336,7 +481,9 @@ void emx_ops_metrics(struct emx_textbuf *b, struct emx_router *r, const struct e
                        st->latency_sum_ms / 1000, st->latency_sum_ms % 1000);
     sample(b, "emx_request_latency_seconds_count", st->latency_count);
 
-    instance_metrics(b, r, now);
+    (void)r;
+    instance_metrics(b, rs, nr, now);
+    worker_metrics(b, rs, nr, v->worker_counters);
 }
 
 /* ---- JSON ---- */
@@ -348,6 +495,13 @@ static void json_key(struct emx_textbuf *b, const char *k, bool first)
 
 void emx_ops_instances_json(struct emx_textbuf *b, struct emx_router *r, uint64_t now)
 {
+    emx_ops_instances_json_n(b, &r, 1, now);
+}
+
+void emx_ops_instances_json_n(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                              uint64_t now)
+{
+    struct emx_router *r = rs[0];
     emx_textbuf_puts(b, "{\"instances\":[");
     bool first = true;
     for (struct emx_instance *inst = emx_router_instance_next(r, NULL); inst;
@@ -358,25 +512,40 @@ void emx_ops_instances_json(struct emx_textbuf *b, struct emx_router *r, uint64_
         emx_textbuf_json_str(b, inst->id);
         json_key(b, "host", false);
         emx_textbuf_json_str(b, inst->host);
+        uint64_t pending = 0, requests = 0;
+        unsigned up = 0;
+        bool eligible = false;
+        EACH_OTHER(rs, nr, inst, o)
+        {
+            pending += o->pending;
+            requests += o->requests;
+            up += o->up_pipes;
+            eligible = eligible || emx_instance_is_eligible(rs[k_], o, now);
+        }
         emx_textbuf_printf(
             b,
             ",\"port\":%u,\"tls\":%s,\"weight\":%" PRIu32 ",\"priority\":%" PRIu32
-            ",\"state\":\"%s\",\"maintenance\":%s,\"eligible\":%s,\"pending\":%" PRIu32
+            ",\"state\":\"%s\",\"maintenance\":%s,\"eligible\":%s,\"pending\":%" PRIu64
             ",\"requests\":%" PRIu64 ",\"pipes_up\":%u,\"pipes\":[",
             inst->port, inst->tls ? "true" : "false", inst->weight, inst->priority,
             inst->state == EMX_INSTANCE_DRAINING ? "draining" : "active",
-            inst->maintenance ? "true" : "false",
-            emx_instance_is_eligible(r, inst, now) ? "true" : "false", inst->pending,
-            inst->requests, inst->up_pipes);
-        for (unsigned i = 0; i < inst->npipes; i++) {
-            const struct emx_pipe *p = &inst->pipes[i];
+            inst->maintenance ? "true" : "false", eligible ? "true" : "false", pending, requests,
+            up);
+        bool pfirst = true;
+        EACH_OTHER(rs, nr, inst, o)
+        for (unsigned i = 0; i < o->npipes; i++) {
+            const struct emx_pipe *p = &o->pipes[i];
+            char wk[48] = "";
+            if (nr > 1)
+                snprintf(wk, sizeof(wk), ",\"worker\":%zu", k_);
             emx_textbuf_printf(b,
-                               "%s{\"index\":%u,\"state\":\"%s\",\"queued\":%" PRIu64
+                               "%s{\"index\":%u%s,\"state\":\"%s\",\"queued\":%" PRIu64
                                ",\"writable\":%s,\"msgs_out\":%" PRIu64 ",\"msgs_in\":%" PRIu64
                                ",\"bytes_out\":%" PRIu64 ",\"bytes_in\":%" PRIu64 "}",
-                               i ? "," : "", i, emx_pipe_state_name(p->state), p->wm.queued,
-                               emx_pipe_is_writable(r, p, now) ? "true" : "false", p->msgs_out,
-                               p->msgs_in, p->bytes_out, p->bytes_in);
+                               pfirst ? "" : ",", i, wk, emx_pipe_state_name(p->state),
+                               p->wm.queued, emx_pipe_is_writable(rs[k_], p, now) ? "true" : "false",
+                               p->msgs_out, p->msgs_in, p->bytes_out, p->bytes_in);
+            pfirst = false;
         }
         emx_textbuf_puts(b, "]}");
     }
@@ -415,18 +584,27 @@ void emx_ops_edge_json(struct emx_textbuf *b, const struct emx_edge *e, uint64_t
 void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char *thing,
                         uint32_t endpoint, size_t limit, uint64_t now)
 {
+    emx_ops_edges_json_n(b, &r, 1, thing, endpoint, limit, now);
+}
+
+void emx_ops_edges_json_n(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                          const char *thing, uint32_t endpoint, size_t limit, uint64_t now)
+{
     emx_textbuf_puts(b, "{\"edges\":[");
     size_t n = 0;
     bool truncated = false;
     if (endpoint) {
-        struct emx_edge *e = emx_router_edge_find(r, endpoint);
+        /* the top bits of an endpointId name its worker */
+        size_t k = nr > 1 ? endpoint >> EMX_WORKER_SHIFT : 0;
+        struct emx_edge *e = k < nr ? emx_router_edge_find(rs[k], endpoint) : NULL;
         if (e && (!thing || emx_edge_has_thing(e, thing)) && limit) {
             emx_ops_edge_json(b, e, now);
             n++;
         }
     } else {
-        for (struct emx_edge *e = emx_router_edge_next(r, NULL); e;
-             e = emx_router_edge_next(r, e)) {
+        for (size_t k = 0; k < nr && !truncated; k++)
+        for (struct emx_edge *e = emx_router_edge_next(rs[k], NULL); e;
+             e = emx_router_edge_next(rs[k], e)) {
             if (thing && !emx_edge_has_thing(e, thing))
                 continue;
             if (n == limit) {
@@ -445,11 +623,21 @@ void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char 
 void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r,
                           const struct emx_relays *relays, size_t limit, uint64_t now)
 {
+    emx_ops_tunnels_json_n(b, &r, &relays, 1, limit, now);
+}
+
+void emx_ops_tunnels_json_n(struct emx_textbuf *b, struct emx_router *const *rs,
+                            const struct emx_relays *const *rels, size_t nr, size_t limit,
+                            uint64_t now)
+{
     emx_textbuf_puts(b, "{\"tunnels\":[");
-    size_t n = 0;
+    size_t n = 0, open = 0;
     bool truncated = false;
-    for (const struct emx_tunnel *t = emx_router_tunnel_next(r, NULL); t;
-         t = emx_router_tunnel_next(r, t)) {
+    for (size_t k = 0; k < nr; k++)
+        open += emx_router_tunnel_count(rs[k]);
+    for (size_t k = 0; k < nr && !truncated; k++)
+    for (const struct emx_tunnel *t = emx_router_tunnel_next(rs[k], NULL); t;
+         t = emx_router_tunnel_next(rs[k], t)) {
         if (n == limit) {
             truncated = true;
             break;
@@ -478,11 +666,14 @@ void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r,
         emx_textbuf_json_str(b, t->last_command);
         emx_textbuf_puts(b, "}");
     }
-    emx_textbuf_printf(b, "],\"count\":%zu,\"open\":%zu,\"truncated\":%s", n,
-                       emx_router_tunnel_count(r), truncated ? "true" : "false");
+    emx_textbuf_printf(b, "],\"count\":%zu,\"open\":%zu,\"truncated\":%s", n, open,
+                       truncated ? "true" : "false");
     /* the tunnel sockets relayed now, whichever edgemux saw the StartTunnel */
     emx_textbuf_puts(b, ",\"sockets\":[");
-    size_t k = 0;
+    size_t k = 0, nsockets = 0;
+    for (size_t w = 0; w < nr; w++) {
+    const struct emx_relays *relays = rels ? rels[w] : NULL;
+    nsockets += relays ? relays->n : 0;
     const struct emx_list *pos;
     for (pos = relays ? relays->all.next : NULL; relays && pos != &relays->all && k < limit;
          pos = pos->next, k++) {
@@ -502,5 +693,6 @@ void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r,
                            rl->open ? "open" : "connecting", rl->attached ? "true" : "false",
                            now >= rl->started_ms ? now - rl->started_ms : 0);
     }
-    emx_textbuf_printf(b, "],\"sockets_count\":%zu}\n", relays ? relays->n : 0);
+    }
+    emx_textbuf_printf(b, "],\"sockets_count\":%zu}\n", nsockets);
 }

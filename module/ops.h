@@ -36,6 +36,9 @@ struct emx_ops_view {
     unsigned agent_weight; /* percent the agent reports; 0 when draining */
     uint64_t start_ms;     /* loop time the server started */
     const struct emx_relays *relays; /* tunnel sockets; NULL: none */
+    /* Each worker's own counters (the emx_worker_* series), as many as
+     * routers are passed; NULL: none shown. */
+    const struct emx_server_counters *const *worker_counters;
 };
 
 const char *emx_refuse_reason_name(enum emx_refuse_reason r);
@@ -58,5 +61,20 @@ void emx_ops_edges_json(struct emx_textbuf *b, struct emx_router *r, const char 
 struct emx_relays;
 void emx_ops_tunnels_json(struct emx_textbuf *b, struct emx_router *r,
                           const struct emx_relays *relays, size_t limit, uint64_t now);
+
+/* The same over the routers of every worker loop (server.workers): totals
+ * add the workers up, /metrics adds emx_worker_* series labelled by
+ * worker index, instances are listed as worker 0 has them with the other
+ * workers' figures and pipes added by id, edges and tunnels concatenated.
+ * The caller makes sure no router changes meanwhile (isolation). */
+void emx_ops_metrics_n(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                       const struct emx_ops_view *v, uint64_t now);
+void emx_ops_instances_json_n(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                              uint64_t now);
+void emx_ops_edges_json_n(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                          const char *thing, uint32_t endpoint, size_t limit, uint64_t now);
+void emx_ops_tunnels_json_n(struct emx_textbuf *b, struct emx_router *const *rs,
+                            const struct emx_relays *const *rels, size_t nr, size_t limit,
+                            uint64_t now);
 
 #endif

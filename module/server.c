@@ -1,5 +1,8 @@
-/* The running server (DESIGN §2): one libuv loop owning the plugins, the
- * router, pipe reconnection, timers, signals and the admin listener. */
+/* The running server (DESIGN §2): server.workers worker loops, each owning
+ * its transport instance, edge listener, router, pipes and timers; worker 0
+ * (the main thread) also owns the admin and agent listeners, the signals,
+ * the discovery plugin and reloads. See "workers" below for what crosses
+ * threads and how. */
 #include "server.h"
 
 #include <errno.h>
@@ -8,6 +11,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -108,8 +112,12 @@ struct pipe_ctx {
  * logs, discovery (the ws transport's fd_reserve default is the same). */
 #define FD_CORE_RESERVE 256
 
+struct emx_proc;
+
 struct emx_server {
     uv_loop_t loop;
+    struct emx_proc *proc;
+    unsigned worker; /* index; 0 runs on the main thread and owns the process-wide parts */
     struct emx_setup *setup;
     struct emx_config *cfg;
     struct emx_log log;
@@ -152,8 +160,6 @@ struct emx_server {
     struct emx_server_counters counters;
     struct emx_status status; /* the status page's events and rates */
     bool actions_on;          /* admin.token_file set: POST actions allowed */
-    struct emx_cidr_list trusted;
-    struct source_count *sources;
     uint64_t start_ms;
     const struct emx_host *dhost_active; /* discovery updates from others are ignored */
     struct disc_gen *disc_retired;       /* replaced instances not unloaded yet */
@@ -165,6 +171,63 @@ struct emx_server {
     uint64_t drain_start;
     bool finished;
     struct emx_relays relays; /* tunnel sockets the transport relays */
+    bool transport_running; /* started and not yet stopped */
+    bool drain_done;        /* worker 0: its own drain ended; waiting for the others */
+    bool force_stop;        /* a second signal: stop without waiting for answers */
+    unsigned iso_depth;     /* worker 0: nested workers_isolate() calls */
+    bool loop_ok, status_ok, relays_ok; /* made, so worker_free undoes them */
+    char ttag[96];
+    char listen_addr[300];
+};
+
+/* ------------------------------------------------------------------ */
+/* workers
+ *
+ * Ownership. Each worker's struct emx_server, its loop and everything on
+ * that loop (transport instance, listener, router, edges, pipes, timers,
+ * status) belong to the thread that runs the loop: worker 0 on the main
+ * thread, worker k on thread k. Before the threads start and after they
+ * are joined they belong to the main thread, which creates and destroys
+ * them all. Nothing of one worker is used by another's thread except:
+ *
+ *  - its post queue (post_mu): any thread appends a job; the owner's
+ *    uv_async callback takes the list under the lock and runs the jobs on
+ *    its own thread. A job and its argument belong to the queue from a
+ *    successful post until the owner unlinks it, then to the owner. This
+ *    carries discovery sets (copied), reload settings, admin actions and
+ *    the drain from worker 0 to the others.
+ *  - isolation (struct emx_proc mu/cond): worker 0 posts a park job to
+ *    every other worker and waits until each is parked inside it (or its
+ *    loop has ended); until worker 0 releases them it may read every
+ *    worker's state (admin views, readiness, the agent) and write the
+ *    process-wide settings every worker reads (configuration pointer,
+ *    log settings, trusted proxies, pipe headers). Actions that change a
+ *    worker's router or transport are posted to it instead.
+ *  - proc->sources (src_mu) and proc->edges (atomic): the per-source and
+ *    process-wide connection limits.
+ *
+ * With server.workers 1 there is no other thread: isolation, the
+ * fan-out of discovery and the posted jobs are skipped, and the loop runs
+ * exactly as a single-loop server. */
+
+#define EMX_WORKERS_MAX 16
+
+struct emx_proc {
+    unsigned n; /* server.workers */
+    struct emx_server *w[EMX_WORKERS_MAX];
+    pthread_t thread[EMX_WORKERS_MAX];
+    bool thread_started[EMX_WORKERS_MAX];
+    pthread_mutex_t mu; /* guards parked, iso_gen, done */
+    pthread_cond_t cond;
+    unsigned parked;            /* workers parked for the isolation under way */
+    uint64_t iso_gen;           /* bumped by each release: parked workers return */
+    bool done[EMX_WORKERS_MAX]; /* worker k's loop has ended */
+    atomic_size_t edges;        /* edges of every worker (edge.max_connections) */
+    pthread_mutex_t src_mu;     /* guards sources */
+    struct source_count *sources; /* edges per device address, all workers */
+    /* Edges' trusted proxies: owned by worker 0, replaced only while the
+     * others are parked, read by every worker at accept. */
+    struct emx_cidr_list trusted;
 };
 
 static uint64_t now_ms(struct emx_server *s)
@@ -249,6 +312,84 @@ static int host_post(const struct emx_host *h, void (*fn)(void *), void *arg)
     return 0;
 }
 
+/* Run fn(arg) on worker s's loop (any thread). 0, -ENOMEM, or
+ * -ESHUTDOWN once that worker has stopped (fn will not run). */
+static int worker_post(struct emx_server *s, void (*fn)(void *), void *arg)
+{
+    return host_post(&s->thost, fn, arg);
+}
+
+/* A park job: worker k waits here until worker 0 releases the isolation. */
+static void worker_park(void *arg)
+{
+    struct emx_proc *P = arg;
+    pthread_mutex_lock(&P->mu);
+    uint64_t gen = P->iso_gen;
+    P->parked++;
+    pthread_cond_broadcast(&P->cond);
+    while (P->iso_gen == gen)
+        pthread_cond_wait(&P->cond, &P->mu);
+    pthread_mutex_unlock(&P->mu);
+}
+
+/* Worker 0: stop every other worker in a known place (parked in a posted
+ * job, or its loop ended) so their state may be read and the shared
+ * settings written. Nests; each call is matched by workers_release(). A
+ * no-op with one worker. */
+static void workers_isolate(struct emx_server *s0)
+{
+    struct emx_proc *P = s0->proc;
+    if (P->n == 1 || s0->iso_depth++ > 0)
+        return;
+    bool posted[EMX_WORKERS_MAX] = {false};
+    unsigned want = 0;
+    for (unsigned k = 1; k < P->n; k++)
+        if (P->thread_started[k] && worker_post(P->w[k], worker_park, P) == 0) {
+            posted[k] = true;
+            want++;
+        }
+    pthread_mutex_lock(&P->mu);
+    for (;;) {
+        /* a worker that refused the job is stopping: wait for its loop
+         * to end, as its close callbacks still change its router */
+        bool all = P->parked >= want;
+        for (unsigned k = 1; k < P->n && all; k++)
+            if (!posted[k] && P->thread_started[k] && !P->done[k])
+                all = false;
+        if (all)
+            break;
+        pthread_cond_wait(&P->cond, &P->mu);
+    }
+    pthread_mutex_unlock(&P->mu);
+}
+
+static void workers_release(struct emx_server *s0)
+{
+    struct emx_proc *P = s0->proc;
+    if (P->n == 1 || --s0->iso_depth > 0)
+        return;
+    pthread_mutex_lock(&P->mu);
+    P->parked = 0;
+    P->iso_gen++;
+    pthread_cond_broadcast(&P->cond);
+    pthread_mutex_unlock(&P->mu);
+}
+
+/* Worker 0: have the other workers all ended their loops? */
+static bool workers_others_done(struct emx_server *s0)
+{
+    struct emx_proc *P = s0->proc;
+    bool all = true;
+    if (P->n == 1)
+        return true;
+    pthread_mutex_lock(&P->mu);
+    for (unsigned k = 1; k < P->n; k++)
+        if (P->thread_started[k] && !P->done[k])
+            all = false;
+    pthread_mutex_unlock(&P->mu);
+    return all;
+}
+
 static void on_async(uv_async_t *a)
 {
     struct emx_server *s = a->data;
@@ -280,6 +421,90 @@ static uint64_t pipe_fd_budget(void)
     return rl.rlim_cur > FD_CORE_RESERVE ? (rl.rlim_cur - FD_CORE_RESERVE) / 2 : 1;
 }
 
+/* ---- discovery reaches every worker ---- */
+
+/* A discovery set (or failure) copied for another worker: one block, the
+ * array followed by its strings. Owned by the post queue, then by the job. */
+struct disc_msg {
+    struct emx_server *s; /* the worker it is for */
+    size_t count;
+    const char *reason; /* a failure: the reason; else NULL */
+    struct emx_instance_info set[];
+};
+
+static size_t str_room(const char *str)
+{
+    return str ? strlen(str) + 1 : 0;
+}
+
+static const char *str_put(char **at, const char *str)
+{
+    if (!str)
+        return NULL;
+    size_t n = strlen(str) + 1;
+    memcpy(*at, str, n);
+    const char *out = *at;
+    *at += n;
+    return out;
+}
+
+/* malloc, not emx_malloc: it may be freed by another thread's job. */
+static struct disc_msg *disc_msg_new(struct emx_server *to, const struct emx_instance_info *set,
+                                     size_t count, const char *reason)
+{
+    size_t room = sizeof(struct disc_msg) + count * sizeof(set[0]) + str_room(reason);
+    for (size_t i = 0; i < count; i++)
+        room += str_room(set[i].id) + str_room(set[i].host) + str_room(set[i].metadata);
+    struct disc_msg *m = malloc(room);
+    if (!m)
+        return NULL;
+    char *at = (char *)&m->set[count];
+    m->s = to;
+    m->count = count;
+    m->reason = str_put(&at, reason);
+    for (size_t i = 0; i < count; i++) {
+        m->set[i] = set[i];
+        m->set[i].id = str_put(&at, set[i].id);
+        m->set[i].host = str_put(&at, set[i].host);
+        m->set[i].metadata = str_put(&at, set[i].metadata);
+    }
+    return m;
+}
+
+/* Runs on the worker the message is for. */
+static void disc_msg_apply(void *arg)
+{
+    struct disc_msg *m = arg;
+    struct emx_server *s = m->s;
+    if (!s->stopping) {
+        if (m->reason)
+            emx_router_discovery_failed(s->router, m->reason, now_ms(s));
+        else
+            emx_router_discovery_update(s->router, m->set, m->count, now_ms(s));
+        emx_status_track(&s->status, s->router, now_ms(s), wall_ms());
+    }
+    free(m);
+}
+
+static int worker_post(struct emx_server *s, void (*fn)(void *), void *arg);
+
+/* Worker 0: hand a set or a failure to every other worker. */
+static void disc_fan_out(struct emx_server *s, const struct emx_instance_info *set, size_t count,
+                         const char *reason)
+{
+    struct emx_proc *P = s->proc;
+    for (unsigned k = 1; k < P->n; k++) {
+        struct disc_msg *m = disc_msg_new(P->w[k], set, count, reason);
+        if (!m) {
+            emx_logf(&s->log, EMX_LOG_ERROR, "server",
+                     "out of memory handing a discovery set to worker %u", k);
+            continue;
+        }
+        if (worker_post(P->w[k], disc_msg_apply, m) != 0)
+            free(m); /* that worker has stopped */
+    }
+}
+
 static void host_discovery_update(const struct emx_host *h, const struct emx_instance_info *set,
                                   size_t count)
 {
@@ -289,7 +514,8 @@ static void host_discovery_update(const struct emx_host *h, const struct emx_ins
     /* A set too large to serve is a failure of the source: the router keeps
      * its last good set, logs the reason and counts it. */
     char why[300];
-    uint64_t per = emx_router_config(s->router)->pipes_per_instance;
+    /* every worker has pipes_per_instance pipes to each instance */
+    uint64_t per = emx_router_config(s->router)->pipes_per_instance * s->proc->n;
     uint64_t budget = pipe_fd_budget();
     if (count > (uint64_t)s->cfg->discovery.max_instances) {
         snprintf(why, sizeof(why),
@@ -298,17 +524,19 @@ static void host_discovery_update(const struct emx_host *h, const struct emx_ins
     } else if (budget && count * per > budget) {
         snprintf(why, sizeof(why),
                  "set of %zu instances refused: its %" PRIu64 " pipes (%" PRIu64
-                 " per instance) exceed the open-file budget of %" PRIu64
+                 " per instance, all workers) exceed the open-file budget of %" PRIu64
                  " (half of the file limit after %d reserved): raise the file limit or lower "
                  "platform.pipes_per_instance",
                  count, count * per, per, budget, FD_CORE_RESERVE);
     } else {
         emx_router_discovery_update(s->router, set, count, now_ms(s));
         emx_status_track(&s->status, s->router, now_ms(s), wall_ms());
+        disc_fan_out(s, set, count, NULL);
         return;
     }
     emx_router_discovery_failed(s->router, why, now_ms(s));
     status_event(s, EMX_EV_DISCOVERY, "discovery failed: %s", why);
+    disc_fan_out(s, NULL, 0, why);
 }
 
 static void host_discovery_failed(const struct emx_host *h, const char *reason)
@@ -318,6 +546,7 @@ static void host_discovery_failed(const struct emx_host *h, const char *reason)
         emx_router_discovery_failed(s->router, reason, now_ms(s));
         status_event(s, EMX_EV_DISCOVERY, "discovery failed (the last good set stays): %s",
                      reason ? reason : "unknown");
+        disc_fan_out(s, NULL, 0, reason ? reason : "unknown");
     }
 }
 
@@ -338,70 +567,82 @@ static void host_init(struct emx_server *s, struct emx_host *h, const char *tag)
     h->parse_duration = emx_parse_duration;
     h->discovery_update = host_discovery_update;
     h->discovery_failed = host_discovery_failed;
+    h->worker = s->worker;
+    h->workers = s->proc->n;
 }
 
 /* ------------------------------------------------------------------ */
 /* edges */
 
-static struct source_count *source_find(struct emx_server *s, const char *addr)
+/* The caller holds proc->src_mu. */
+static struct source_count *source_find(struct emx_proc *P, const char *addr)
 {
     struct source_count *sc;
-    HASH_FIND_STR(s->sources, addr, sc);
+    HASH_FIND_STR(P->sources, addr, sc);
     return sc;
 }
 
 static void source_release(struct emx_server *s, const char *addr)
 {
-    struct source_count *sc = source_find(s, addr);
+    struct emx_proc *P = s->proc;
+    pthread_mutex_lock(&P->src_mu);
+    struct source_count *sc = source_find(P, addr);
     if (sc && --sc->n == 0) {
-        HASH_DEL(s->sources, sc);
-        emx_free(sc);
+        HASH_DEL(P->sources, sc);
+        free(sc);
     }
+    pthread_mutex_unlock(&P->src_mu);
+    atomic_fetch_sub_explicit(&P->edges, 1, memory_order_relaxed);
 }
 
 static void *edge_on_accept(void *listener_user, struct emx_conn *conn,
                             const struct emx_conn_info *info)
 {
     struct emx_server *s = listener_user;
+    struct emx_proc *P = s->proc;
     /* The device's address: X-Forwarded-For only from a trusted proxy. */
     char addr[EMX_ADDR_MAX];
-    bool fwd = emx_real_address(&s->trusted, info->peer, info->forwarded_for, addr, sizeof(addr));
+    bool fwd = emx_real_address(&P->trusted, info->peer, info->forwarded_for, addr, sizeof(addr));
     enum emx_refuse_reason why = EMX_REFUSE__COUNT;
-    struct source_count *sc = source_find(s, addr);
+    int64_t max = s->cfg->edge.max_connections;
+    /* edge.max_connections counts the edges of every worker: take a place
+     * first, give it back on refusal */
+    size_t placed = atomic_fetch_add_explicit(&P->edges, 1, memory_order_relaxed) + 1;
+    pthread_mutex_lock(&P->src_mu);
+    struct source_count *sc = source_find(P, addr);
     if (s->stopping)
         why = EMX_REFUSE_DRAINING;
-    else if (s->cfg->edge.max_connections > 0 &&
-             emx_router_edge_count(s->router) >= (size_t)s->cfg->edge.max_connections)
+    else if (max > 0 && placed > (size_t)max)
         why = EMX_REFUSE_MAX_CONNECTIONS;
     else if (s->cfg->edge.max_connections_per_source > 0 && sc &&
              sc->n >= (uint64_t)s->cfg->edge.max_connections_per_source)
         why = EMX_REFUSE_PER_SOURCE;
+    if (why == EMX_REFUSE__COUNT && !sc) {
+        sc = calloc(1, sizeof(*sc)); /* freed by whichever worker releases it last */
+        if (sc) {
+            snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
+            HASH_ADD_STR(P->sources, addr, sc);
+        } else {
+            why = EMX_REFUSE_NO_MEMORY;
+        }
+    }
+    if (why == EMX_REFUSE__COUNT)
+        sc->n++; /* taken now, so a sibling worker counts it at once */
+    pthread_mutex_unlock(&P->src_mu);
     if (why != EMX_REFUSE__COUNT) {
+        atomic_fetch_sub_explicit(&P->edges, 1, memory_order_relaxed);
         s->counters.refused[why]++;
         emx_logf(&s->log, why == EMX_REFUSE_DRAINING ? EMX_LOG_DEBUG : EMX_LOG_WARN, "edge",
                  "refusing %s (peer %s): %s", addr, info->peer ? info->peer : "?",
                  emx_refuse_reason_name(why));
         return NULL;
     }
-    if (!sc) {
-        sc = emx_calloc(1, sizeof(*sc));
-        if (!sc) {
-            s->counters.refused[EMX_REFUSE_NO_MEMORY]++;
-            return NULL;
-        }
-        snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
-        HASH_ADD_STR(s->sources, addr, sc);
-    }
     struct emx_edge *e = emx_router_edge_open(s->router, conn, now_ms(s));
     if (!e) {
         s->counters.refused[EMX_REFUSE_NO_MEMORY]++;
-        if (sc->n == 0) {
-            HASH_DEL(s->sources, sc);
-            emx_free(sc);
-        }
+        source_release(s, addr);
         return NULL;
     }
-    sc->n++;
     s->counters.forwarded_for += fwd;
     snprintf(e->addr, sizeof(e->addr), "%s", addr);
     snprintf(e->peer, sizeof(e->peer), "%s", info->peer ? info->peer : "?");
@@ -846,10 +1087,26 @@ static void on_tick(uv_timer_t *t)
     }
 }
 
+/* Pipes connected in every worker (worker 0, isolated or one worker). */
+static unsigned pipes_up_all(struct emx_server *s)
+{
+    struct emx_proc *P = s->proc;
+    unsigned n = 0;
+    for (unsigned k = 0; k < P->n; k++)
+        n += emx_router_pipes_up(P->w[k]->router);
+    return n;
+}
+
+/* The process is ready while any worker has a connected pipe. */
 static bool admin_ready(void *ctx)
 {
     struct emx_server *s = ctx;
-    return !s->stopping && emx_router_pipes_up(s->router) > 0;
+    if (s->stopping)
+        return false;
+    workers_isolate(s);
+    bool ready = pipes_up_all(s) > 0;
+    workers_release(s);
+    return ready;
 }
 
 /* ------------------------------------------------------------------ */
@@ -859,29 +1116,41 @@ static bool admin_ready(void *ctx)
  * 100 scaled by the room left under edge.max_connections (when set) and by
  * the share of connected pipes that are writable; at least 1 while ready;
  * 0 (drain) while no pipe is connected or during a SIGTERM drain. */
-static unsigned agent_weight(struct emx_server *s)
+static unsigned agent_weight_isolated(struct emx_server *s)
 {
-    if (s->stopping || emx_router_pipes_up(s->router) == 0)
+    struct emx_proc *P = s->proc;
+    if (s->stopping || pipes_up_all(s) == 0)
         return 0;
     double w = 100.0;
     if (s->cfg->edge.max_connections > 0) {
-        double used =
-            (double)emx_router_edge_count(s->router) / (double)s->cfg->edge.max_connections;
+        double used = (double)atomic_load_explicit(&P->edges, memory_order_relaxed) /
+                      (double)s->cfg->edge.max_connections;
         w *= used >= 1.0 ? 0.0 : 1.0 - used;
     }
     unsigned up = 0, writable = 0;
     uint64_t now = now_ms(s);
-    for (struct emx_instance *inst = emx_router_instance_next(s->router, NULL); inst;
-         inst = emx_router_instance_next(s->router, inst))
-        for (unsigned i = 0; i < inst->npipes; i++)
-            if (inst->pipes[i].state == EMX_PIPE_UP) {
-                up++;
-                writable += emx_pipe_is_writable(s->router, &inst->pipes[i], now);
-            }
+    for (unsigned k = 0; k < P->n; k++) {
+        struct emx_router *r = P->w[k]->router;
+        for (struct emx_instance *inst = emx_router_instance_next(r, NULL); inst;
+             inst = emx_router_instance_next(r, inst))
+            for (unsigned i = 0; i < inst->npipes; i++)
+                if (inst->pipes[i].state == EMX_PIPE_UP) {
+                    up++;
+                    writable += emx_pipe_is_writable(r, &inst->pipes[i], now);
+                }
+    }
     if (up)
         w = w * writable / up;
     unsigned pct = (unsigned)(w + 0.5);
     return pct < 1 ? 1 : pct > 100 ? 100 : pct;
+}
+
+static unsigned agent_weight(struct emx_server *s)
+{
+    workers_isolate(s);
+    unsigned w = agent_weight_isolated(s);
+    workers_release(s);
+    return w;
 }
 
 static void agent_line(void *ctx, char *buf, size_t cap)
@@ -894,9 +1163,50 @@ static void agent_line(void *ctx, char *buf, size_t cap)
         snprintf(buf, cap, "ready %u%%\n", w);
 }
 
+/* Worker 0, isolated: every worker's counters added up, and each one's. */
+struct ops_sums {
+    struct emx_server_counters total;
+    const struct emx_server_counters *each[EMX_WORKERS_MAX];
+    struct emx_router *routers[EMX_WORKERS_MAX];
+    const struct emx_relays *relays[EMX_WORKERS_MAX];
+    struct emx_relays relays_sum; /* counts only (nopen, n, st): the metrics */
+};
+
+static void ops_sums(struct emx_server *s, struct ops_sums *o)
+{
+    struct emx_proc *P = s->proc;
+    memset(o, 0, sizeof(*o));
+    for (unsigned k = 0; k < P->n; k++) {
+        const struct emx_server_counters *c = &P->w[k]->counters;
+        o->each[k] = c;
+        o->routers[k] = P->w[k]->router;
+        const struct emx_relays *rl = &P->w[k]->relays;
+        o->relays[k] = rl;
+        o->relays_sum.n += rl->n;
+        for (unsigned i = 0; i < EMX_RELAY_SIDES; i++)
+            o->relays_sum.nopen[i] += rl->nopen[i];
+        _Static_assert(sizeof(struct emx_relay_stats) % sizeof(uint64_t) == 0,
+                       "emx_relay_stats holds uint64_t fields only");
+        uint64_t src[sizeof(struct emx_relay_stats) / sizeof(uint64_t)],
+            dst[sizeof(struct emx_relay_stats) / sizeof(uint64_t)];
+        memcpy(src, &rl->st, sizeof(src));
+        memcpy(dst, &o->relays_sum.st, sizeof(dst));
+        for (size_t i = 0; i < sizeof(src) / sizeof(src[0]); i++)
+            dst[i] += src[i];
+        memcpy(&o->relays_sum.st, dst, sizeof(dst));
+        for (unsigned i = 0; i < EMX_REFUSE__COUNT; i++)
+            o->total.refused[i] += c->refused[i];
+        o->total.forwarded_for += c->forwarded_for;
+        o->total.reloads_ok += c->reloads_ok;
+        o->total.reloads_failed += c->reloads_failed;
+        o->total.edges_kicked += c->edges_kicked;
+    }
+}
+
 static void ops_view(struct emx_server *s, struct emx_ops_view *v)
 {
     v->counters = &s->counters;
+    v->worker_counters = NULL;
     v->discovery_plugin = s->dp && s->dp->hdr.name ? s->dp->hdr.name : "unknown";
     v->ready = admin_ready(s);
     v->draining = s->stopping;
@@ -945,10 +1255,48 @@ static void admin_edges(struct emx_server *s, const struct emx_admin_request *re
         admin_text(resp, 400, "bad endpoint id\n");
         return;
     }
+    struct ops_sums o;
+    ops_sums(s, &o);
     resp->status = 200;
     resp->content_type = "application/json";
-    emx_ops_edges_json(&resp->body, s->router, has_thing ? thing : NULL, endpoint, EDGES_LIST_LIMIT,
-                       now_ms(s));
+    emx_ops_edges_json_n(&resp->body, o.routers, s->proc->n, has_thing ? thing : NULL, endpoint,
+                         EDGES_LIST_LIMIT, now_ms(s));
+}
+
+/* An admin action for another worker: run there, after the isolation. */
+struct admin_job {
+    struct emx_server *s;
+    uint32_t endpoint;
+    uint16_t code;
+    bool on;
+    char text[256]; /* the close reason, or the instance id */
+};
+
+static void admin_job_close(void *arg)
+{
+    struct admin_job *j = arg;
+    struct emx_edge *e = emx_router_edge_find(j->s->router, j->endpoint);
+    if (e && e->state != EMX_EDGE_CLOSING)
+        emx_router_edge_close(j->s->router, e, j->code, j->text);
+    free(j);
+}
+
+static void admin_job_maintenance(void *arg)
+{
+    struct admin_job *j = arg;
+    (void)emx_router_instance_maintenance(j->s->router, j->text, j->on, now_ms(j->s));
+    free(j);
+}
+
+static void admin_post(struct emx_server *to, void (*fn)(void *), const struct admin_job *tmpl)
+{
+    struct admin_job *j = malloc(sizeof(*j)); /* freed by the job, on that worker */
+    if (!j)
+        return;
+    *j = *tmpl;
+    j->s = to;
+    if (worker_post(to, fn, j) != 0)
+        free(j);
 }
 
 /* POST /edges/ID/close[?code=1008|1001&reason=text] */
@@ -960,7 +1308,10 @@ static void admin_edge_close(struct emx_server *s, const char *id, size_t idlen,
         admin_text(resp, 400, "bad endpoint id\n");
         return;
     }
-    struct emx_edge *e = emx_router_edge_find(s->router, endpoint);
+    /* the top bits of an endpointId name the worker that holds the edge */
+    unsigned wk = s->proc->n > 1 ? endpoint >> EMX_WORKER_SHIFT : 0;
+    struct emx_server *ws = wk < s->proc->n ? s->proc->w[wk] : NULL;
+    struct emx_edge *e = ws ? emx_router_edge_find(ws->router, endpoint) : NULL;
     if (!e) {
         admin_text(resp, 404, "no such edge\n");
         return;
@@ -983,7 +1334,13 @@ static void admin_edge_close(struct emx_server *s, const char *id, size_t idlen,
              e->id, e->addr, code);
     status_event(s, EMX_EV_ADMIN, "edge %08" PRIx32 " (%s) closed by an operator (%u)", e->id,
                  e->addr, code);
-    emx_router_edge_close(s->router, e, code, reason);
+    if (ws == s) {
+        emx_router_edge_close(s->router, e, code, reason);
+    } else {
+        struct admin_job j = {.endpoint = endpoint, .code = code};
+        snprintf(j.text, sizeof(j.text), "%s", reason);
+        admin_post(ws, admin_job_close, &j);
+    }
     resp->status = 202;
     emx_textbuf_puts(&resp->body, "closing\n");
 }
@@ -1014,6 +1371,11 @@ static void admin_maintenance(struct emx_server *s, const char *id,
         admin_text(resp, 404, "no such instance\n");
         return;
     }
+    /* every worker routes to the instance: each one stops */
+    struct admin_job j = {.on = on};
+    snprintf(j.text, sizeof(j.text), "%s", id);
+    for (unsigned k = 1; k < s->proc->n; k++)
+        admin_post(s->proc->w[k], admin_job_maintenance, &j);
     emx_logf(&s->log, EMX_LOG_INFO, "admin", "instance %s: maintenance %s on request", id,
              on ? "on" : "off");
     status_event(s, EMX_EV_ADMIN, "instance %s: maintenance %s by an operator", id,
@@ -1045,7 +1407,9 @@ static size_t top_sources(struct emx_server *s, struct emx_status_source *out, s
 {
     size_t n = 0;
     *total = 0;
-    for (struct source_count *sc = s->sources; sc; sc = sc->hh.next) {
+    /* Worker 0 holds src_mu while the page is built (emx_status_html reads
+     * the addresses): admin_status takes it. */
+    for (struct source_count *sc = s->proc->sources; sc; sc = sc->hh.next) {
         (*total)++;
         size_t i;
         if (n < cap)
@@ -1074,9 +1438,13 @@ static void admin_status(struct emx_server *s, struct emx_admin_response *resp)
     int64_t wall = wall_ms();
     emx_status_track(&s->status, s->router, now, wall);
     struct emx_ops_view ov;
+    struct ops_sums o;
     ops_view(s, &ov);
+    ops_sums(s, &o);
+    ov.counters = &o.total;
     struct emx_status_source top[TOP_SOURCES];
     size_t total;
+    pthread_mutex_lock(&s->proc->src_mu);
     size_t ntop = top_sources(s, top, TOP_SOURCES, &total);
     struct emx_status_view v = {
         .ops = &ov,
@@ -1096,12 +1464,12 @@ static void admin_status(struct emx_server *s, struct emx_admin_response *resp)
     resp->content_type = "text/html; charset=utf-8";
     resp->headers = STATUS_HEADERS;
     emx_status_html(&resp->body, s->router, &s->status, &v, now);
+    pthread_mutex_unlock(&s->proc->src_mu);
 }
 
-static void admin_handle(void *ctx, const struct emx_admin_request *req,
-                         struct emx_admin_response *resp)
+static void admin_handle_isolated(struct emx_server *s, const struct emx_admin_request *req,
+                                  struct emx_admin_response *resp)
 {
-    struct emx_server *s = ctx;
     bool get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
     const char *path = req->path;
     if (strcmp(path, "/") == 0 || strcmp(path, "/status") == 0) {
@@ -1118,16 +1486,23 @@ static void admin_handle(void *ctx, const struct emx_admin_request *req,
         if (!get)
             return admin_text(resp, 405, "use GET\n");
         struct emx_ops_view v;
+        struct ops_sums o;
         ops_view(s, &v);
+        ops_sums(s, &o);
+        v.counters = &o.total;
+        v.worker_counters = o.each;
+        v.relays = &o.relays_sum;
         resp->status = 200;
         resp->content_type = "text/plain; version=0.0.4; charset=utf-8";
-        emx_ops_metrics(&resp->body, s->router, &v, now_ms(s));
+        emx_ops_metrics_n(&resp->body, o.routers, s->proc->n, &v, now_ms(s));
     } else if (strcmp(path, "/instances") == 0) {
         if (!get)
             return admin_text(resp, 405, "use GET\n");
+        struct ops_sums o;
+        ops_sums(s, &o);
         resp->status = 200;
         resp->content_type = "application/json";
-        emx_ops_instances_json(&resp->body, s->router, now_ms(s));
+        emx_ops_instances_json_n(&resp->body, o.routers, s->proc->n, now_ms(s));
     } else if (strcmp(path, "/edges") == 0) {
         if (!get)
             return admin_text(resp, 405, "use GET\n");
@@ -1135,9 +1510,12 @@ static void admin_handle(void *ctx, const struct emx_admin_request *req,
     } else if (strcmp(path, "/tunnels") == 0) {
         if (!get)
             return admin_text(resp, 405, "use GET\n");
+        struct ops_sums o;
+        ops_sums(s, &o);
         resp->status = 200;
         resp->content_type = "application/json";
-        emx_ops_tunnels_json(&resp->body, s->router, &s->relays, EDGES_LIST_LIMIT, now_ms(s));
+        emx_ops_tunnels_json_n(&resp->body, o.routers, o.relays, s->proc->n, EDGES_LIST_LIMIT,
+                               now_ms(s));
     } else if (strncmp(path, "/edges/", 7) == 0) {
         const char *id = path + 7;
         const char *slash = strchr(id, '/');
@@ -1159,6 +1537,17 @@ static void admin_handle(void *ctx, const struct emx_admin_request *req,
     }
 }
 
+/* Every admin request sees one moment of every worker: they are parked
+ * while it is answered (a no-op with one worker). */
+static void admin_handle(void *ctx, const struct emx_admin_request *req,
+                         struct emx_admin_response *resp)
+{
+    struct emx_server *s = ctx;
+    workers_isolate(s);
+    admin_handle_isolated(s, req, resp);
+    workers_release(s);
+}
+
 /* ------------------------------------------------------------------ */
 /* start and stop */
 
@@ -1173,19 +1562,21 @@ static void finish_shutdown(struct emx_server *s)
     if (s->finished)
         return;
     s->finished = true;
-    emx_notify_watchdog_stop();
     uv_timer_stop(&s->shutdown_timer);
     uv_close((uv_handle_t *)&s->shutdown_timer, NULL);
     uv_close((uv_handle_t *)&s->tick, NULL);
     uv_close((uv_handle_t *)&s->queued_timer, NULL);
     uv_close((uv_handle_t *)&s->check, NULL);
-    uv_close((uv_handle_t *)&s->sigterm, NULL);
-    uv_close((uv_handle_t *)&s->sigint, NULL);
-    uv_close((uv_handle_t *)&s->sighup, NULL);
-    emx_admin_stop(s->admin);
-    s->admin = NULL;
-    emx_agent_stop(s->agent);
-    s->agent = NULL;
+    if (s->worker == 0) { /* the process-wide parts: the others have ended */
+        emx_notify_watchdog_stop();
+        uv_close((uv_handle_t *)&s->sigterm, NULL);
+        uv_close((uv_handle_t *)&s->sigint, NULL);
+        uv_close((uv_handle_t *)&s->sighup, NULL);
+        emx_admin_stop(s->admin);
+        s->admin = NULL;
+        emx_agent_stop(s->agent);
+        s->agent = NULL;
+    }
     if (s->listener) {
         s->tp->unlisten(s->listener);
         s->listener = NULL;
@@ -1205,6 +1596,7 @@ static void finish_shutdown(struct emx_server *s)
     on_async(&s->async);
     uv_close((uv_handle_t *)&s->async, NULL);
     s->tp->stop(s->tinst);
+    s->transport_running = false;
 }
 
 static uint64_t pending_on_pipes(struct emx_server *s)
@@ -1268,20 +1660,58 @@ static void on_drain_step(uv_timer_t *t)
     }
     if (tunnel_by > answer_by)
         answer_by = tunnel_by;
-    if (edges_done && pending_on_pipes(s) == 0 && s->relays.n == 0) {
+    if (s->drain_done || s->force_stop) {
+        /* worker 0: waiting for the other workers' drains */
+    } else if (edges_done && pending_on_pipes(s) == 0 && s->relays.n == 0) {
         emx_logf(&s->log, EMX_LOG_INFO, "server", "drained in %" PRIu64 " ms", elapsed);
-        finish_shutdown(s);
+        s->drain_done = true;
     } else if (elapsed >= answer_by + DRAIN_SLACK_MS) {
         emx_logf(&s->log, EMX_LOG_WARN, "server",
                  "drain bound reached: %zu edge(s) open, %" PRIu64
                  " request(s) in flight, %zu tunnel(s)",
                  emx_router_edge_count(s->router), pending_on_pipes(s), s->relays.n);
+        s->drain_done = true;
+    }
+    /* Worker 0 keeps the admin port, the agent (drain) and the signals
+     * until every other worker has ended: they drain on the same clock. */
+    if ((s->drain_done || s->force_stop) && (s->worker != 0 || workers_others_done(s)))
         finish_shutdown(s);
+}
+
+static void begin_shutdown(struct emx_server *s, const char *why);
+
+/* Worker 0's SIGTERM (or a second one) reaching another worker. */
+struct shutdown_job {
+    struct emx_server *s;
+    char why[16];
+};
+
+static void shutdown_job_run(void *arg)
+{
+    struct shutdown_job *j = arg;
+    begin_shutdown(j->s, j->why);
+    free(j);
+}
+
+static void shutdown_fan_out(struct emx_server *s, const char *why)
+{
+    for (unsigned k = 1; k < s->proc->n; k++) {
+        struct shutdown_job *j = malloc(sizeof(*j)); /* freed by the job */
+        if (!j) {
+            emx_logf(&s->log, EMX_LOG_ERROR, "server", "out of memory stopping worker %u", k);
+            continue;
+        }
+        j->s = s->proc->w[k];
+        snprintf(j->why, sizeof(j->why), "%s", why);
+        if (worker_post(j->s, shutdown_job_run, j) != 0)
+            free(j);
     }
 }
 
 static void begin_shutdown(struct emx_server *s, const char *why)
 {
+    if (s->worker == 0)
+        shutdown_fan_out(s, why);
     if (s->stopping) {
         /* A second signal: do not wait for the drain. */
         emx_logf(&s->log, EMX_LOG_WARN, "server", "%s during drain: stopping now", why);
@@ -1289,13 +1719,17 @@ static void begin_shutdown(struct emx_server *s, const char *why)
              e = emx_router_edge_next(s->router, e))
             emx_router_edge_close(s->router, e, 1001, "server shutting down");
         emx_relays_close_all(&s->relays, 1001, "server shutting down");
-        finish_shutdown(s);
+        if (s->worker == 0 && !workers_others_done(s))
+            s->force_stop = true; /* on_drain_step finishes once the others have */
+        else
+            finish_shutdown(s);
         return;
     }
     s->stopping = true; /* on_accept refuses, /ready 503, the agent says drain */
     status_event(s, EMX_EV_SERVER, "%s: draining %zu edge(s), then stopping", why,
                  emx_router_edge_count(s->router));
-    emx_notify_stopping();
+    if (s->worker == 0)
+        emx_notify_stopping();
     size_t n = emx_router_edge_count(s->router);
     emx_logf(&s->log, EMX_LOG_INFO, "server",
              "%s: draining %zu edge(s) over %" PRIu64 " ms, then stopping", why, n,
@@ -1381,7 +1815,7 @@ static unsigned report_restart_keys(struct emx_server *s, const struct emx_confi
     return k;
 }
 
-static struct emx_router_config router_config(const struct emx_setup *st);
+static struct emx_router_config router_config(const struct emx_setup *st, unsigned workers);
 static int make_header(char **out, const char *name, const char *value);
 
 /* SIGHUP with TLS on the edge listener: read the certificate and key again
@@ -1530,6 +1964,30 @@ static size_t loaded_plugins(struct emx_server *s, struct emx_plugin **out, size
 
 #define LOADED_MAX 64
 
+/* A reload's limits and the edge certificate, applied on a worker's own
+ * loop. rc.app_key points into the running configuration: the job runs
+ * before the worker can be parked for the next reload, which is the only
+ * thing that frees it. */
+struct reload_job {
+    struct emx_server *s;
+    struct emx_router_config rc;
+};
+
+static void reload_worker_apply(struct emx_server *s, const struct emx_router_config *rc)
+{
+    if (emx_router_set_config(s->router, rc, now_ms(s)) != 0)
+        emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: out of memory applying limits");
+    reload_edge_tls(s, s->cfg);
+}
+
+static void reload_job_run(void *arg)
+{
+    struct reload_job *j = arg;
+    if (!j->s->stopping)
+        reload_worker_apply(j->s, &j->rc);
+    free(j);
+}
+
 static void reload_config(struct emx_server *s)
 {
     emx_notify_reloading();
@@ -1587,24 +2045,41 @@ static void reload_config(struct emx_server *s)
     for (struct setup_gen *g = gen->next; g && !prev; g = g->next)
         if (g->setup.cfg == o)
             prev = g;
-    s->cfg = ns->cfg;
-    emx_cidr_list_free(&s->trusted);
-    s->trusted = trusted;
-    emx_log_level_parse(n->log.level, &s->log.level);
-    emx_log_format_parse(n->log.format, &s->log.format);
-    struct emx_router_config rc_new = router_config(ns);
+    /* What every worker reads changes while they are parked; what changes
+     * a worker's router or transport is posted to it. */
+    struct emx_proc *P = s->proc;
+    struct emx_router_config rc_new = router_config(ns, P->n);
     rc_new.pipes_per_instance = emx_router_config(s->router)->pipes_per_instance;
-    if (emx_router_set_config(s->router, &rc_new, now_ms(s)) != 0)
-        emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: out of memory applying limits");
-    char *hdr = NULL;
-    if (make_header(&hdr, "appKey", ns->app_key) == 0) {
-        /* new pipes authenticate with the new key; open ones stay */
-        explicit_bzero(s->hdr_appkey, strlen(s->hdr_appkey));
-        emx_free(s->hdr_appkey);
-        s->hdr_appkey = hdr;
-        s->pipe_headers[0] = hdr;
+    workers_isolate(s);
+    emx_cidr_list_free(&P->trusted);
+    P->trusted = trusted;
+    for (unsigned k = 0; k < P->n; k++) {
+        struct emx_server *w = P->w[k];
+        w->cfg = ns->cfg;
+        emx_log_level_parse(n->log.level, &w->log.level);
+        emx_log_format_parse(n->log.format, &w->log.format);
+        char *hdr = NULL;
+        if (make_header(&hdr, "appKey", ns->app_key) == 0) {
+            /* new pipes authenticate with the new key; open ones stay */
+            explicit_bzero(w->hdr_appkey, strlen(w->hdr_appkey));
+            emx_free(w->hdr_appkey);
+            w->hdr_appkey = hdr;
+            w->pipe_headers[0] = hdr;
+        }
     }
-    reload_edge_tls(s, n);
+    workers_release(s);
+    reload_worker_apply(s, &rc_new);
+    for (unsigned k = 1; k < P->n; k++) {
+        struct reload_job *j = malloc(sizeof(*j)); /* freed by the job */
+        if (!j) {
+            emx_logf(&s->log, EMX_LOG_ERROR, "server", "reload: out of memory for worker %u", k);
+            continue;
+        }
+        j->s = P->w[k];
+        j->rc = rc_new;
+        if (worker_post(j->s, reload_job_run, j) != 0)
+            free(j);
+    }
     if (disc_changed) {
         emx_logf(&s->log, EMX_LOG_INFO, "server", "reload: discovery changed: restarting %s",
                  ns->discovery->hdr->name);
@@ -1683,9 +2158,12 @@ static int make_header(char **out, const char *name, const char *value)
     return 0;
 }
 
-static struct emx_router_config router_config(const struct emx_setup *st)
+/* A worker's router settings. Limits that bound the whole process
+ * (edge.max_memory, edge.max_tunnels) are split evenly over the workers. */
+static struct emx_router_config router_config(const struct emx_setup *st, unsigned workers)
 {
     const struct emx_config *c = st->cfg;
+    uint64_t nw = workers ? workers : 1;
     struct emx_router_config rc = {
         .worker = 0,
         .pipes_per_instance = (unsigned)c->platform.pipes_per_instance,
@@ -1709,8 +2187,8 @@ static struct emx_router_config router_config(const struct emx_setup *st)
         .max_answer_backlog = c->edge.max_answer_backlog < c->edge.max_queued
                                   ? c->edge.max_answer_backlog
                                   : c->edge.max_queued / 2,
-        .max_memory = c->edge.max_memory,
-        .max_tunnels = (uint32_t)c->edge.max_tunnels,
+        .max_memory = c->edge.max_memory ? (c->edge.max_memory + nw - 1) / nw : 0,
+        .max_tunnels = c->edge.max_tunnels ? (uint32_t)((c->edge.max_tunnels + nw - 1) / nw) : 0,
         .max_tunnels_per_device = (uint32_t)c->edge.max_tunnels_per_device,
         .tunnel_connect_timeout = c->edge.tunnel_connect_timeout,
         .app_key = st->app_key,
@@ -1724,19 +2202,26 @@ static void close_own_handles(struct emx_server *s)
 {
     uv_handle_t *hs[] = {(uv_handle_t *)&s->tick,   (uv_handle_t *)&s->queued_timer,
                          (uv_handle_t *)&s->shutdown_timer, (uv_handle_t *)&s->check,
-                         (uv_handle_t *)&s->sigterm, (uv_handle_t *)&s->sigint,
-                         (uv_handle_t *)&s->sighup, (uv_handle_t *)&s->async};
-    for (size_t i = 0; i < sizeof(hs) / sizeof(hs[0]); i++)
+                         (uv_handle_t *)&s->async,  (uv_handle_t *)&s->sigterm,
+                         (uv_handle_t *)&s->sigint, (uv_handle_t *)&s->sighup};
+    /* only worker 0 has the signal handles */
+    size_t n = s->worker == 0 ? sizeof(hs) / sizeof(hs[0]) : 5;
+    for (size_t i = 0; i < n; i++)
         if (!uv_is_closing(hs[i]))
             uv_close(hs[i], NULL);
 }
 
-int emx_server_run(struct emx_setup *setup)
+/* One worker: its loop, handles, router and transport instance with its
+ * edge listener, made on the main thread before any worker thread runs. */
+static int worker_new(struct emx_proc *P, unsigned k, struct emx_setup *setup, uint64_t boot,
+                      const char *boot_hex, struct emx_server **out)
 {
     struct emx_server *s = emx_calloc(1, sizeof(*s));
     if (!s)
         return -ENOMEM;
-    int rc = 0;
+    *out = s;
+    s->proc = P;
+    s->worker = k;
     s->setup = setup;
     s->cfg = setup->cfg;
     s->tp = setup->transport->u.transport;
@@ -1744,30 +2229,33 @@ int emx_server_run(struct emx_setup *setup)
     emx_log_init(&s->log);
     emx_log_level_parse(s->cfg->log.level, &s->log.level);
     emx_log_format_parse(s->cfg->log.format, &s->log.format);
+    s->log.worker = P->n > 1 ? (int)k : -1;
     emx_list_init(&s->dirty);
     emx_list_init(&s->connect_wait);
     pthread_mutex_init(&s->post_mu, NULL);
     s->post_tail = &s->post_head;
-    signal(SIGPIPE, SIG_IGN);
-
-    uint64_t boot = 0;
-    if (getrandom(&boot, sizeof(boot), 0) != (ssize_t)sizeof(boot))
-        boot = (uint64_t)getpid() * 0x9E3779B97F4A7C15ull ^ (uint64_t)time(NULL);
-    s->rng = boot | 1;
-    snprintf(s->boot_hex, sizeof(s->boot_hex), "%016" PRIx64, boot);
+    s->rng = (boot ^ (0x9E3779B97F4A7C15ull * (k + 1))) | 1;
+    snprintf(s->boot_hex, sizeof(s->boot_hex), "%s", boot_hex);
+    /* The platform-hop identity (docs/protocol.md): the server name, and
+     * with several workers "name/index", so a platform's request for an
+     * edge comes back on a pipe of the worker that holds it. */
+    char ident[300];
+    if (P->n > 1)
+        snprintf(ident, sizeof(ident), "%s/%u", s->cfg->server.name, k);
+    else
+        snprintf(ident, sizeof(ident), "%s", s->cfg->server.name);
     if (make_header(&s->hdr_appkey, "appKey", setup->app_key) ||
-        make_header(&s->hdr_server, "X-Edgemux-Server", s->cfg->server.name) ||
-        make_header(&s->hdr_boot, "X-Edgemux-Boot", s->boot_hex)) {
-        rc = -ENOMEM;
-        goto out_free;
-    }
+        make_header(&s->hdr_server, "X-Edgemux-Server", ident) ||
+        make_header(&s->hdr_boot, "X-Edgemux-Boot", s->boot_hex))
+        return -ENOMEM;
     s->pipe_headers[0] = s->hdr_appkey;
     s->pipe_headers[1] = s->hdr_server;
     s->pipe_headers[2] = s->hdr_boot;
 
-    rc = uv_loop_init(&s->loop);
+    int rc = uv_loop_init(&s->loop);
     if (rc)
-        goto out_free;
+        return rc;
+    s->loop_ok = true;
     uv_async_init(&s->loop, &s->async, on_async);
     s->async.data = s;
     uv_timer_init(&s->loop, &s->tick);
@@ -1778,12 +2266,15 @@ int emx_server_run(struct emx_setup *setup)
     s->shutdown_timer.data = s;
     uv_check_init(&s->loop, &s->check);
     s->check.data = s;
-    uv_signal_init(&s->loop, &s->sigterm);
-    uv_signal_init(&s->loop, &s->sigint);
-    uv_signal_init(&s->loop, &s->sighup);
-    s->sigterm.data = s->sigint.data = s->sighup.data = s;
+    if (k == 0) {
+        uv_signal_init(&s->loop, &s->sigterm);
+        uv_signal_init(&s->loop, &s->sigint);
+        uv_signal_init(&s->loop, &s->sighup);
+        s->sigterm.data = s->sigint.data = s->sighup.data = s;
+    }
 
-    struct emx_router_config rcfg = router_config(setup);
+    struct emx_router_config rcfg = router_config(setup, P->n);
+    rcfg.worker = k;
     struct emx_router_io io = {
         .ctx = s,
         .log = &s->log,
@@ -1799,67 +2290,52 @@ int emx_server_run(struct emx_setup *setup)
         .pipe_buffered = io_pipe_buffered,
     };
     s->router = emx_router_new(&rcfg, &io, uv_now(&s->loop));
-    if (!s->router) {
-        rc = -ENOMEM;
-        goto out_loop;
-    }
+    if (!s->router)
+        return -ENOMEM;
     struct emx_relay_env renv = {
         .router = s->router,
         .log = &s->log,
         .tp = s->tp,
         .cfg = &s->cfg,
-        .trusted = &s->trusted,
+        .trusted = &P->trusted, /* replaced only while this worker is parked */
         .server_header = (const char *const *)&s->hdr_server,
         .stopping = &s->stopping,
         .now = relay_now,
         .now_ctx = s,
     };
     emx_relays_init(&s->relays, &renv);
+    s->relays_ok = true;
 
-    static const char ttag_fmt[] = "transport:%s.0";
-    static const char dtag_fmt[] = "discovery:%s.0";
-    char ttag[96];
-    snprintf(ttag, sizeof(ttag), ttag_fmt, setup->transport->hdr->name);
-    host_init(s, &s->thost, ttag);
-    s->disc = emx_calloc(1, sizeof(*s->disc));
-    if (!s->disc) {
-        rc = -ENOMEM;
-        goto out_handles;
-    }
-    snprintf(s->disc->tag, sizeof(s->disc->tag), dtag_fmt, setup->discovery->hdr->name);
-    host_init(s, &s->disc->host, s->disc->tag);
-    s->disc->dp = s->dp;
-    s->dhost_active = &s->disc->host;
+    snprintf(s->ttag, sizeof(s->ttag), "transport:%s.%u", setup->transport->hdr->name, k);
+    host_init(s, &s->thost, s->ttag);
     s->start_ms = uv_now(&s->loop);
     emx_status_init(&s->status);
-    char why[128];
-    if (emx_cidr_list_parse(s->cfg->edge.trusted_proxies.items, s->cfg->edge.trusted_proxies.count,
-                            &s->trusted, why, sizeof(why)) != 0) {
-        emx_logf(&s->log, EMX_LOG_ERROR, "server", "edge.trusted_proxies: %s", why);
-        rc = -EINVAL;
-        goto out_handles;
-    }
+    s->status_ok = true;
 
     rc = s->tp->create(&s->thost, setup->transport_config, &s->tinst);
     if (rc == 0) {
         rc = s->tp->start(s->tinst);
-        if (rc != 0)
+        if (rc != 0) {
             s->tp->destroy(s->tinst); /* the ABI allows destroy after a failed start */
+            s->tinst = NULL;
+        }
+    } else {
+        s->tinst = NULL;
     }
     if (rc != 0) {
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "transport %s failed to start (%s)",
                  setup->transport->hdr->name, strerror(-rc));
-        goto out_handles;
+        return rc;
     }
-    char listen_addr[300];
+    s->transport_running = true;
     if (strchr(s->cfg->edge.address, ':'))
-        snprintf(listen_addr, sizeof(listen_addr), "[%s]:%" PRId64, s->cfg->edge.address,
+        snprintf(s->listen_addr, sizeof(s->listen_addr), "[%s]:%" PRId64, s->cfg->edge.address,
                  s->cfg->edge.port);
     else
-        snprintf(listen_addr, sizeof(listen_addr), "%s:%" PRId64, s->cfg->edge.address,
+        snprintf(s->listen_addr, sizeof(s->listen_addr), "%s:%" PRId64, s->cfg->edge.address,
                  s->cfg->edge.port);
     struct emx_listen_spec ls = {
-        .address = listen_addr,
+        .address = s->listen_addr,
         .path = s->cfg->edge.path,
         .tls_cert = s->cfg->edge.tls_cert,
         .tls_key = s->cfg->edge.tls_key,
@@ -1872,17 +2348,139 @@ int emx_server_run(struct emx_setup *setup)
     };
     rc = s->tp->listen(s->tinst, &ls, &edge_callbacks, s, &s->listener);
     if (rc != 0) {
-        emx_logf(&s->log, EMX_LOG_ERROR, "server", "cannot listen on %s (%s)", listen_addr,
+        s->listener = NULL;
+        emx_logf(&s->log, EMX_LOG_ERROR, "server", "cannot listen on %s (%s)", s->listen_addr,
                  strerror(-rc));
-        goto out_transport;
+        return rc;
     }
-    /* Settings this version reads but does not act on yet: say so. */
-    if (s->cfg->server.workers != 1)
-        emx_logf(&s->log, EMX_LOG_WARN, "server",
-                 "server.workers %" PRId64 ": this version runs one worker loop",
-                 s->cfg->server.workers);
+    return 0;
+}
+
+/* Free a worker on the main thread once its loop has ended (or never ran:
+ * start-up failed). */
+static void worker_free(struct emx_server *s)
+{
+    if (!s)
+        return;
+    if (s->loop_ok && !s->finished) {
+        /* never ran to a shutdown: close what start-up opened */
+        if (s->listener)
+            s->tp->unlisten(s->listener);
+        s->listener = NULL;
+        if (s->transport_running)
+            s->tp->stop(s->tinst);
+        s->transport_running = false;
+        close_own_handles(s);
+        uv_run(&s->loop, UV_RUN_DEFAULT);
+    }
+    if (s->dinst)
+        s->dp->destroy(s->dinst);
+    for (struct disc_gen *g = s->disc_retired; g; g = g->next) /* replaced by reloads */
+        if (g->state == DISC_STOPPED)
+            g->dp->destroy(g->dinst);
+    if (s->tinst)
+        s->tp->destroy(s->tinst);
+    if (s->relays_ok)
+        emx_relays_free(&s->relays); /* the transport has ended every tunnel */
+    emx_router_free(s->router);
+    if (s->status_ok)
+        emx_status_free(&s->status);
+    emx_free_ptr(&s->drain_ids);
+    emx_free_ptr(&s->disc);
+    while (s->disc_retired) {
+        struct disc_gen *g = s->disc_retired;
+        s->disc_retired = g->next;
+        emx_free(g);
+    }
+    while (s->setups) {
+        struct setup_gen *g = s->setups;
+        s->setups = g->next;
+        emx_setup_free(&g->setup);
+        emx_free(g);
+    }
+    if (s->loop_ok) {
+        uv_walk(&s->loop, close_walk, NULL);
+        if (uv_loop_close(&s->loop) != 0)
+            emx_logf(&s->log, EMX_LOG_WARN, "server", "event loop closed with handles open");
+    }
+    emx_free(s->hdr_appkey ? (explicit_bzero(s->hdr_appkey, strlen(s->hdr_appkey)), s->hdr_appkey)
+                           : NULL);
+    emx_free(s->hdr_server);
+    emx_free(s->hdr_boot);
+    pthread_mutex_destroy(&s->post_mu);
+    emx_free(s);
+}
+
+static void *worker_main(void *arg)
+{
+    struct emx_server *s = arg;
+    struct emx_proc *P = s->proc;
+    uv_run(&s->loop, UV_RUN_DEFAULT);
+    pthread_mutex_lock(&P->mu);
+    P->done[s->worker] = true;
+    pthread_cond_broadcast(&P->cond);
+    pthread_mutex_unlock(&P->mu);
+    return NULL;
+}
+
+/* Worker k's timers (worker 0 adds its signals and the watchdog). */
+static void worker_start_timers(struct emx_server *s)
+{
+    uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
+    uv_timer_start(&s->queued_timer, on_queued_timer, QUEUED_REFRESH_MS, QUEUED_REFRESH_MS);
+    uv_check_start(&s->check, on_check);
+}
+
+int emx_server_run(struct emx_setup *setup)
+{
+    struct emx_proc *P = emx_calloc(1, sizeof(*P));
+    if (!P)
+        return -ENOMEM;
+    int rc = 0;
+    struct emx_log final_log; /* for the last line, after the workers are freed */
+    emx_log_init(&final_log);
+    P->n = setup->cfg->server.workers >= 1 && setup->cfg->server.workers <= EMX_WORKERS_MAX
+               ? (unsigned)setup->cfg->server.workers
+               : 1;
+    pthread_mutex_init(&P->mu, NULL);
+    pthread_cond_init(&P->cond, NULL);
+    pthread_mutex_init(&P->src_mu, NULL);
+    atomic_init(&P->edges, 0);
+    signal(SIGPIPE, SIG_IGN);
+
+    uint64_t boot = 0;
+    if (getrandom(&boot, sizeof(boot), 0) != (ssize_t)sizeof(boot))
+        boot = (uint64_t)getpid() * 0x9E3779B97F4A7C15ull ^ (uint64_t)time(NULL);
+    char boot_hex[17];
+    snprintf(boot_hex, sizeof(boot_hex), "%016" PRIx64, boot);
+
+    /* Worker 0 first: it logs start-up problems for the process. */
+    for (unsigned k = 0; k < P->n && rc == 0; k++)
+        rc = worker_new(P, k, setup, boot, boot_hex, &P->w[k]);
+    struct emx_server *s = P->w[0];
+    if (rc != 0)
+        goto out;
+    char why[128];
+    if (emx_cidr_list_parse(s->cfg->edge.trusted_proxies.items, s->cfg->edge.trusted_proxies.count,
+                            &P->trusted, why, sizeof(why)) != 0) {
+        emx_logf(&s->log, EMX_LOG_ERROR, "server", "edge.trusted_proxies: %s", why);
+        rc = -EINVAL;
+        goto out;
+    }
+    s->disc = emx_calloc(1, sizeof(*s->disc));
+    if (!s->disc) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    snprintf(s->disc->tag, sizeof(s->disc->tag), "discovery:%s.0", setup->discovery->hdr->name);
+    host_init(s, &s->disc->host, s->disc->tag);
+    s->disc->dp = s->dp;
+    s->dhost_active = &s->disc->host;
+    if (P->n > 1)
+        emx_logf(&s->log, EMX_LOG_INFO, "server",
+                 "%u worker loops, each with its own edge listener and pipes", P->n);
     emx_logf(&s->log, EMX_LOG_INFO, "server", "%s: edges on %s%s, boot %s", s->cfg->server.name,
-             listen_addr, s->cfg->edge.path, s->boot_hex);
+             s->listen_addr, s->cfg->edge.path, s->boot_hex);
 
     struct emx_admin_ops aops = {
         .ctx = s, .ready = admin_ready, .handle = admin_handle, .agent_line = agent_line};
@@ -1891,7 +2489,7 @@ int emx_server_run(struct emx_setup *setup)
         emx_logf(&s->log, EMX_LOG_ERROR, "server", "cannot listen on admin %s (%s)",
                  s->cfg->admin.listen, uv_strerror(rc));
         rc = -EADDRINUSE;
-        goto out_listener;
+        goto out_admin;
     }
     if (emx_admin_set_token(s->admin, setup->admin_token) != 0) {
         rc = -ENOMEM;
@@ -1904,8 +2502,8 @@ int emx_server_run(struct emx_setup *setup)
     else
         emx_logf(&s->log, EMX_LOG_INFO, "admin",
                  "admin actions off (no admin.token_file): POST answers 403");
-    status_event(s, EMX_EV_SERVER, "started: %s, edges on %s%s", s->cfg->server.name, listen_addr,
-                 s->cfg->edge.path);
+    status_event(s, EMX_EV_SERVER, "started: %s, edges on %s%s", s->cfg->server.name,
+                 s->listen_addr, s->cfg->edge.path);
     if (s->cfg->admin.agent_listen && s->cfg->admin.agent_listen[0]) {
         rc = emx_agent_start(&s->loop, s->cfg->admin.agent_listen, &aops, &s->log, &s->agent);
         if (rc != 0) {
@@ -1917,7 +2515,8 @@ int emx_server_run(struct emx_setup *setup)
     }
 
     /* Every listening socket is open: give up root before any plugin reads
-     * data from outside (discovery starts next). */
+     * data from outside (discovery starts next). No worker thread runs
+     * yet, so every thread the process will have runs as the user. */
     if (s->cfg->server.user) {
         char drop_err[300];
         rc = emx_drop_privileges(s->cfg->server.user, drop_err, sizeof(drop_err));
@@ -1929,6 +2528,8 @@ int emx_server_run(struct emx_setup *setup)
         warn_unreadable_after_drop(s);
     }
 
+    /* One discovery instance for the process, on worker 0's loop; its sets
+     * reach the other workers through their post queues. */
     rc = s->dp->create(&s->disc->host, setup->discovery_config, &s->dinst);
     if (rc == 0) {
         rc = s->dp->start(s->dinst);
@@ -1944,83 +2545,68 @@ int emx_server_run(struct emx_setup *setup)
     }
     s->discovery_started = true;
 
-    uv_timer_start(&s->tick, on_tick, TICK_MS, TICK_MS);
-    uv_timer_start(&s->queued_timer, on_queued_timer, QUEUED_REFRESH_MS, QUEUED_REFRESH_MS);
-    uv_check_start(&s->check, on_check);
+    for (unsigned k = 0; k < P->n; k++)
+        worker_start_timers(P->w[k]);
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);
     uv_signal_start(&s->sigint, on_signal, SIGINT);
     uv_signal_start(&s->sighup, on_signal, SIGHUP);
 
     /* systemd (no-ops otherwise): ready once listening with discovery
-     * started; the watchdog is fed from this loop, so a stuck loop is seen. */
+     * started; the watchdog is fed from worker 0's loop, so a stuck loop
+     * is seen. */
     rc = emx_notify_watchdog_start(&s->loop);
     if (rc != 0)
         emx_logf(&s->log, EMX_LOG_WARN, "server", "systemd watchdog timer: %s", uv_strerror(rc));
     char status[400];
-    snprintf(status, sizeof(status), "%s: edges on %s%s", s->cfg->server.name, listen_addr,
+    snprintf(status, sizeof(status), "%s: edges on %s%s", s->cfg->server.name, s->listen_addr,
              s->cfg->edge.path);
     emx_notify_ready(status);
 
+    /* Signals go to worker 0's loop only (libuv forwards them there from
+     * whichever thread the kernel picks). */
+    for (unsigned k = 1; k < P->n; k++) {
+        int err = pthread_create(&P->thread[k], NULL, worker_main, P->w[k]);
+        if (err != 0) {
+            emx_logf(&s->log, EMX_LOG_ERROR, "server", "cannot start worker %u (%s): stopping",
+                     k, strerror(err));
+            begin_shutdown(s, "worker start failure");
+            break;
+        }
+        P->thread_started[k] = true;
+    }
+    /* Workers whose thread did not start never ran: they are freed as
+     * after a failed start-up; worker 0's drain does not wait for them. */
     uv_run(&s->loop, UV_RUN_DEFAULT);
     rc = 0;
-    goto out_destroy;
+    for (unsigned k = 1; k < P->n; k++)
+        if (P->thread_started[k])
+            pthread_join(P->thread[k], NULL);
+    goto out;
 
 out_admin:
     emx_agent_stop(s->agent);
+    s->agent = NULL;
     emx_admin_stop(s->admin);
-out_listener:
-    s->tp->unlisten(s->listener);
-out_transport:
-    s->tp->stop(s->tinst);
-    close_own_handles(s);
-    uv_run(&s->loop, UV_RUN_DEFAULT);
-out_destroy:
-    if (s->dinst)
-        s->dp->destroy(s->dinst);
-    for (struct disc_gen *g = s->disc_retired; g; g = g->next) /* replaced by reloads */
-        if (g->state == DISC_STOPPED)
-            g->dp->destroy(g->dinst);
-    s->tp->destroy(s->tinst);
-    goto out_router;
-out_handles:
-    close_own_handles(s);
-    uv_run(&s->loop, UV_RUN_DEFAULT);
-out_router:
-    emx_relays_free(&s->relays); /* the transport has ended every tunnel */
-    emx_router_free(s->router);
-    emx_status_free(&s->status);
-    emx_cidr_list_free(&s->trusted);
-    emx_free_ptr(&s->drain_ids);
+    s->admin = NULL;
+out:
+    if (P->w[0]) {
+        final_log = P->w[0]->log;
+        final_log.worker = -1;
+    }
+    for (unsigned k = P->n; k-- > 0;)
+        worker_free(P->w[k]);
+    emx_cidr_list_free(&P->trusted);
     struct source_count *sc, *sctmp;
-    HASH_ITER(hh, s->sources, sc, sctmp)
+    HASH_ITER(hh, P->sources, sc, sctmp)
     {
-        HASH_DEL(s->sources, sc);
-        emx_free(sc);
+        HASH_DEL(P->sources, sc);
+        free(sc);
     }
-    emx_free_ptr(&s->disc);
-    while (s->disc_retired) {
-        struct disc_gen *g = s->disc_retired;
-        s->disc_retired = g->next;
-        emx_free(g);
-    }
-    while (s->setups) {
-        struct setup_gen *g = s->setups;
-        s->setups = g->next;
-        emx_setup_free(&g->setup);
-        emx_free(g);
-    }
-out_loop:
-    uv_walk(&s->loop, close_walk, NULL);
-    if (uv_loop_close(&s->loop) != 0)
-        emx_logf(&s->log, EMX_LOG_WARN, "server", "event loop closed with handles open");
-out_free:
-    emx_free(s->hdr_appkey ? (explicit_bzero(s->hdr_appkey, strlen(s->hdr_appkey)), s->hdr_appkey)
-                           : NULL);
-    emx_free(s->hdr_server);
-    emx_free(s->hdr_boot);
-    pthread_mutex_destroy(&s->post_mu);
+    pthread_mutex_destroy(&P->src_mu);
+    pthread_cond_destroy(&P->cond);
+    pthread_mutex_destroy(&P->mu);
+    emx_free(P);
     if (rc == 0)
-        emx_logf(&s->log, EMX_LOG_INFO, "server", "stopped");
-    emx_free(s);
+        emx_logf(&final_log, EMX_LOG_INFO, "server", "stopped");
     return rc;
 }

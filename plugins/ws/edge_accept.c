@@ -5,10 +5,24 @@
 
 /* ---- accepting ------------------------------------------------------------ */
 
+/* How many worker loops share the process's open files (the host says so
+ * from edgemux 0.x with server.workers; older cores run one). */
+unsigned edge_workers(const struct edge_hub *hub)
+{
+    const struct emx_host *h = hub->host;
+
+    return h && EMX_HOST_HAS(h, workers) && h->workers > 1 ? h->workers : 1;
+}
+
+/* The open-file limit minus fd_reserve is the process's budget for edge
+ * sockets; with several worker loops each hub takes an even share of it
+ * (the kernel spreads connections evenly over SO_REUSEPORT listeners), so
+ * the process as a whole never passes it. */
 unsigned edge_socket_cap(struct edge_hub *hub)
 {
     struct rlimit rl;
-    uint64_t reserve = hub->s.fd_reserve, cur;
+    uint64_t reserve = hub->s.fd_reserve, cur, cap;
+    unsigned n = edge_workers(hub);
 
     if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
         return UINT_MAX;
@@ -18,9 +32,14 @@ unsigned edge_socket_cap(struct edge_hub *hub)
             "ws: open-file limit %" PRIu64 " is not above fd_reserve %" PRIu64
             ": edges capped at %" PRIu64,
             cur, reserve, cur / 2);
-        return (unsigned)(cur / 2);
+        cap = cur / 2;
+    } else {
+        cap = cur - reserve;
     }
-    return cur - reserve > UINT_MAX ? UINT_MAX : (unsigned)(cur - reserve);
+    cap /= n;
+    if (cap == 0)
+        cap = 1;
+    return cap > UINT_MAX ? UINT_MAX : (unsigned)cap;
 }
 
 /* Room for one more socket in handshake: a full pool drops its oldest once
@@ -253,6 +272,11 @@ static int listen_socket(struct edge_hub *hub, const char *host, int port, int *
             continue;
         }
         ws_set_int_opt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+        /* one listener per worker loop on the same port: the kernel
+         * spreads connections over them (only then, so a second process
+         * on a taken port still fails) */
+        if (edge_workers(hub) > 1)
+            ws_set_int_opt(fd, SOL_SOCKET, SO_REUSEPORT, 1);
         if (ai->ai_family == AF_INET6 && any6)
             ws_set_int_opt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 0);
         if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, hub->s.listen_backlog) == 0) {

@@ -198,5 +198,6 @@ void edge_accept_modulate(struct edge_hub *hub);
 void edge_listener_free(struct edge_listener *l);
 void edge_listener_stop(struct edge_listener *l);
 unsigned edge_socket_cap(struct edge_hub *hub);
+unsigned edge_workers(const struct edge_hub *hub);
 
 #endif

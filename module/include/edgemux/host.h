@@ -6,7 +6,9 @@
  * The table and every string in it stay valid until the instance is destroyed.
  *
  * Threading: every function here must be called on the loop thread, except
- * post(), which may be called from any thread.
+ * post(), which may be called from any thread. With server.workers > 1
+ * each worker thread has its own loop and its own host table: a plugin
+ * instance uses only the table it was created with.
  */
 #ifndef EDGEMUX_HOST_H
 #define EDGEMUX_HOST_H
@@ -78,6 +80,15 @@ struct emx_host {
      * session loss). The core keeps the last good set, logs `reason` and
      * counts it. `reason` is borrowed for the call and must hold no secret. */
     void (*discovery_failed)(const struct emx_host *host, const char *reason);
+    /* Appended for server.workers (check with EMX_HOST_HAS): this instance's
+     * worker loop and how many the process runs. A transport is created
+     * once per worker, each instance on its own loop and thread; with
+     * workers > 1 its listeners must share their port (SO_REUSEPORT) and
+     * it takes 1/workers of the process's open-file budget, because the
+     * kernel hands each worker about that share of the connections. A
+     * discovery instance runs once per process (worker 0). */
+    uint32_t worker;  /* 0 .. workers-1 */
+    uint32_t workers; /* 1 .. 16 */
 };
 
 #define EMX_HOST_HAS(host_, field_)                                                          \
