@@ -38,6 +38,21 @@ cmake --build build/asan -j "$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:quarantine_size_mb=32 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build/asan --output-on-failure -j "$jobs" -L 'unit|abi|e2e' -E valgrind
 
+step "thread sanitizer build (server.workers)"
+# ThreadSanitizer over the multi-worker paths: the workers e2e test, and a
+# representative set of e2e tests run with four workers (EMX_E2E_WORKERS).
+# The whole e2e tier under TSan would not fit the CI budget.
+CC=clang cmake -S . -B build/tsan -DCMAKE_BUILD_TYPE=Debug -DEMX_WERROR=ON \
+  -DEMX_SANITIZE=thread >/dev/null
+cmake --build build/tsan -j "$jobs" --target edgemux emx-transport-ws emx-discovery-static \
+  platform-sim edge-sim
+# The harness fails a test whose processes printed a TSan report.
+TSAN_OPTIONS=second_deadlock_stack=1 \
+  ctest --test-dir build/tsan --output-on-failure -R '^e2e\.test_workers$'
+TSAN_OPTIONS=second_deadlock_stack=1 EMX_E2E_WORKERS=4 \
+  ctest --test-dir build/tsan --output-on-failure -j "$jobs" \
+  -R '^e2e\.(test_bad_input|test_platform_bad_input|test_reload_resources|test_edge_frames)$'
+
 step "fuzz targets (${fuzz_seconds}s each)"
 CC=clang cmake -S . -B build/fuzz -DCMAKE_BUILD_TYPE=Debug -DEMX_FUZZ=ON \
   -DEMX_SANITIZE=address,undefined >/dev/null

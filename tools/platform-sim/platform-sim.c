@@ -46,6 +46,7 @@ enum violation {
     V_WRONG_ENDPOINT,    /* answer with another endpointId than asked */
     V_TUNNEL_BINARY,     /* a binary message on a tunnel's device socket */
     V_TUNNEL_BAD_BASE64, /* a tunnel text message that is not base64 */
+    V_WORKER_MISMATCH,   /* endpointId's top 4 bits are not the worker of "name/index" */
     V_COUNT
 };
 static const char *const violation_names[V_COUNT] = {
@@ -54,7 +55,7 @@ static const char *const violation_names[V_COUNT] = {
     "bad_header",           "bad_body",          "bad_multipart",
     "endpoint_zero",        "unknown_session",   "unknown_code",
     "keepalive_forwarded",  "unexpected_answer", "wrong_endpoint",
-    "tunnel_binary_message", "tunnel_bad_base64"};
+    "tunnel_binary_message", "tunnel_bad_base64", "worker_mismatch"};
 
 struct counters {
     uint64_t msgs_in, msgs_out, bytes_in, bytes_out;
@@ -78,6 +79,7 @@ struct pconn {
     struct emx_list link;
     uint64_t id;
     bool pipe, authed;
+    int worker; /* "name/index" in X-Edgemux-Server: index; -1: no worker suffix */
     char *server, *boot;
     struct bkey *direct_key; /* direct edges: their bind key */
     uint32_t next_rid;       /* platform→edge requestIds */
@@ -594,6 +596,8 @@ static void handle_whole(struct pconn *pc, const uint8_t *m, size_t len)
         send_simple(pc, EMX_AO_BAD_REQUEST, &h, h.session_id, "endpointId 0 on a pipe");
         return;
     }
+    if (pc->pipe && pc->worker >= 0 && (h.endpoint_id >> 28) != (uint32_t)pc->worker)
+        violation(pc, V_WORKER_MISMATCH); /* counted; the request is served */
     if (h.code == EMX_AO_AUTH) {
         if (!pc->pipe) {
             violation(pc, V_BAD_AUTH); /* a second AUTH on a direct edge */
@@ -743,6 +747,14 @@ static int on_ws_upgrade(struct ws_conn *ws, const struct ws_http *req)
         pc->boot = dup_str(*boot);
         if (!pc->server || !pc->boot)
             return 503;
+        /* docs/protocol.md: with server.workers > 1 the identity is
+         * "name/index" and every endpointId on the pipe carries the index
+         * in its top 4 bits */
+        pc->worker = -1;
+        const char *slash = strrchr(pc->server, '/');
+        if (slash && slash[1] && strlen(slash + 1) <= 2 &&
+            strspn(slash + 1, "0123456789") == strlen(slash + 1) && atoi(slash + 1) < 16)
+            pc->worker = atoi(slash + 1);
         return 101;
     }
     if (S.no_direct) {

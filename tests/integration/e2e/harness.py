@@ -35,7 +35,8 @@ def _sanitized():
     p = EMX_BIN if os.path.isabs(EMX_BIN) else shutil.which(EMX_BIN)
     try:
         with open(p, "rb") as f:
-            return b"AddressSanitizer" in f.read()
+            data = f.read()
+            return b"AddressSanitizer" in data or b"ThreadSanitizer" in data
     except (OSError, TypeError):
         return False
 
@@ -465,6 +466,10 @@ class Edgemux:
                 f.write(self.admin_token + "\n")
             os.chmod(token_file, 0o600)
             cfg["admin"]["token_file"] = token_file
+        # EMX_E2E_WORKERS: run every edgemux of a test with that many
+        # worker loops (the ThreadSanitizer tier); a test's own setting wins.
+        if os.environ.get("EMX_E2E_WORKERS"):
+            cfg["server"]["workers"] = int(os.environ["EMX_E2E_WORKERS"])
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values)
         self.config_path = env.path("%s.yaml" % name)
@@ -738,6 +743,19 @@ class E2ETest(unittest.TestCase):
             for p in self.env.procs:
                 out = p.output() if hasattr(p, "output") else ""
                 print("\n--- %s (last 40 lines)\n%s" % (" ".join(p.args[:3]), "\n".join(out.splitlines()[-40:])))
-        self.env.cleanup(keep=failed)
-        if failed:
+        # A sanitizer report in any process's output fails the test, even
+        # when the process went on (TSan reports races and continues).
+        reports = []
+        for p in self.env.procs:
+            try:
+                p.stop(10)
+            except Exception:
+                p.kill()
+            out = p.output() if hasattr(p, "output") else ""
+            if "WARNING: ThreadSanitizer" in out or "ERROR: AddressSanitizer" in out:
+                reports.append("%s:\n%s" % (" ".join(p.args[:3]), out[out.find("=================="):][:6000]))
+        self.env.cleanup(keep=failed or bool(reports))
+        if failed or reports:
             print("logs kept in", self.env.dir)
+        if reports:
+            raise AssertionError("sanitizer report(s):\n" + "\n".join(reports))
