@@ -521,38 +521,50 @@ fi
 
 WK_EDGES=${WK_EDGES:-1000}
 if has_part workers; then
-  # One edgemux against two (server.workers > 1 is not implemented), the same
+  # One edgemux with server.workers 1 against the same with 2, the same
   # edges split over two bench processes in both cases, every process free
-  # to run on both cores.
-  emx_conf wk0 $((BASE_PORT + 10)) $((BASE_PORT + 11)) "deflate: false"
-  emx_conf wk1 $((BASE_PORT + 12)) $((BASE_PORT + 13)) "deflate: false"
-  log "== workers: 1 vs 2 edgemux processes, $WK_EDGES edges, $SIZE B, window 1, $RUNS rounds, unpinned"
+  # to run on both cores (the generator needs CPU too: compare answers per
+  # server CPU-second, and how the answers spread over the workers).
+  emx_conf wk1 $((BASE_PORT + 10)) $((BASE_PORT + 11)) "deflate: false"
+  emx_conf wk2 $((BASE_PORT + 10)) $((BASE_PORT + 11)) "deflate: false"
+  sed -i 's/^server:$/server:\n  workers: 1/' "$OUT/wk1.yaml"
+  sed -i 's/^server:$/server:\n  workers: 2/' "$OUT/wk2.yaml"
+  log "== workers: server.workers 1 vs 2, $WK_EDGES edges, $SIZE B, window 1, $RUNS rounds, unpinned"
   hz=$(getconf CLK_TCK)
   for i in $(seq "$RUNS"); do
     for k in 1 2; do
       start_psim
       taskset -p -c 0-1 "$PSIM_PID" >/dev/null
-      start_emx_conf wk0 $((BASE_PORT + 11)) 0-1; sv=("$PSIM_PID" "$EMX_PID")
-      if [ $k = 2 ]; then start_emx_conf wk1 $((BASE_PORT + 13)) 0-1; sv+=("$EMX_PID"); fi
-      t0=$(cpu_ticks "${sv[@]}"); bp=()
+      start_emx_conf wk$k $((BASE_PORT + 11)) 0-1; ep=$EMX_PID
+      t0=$(cpu_ticks "$ep"); p0=$(cpu_ticks "$PSIM_PID"); bp=()
       for j in 0 1; do
-        port=$((BASE_PORT + 10 + (k == 2 ? 2 * j : 0)))
-        "$BENCH" --url "ws://127.0.0.1:$port$WS_PATH" --app-key "$KEY" --quiet \
+        "$BENCH" --url "ws://127.0.0.1:$((BASE_PORT + 10))$WS_PATH" --app-key "$KEY" --quiet \
           --edges $((WK_EDGES / 2)) --size "$SIZE" --window 1 --warmup 2s --duration 8s \
           --json "$OUT/wk$k-$i-$j.json" >"$OUT/wk$k-$i-$j.txt" 2>&1 &
         bp+=($!)
       done
       for p in "${bp[@]}"; do wait "$p" || true; done
-      t1=$(cpu_ticks "${sv[@]}")
+      t1=$(cpu_ticks "$ep"); p1=$(cpu_ticks "$PSIM_PID")
+      spread=$(curl -s "http://127.0.0.1:$((BASE_PORT + 11))/metrics" |
+        awk '/^emx_worker_edge_messages_total\{worker="[0-9]+",direction="to_edge"\}/ {split($1, a, "\""); printf "%sw%s=%s", sep, a[2], $2; sep=" "} END {print ""}')
+      edges=$(curl -s "http://127.0.0.1:$((BASE_PORT + 11))/metrics" |
+        awk '/^emx_worker_edges_connected\{/ {split($1, a, "\""); printf "%sw%s=%s", sep, a[2], $2; sep=" "} END {print ""}')
       cleanup
       tp=$(jq -s 'map(.throughput) | add' "$OUT/wk$k-$i-0.json" "$OUT/wk$k-$i-1.json")
       gen=$(jq -s 'map(.generator_cpu_s) | add' "$OUT/wk$k-$i-0.json" "$OUT/wk$k-$i-1.json")
+      cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}')
+      pcpu=$(awk -v a="$p0" -v b="$p1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}')
       echo "$tp" >"$OUT/wk$k-$i.tp"
-      log "workers $k round $i: $tp answers/s; server side CPU over the whole run $(awk -v a="$t0" -v b="$t1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}') s; generator CPU in the 8 s window $gen s"
+      # answers in the 8 s window per edgemux CPU-second over the whole run
+      # (warm-up included: a lower bound)
+      per=$(awk -v t="$tp" -v c="$cpu" 'BEGIN{printf "%.0f", t * 8 / c}')
+      echo "$per" >"$OUT/wk$k-$i.per"
+      log "workers $k round $i: $tp answers/s; edgemux CPU $cpu s, platform-sim $pcpu s, generators $gen s (8 s window); >= $per answers per edgemux CPU-second; edges per worker: $edges; answers per worker: $spread"
     done
   done
   m1=$(cat "$OUT"/wk1-*.tp | median); m2=$(cat "$OUT"/wk2-*.tp | median)
-  log "workers: median answers/s: 1 process $m1, 2 processes $m2: ratio $(awk -v a="$m2" -v b="$m1" 'BEGIN{printf "%.3f", a/b}')"
+  c1=$(cat "$OUT"/wk1-*.per | median); c2=$(cat "$OUT"/wk2-*.per | median)
+  log "workers: median answers/s: workers 1 $m1, workers 2 $m2: ratio $(awk -v a="$m2" -v b="$m1" 'BEGIN{printf "%.3f", a/b}'); answers per edgemux CPU-second: $c1 vs $c2"
 fi
 
 SDKW_ROUNDS=${SDKW_ROUNDS:-3}
