@@ -524,10 +524,11 @@ static void host_discovery_update(const struct emx_host *h, const struct emx_ins
     } else if (budget && count * per > budget) {
         snprintf(why, sizeof(why),
                  "set of %zu instances refused: its %" PRIu64 " pipes (%" PRIu64
-                 " per instance, all workers) exceed the open-file budget of %" PRIu64
+                 " per instance%s) exceed the open-file budget of %" PRIu64
                  " (half of the file limit after %d reserved): raise the file limit or lower "
                  "platform.pipes_per_instance",
-                 count, count * per, per, budget, FD_CORE_RESERVE);
+                 count, count * per, per, s->proc->n > 1 ? ", all workers" : "", budget,
+                 FD_CORE_RESERVE);
     } else {
         emx_router_discovery_update(s->router, set, count, now_ms(s));
         emx_status_track(&s->status, s->router, now_ms(s), wall_ms());
