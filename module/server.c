@@ -2303,6 +2303,7 @@ static int worker_new(struct emx_proc *P, unsigned k, struct emx_setup *setup, u
         .stopping = &s->stopping,
         .now = relay_now,
         .now_ctx = s,
+        .share = P->n,
     };
     emx_relays_init(&s->relays, &renv);
     s->relays_ok = true;

@@ -129,7 +129,11 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
         return refuse(rs, req, EMX_RELAY_REFUSE_DISABLED, 404, status);
     if (*rs->env.stopping)
         return refuse(rs, req, EMX_RELAY_REFUSE_DRAINING, 503, status);
-    if (cfg->edge.max_tunnels > 0 && rs->n >= (uint64_t)cfg->edge.max_tunnels)
+    /* with several workers each takes its share of the process's limit, as
+     * the records do (rounded up) */
+    uint64_t share = rs->env.share ? rs->env.share : 1;
+    uint64_t limit = cfg->edge.max_tunnels > 0 ? ((uint64_t)cfg->edge.max_tunnels + share - 1) / share : 0;
+    if (limit && rs->n >= limit)
         return refuse(rs, req, EMX_RELAY_REFUSE_LIMIT, 429, status);
     /* The owner: named by the tid's token (any edgemux can tell), else
      * this edgemux's record of a StartTunnel it forwarded. */

@@ -89,6 +89,7 @@ struct emx_relay_env {
     const bool *stopping;
     uint64_t (*now)(void *ctx); /* loop time, ms */
     void *now_ctx;
+    unsigned share; /* server.workers: each worker's relays take 1/share of edge.max_tunnels */
 };
 
 struct emx_relays {
