@@ -529,14 +529,24 @@ int emx_plugin_load_shared(const char *dir, const char *name, enum emx_plugin_ki
     return load_path(path, kind, loaded, nloaded, out, err, errlen);
 }
 
-void emx_plugin_unload(struct emx_plugin *p)
+static void plugin_release(struct emx_plugin *p, bool unmap)
 {
     if (!p || --p->refs > 0)
         return;
-    if (p->dl)
+    if (p->dl && unmap)
         dlclose(p->dl);
     if (p->fd >= 0)
         close(p->fd);
     emx_free_ptr(&p->path);
     emx_free(p);
+}
+
+void emx_plugin_unload(struct emx_plugin *p)
+{
+    plugin_release(p, true);
+}
+
+void emx_plugin_forget(struct emx_plugin *p)
+{
+    plugin_release(p, false);
 }

@@ -52,5 +52,8 @@ int emx_plugin_load_path(const char *path, enum emx_plugin_kind kind, struct emx
 /* Drop one reference; the last one dlcloses the plugin and closes its file.
  * The caller makes sure none of its code can still run (pending callbacks). */
 void emx_plugin_unload(struct emx_plugin *p);
+/* At process exit: drop the reference like emx_plugin_unload, but leave
+ * the object mapped until the process ends (see emx_setup_free_at_exit). */
+void emx_plugin_forget(struct emx_plugin *p);
 
 #endif

@@ -121,6 +121,6 @@ int main(int argc, char **argv)
         return 0;
     }
     int rc = emx_server_run(&setup);
-    emx_setup_free(&setup);
+    emx_setup_free_at_exit(&setup);
     return rc == 0 ? 0 : 1;
 }

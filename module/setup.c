@@ -200,7 +200,19 @@ void emx_setup_drop_discovery(struct emx_setup *s)
     emx_free_ptr(&s->discovery_config);
 }
 
+static void setup_free(struct emx_setup *s, bool unload);
+
 void emx_setup_free(struct emx_setup *s)
+{
+    setup_free(s, true);
+}
+
+void emx_setup_free_at_exit(struct emx_setup *s)
+{
+    setup_free(s, false);
+}
+
+static void setup_free(struct emx_setup *s, bool unload)
 {
     if (s->app_key) {
         explicit_bzero(s->app_key, strlen(s->app_key));
@@ -211,9 +223,9 @@ void emx_setup_free(struct emx_setup *s)
         emx_free_ptr(&s->admin_token);
     }
     if (s->transport)
-        emx_plugin_unload(s->transport);
+        (unload ? emx_plugin_unload : emx_plugin_forget)(s->transport);
     if (s->discovery)
-        emx_plugin_unload(s->discovery);
+        (unload ? emx_plugin_unload : emx_plugin_forget)(s->discovery);
     emx_free(s->transport_config);
     emx_free(s->discovery_config);
     emx_config_free(s->cfg);

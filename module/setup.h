@@ -33,6 +33,11 @@ int emx_setup_load_shared(const char *config_path, const char *plugins_dir,
  * options (a reload that keeps the running transport or discovery). */
 void emx_setup_drop_transport(struct emx_setup *s);
 void emx_setup_drop_discovery(struct emx_setup *s);
+/* At process exit: the same, but the plugins stay mapped until the process
+ * ends (a library a plugin uses may still have threads running, e.g.
+ * libzookeeper-mt's after a close that did not finish, and unmapping it
+ * under them crashes the exit). */
+void emx_setup_free_at_exit(struct emx_setup *s);
 void emx_setup_free(struct emx_setup *s);
 
 #endif
