@@ -47,6 +47,18 @@ def _sanitized():
 SANITIZED = _sanitized()
 SLACK = 4 if SANITIZED else 1
 
+# Worker loops per edgemux (EMX_E2E_WORKERS runs every edgemux of a test with
+# that many; scripts/test.sh's ThreadSanitizer tier uses 4). Each worker opens
+# its own pipes_per_instance pipes to every instance, so a platform counts
+# WORKERS times the pipes of a single-loop edgemux.
+WORKERS = int(os.environ.get("EMX_E2E_WORKERS") or 1)
+
+
+def pipes(per_instance=2):
+    """Pipes one edgemux of this run opens to each instance with
+    platform.pipes_per_instance = per_instance (the harness default: 2)."""
+    return per_instance * WORKERS
+
 # AlwaysOn codes
 GET, PUT, POST, DELETE, BIND, UNBIND, AUTH, KEEP_ALIVE = 0x01, 0x02, 0x03, 0x04, 0x0A, 0x0B, 0x14, 0x1F
 SUCCESS, BAD_REQUEST, UNAUTHORIZED, NOT_FOUND = 0x40, 0x80, 0x81, 0x84
@@ -468,8 +480,8 @@ class Edgemux:
             cfg["admin"]["token_file"] = token_file
         # EMX_E2E_WORKERS: run every edgemux of a test with that many
         # worker loops (the ThreadSanitizer tier); a test's own setting wins.
-        if os.environ.get("EMX_E2E_WORKERS"):
-            cfg["server"]["workers"] = int(os.environ["EMX_E2E_WORKERS"])
+        if WORKERS > 1:
+            cfg["server"]["workers"] = WORKERS
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values)
         self.config_path = env.path("%s.yaml" % name)
