@@ -26,6 +26,7 @@ struct emx_server_counters {
     uint64_t forwarded_for; /* edges whose address came from X-Forwarded-For */
     uint64_t reloads_ok, reloads_failed;
     uint64_t edges_kicked; /* closed through the admin API */
+    uint64_t handed_in;    /* sockets another worker accepted and handed here */
 };
 
 struct emx_ops_view {

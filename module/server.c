@@ -205,6 +205,11 @@ struct emx_server {
  *    worker's router or transport are posted to it instead.
  *  - proc->sources (src_mu) and proc->edges (atomic): the per-source and
  *    process-wide connection limits.
+ *  - proc->socks (atomic) and edge hand-off: each worker's transport
+ *    counts its edge sockets; one that holds clearly more than the least
+ *    loaded worker hands a just-accepted socket (a bare fd, nothing read
+ *    from it yet) to that worker through its post queue. The socket
+ *    becomes an edge only there: no edge ever moves between workers.
  *
  * With server.workers 1 there is no other thread: isolation, the
  * fan-out of discovery and the posted jobs are skipped, and the loop runs
@@ -223,6 +228,9 @@ struct emx_proc {
     uint64_t iso_gen;           /* bumped by each release: parked workers return */
     bool done[EMX_WORKERS_MAX]; /* worker k's loop has ended */
     atomic_size_t edges;        /* edges of every worker (edge.max_connections) */
+    /* Edge sockets each worker's transport holds (edge_count), read by
+     * every worker to balance (edge_balance): relaxed, a hint only. */
+    atomic_uint socks[EMX_WORKERS_MAX];
     pthread_mutex_t src_mu;     /* guards sources */
     struct source_count *sources; /* edges per device address, all workers */
     /* Edges' trusted proxies: owned by worker 0, replaced only while the
@@ -551,6 +559,99 @@ static void host_discovery_failed(const struct emx_host *h, const char *reason)
     }
 }
 
+/* ---- edges balanced over the workers ---- */
+
+static void host_edge_count(const struct emx_host *h, int delta)
+{
+    struct emx_server *s = host_server(h);
+    atomic_uint *n = &s->proc->socks[s->worker];
+
+    if (delta >= 0)
+        atomic_fetch_add_explicit(n, (unsigned)delta, memory_order_relaxed);
+    else
+        atomic_fetch_sub_explicit(n, (unsigned)-delta, memory_order_relaxed);
+}
+
+/* The worker that should serve a socket this worker just accepted: itself,
+ * unless it holds clearly more sockets than the least loaded worker. The
+ * kernel's SO_REUSEPORT hash is random (200 sockets over four workers miss
+ * a quarter by more than 25 % about one time in twelve) and devices stay
+ * connected for days, so a skew made in a reconnect storm would last. The
+ * slack, 2 plus an eighth of the mean, makes hand-offs rare once each
+ * worker holds many sockets, where the hash is even enough. */
+static uint32_t host_edge_balance(const struct emx_host *h)
+{
+    struct emx_server *s = host_server(h);
+    struct emx_proc *P = s->proc;
+    unsigned mine = atomic_load_explicit(&P->socks[s->worker], memory_order_relaxed);
+    unsigned least = mine, best = s->worker;
+    uint64_t total = 0;
+
+    for (unsigned k = 0; k < P->n; k++) {
+        unsigned v = atomic_load_explicit(&P->socks[k], memory_order_relaxed);
+        total += v;
+        if (v < least) {
+            least = v;
+            best = k;
+        }
+    }
+    if (mine <= least + 2 + total / (8u * P->n))
+        return s->worker;
+    return best;
+}
+
+struct hand_off {
+    struct emx_server *to;
+    int fd;
+};
+
+static bool transport_adopts(const struct emx_transport_plugin *tp)
+{
+    return tp->hdr.struct_size >=
+               offsetof(struct emx_transport_plugin, adopt) + sizeof(tp->adopt) &&
+           tp->adopt;
+}
+
+/* Runs on the worker the socket was handed to. Once that worker has closed
+ * its listener (stopping), the socket is closed: the device reconnects. */
+static void hand_off_run(void *arg)
+{
+    struct hand_off *ho = arg;
+    struct emx_server *s = ho->to;
+    int fd = ho->fd;
+
+    free(ho);
+    if (!s->listener) {
+        close(fd);
+        return;
+    }
+    s->counters.handed_in++;
+    s->tp->adopt(s->listener, fd); /* owns fd, also on failure */
+}
+
+static int host_edge_hand_off(const struct emx_host *h, uint32_t worker, int fd)
+{
+    struct emx_server *s = host_server(h);
+    struct emx_proc *P = s->proc;
+
+    if (worker >= P->n || worker == s->worker || fd < 0)
+        return -EINVAL;
+    struct emx_server *to = P->w[worker];
+    if (!to || !transport_adopts(to->tp))
+        return -ENOTSUP;
+    struct hand_off *ho = malloc(sizeof(*ho)); /* freed on the other worker */
+    if (!ho)
+        return -ENOMEM;
+    ho->to = to;
+    ho->fd = fd;
+    int rc = worker_post(to, hand_off_run, ho);
+    if (rc) {
+        free(ho);
+        return rc;
+    }
+    return 0;
+}
+
 static void host_init(struct emx_server *s, struct emx_host *h, const char *tag)
 {
     memset(h, 0, sizeof(*h));
@@ -570,6 +671,11 @@ static void host_init(struct emx_server *s, struct emx_host *h, const char *tag)
     h->discovery_failed = host_discovery_failed;
     h->worker = s->worker;
     h->workers = s->proc->n;
+    if (s->proc->n > 1) { /* one worker: nothing to balance, no cost */
+        h->edge_count = host_edge_count;
+        h->edge_balance = host_edge_balance;
+        h->edge_hand_off = host_edge_hand_off;
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -1201,6 +1307,7 @@ static void ops_sums(struct emx_server *s, struct ops_sums *o)
         o->total.reloads_ok += c->reloads_ok;
         o->total.reloads_failed += c->reloads_failed;
         o->total.edges_kicked += c->edges_kicked;
+        o->total.handed_in += c->handed_in;
     }
 }
 
@@ -2448,6 +2555,8 @@ int emx_server_run(struct emx_setup *setup)
     pthread_cond_init(&P->cond, NULL);
     pthread_mutex_init(&P->src_mu, NULL);
     atomic_init(&P->edges, 0);
+    for (unsigned k = 0; k < EMX_WORKERS_MAX; k++)
+        atomic_init(&P->socks[k], 0);
     signal(SIGPIPE, SIG_IGN);
 
     uint64_t boot = 0;

@@ -183,6 +183,8 @@ void edge_conn_gone(struct edge_conn *c, uint16_t code, const char *reason)
         c->fd = -1;
     }
     hub->socks--;
+    if (hub->balance && !c->client)
+        hub->host->edge_count(hub->host, -1);
     uv_close((uv_handle_t *)&c->poll, poll_closed);
     edge_accept_modulate(hub);
 }
@@ -1003,6 +1005,8 @@ struct edge_hub *edge_hub_new(uv_loop_t *loop, const struct emx_host *host,
     hub->loop = loop;
     hub->host = host;
     hub->s = *s;
+    hub->balance = EMX_HOST_HAS(host, edge_hand_off) && host->edge_count && host->edge_balance &&
+                   host->edge_hand_off;
     /* mask keys only need to be unpredictable to scripts in a browser */
     if (getentropy(&hub->rng, sizeof(hub->rng)) != 0 || !hub->rng)
         hub->rng = uv_hrtime() | 1;

@@ -68,6 +68,7 @@ void edge_hub_enable_tunnels(struct edge_hub *hub, bool on);
 int edge_listen(struct edge_hub *hub, const struct emx_listen_spec *spec,
                 const struct emx_conn_callbacks *cb, void *user, struct emx_listener **out);
 void edge_unlisten(struct emx_listener *listener);
+int edge_adopt(struct emx_listener *listener, int fd);
 int edge_reload_tls(struct emx_listener *listener, const char *cert, const char *key);
 
 int edge_send(struct emx_conn *conn, const uint8_t *data, size_t len);

@@ -135,6 +135,8 @@ static void accept_one(struct edge_listener *l, int fd)
     c->poll.data = c;
     hub->handles_open++;
     hub->socks++;
+    if (hub->balance)
+        hub->host->edge_count(hub->host, 1);
     edge_list_add(c, L_SHAKING);
     if (l->ssl) {
         c->ssl = SSL_new(l->ssl);
@@ -148,6 +150,44 @@ static void accept_one(struct edge_listener *l, int fd)
     edge_conn_read(c);
     if (c->state != ES_GONE)
         edge_watch(c);
+}
+
+/* With several workers: a socket this worker should not serve (it holds
+ * clearly more than another, host.h) goes to that worker before a byte of
+ * it is read. Returns true when it went. */
+static bool hand_off(struct edge_hub *hub, int fd)
+{
+    const struct emx_host *h = hub->host;
+    uint32_t to;
+
+    if (!hub->balance)
+        return false;
+    to = h->edge_balance(h);
+    return to != h->worker && h->edge_hand_off(h, to, fd) == 0;
+}
+
+/* A socket another worker accepted and handed here: served as if this
+ * listener had accepted it, within this worker's own limits. */
+int edge_adopt(struct emx_listener *listener, int fd)
+{
+    struct edge_listener *l = (struct edge_listener *)(void *)listener;
+    struct edge_hub *hub;
+
+    if (!l || fd < 0) {
+        if (fd >= 0)
+            close(fd);
+        return -EINVAL;
+    }
+    hub = l->hub;
+    if (l->closed || !hub->running || hub->socks >= hub->sock_cap || !shake_room(hub)) {
+        LOG(hub, EMX_LOG_DEBUG, "ws: no room for a socket handed over by another worker (%u open)",
+            hub->socks);
+        close(fd);
+        return -EBUSY;
+    }
+    accept_one(l, fd);
+    edge_accept_modulate(hub);
+    return 0;
 }
 
 static void accept_cb(uv_poll_t *h, int status, int events)
@@ -176,7 +216,8 @@ static void accept_cb(uv_poll_t *h, int status, int events)
             break;
         }
         edge_tune_socket(&hub->s, fd);
-        accept_one(l, fd);
+        if (!hand_off(hub, fd))
+            accept_one(l, fd);
     }
     edge_accept_modulate(hub);
 }

@@ -128,6 +128,7 @@ struct edge_hub {
     struct edge_conn *sweep_cursor;
     struct edge_conn *ready_head;
     unsigned socks, sock_cap;
+    bool balance; /* several workers: count sockets, hand some off (host.h) */
     bool running, stopped;
     bool accept_paused;
     uint64_t accept_err_logged;

@@ -459,6 +459,11 @@ static void ws_unlisten(struct emx_listener *listener)
     edge_unlisten(listener);
 }
 
+static int ws_adopt(struct emx_listener *listener, int fd)
+{
+    return edge_adopt(listener, fd);
+}
+
 static int ws_reload_tls(struct emx_listener *listener, const char *cert, const char *key)
 {
     return edge_reload_tls(listener, cert, key);
@@ -486,4 +491,5 @@ EMX_PLUGIN_EXPORT const struct emx_transport_plugin emx_transport_plugin = {
     .close = ws_close,
     .reload_tls = ws_reload_tls,
     .set_message_limit = ws_set_message_limit,
+    .adopt = ws_adopt,
 };

@@ -89,6 +89,22 @@ struct emx_host {
      * discovery instance runs once per process (worker 0). */
     uint32_t worker;  /* 0 .. workers-1 */
     uint32_t workers; /* 1 .. 16 */
+
+    /* ABI 1.4, balancing edges over the workers (check with EMX_HOST_HAS;
+     * NULL when the process runs one worker). The kernel's SO_REUSEPORT
+     * hash spreads sockets at random, so a transport evens it out:
+     *  - edge_count: report each socket a listener accepted or adopted (+1)
+     *    and each of them that closed (-1);
+     *  - edge_balance: right after accepting a socket, before reading from
+     *    it, ask which worker should serve it (this one, or a less loaded
+     *    one);
+     *  - edge_hand_off: give a socket to that worker. 0: the core owns fd
+     *    and passes it to that worker's transport (adopt), on its thread;
+     *    -errno: the caller still owns fd (serve it here).
+     * These three may be called from the instance's own loop thread only. */
+    void (*edge_count)(const struct emx_host *host, int delta);
+    uint32_t (*edge_balance)(const struct emx_host *host);
+    int (*edge_hand_off)(const struct emx_host *host, uint32_t worker, int fd);
 };
 
 #define EMX_HOST_HAS(host_, field_)                                                          \

@@ -200,6 +200,14 @@ struct emx_transport_plugin {
      * up to its listener's max_message_size; 0: that size. The core calls it
      * when an edge has authenticated. May be NULL. */
     int (*set_message_limit)(struct emx_conn *conn, size_t max_message_size);
+
+    /* ---- ABI 1.4 ---- */
+
+    /* Serve a socket that another worker's instance accepted and handed
+     * off (host->edge_hand_off) as if this listener had accepted it. The
+     * transport owns fd from the call on, also when it fails. May be NULL
+     * (the core then refuses hand-offs to this transport). */
+    int (*adopt)(struct emx_listener *listener, int fd);
 };
 
 #ifdef __cplusplus

@@ -89,27 +89,17 @@ class Workers(E2ETest):
         self.assertEqual(per_worker(ms, "emx_worker_pipes_connected"), [6.0] * WORKERS)
         self.assertEqual(value(ms, "emx_pipes_connected"), 24.0)
 
-        def sample():
-            """200 edges (edge-sim, light load); the workers' shares."""
-            proc, ledger = start_edge_sim(self.env, self.emx.edge_port, "--edges", 200, "--rate", 1,
-                                          "--duration", "6s", "--drain", "3s")
-            wait_until(lambda: value(self.metrics(), "emx_edges_connected") == 200, 20,
-                       what="200 edges connected")
-            ms = self.metrics()
-            shares = per_worker(ms, "emx_worker_edges_connected")
-            return proc, ledger, ms, shares
-
-        proc, ledger, ms, shares = sample()
-        # The kernel spreads connections over SO_REUSEPORT listeners by a
-        # hash of the addresses: each worker's share of 200 is binomial
-        # (sd ~6). A sample outside +-25 % (about 1 in 12 here) is drawn
-        # again once, from new connections (docs/operations.md §workers).
-        if any(abs(n - 50) > 12.5 for n in shares):
-            print("first sample of 200 edges out of the +-25% band:", shares)
-            proc.stop(30)
-            wait_until(lambda: value(self.metrics(), "emx_edges_connected") == 0, 10,
-                       what="first sample's edges gone")
-            proc, ledger, ms, shares = sample()
+        proc, ledger = start_edge_sim(self.env, self.emx.edge_port, "--edges", 200, "--rate", 1,
+                                      "--duration", "6s", "--drain", "3s")
+        wait_until(lambda: value(self.metrics(), "emx_edges_connected") == 200, 20,
+                   what="200 edges connected")
+        ms = self.metrics()
+        shares = per_worker(ms, "emx_worker_edges_connected")
+        # One sample: the kernel's SO_REUSEPORT hash alone misses +-25 %
+        # about one time in twelve; a worker holding clearly more sockets
+        # than the least loaded one hands new ones over (docs/operations.md).
+        handed = per_worker(ms, "emx_worker_sockets_handed_in_total")
+        print("shares of 200 edges:", shares, "handed in:", handed)
         for k, n in enumerate(shares):
             self.assertTrue(37.5 <= n <= 62.5, "worker %d holds %d of 200 edges: %r" % (k, n, shares))
         # one scrape is one moment of every worker: totals are the sums
