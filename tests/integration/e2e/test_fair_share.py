@@ -15,7 +15,7 @@ import unittest
 
 from harness import (GET, INTERNAL_ERROR, PUT, SERVICE_UNAVAILABLE, SLACK, SUCCESS, E2ETest, Edgemux,
                      Platform, ao_chunk_ids, ao_header, ao_infotable_blob, ao_parse, ao_str,
-                     wait_until)
+                     pipes, wait_until)
 
 KIB = 1024
 HEAVY_DEVICES = 4
@@ -41,7 +41,7 @@ class FairShare(E2ETest):
         ov = {"edge": dict(edge or {})}
         self.emx = Edgemux(self.env, "emx-fair", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2], 10, what="every pipe connected")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 2, 10, what="every pipe connected")
 
     def authed_edge(self):
         e = self.emx.edge(app_key=self.env.app_key, timeout=30)
