@@ -7,7 +7,7 @@ import struct
 import time
 import unittest
 
-from harness import (GATEWAY_TIMEOUT, GET, SERVICE_UNAVAILABLE, SUCCESS, UNAUTHORIZED, E2ETest,
+from harness import (GATEWAY_TIMEOUT, GET, SERVICE_UNAVAILABLE, SUCCESS, UNAUTHORIZED, WORKERS, E2ETest,
                      Edgemux, Platform, ao_auth, ao_header, ao_infotable_blob, ao_parse, ao_request,
                      ao_str, pipes, wait_until)
 
@@ -71,6 +71,13 @@ class KilledInstance(E2ETest):
 
         # Nothing more goes to the killed instance: every message a new edge
         # sends lands at a survivor, and every request is answered by one.
+        # (A new edge may land on another worker, with pipes of its own:
+        # every worker has seen them close first; with one worker, e's 0xA3
+        # answers already say so.)
+        prefixes = [""] if WORKERS == 1 else ["w%d: " % k for k in range(WORKERS)]
+        wait_until(lambda: all("%sinstance 127.0.0.1:%d pipe %d closed" % (w, victim.ports[0], i)
+                               in emx.log() for w in prefixes for i in (0, 1)), 5,
+                   what="every worker saw the killed instance's pipes close")
         counts = [p.msgs_in()[0] for p in survivors]
         e2 = emx.edge(app_key=self.env.app_key)
         code, sid2 = e2.auth(self.env.app_key)
