@@ -100,7 +100,7 @@ static void instance_sums(const struct emx_instance *inst, uint64_t out[4])
 /* The same instance in router k (by id; its active one when inst is
  * active), or NULL. Worker 0's router lists the instances; the others'
  * figures are added by id. */
-static struct emx_instance *inst_in(struct emx_router *rk, const struct emx_instance *inst)
+struct emx_instance *emx_ops_instance_in(struct emx_router *rk, const struct emx_instance *inst)
 {
     struct emx_instance *o = emx_router_instance_find(rk, inst->id);
     if (!o || o->state != inst->state)
@@ -110,8 +110,9 @@ static struct emx_instance *inst_in(struct emx_router *rk, const struct emx_inst
 
 #define EACH_OTHER(rs_, n_, inst_, o_)                                                             \
     for (size_t k_ = 0; k_ < (n_); k_++)                                                           \
-        for (struct emx_instance *o_ = k_ == 0 ? (inst_) : inst_in((rs_)[k_], (inst_)); o_;          \
-             o_ = NULL)
+        for (struct emx_instance *o_ = k_ == 0 ? (inst_)                                           \
+                                               : emx_ops_instance_in((rs_)[k_], (inst_));          \
+             o_; o_ = NULL)
 
 static void instance_metrics(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
                              uint64_t now)
@@ -247,26 +248,28 @@ static void relay_metrics(struct emx_textbuf *b, const struct emx_relays *rs)
     sample1(b, "emx_tunnel_messages_total", "direction", "to_peer", st->msgs_to_peer);
 }
 
-/* The routers' statistics added up. Every field is a uint64_t count or an
- * array of them, except discovery_last_good_ms, a time: the latest. */
-static void stats_sum(struct emx_router *const *rs, size_t nr, struct emx_router_stats *out)
+/* Every field is a uint64_t count or an array of them, added up; the
+ * discovery fields are worker 0's (each worker records every set worker 0
+ * hands it: a sum would count each set once per worker). */
+void emx_ops_stats_sum(struct emx_router *const *rs, size_t nr, struct emx_router_stats *out)
 {
     _Static_assert(sizeof(struct emx_router_stats) % sizeof(uint64_t) == 0,
                    "emx_router_stats holds uint64_t fields only");
     memset(out, 0, sizeof(*out));
     uint64_t *dst = (uint64_t *)out;
     size_t words = sizeof(*out) / sizeof(uint64_t);
-    uint64_t last_good = 0;
     for (size_t k = 0; k < nr; k++) {
-        const struct emx_router_stats *st = emx_router_stats(rs[k]);
         uint64_t src[sizeof(*out) / sizeof(uint64_t)];
-        memcpy(src, st, sizeof(src));
+        memcpy(src, emx_router_stats(rs[k]), sizeof(src));
         for (size_t i = 0; i < words; i++)
             dst[i] += src[i];
-        if (st->discovery_last_good_ms > last_good)
-            last_good = st->discovery_last_good_ms;
     }
-    out->discovery_last_good_ms = last_good;
+    if (nr) {
+        const struct emx_router_stats *st0 = emx_router_stats(rs[0]);
+        out->discovery_updates = st0->discovery_updates;
+        out->discovery_failures = st0->discovery_failures;
+        out->discovery_last_good_ms = st0->discovery_last_good_ms;
+    }
 }
 
 static void worker_sample(struct emx_textbuf *b, const char *name, size_t k, const char *k2,
@@ -339,7 +342,7 @@ void emx_ops_metrics_n(struct emx_textbuf *b, struct emx_router *const *rs, size
 {
     struct emx_router *r = rs[0];
     struct emx_router_stats sum;
-    stats_sum(rs, nr, &sum);
+    emx_ops_stats_sum(rs, nr, &sum);
     const struct emx_router_stats *st = &sum;
     const struct emx_server_counters *c = v->counters;
     unsigned pipes_up = 0;

@@ -78,4 +78,13 @@ void emx_ops_tunnels_json_n(struct emx_textbuf *b, struct emx_router *const *rs,
                             const struct emx_relays *const *rels, size_t nr, size_t limit,
                             uint64_t now);
 
+/* The routers' statistics as the process has them: counts added up over
+ * the workers, except discovery's (updates, failures, the last good set),
+ * which every worker records for the one set discovery reported: those
+ * are worker 0's (rs[0]). */
+void emx_ops_stats_sum(struct emx_router *const *rs, size_t nr, struct emx_router_stats *out);
+/* The instance of worker router rk that stands for `inst` of worker 0's
+ * router: the one with its id, in the same state; NULL when none. */
+struct emx_instance *emx_ops_instance_in(struct emx_router *rk, const struct emx_instance *inst);
+
 #endif

@@ -1571,7 +1571,11 @@ static void admin_status(struct emx_server *s, struct emx_admin_response *resp)
     resp->status = 200;
     resp->content_type = "text/html; charset=utf-8";
     resp->headers = STATUS_HEADERS;
-    emx_status_html(&resp->body, s->router, &s->status, &v, now);
+    /* every worker's routers and statuses: they are parked (admin_handle) */
+    const struct emx_status *sts[EMX_WORKERS_MAX];
+    for (unsigned k = 0; k < s->proc->n; k++)
+        sts[k] = &s->proc->w[k]->status;
+    emx_status_html_n(&resp->body, o.routers, sts, s->proc->n, &v, now);
     pthread_mutex_unlock(&s->proc->src_mu);
 }
 

@@ -323,18 +323,62 @@ static void kv(struct emx_textbuf *b, const char *id, const char *label, uint64_
         label, id, v);
 }
 
-static const char *instance_word(struct emx_router *r, const struct emx_instance *inst,
-                                 uint64_t now)
+/* An instance as the whole process has it: worker 0's instance and the
+ * same one in every other worker (emx_ops_instance_in), added up. */
+struct inst_sum {
+    unsigned up, npipes, writable;
+    uint64_t queued, pending, requests;
+    bool eligible;
+    bool rate_known;
+    double rate;
+    const char *err; /* the latest failure of any of its pipes */
+    uint64_t err_at;
+};
+
+static void inst_sum(struct inst_sum *is, struct emx_router *const *rs,
+                     const struct emx_status *const *sts, size_t nr, struct emx_instance *inst,
+                     const struct emx_status_view *v, uint64_t now)
 {
-    if (inst->up_pipes == 0)
+    memset(is, 0, sizeof(*is));
+    for (size_t k = 0; k < nr; k++) {
+        struct emx_instance *o = k == 0 ? inst : emx_ops_instance_in(rs[k], inst);
+        if (!o)
+            continue;
+        is->up += o->up_pipes;
+        is->npipes += o->npipes;
+        is->pending += o->pending;
+        is->requests += o->requests;
+        is->eligible = is->eligible || emx_instance_is_eligible(rs[k], o, now);
+        double rate;
+        if (sts[k] && emx_status_rate(sts[k], o, &rate)) {
+            is->rate += rate;
+            is->rate_known = true;
+        }
+        for (unsigned i = 0; i < o->npipes; i++) {
+            const struct emx_pipe *p = &o->pipes[i];
+            is->writable += emx_pipe_is_writable(rs[k], p, now);
+            is->queued += p->wm.queued;
+            uint64_t at = 0;
+            const char *e = v->pipe_error ? v->pipe_error(v->ctx, p, &at) : NULL;
+            if (e && (!is->err || at > is->err_at)) {
+                is->err = e;
+                is->err_at = at;
+            }
+        }
+    }
+}
+
+static const char *instance_word(const struct emx_instance *inst, const struct inst_sum *is)
+{
+    if (is->up == 0)
         return "down";
     if (inst->state == EMX_INSTANCE_DRAINING)
         return "draining";
     if (inst->maintenance)
         return "maintenance";
-    if (!emx_instance_is_eligible(r, inst, now))
+    if (!is->eligible)
         return "unwritable";
-    if (inst->up_pipes < inst->npipes)
+    if (is->up < is->npipes)
         return "degraded";
     return "up";
 }
@@ -355,8 +399,9 @@ static const char page_head[] =
     "code{font-size:.95em}\n"
     "</style>\n";
 
-static void page_process(struct emx_textbuf *b, struct emx_router *r,
-                         const struct emx_status_view *v, uint64_t now)
+static void page_process(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                         const struct emx_router_stats *rs_sum, const struct emx_status_view *v,
+                         uint64_t now)
 {
     const struct emx_ops_view *o = v->ops;
     uint64_t up_s = now >= o->start_ms ? (now - o->start_ms) / 1000 : 0;
@@ -378,16 +423,34 @@ static void page_process(struct emx_textbuf *b, struct emx_router *r,
     emx_textbuf_printf(b, " &middot; admin actions <span id=\"actions\">%s</span></p>\n",
                        v->actions_on ? "on (token)" : "off");
     const struct emx_server_counters *c = o->counters;
-    kv(b, "pipes-connected", "pipes connected", emx_router_pipes_up(r));
+    uint64_t pipes_up = 0;
+    for (size_t k = 0; k < nr; k++)
+        pipes_up += emx_router_pipes_up(rs[k]);
+    kv(b, "pipes-connected", "pipes connected", pipes_up);
     kv(b, "reloads-ok", "reloads", c ? c->reloads_ok : 0);
     kv(b, "reloads-failed", "reloads refused", c ? c->reloads_failed : 0);
-    const struct emx_router_stats *rs = emx_router_stats(r);
-    kv(b, "discovery-updates", "discovery updates", rs->discovery_updates);
-    kv(b, "discovery-failures", "discovery failures", rs->discovery_failures);
+    kv(b, "discovery-updates", "discovery updates", rs_sum->discovery_updates);
+    kv(b, "discovery-failures", "discovery failures", rs_sum->discovery_failures);
+    if (nr > 1) {
+        /* each worker loop's share: a worker without pipes closes its own
+         * devices after platform.all_down_grace */
+        emx_textbuf_puts(b, "<table id=\"worker-loops\">\n<thead><tr><th>worker</th>"
+                            "<th class=\"n\">devices</th><th class=\"n\">pipes connected</th>"
+                            "<th class=\"n\">accepted in all</th></tr></thead>\n<tbody>\n");
+        for (size_t k = 0; k < nr; k++)
+            emx_textbuf_printf(b,
+                               "<tr class=\"worker\" data-worker=\"%zu\"><td>%zu</td>"
+                               "<td class=\"n edges\">%zu</td><td class=\"n pipes\">%u</td>"
+                               "<td class=\"n accepted\">%" PRIu64 "</td></tr>\n",
+                               k, k, emx_router_edge_count(rs[k]), emx_router_pipes_up(rs[k]),
+                               emx_router_stats(rs[k])->edges_opened);
+        emx_textbuf_puts(b, "</tbody>\n</table>\n");
+    }
     emx_textbuf_puts(b, "</section>\n");
 }
 
-static void page_instances(struct emx_textbuf *b, struct emx_router *r, const struct emx_status *st,
+static void page_instances(struct emx_textbuf *b, struct emx_router *const *rs,
+                           const struct emx_status *const *sts, size_t nr,
                            const struct emx_status_view *v, uint64_t now)
 {
     emx_textbuf_puts(
@@ -398,25 +461,13 @@ static void page_instances(struct emx_textbuf *b, struct emx_router *r, const st
            "<th>last error</th></tr></thead>\n<tbody>\n");
     double total_rate = 0;
     size_t n = 0;
+    struct emx_router *r = rs[0];
     for (struct emx_instance *inst = emx_router_instance_next(r, NULL); inst;
          inst = emx_router_instance_next(r, inst)) {
         n++;
-        const char *word = instance_word(r, inst, now);
-        unsigned writable = 0;
-        uint64_t queued = 0;
-        const char *err = NULL;
-        uint64_t err_at = 0;
-        for (unsigned i = 0; i < inst->npipes; i++) {
-            const struct emx_pipe *p = &inst->pipes[i];
-            writable += emx_pipe_is_writable(r, p, now);
-            queued += p->wm.queued;
-            uint64_t at = 0;
-            const char *e = v->pipe_error ? v->pipe_error(v->ctx, p, &at) : NULL;
-            if (e && (!err || at > err_at)) {
-                err = e;
-                err_at = at;
-            }
-        }
+        struct inst_sum is;
+        inst_sum(&is, rs, sts, nr, inst, v, now);
+        const char *word = instance_word(inst, &is);
         emx_textbuf_puts(b, "<tr class=\"instance\" data-instance=\"");
         html(b, inst->id);
         emx_textbuf_printf(b, "\" data-state=\"%s\"><td class=\"id\">", word);
@@ -427,22 +478,21 @@ static void page_instances(struct emx_textbuf *b, struct emx_router *r, const st
         emx_textbuf_printf(b, "<td class=\"state s-%s\">%s</td>", word, word);
         emx_textbuf_printf(b,
                            "<td class=\"n pipes-up\">%u</td><td class=\"n writable\">%u</td>"
-                           "<td class=\"n queued\">%" PRIu64 "</td><td class=\"n pending\">%" PRIu32
+                           "<td class=\"n queued\">%" PRIu64 "</td><td class=\"n pending\">%" PRIu64
                            "</td><td class=\"n requests\">%" PRIu64 "</td>",
-                           inst->up_pipes, writable, queued, inst->pending, inst->requests);
-        double rate;
-        if (emx_status_rate(st, inst, &rate)) {
-            total_rate += rate;
-            emx_textbuf_printf(b, "<td class=\"n rate\">%.1f</td>", rate);
+                           is.up, is.writable, is.queued, is.pending, is.requests);
+        if (is.rate_known) {
+            total_rate += is.rate;
+            emx_textbuf_printf(b, "<td class=\"n rate\">%.1f</td>", is.rate);
         } else {
             emx_textbuf_puts(b, "<td class=\"n rate muted\">-</td>");
         }
         emx_textbuf_puts(b, "<td class=\"last-error\">");
-        if (err) {
+        if (is.err) {
             emx_textbuf_puts(b, "<span class=\"err\">");
-            html(b, err);
+            html(b, is.err);
             emx_textbuf_puts(b, "</span> <span class=\"muted\">");
-            ago(b, now, err_at);
+            ago(b, now, is.err_at);
             emx_textbuf_puts(b, "</span>");
         }
         emx_textbuf_printf(b, "</td></tr>\n");
@@ -453,13 +503,13 @@ static void page_instances(struct emx_textbuf *b, struct emx_router *r, const st
     emx_textbuf_printf(b,
                        "</tbody>\n</table>\n<p><span id=\"instance-count\">%zu</span> instance(s), "
                        "<span id=\"request-rate\">%.1f</span> requests/s in all (sampled each "
-                       "second).</p>\n</section>\n",
-                       n, total_rate);
+                       "second)%s.</p>\n</section>\n",
+                       n, total_rate,
+                       nr > 1 ? "; pipes, requests and rates add up every worker's" : "");
 }
 
-static void page_answers(struct emx_textbuf *b, struct emx_router *r)
+static void page_answers(struct emx_textbuf *b, const struct emx_router_stats *rs)
 {
-    const struct emx_router_stats *rs = emx_router_stats(r);
     uint64_t by_code[256] = {0};
     emx_textbuf_puts(b, "<section>\n<h2>Answers edgemux gave itself</h2>\n"
                         "<table id=\"answers\">\n<thead><tr><th>reason</th><th>code</th>"
@@ -516,30 +566,66 @@ static void edge_row(struct emx_textbuf *b, const struct emx_edge *e, uint64_t n
     emx_textbuf_puts(b, "</td></tr>\n");
 }
 
-static void page_edges(struct emx_textbuf *b, struct emx_router *r, const struct emx_status_view *v,
+/* The newest EDGES_SHOWN edges of one router, in a ring. */
+struct edge_ring {
+    const struct emx_edge *e[EDGES_SHOWN];
+    size_t n, idx; /* how many; next slot */
+};
+
+static const struct emx_edge *ring_newest(const struct edge_ring *g, size_t taken)
+{
+    if (taken >= g->n)
+        return NULL;
+    return g->e[(g->idx + 2 * EDGES_SHOWN - 1 - taken) % EDGES_SHOWN];
+}
+
+static void page_edges(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                       const struct emx_router_stats *rs_sum, const struct emx_status_view *v,
                        uint64_t now)
 {
-    const struct emx_edge *last[EDGES_SHOWN];
-    size_t nlast = 0, idx = 0;
+    struct edge_ring rings[EMX_STATUS_WORKERS_MAX];
     uint64_t authed = 0, pending = 0, inbound = 0;
-    for (struct emx_edge *e = emx_router_edge_next(r, NULL); e; e = emx_router_edge_next(r, e)) {
-        authed += e->state == EMX_EDGE_AUTHED;
-        pending += e->npending;
-        inbound += e->ninbound;
-        last[idx] = e; /* the newest EDGES_SHOWN, in a ring */
-        idx = (idx + 1) % EDGES_SHOWN;
-        if (nlast < EDGES_SHOWN)
-            nlast++;
+    size_t connected = 0;
+    for (size_t k = 0; k < nr; k++) {
+        struct edge_ring *g = &rings[k];
+        g->n = g->idx = 0;
+        connected += emx_router_edge_count(rs[k]);
+        for (struct emx_edge *e = emx_router_edge_next(rs[k], NULL); e;
+             e = emx_router_edge_next(rs[k], e)) {
+            authed += e->state == EMX_EDGE_AUTHED;
+            pending += e->npending;
+            inbound += e->ninbound;
+            g->e[g->idx] = e; /* a router lists its edges oldest first */
+            g->idx = (g->idx + 1) % EDGES_SHOWN;
+            if (g->n < EDGES_SHOWN)
+                g->n++;
+        }
     }
-    const struct emx_router_stats *rs = emx_router_stats(r);
-    size_t connected = emx_router_edge_count(r);
+    /* the newest of all workers: their newest merged by connection time */
+    const struct emx_edge *last[EDGES_SHOWN];
+    size_t nlast = 0, taken[EMX_STATUS_WORKERS_MAX] = {0};
+    while (nlast < EDGES_SHOWN) {
+        size_t best = nr;
+        const struct emx_edge *be = NULL;
+        for (size_t k = 0; k < nr; k++) {
+            const struct emx_edge *e = ring_newest(&rings[k], taken[k]);
+            if (e && (!be || e->opened_at > be->opened_at)) {
+                be = e;
+                best = k;
+            }
+        }
+        if (!be)
+            break;
+        taken[best]++;
+        last[nlast++] = be;
+    }
     emx_textbuf_puts(b, "<section>\n<h2>Edges (devices)</h2>\n<div id=\"edge-summary\">\n");
     kv(b, "edges-connected", "connected", connected);
     kv(b, "edges-authenticated", "authenticated", authed);
     kv(b, "edges-pending", "requests pending (device to platform)", pending);
     kv(b, "edges-inbound", "platform requests pending (to devices)", inbound);
-    kv(b, "edges-accepted", "accepted in all", rs->edges_opened);
-    kv(b, "edges-closed", "closed in all", rs->edges_closed);
+    kv(b, "edges-accepted", "accepted in all", rs_sum->edges_opened);
+    kv(b, "edges-closed", "closed in all", rs_sum->edges_closed);
     emx_textbuf_printf(b,
                        "<div class=\"kv\"><span class=\"k\">edge.max_pending</span> "
                        "<span class=\"v\">%" PRIu32 "</span></div>\n</div>\n",
@@ -564,7 +650,7 @@ static void page_edges(struct emx_textbuf *b, struct emx_router *r, const struct
                        "<tbody>\n",
                        nlast, connected);
     for (size_t k = 0; k < nlast; k++) /* newest first */
-        edge_row(b, last[(idx + EDGES_SHOWN - 1 - k) % EDGES_SHOWN], now);
+        edge_row(b, last[k], now);
     emx_textbuf_puts(b, "</tbody>\n</table>\n<p class=\"muted\">All of them: <a "
                         "href=\"/edges\">/edges</a> (<code>?thing=NAME</code>, "
                         "<code>?endpoint=ID</code>).</p>\n</section>\n");
@@ -603,6 +689,17 @@ static void page_events(struct emx_textbuf *b, const struct emx_status *st, uint
 void emx_status_html(struct emx_textbuf *b, struct emx_router *r, const struct emx_status *st,
                      const struct emx_status_view *v, uint64_t now)
 {
+    emx_status_html_n(b, &r, &st, 1, v, now);
+}
+
+void emx_status_html_n(struct emx_textbuf *b, struct emx_router *const *rs,
+                       const struct emx_status *const *sts, size_t nr,
+                       const struct emx_status_view *v, uint64_t now)
+{
+    if (nr > EMX_STATUS_WORKERS_MAX)
+        nr = EMX_STATUS_WORKERS_MAX;
+    struct emx_router_stats sum;
+    emx_ops_stats_sum(rs, nr, &sum);
     emx_textbuf_puts(b, page_head);
     emx_textbuf_puts(b, "<title>edgemux ");
     html(b, v->server_name);
@@ -615,11 +712,11 @@ void emx_status_html(struct emx_textbuf *b, struct emx_router *r, const struct e
                      "</span> &middot; <span id=\"live\">a snapshot: reload the page to update "
                      "it</span> &middot; JSON and metrics: <a href=\"/instances\">/instances</a> "
                      "<a href=\"/edges\">/edges</a> <a href=\"/metrics\">/metrics</a></p>\n");
-    page_process(b, r, v, now);
-    page_instances(b, r, st, v, now);
-    page_edges(b, r, v, now);
-    page_answers(b, r);
-    page_events(b, st, now);
+    page_process(b, rs, nr, &sum, v, now);
+    page_instances(b, rs, sts, nr, v, now);
+    page_edges(b, rs, nr, &sum, v, now);
+    page_answers(b, &sum);
+    page_events(b, sts[0], now);
     emx_textbuf_puts(b, "</main>\n<script src=\"/status.js\"></script>\n</body>\n</html>\n");
 }
 

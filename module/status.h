@@ -102,6 +102,17 @@ bool emx_status_rate(const struct emx_status *st, const struct emx_instance *ins
 /* GET / and /status. */
 void emx_status_html(struct emx_textbuf *b, struct emx_router *r, const struct emx_status *st,
                      const struct emx_status_view *v, uint64_t now);
+/* The same over every worker loop (server.workers): rs[k] and sts[k] are
+ * worker k's router and status. Instances are listed as worker 0 has them,
+ * with every worker's pipes, requests, rates and pipe errors added by id;
+ * devices and counters are every worker's (the newest devices of all
+ * workers by connection time); the events are worker 0's (sts[0]). The
+ * caller makes sure no router or status changes meanwhile (isolation). At
+ * most EMX_STATUS_WORKERS_MAX. */
+#define EMX_STATUS_WORKERS_MAX (1u << EMX_WORKER_BITS)
+void emx_status_html_n(struct emx_textbuf *b, struct emx_router *const *rs,
+                       const struct emx_status *const *sts, size_t nr,
+                       const struct emx_status_view *v, uint64_t now);
 /* GET /status.js: reloads the page's content every few seconds. */
 extern const char emx_status_js[];
 /* The answer code (0xA0 …) edgemux sends for an answer reason; 0 unknown. */

@@ -4,6 +4,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <inttypes.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -117,9 +118,10 @@ static void io_inst(void *ctx, struct emx_instance *i)
     (void)ctx, (void)i;
 }
 
-static struct emx_router *make_router(struct fx *f)
+static struct emx_router *make_router_w(struct fx *f, unsigned worker)
 {
     struct emx_router_config cfg = {.pipes_per_instance = 2,
+                                    .worker = worker,
                                     .high_watermark = 65536,
                                     .low_watermark = 32768,
                                     .request_timeout = 8000,
@@ -141,6 +143,11 @@ static struct emx_router *make_router(struct fx *f)
     f->r = emx_router_new(&cfg, &io, 1000);
     assert_non_null(f->r);
     return f->r;
+}
+
+static struct emx_router *make_router(struct fx *f)
+{
+    return make_router_w(f, 0);
 }
 
 static void pipe_up(struct fx *f, struct emx_pipe *p, uint64_t now)
@@ -335,6 +342,84 @@ static void page_numbers_and_escaping(void **state)
     emx_router_free(r);
 }
 
+/* Two worker loops: the page shows the process, not worker 0 alone. */
+static void page_adds_up_every_worker(void **state)
+{
+    (void)state;
+    struct fx f0 = {0}, f1 = {0};
+    struct emx_router *rs[2] = {make_router_w(&f0, 0), make_router_w(&f1, 1)};
+    struct emx_instance_info set[] = {
+        {.id = "plain", .host = "10.0.0.2", .port = 8080, .weight = 1}};
+    struct emx_status st0, st1;
+    emx_status_init(&st0);
+    emx_status_init(&st1);
+    const struct emx_status *sts[2] = {&st0, &st1};
+    for (int k = 0; k < 2; k++)
+        emx_router_discovery_update(rs[k], set, 1, 1000);
+    emx_status_track(&st0, rs[0], 1000, 0);
+    emx_status_track(&st1, rs[1], 1000, 0);
+    struct emx_instance *i0 = emx_router_instance_find(rs[0], "plain");
+    struct emx_instance *i1 = emx_router_instance_find(rs[1], "plain");
+    pipe_up(&f0, &i0->pipes[0], 1000);
+    pipe_up(&f1, &i1->pipes[0], 1000);
+    pipe_up(&f1, &i1->pipes[1], 1000);
+    i0->requests += 10;
+    i1->requests += 20;
+    emx_status_track(&st0, rs[0], 2000, 0);
+    emx_status_track(&st1, rs[1], 2000, 0);
+    i0->requests += 32;
+    struct emx_edge *old = emx_router_edge_open(rs[0], (void *)1, 1000);
+    struct emx_edge *mid = emx_router_edge_open(rs[1], (void *)2, 1500);
+    struct emx_edge *young = emx_router_edge_open(rs[0], (void *)3, 1800);
+    assert_true(old && mid && young);
+
+    struct emx_server_counters c = {0};
+    struct emx_ops_view ov = {.counters = &c, .discovery_plugin = "static", .ready = true};
+    struct emx_status_view v = {.ops = &ov, .server_name = "emx", .version = "9", .workers = 2};
+    struct emx_textbuf b;
+    emx_textbuf_init(&b, 0);
+    emx_status_html_n(&b, rs, sts, 2, &v, 3000);
+    assert_false(b.failed);
+    const char *t = b.data;
+    /* one row per instance, every worker's pipes and requests added */
+    assert_non_null(strstr(t, "data-instance=\"plain\" data-state=\"degraded\""));
+    assert_null(strstr(strstr(t, "data-instance=\"plain\"") + 1, "data-instance=\"plain\""));
+    assert_non_null(strstr(t, "<td class=\"n pipes-up\">3</td><td class=\"n writable\">3</td>"));
+    assert_non_null(strstr(t, "<td class=\"n requests\">62</td>"));
+    /* each worker's rate sample: 10 and 20 requests in the second from 1000 */
+    assert_non_null(strstr(t, "<td class=\"n rate\">30.0</td>"));
+    assert_non_null(strstr(t, "id=\"pipes-connected\">3<"));
+    assert_non_null(strstr(t, "id=\"edges-connected\">3<"));
+    assert_non_null(strstr(t, "id=\"edges-accepted\">3<"));
+    /* one discovery set, handed to both workers: counted once */
+    assert_non_null(strstr(t, "id=\"discovery-updates\">1<"));
+    /* the devices of both workers, newest first */
+    char hex[3][32];
+    snprintf(hex[0], sizeof(hex[0]), "data-endpoint=\"%08" PRIx32 "\"", young->id);
+    snprintf(hex[1], sizeof(hex[1]), "data-endpoint=\"%08" PRIx32 "\"", mid->id);
+    snprintf(hex[2], sizeof(hex[2]), "data-endpoint=\"%08" PRIx32 "\"", old->id);
+    assert_int_equal(mid->id >> EMX_WORKER_SHIFT, 1);
+    const char *p0 = strstr(t, hex[0]), *p1 = strstr(t, hex[1]), *p2 = strstr(t, hex[2]);
+    assert_true(p0 && p1 && p2 && p0 < p1 && p1 < p2);
+    /* each worker's share */
+    assert_non_null(strstr(t, "data-worker=\"0\"><td>0</td><td class=\"n edges\">2</td>"
+                              "<td class=\"n pipes\">1</td>"));
+    assert_non_null(strstr(t, "data-worker=\"1\"><td>1</td><td class=\"n edges\">1</td>"
+                              "<td class=\"n pipes\">2</td>"));
+    emx_textbuf_free(&b);
+    /* one worker: no per-worker table */
+    emx_textbuf_init(&b, 0);
+    emx_status_html_n(&b, rs, sts, 1, &v, 3000);
+    assert_false(b.failed);
+    assert_null(strstr(b.data, "worker-loops"));
+    assert_non_null(strstr(b.data, "id=\"edges-connected\">2<"));
+    emx_textbuf_free(&b);
+    emx_status_free(&st0);
+    emx_status_free(&st1);
+    emx_router_free(rs[0]);
+    emx_router_free(rs[1]);
+}
+
 static void answer_codes(void **state)
 {
     (void)state;
@@ -354,6 +439,7 @@ int main(void)
         cmocka_unit_test(track_notices_changes),
         cmocka_unit_test(track_lists_many_instances_within_bounds),
         cmocka_unit_test(page_numbers_and_escaping),
+        cmocka_unit_test(page_adds_up_every_worker),
         cmocka_unit_test(answer_codes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -10,6 +10,7 @@ EMX_BIN, EMX_PLUGIN_DIR, EMX_PLATFORM_SIM, EMX_EDGE_SIM, EMX_SOURCE_DIR.
 import base64
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -65,7 +66,32 @@ SUCCESS, BAD_REQUEST, UNAUTHORIZED, NOT_FOUND = 0x40, 0x80, 0x81, 0x84
 ENTITY_TOO_LARGE, INTERNAL_ERROR, SERVICE_UNAVAILABLE, GATEWAY_TIMEOUT = 0x8D, 0xA0, 0xA3, 0xA4
 
 
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
+    """A free TCP port on 127.0.0.1, below the kernel's ephemeral range when
+    there is room: a port from that range can be taken as the local port of
+    any outgoing connection (edge-sim's devices, pipes, a parallel test)
+    between this check and the server's bind, which then fails with
+    EADDRINUSE."""
+    lo, _ = _ephemeral_range()
+    if lo - 1 - 10000 >= 1000:
+        rnd = random.SystemRandom()
+        for _ in range(64):
+            port = rnd.randint(10000, lo - 1)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -484,6 +510,7 @@ class Edgemux:
             cfg["server"]["workers"] = WORKERS
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values)
+        self.workers = int(cfg["server"].get("workers", 1))
         self.config_path = env.path("%s.yaml" % name)
         with open(self.config_path, "w") as f:
             for section, values in cfg.items():
@@ -550,6 +577,20 @@ class Edgemux:
 
     def wait_ready(self, timeout=10):
         wait_until(lambda: self.http("/ready")[0] == 200, timeout, what="%s /ready" % self.name)
+        if self.workers > 1:
+            # /ready answers for the process (any worker with a connected
+            # pipe); a test's device may land on any worker, so each one
+            # must have a pipe, as the single loop has when it is ready
+            wait_until(self.every_worker_has_a_pipe, timeout,
+                       what="%s: a connected pipe on each of %d workers" % (self.name, self.workers))
+
+    def every_worker_has_a_pipe(self):
+        status, body = self.http("/metrics")
+        if status != 200:
+            return False
+        up = {int(m.group(1)): float(m.group(2)) for m in
+              re.finditer(r'^emx_worker_pipes_connected\{worker="(\d+)"\} (\S+)$', body, re.M)}
+        return len(up) == self.workers and all(v > 0 for v in up.values())
 
     def log(self):
         return self.proc.output()

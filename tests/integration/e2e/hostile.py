@@ -40,10 +40,11 @@ import time
 import unittest
 
 from harness import (AUTH, GET, SLACK, SUCCESS, Env, Proc, ao_chunk_ids, ao_header, ao_parse, ao_request,
-                     ao_str, wait_until)
+                     ao_str, pipes, wait_until)
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MIB = 1 << 20
+WORKER_SHIFT = 28        # the top 4 bits of an endpointId name its worker (protocol.md §3)
 
 CANARY_PERIOD = 0.2      # a GET every 200 ms
 # The bounds of issue 12; under a sanitizer build (harness.SLACK) CPU,
@@ -195,11 +196,29 @@ def thing_of(msg):
         return ""
 
 
+def worker_of_identity(identity):
+    """The worker index an X-Edgemux-Server identity names (protocol.md
+    §6.1): `<name>/<k>` with several workers, the bare name (worker 0)
+    with one."""
+    name, sep, k = identity.rpartition("/")
+    return int(k) if sep and name and k.isdigit() else 0
+
+
+def worker_of(eid):
+    """The worker an endpointId belongs to: its top 4 bits (protocol.md §3)."""
+    return (eid >> WORKER_SHIFT) & 0xF
+
+
 class Pipe:
     def __init__(self, sock, idx, headers):
         self.sock = sock
         self.idx = idx
         self.headers = headers
+        # The platform-hop identity of the pipe (protocol.md §6.1-6.2): a
+        # request for an edge goes down a pipe of the identity its traffic
+        # came on, which is a pipe of the worker that holds the edge.
+        self.identity = headers.get(b"x-edgemux-server", b"").decode(errors="replace")
+        self.worker = worker_of_identity(self.identity)
         self.wlock = threading.Lock()
         self.closed = False
         self.sent = 0
@@ -237,7 +256,13 @@ class HostilePlatform:
     `behaviours[thing name](platform, pipe, msg)` handles them. Answers
     edgemux sends to requests the platform made are kept in `answers`.
     `reading` cleared: the platform stops reading every pipe (the kernel
-    buffers fill, edgemux's writes stop draining)."""
+    buffers fill, edgemux's writes stop draining).
+
+    Like a real platform it keys an edge on the pipe identity its traffic
+    came on (X-Edgemux-Server, protocol.md §6.2 "Workers"): pipe_for(eid)
+    is a pipe a request for that edge may go down; a request edgemux sends
+    whose endpointId's top 4 bits are not the pipe's worker is counted in
+    `violations` (platform-sim's worker_mismatch)."""
 
     def __init__(self, app_key, rcvbuf=None):
         self.app_key = app_key.encode()
@@ -253,6 +278,7 @@ class HostilePlatform:
         self.answers = []          # (pipe idx, message) answers to our own requests
         self.requests = 0          # device requests received
         self.device_auths = {}     # endpointId -> sessionId
+        self.edge_servers = {}     # endpointId -> identity of the pipe its AUTH/requests came on
         self.violations = []
         self.behaviours = {}
         self.reading = threading.Event()
@@ -264,6 +290,35 @@ class HostilePlatform:
     def live_pipes(self):
         with self.lock:
             return [p for p in self.pipes if not p.closed]
+
+    def pipes_for(self, eid, server=None):
+        """The live pipes a request for edge eid may go down (protocol.md
+        §6.2): those of the identity (server, or the one the edge's AUTH
+        or requests came on) or, for an edge the platform has not heard
+        from, those of the worker its endpointId's top 4 bits name."""
+        with self.lock:
+            ident = server or self.edge_servers.get(eid)
+            live = [p for p in self.pipes if not p.closed]
+        if ident is not None:
+            return [p for p in live if p.identity == ident]
+        return [p for p in live if p.worker == worker_of(eid)]
+
+    def pipe_for(self, eid, server=None):
+        """One live pipe a request for edge eid may go down (the same one
+        each time while it lives); AssertionError when there is none."""
+        mine = self.pipes_for(eid, server)
+        if not mine:
+            raise AssertionError("no live pipe for endpointId %#x (identity %r; pipes %r)"
+                                 % (eid, server or self.edge_servers.get(eid),
+                                    [(p.idx, p.identity, p.closed) for p in self.pipes]))
+        return mine[0]
+
+    def identities(self):
+        """{X-Edgemux-Server identity: live pipes of it}."""
+        out = {}
+        for p in self.live_pipes():
+            out[p.identity] = out.get(p.identity, 0) + 1
+        return out
 
     def _accept(self):
         while not self.stopping:
@@ -366,6 +421,12 @@ class HostilePlatform:
             with self.lock:
                 self.answers.append((pipe.idx, msg))
             return
+        with self.lock:
+            if eid != 0 and worker_of(eid) != pipe.worker:
+                self.violations.append("pipe %d (%s): worker_mismatch: endpointId %#x"
+                                       % (pipe.idx, pipe.identity, eid))
+            if eid != 0:
+                self.edge_servers[eid] = pipe.identity
         if code == AUTH:
             with self.lock:
                 session = self.device_auths.setdefault(eid, 0x5000 + len(self.device_auths))
@@ -389,23 +450,28 @@ class HostilePlatform:
             except OSError:
                 pass
 
-    def pipes_answering(self, timeout):
-        """True once at least two pipes answer a KEEP_ALIVE sent down them
-        (edgemux answers it itself, protocol.md §6.4): the pipes are read."""
+    def pipes_answering(self, timeout, want=None):
+        """True once `want` pipes (default: every pipe of one edgemux with
+        pipes_per_instance 2, harness.pipes()) answer a KEEP_ALIVE sent
+        down them in one round (edgemux answers it itself, protocol.md
+        §6.4): the pipes are read. The KEEP_ALIVE names an endpointId of
+        the pipe's own worker (top 4 bits), as every request must."""
+        want = pipes() if want is None else want
         end = time.monotonic() + timeout
         rid = 0x7000 + int(time.monotonic() * 10) % 0x1000 * 0x100
         while time.monotonic() < end:
-            pipes = self.live_pipes()
+            pipes_now = self.live_pipes()
             ka = {}
-            for p in pipes:
+            for p in pipes_now:
                 rid += 1
                 ka[rid] = p.idx
-                p.send(ao_header(0x1F, rid, 0x0ABCDEF, 1) + b"\x0A" + ao_str("Ping") + b"\x01" + ao_str("p") +
+                eid = (p.worker << WORKER_SHIFT) | 0x0ABCDEF
+                p.send(ao_header(0x1F, rid, eid, 1) + b"\x0A" + ao_str("Ping") + b"\x01" + ao_str("p") +
                        b"\x00\xff", timeout=0.2)
             time.sleep(0.5)
             with self.lock:
                 ok = {i for i, m in self.answers if struct.unpack(">I", m[2:6])[0] in ka}
-            if len(ok) >= 2:
+            if len(ok) >= want:
                 return True
         return False
 

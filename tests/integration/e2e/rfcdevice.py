@@ -1035,15 +1035,16 @@ def bomb_stream(prefix, inflated, wbits=15):
 # ---------------------------------------------------------------- processes
 
 def sanitized_binary(path=None):
-    """True when edgemux is built with AddressSanitizer (scripts/test.sh's
-    sanitizer tier): its CPU and memory figures are then inflated by the
-    sanitizer (shadow memory, quarantine, instrumented zlib calls)."""
+    """True when edgemux is built with AddressSanitizer or ThreadSanitizer
+    (scripts/test.sh's sanitizer tiers): its CPU and memory figures are then
+    inflated by the sanitizer (shadow memory, quarantine, instrumentation)."""
     from harness import EMX_BIN
     import shutil
     p = path or (EMX_BIN if os.path.isabs(EMX_BIN) else shutil.which(EMX_BIN))
     try:
         with open(p, "rb") as f:
-            return b"AddressSanitizer" in f.read()
+            data = f.read()
+            return b"AddressSanitizer" in data or b"ThreadSanitizer" in data
     except (OSError, TypeError):
         return False
 

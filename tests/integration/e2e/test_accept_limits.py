@@ -2,22 +2,50 @@
 open-file limit minus transport.fd_reserve and while max_http_header_pool
 edges are between accept and upgrade. Connections beyond either cap wait in
 the listen backlog (no EMFILE, nothing dropped) and are served once room
-frees up."""
+frees up.
 
+Both caps are per worker loop: with server.workers N each worker's
+transport has its own handshake pool of max_http_header_pool and takes an
+even share of the open-file budget (docs/operations.md, "Workers"), and
+each worker has its own SO_REUSEPORT listener and backlog. The kernel hands
+a connection to a listener by a hash of its address and port pair, the
+same for the same pair while the listeners stay: the tests learn which
+source ports reach which worker (through upgrades the admin API shows with
+their worker) and then fill, and wait on, every worker's own cap."""
+
+import json
+import random
 import select
 import socket
+import struct
 import time
 import unittest
 
-from harness import SUCCESS, E2ETest, Edgemux, Platform, wait_until
+from harness import SLACK, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, RawEdge, wait_until
 
 UPGRADE = ("GET /Thingworx/WS HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
 
+SHIFT = 28  # the top 4 bits of an endpointId name the worker (protocol.md §6.2)
 
-def send_upgrade(port):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+def connect_from(src_port, port):
+    """A TCP connection to the edge port from 127.0.0.1:src_port."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", src_port))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def send_upgrade(port, src_port):
+    s = connect_from(src_port, port)
     s.sendall(UPGRADE)
     return s
 
@@ -27,35 +55,115 @@ def answered(sock, timeout):
     r, _, _ = select.select([sock], [], [], timeout)
     if not r:
         return False
-    head = sock.recv(4096)
+    sock.settimeout(5)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
     return head.startswith(b"HTTP/1.1 101")
+
+
+def reset_close(sock):
+    """Close with a reset: no TIME_WAIT on either side, so the same
+    address pair can connect again at once."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class UpgradedEdge(RawEdge):
+    """A RawEdge over a socket this test connected and upgraded itself."""
+
+    def __init__(self, sock):  # pylint: disable=super-init-not-called
+        self.sock = sock
+        self.buf = b""
+        self.frames = []
+        self.close_code = None
+
+
+def edges_by_port(emx):
+    """{source port: worker} of every upgraded edge the admin API lists."""
+    status, body = emx.http("/edges")
+    assert status == 200, (status, body)
+    return {int(e["peer"].rsplit(":", 1)[1]): e["endpointId"] >> SHIFT
+            for e in json.loads(body)["edges"]}
+
+
+def learn_ports(test, emx, per_worker, batch=16):
+    """{worker: [source ports]}, at least per_worker ports for every worker:
+    ports whose connections the kernel hands to that worker's listener."""
+    found = {k: [] for k in range(WORKERS)}
+    tried = set()
+    rng = random.Random()
+    for _ in range(100):
+        if all(len(v) >= per_worker for v in found.values()):
+            return found
+        socks = {}
+        while len(socks) < batch:
+            p = rng.randrange(20000, 32000)  # below the ephemeral range
+            if p in tried:
+                continue
+            tried.add(p)
+            try:
+                socks[p] = send_upgrade(emx.edge_port, p)
+            except OSError:
+                continue
+        for s in socks.values():
+            test.assertTrue(answered(s, 5), "an upgrade while learning ports was not answered")
+        by_port = edges_by_port(emx)
+        for p, s in socks.items():
+            found[by_port[p]].append(p)
+            reset_close(s)
+        wait_until(lambda: not edges_by_port(emx), 5 * SLACK, what="the learning edges gone")
+    test.fail("source ports did not reach every worker: %r" % {k: len(v) for k, v in found.items()})
 
 
 class AcceptLimits(E2ETest):
     def test_file_limit_leaves_the_rest_in_the_backlog(self):
         plat = Platform(self.env, 1)
-        # 400 files, 300 kept: at most 100 edge sockets
+        # 400 files, 300 kept: at most 100 edge sockets, each worker its
+        # share of them
         emx = Edgemux(self.env, "emx-fd", plat.ports, wrapper=["prlimit", "--nofile=400:400"],
                       overrides={"transport": {"fd_reserve": 300}})
         emx.wait_ready()
-        edges = [emx.edge() for _ in range(100)]
-        waiting = [send_upgrade(emx.edge_port) for _ in range(10)]
-        for s in waiting:
-            self.assertFalse(answered(s, 0.3), "an edge past the cap was upgraded")
-        for e in edges[:10]:
-            e.close()
-        for s in waiting:
-            self.assertTrue(answered(s, 5), "a waiting edge was not served once room freed up")
+        cap = 100 // WORKERS
+        late = -(-10 // WORKERS)  # 10 past the cap in all, spread over the workers
+        ports = learn_ports(self, emx, cap + late)
+        # every worker filled to its share
+        edges = {k: [] for k in range(WORKERS)}
+        for k in range(WORKERS):
+            for p in ports[k][:cap]:
+                s = send_upgrade(emx.edge_port, p)
+                self.assertTrue(answered(s, 5), "an edge within worker %d's share was not upgraded" % k)
+                edges[k].append(UpgradedEdge(s))
+        by_port = edges_by_port(emx)
+        self.assertEqual(len(by_port), cap * WORKERS)
+        for k in range(WORKERS):  # the kernel kept handing each port to its worker
+            self.assertEqual([by_port[p] for p in ports[k][:cap]], [k] * cap)
+        waiting = {k: [send_upgrade(emx.edge_port, p) for p in ports[k][cap:cap + late]]
+                   for k in range(WORKERS)}
+        for k in range(WORKERS):
+            for s in waiting[k]:
+                self.assertFalse(answered(s, 0.3), "an edge past worker %d's cap was upgraded" % k)
+        for k in range(WORKERS):
+            for e in edges[k][:late]:
+                e.close()
+        for k in range(WORKERS):
+            for s in waiting[k]:
+                self.assertTrue(answered(s, 5), "a waiting edge was not served once room freed up")
+        self.assertEqual(len(edges_by_port(emx)), cap * WORKERS)
         # the ones held all along still work
-        code, _ = edges[50].auth(self.env.app_key)
+        code, _ = edges[WORKERS - 1][cap // 2].auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
         self.assertTrue(emx.proc.alive())
         self.assertNotIn("accept failed", emx.log())
         self.assertNotIn("Too many open files", emx.log())
-        for s in waiting:
-            s.close()
-        for e in edges[10:]:
-            e.close()
+        for k in range(WORKERS):
+            for s in waiting[k]:
+                s.close()
+            for e in edges[k][late:]:
+                e.close()
 
     def test_handshake_cap_holds_new_edges_until_a_slot_frees(self):
         # With eviction as slow as the handshake timeout, a full pool keeps
@@ -66,13 +174,18 @@ class AcceptLimits(E2ETest):
                                                "handshake_timeout": "2s",
                                                "handshake_evict": "2s"}})
         emx.wait_ready()
-        silent = [socket.create_connection(("127.0.0.1", emx.edge_port)) for _ in range(4)]
+        ports = learn_ports(self, emx, 5)
+        # every worker's pool full of silent sockets, then one edge more
+        # for each worker
+        silent = [connect_from(p, emx.edge_port) for k in range(WORKERS) for p in ports[k][:4]]
         time.sleep(0.3)  # let edgemux accept them: the cap is now full
         t0 = time.monotonic()
-        late = send_upgrade(emx.edge_port)
-        self.assertFalse(answered(late, 1.0), "accepted past max_http_header_pool")
-        # the silent sockets hit the handshake timeout; then the late edge is served
-        self.assertTrue(answered(late, 5), "the waiting edge was never served")
+        late = [send_upgrade(emx.edge_port, ports[k][4]) for k in range(WORKERS)]
+        r, _, _ = select.select(late, [], [], 1.0)
+        self.assertEqual(r, [], "accepted past max_http_header_pool")
+        # the silent sockets hit the handshake timeout; then the late edges are served
+        for s in late:
+            self.assertTrue(answered(s, 5), "the waiting edge was never served")
         self.assertGreater(time.monotonic() - t0, 1.5)
         for s in silent:
             s.settimeout(2)
@@ -81,7 +194,8 @@ class AcceptLimits(E2ETest):
             except ConnectionResetError:
                 pass
             s.close()
-        late.close()
+        for s in late:
+            s.close()
         # a normal edge gets through at once now
         e = emx.edge(app_key=self.env.app_key)
         code, _ = e.auth(self.env.app_key)
@@ -97,24 +211,32 @@ class AcceptLimits(E2ETest):
                                                "handshake_evict": "100ms",
                                                "handshake_timeout": "10s"}})
         emx.wait_ready()
-        silent = [socket.create_connection(("127.0.0.1", emx.edge_port)) for _ in range(8)]
+        ports = learn_ports(self, emx, 9)
+        # twice the pool of silent sockets at every worker
+        silent = {k: [connect_from(p, emx.edge_port) for p in ports[k][:8]] for k in range(WORKERS)}
         time.sleep(0.3)
-        t0 = time.monotonic()
-        e = emx.edge(app_key=self.env.app_key)
-        code, _ = e.auth(self.env.app_key)
-        self.assertEqual(code, SUCCESS)
-        self.assertLess(time.monotonic() - t0, 1.0)
-        dropped = 0
-        for s in silent[:4]:
-            s.settimeout(2)
-            try:
-                dropped += s.recv(1) == b""
-            except ConnectionResetError:
-                dropped += 1
-        self.assertEqual(dropped, 4, "the oldest silent sockets were not dropped")
-        for s in silent:
-            s.close()
-        e.close()
+        for k in range(WORKERS):  # a device behind them, at every worker
+            t0 = time.monotonic()
+            s = send_upgrade(emx.edge_port, ports[k][8])
+            self.assertTrue(answered(s, 5), "worker %d's device was not upgraded" % k)
+            e = UpgradedEdge(s)
+            code, _ = e.auth(self.env.app_key)
+            self.assertEqual(code, SUCCESS)
+            self.assertLess(time.monotonic() - t0, 1.0 * SLACK)
+            self.assertEqual(edges_by_port(emx).get(ports[k][8]), k)
+            e.close()
+        for k in range(WORKERS):
+            dropped = 0
+            for s in silent[k][:4]:
+                s.settimeout(2)
+                try:
+                    dropped += s.recv(1) == b""
+                except ConnectionResetError:
+                    dropped += 1
+            self.assertEqual(dropped, 4, "worker %d's oldest silent sockets were not dropped" % k)
+        for k in range(WORKERS):
+            for s in silent[k]:
+                s.close()
 
 
 if __name__ == "__main__":

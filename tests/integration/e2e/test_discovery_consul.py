@@ -5,7 +5,12 @@ documented blocking-query API; Consul itself is not packaged in Debian).
 An instance registered at the source carries traffic within 1 s; a
 deregistered one is drained (its in-flight requests answered, no new ones,
 then its pipes closed); the source stopped for a minute changes nothing
-(EMX_CONSUL_DOWN_SECONDS sets the minute, for quicker local runs)."""
+(EMX_CONSUL_DOWN_SECONDS sets the minute, for quicker local runs).
+
+With several worker loops (server.workers) the one Consul watch (worker 0)
+hands every set to every worker: within the same second an added instance
+has every worker's pipes, and a deregistered one is drained by every
+worker."""
 
 import json
 import os
@@ -14,8 +19,9 @@ import time
 import unittest
 import urllib.request
 
-from harness import (GET, SOURCE_DIR, SUCCESS, E2ETest, Edgemux, Platform, Proc, ao_request,
-                     wait_until)
+from discovery_workers import by_every_worker, every_worker_piped
+from harness import (GET, SLACK, SOURCE_DIR, SUCCESS, E2ETest, Edgemux, Platform, Proc, ao_request,
+                     pipes, wait_until)
 
 FIXTURE = os.path.join(SOURCE_DIR, "tests", "integration", "consul", "consul_fixture.py")
 SERVICE = "thingworx"
@@ -81,7 +87,7 @@ class ConsulDiscovery(E2ETest):
                            overrides={"platform": {"request_timeout": "4s",
                                                    "all_down_grace": "1s"}})
         self.emx.wait_ready()
-        want = [2 if i in used else 0 for i in range(3)]
+        want = [pipes() if i in used else 0 for i in range(3)]
         wait_until(lambda: self.plat.pipes_connected() == want, 10, what="pipes %r" % want)
         self.e = self.emx.edge(app_key=self.env.app_key)
         self.addCleanup(self.e.close)
@@ -110,15 +116,22 @@ class ConsulDiscovery(E2ETest):
         self.assertEqual(d[2], 0)
         t0 = time.monotonic()
         self.consul.register(self.plat.ports[2], "tw-2")
-        # Small bursts until the new instance takes a share: within 1 s.
+        # Small bursts until the new instance takes a share: within 1 s
+        # (SLACK: sanitizer builds only).
+        limit = 1.0 * SLACK
         while True:
             _, d = self.burst(6)
             if d[2] > 0:
                 break
-            self.assertLess(time.monotonic() - t0, 1.0, "no traffic to the new instance in 1 s")
+            self.assertLess(time.monotonic() - t0, limit, "no traffic to the new instance in 1 s")
             time.sleep(0.02)
-        self.assertLess(time.monotonic() - t0, 1.0)
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 5, what="all pipes")
+        self.assertLess(time.monotonic() - t0, limit)
+        # The edge is on one worker; within the same second every worker
+        # (each its own identity) has its pipes to the new instance.
+        wait_until(lambda: every_worker_piped(self.plat, 2, self.emx.name),
+                   max(0.05, limit - (time.monotonic() - t0)),
+                   what="every worker's pipes to the new instance within 1 s")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 3, 5, what="all pipes")
         _, d = self.burst(30)
         self.assertGreaterEqual(d[2], 8, "the new instance gets no fair share: %r" % d)
         self.assertEqual(sum(d), 30)
@@ -132,8 +145,8 @@ class ConsulDiscovery(E2ETest):
         held = self.plat.msgs_in()[1] - before[1]
         self.assertGreater(held, 0)
         self.consul.deregister("tw-1")
-        wait_until(lambda: "127.0.0.1:%d) left discovery: draining" % port in self.emx.log(), 5,
-                   what="instance 2 draining")
+        wait_until(lambda: by_every_worker(self.emx.log(), "127.0.0.1:%d) left discovery: draining" % port),
+                   5, what="instance 2 draining (every worker)")
         later, _ = self.burst(9, wait=False)
         got = self.e.answers(lambda g: all(r in g for r in first + later),
                              timeout=LATENCY_MS / 1000.0 + 4)
@@ -142,7 +155,9 @@ class ConsulDiscovery(E2ETest):
         after = self.plat.msgs_in()
         self.assertEqual(after[1] - before[1], held, "new requests reached the drained instance")
         wait_until(lambda: self.plat.pipes_connected()[1] == 0, 5, what="drained pipes closed")
-        self.assertEqual(self.plat.pipes_connected(), [2, 0, 2])
+        self.assertTrue(by_every_worker(self.emx.log(), "127.0.0.1:%d) drained and removed" % port),
+                        self.emx.log())
+        self.assertEqual(self.plat.pipes_connected(), [pipes(), 0, pipes()])
         self.assertEqual(self.plat.stats()["violations"], 0)
 
     def test_source_down_changes_nothing(self):
@@ -155,7 +170,7 @@ class ConsulDiscovery(E2ETest):
         while time.monotonic() < deadline:
             _, d = self.burst(9)
             self.assertTrue(all(x > 0 for x in d), "an instance lost traffic: %r" % d)
-            self.assertEqual(self.plat.pipes_connected(), [2, 2, 2])
+            self.assertEqual(self.plat.pipes_connected(), [pipes()] * 3)
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
         self.assertNotIn("left discovery", self.emx.log())
         self.assertEqual(self.emx.http("/ready")[0], 200)
@@ -167,7 +182,7 @@ class ConsulDiscovery(E2ETest):
         wait_until(lambda: "consul answers again" in self.emx.log(), 10, what="source back")
         _, d = self.burst(9)
         self.assertTrue(all(x > 0 for x in d), d)
-        self.assertEqual(self.plat.pipes_connected(), [2, 2, 2])
+        self.assertEqual(self.plat.pipes_connected(), [pipes()] * 3)
         self.assertNotIn("left discovery", self.emx.log())
 
 

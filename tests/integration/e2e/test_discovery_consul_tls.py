@@ -13,7 +13,12 @@ made at test time (harness.PKI).
 - After a good set, the fixture comes back on its port with a certificate of
   the right CA for another host name: the host name check fails, the last
   good set is kept (pipes, traffic, /ready 200); the good certificate back,
-  the plugin says Consul answers again."""
+  the plugin says Consul answers again.
+
+With several worker loops (server.workers) the one Consul watch runs on
+worker 0 and every worker logs each source failure it is handed: the
+failures are counted on worker 0's lines (one per failed query), and every
+worker has its pipes to each instance."""
 
 import json
 import os
@@ -24,8 +29,9 @@ import time
 import unittest
 import urllib.request
 
+from discovery_workers import every_worker_piped, worker0_lines
 from harness import (PKI, SOURCE_DIR, E2ETest, Edgemux, Platform, Proc, check_ledger, edge_sim,
-                     wait_until)
+                     pipes, wait_until)
 
 FIXTURE = os.path.join(SOURCE_DIR, "tests", "integration", "consul", "consul_fixture.py")
 SERVICE = "thingworx"
@@ -101,8 +107,9 @@ class ConsulDiscoveryTLS(E2ETest):
         return [a - b for a, b in zip(self.plat.msgs_in(), before)]
 
     def failures(self, emx):
+        # one line per failed query: worker 0's (each worker repeats it)
         return re.findall(r"discovery source failed \(([^\n]*)\); keeping the last good set",
-                          emx.log())
+                          worker0_lines(emx.log()))
 
     def instances(self, emx):
         status, body = emx.http("/instances")
@@ -115,7 +122,8 @@ class ConsulDiscoveryTLS(E2ETest):
         consul.register(self.plat.ports[1], "tw-1")
         emx = self.edgemux(consul)
         emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 0], 10, what="pipes [2, 2, 0]")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes(), pipes(), 0], 10,
+                   what="pipes [2, 2, 0] per worker")
         self.assertEqual(sorted(i["port"] for i in self.instances(emx)), sorted(self.plat.ports[:2]))
         d = self.traffic(emx)
         self.assertGreater(d[0], 0, d)
@@ -125,7 +133,9 @@ class ConsulDiscoveryTLS(E2ETest):
         # reaches it through that query.
         wait_until(lambda: consul.ctl("stats")["blocking"] >= 1, 5, what="a blocking query")
         consul.register(self.plat.ports[2], "tw-2")
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 5, what="pipes [2, 2, 2]")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 3, 5,
+                   what="pipes [2, 2, 2] per worker")
+        self.assertTrue(every_worker_piped(self.plat, 2, emx.name), self.plat.stats())
         d = self.traffic(emx)
         self.assertTrue(all(x > 0 for x in d), d)
         self.assertEqual(self.failures(emx), [])
@@ -156,7 +166,7 @@ class ConsulDiscoveryTLS(E2ETest):
             consul.register(self.plat.ports[i], "tw-%d" % i)
         emx = self.edgemux(consul)
         emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 10, what="all pipes")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 3, 10, what="all pipes")
         port = consul.port
         # Back on its port with a certificate of the right CA for another name
         # (and no instances registered: were it trusted, all would leave).
@@ -172,7 +182,7 @@ class ConsulDiscoveryTLS(E2ETest):
         self.assertNotIn("left discovery", emx.log())
         self.assertEqual(len(self.instances(emx)), 3)
         self.assertEqual(emx.http("/ready")[0], 200)
-        self.assertEqual(self.plat.pipes_connected(), [2, 2, 2])
+        self.assertEqual(self.plat.pipes_connected(), [pipes()] * 3)
         d = self.traffic(emx)
         self.assertTrue(all(x > 0 for x in d), d)
         # The good certificate back, same instances: the plugin answers again
@@ -184,7 +194,7 @@ class ConsulDiscoveryTLS(E2ETest):
         wait_until(lambda: "consul answers again" in emx.log(), 10, what="source back")
         time.sleep(0.3)
         self.assertNotIn("left discovery", emx.log())
-        self.assertEqual(self.plat.pipes_connected(), [2, 2, 2])
+        self.assertEqual(self.plat.pipes_connected(), [pipes()] * 3)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Static discovery reloads (rule 9): editing the instances file, in place or
 by rename, adds an instance that then gets traffic, and drains a removed
-one: no new requests, its pending ones answered, then its pipes closed."""
+one: no new requests, its pending ones answered, then its pipes closed.
+
+With several worker loops (server.workers) every worker gets the file's set:
+an added instance has every worker's pipes, a removed one is drained and
+removed by every worker."""
 
 import unittest
 
-from harness import GET, SUCCESS, E2ETest, Edgemux, Platform, ao_request, wait_until
+from discovery_workers import by_every_worker, every_worker_piped
+from harness import GET, SUCCESS, E2ETest, Edgemux, Platform, ao_request, pipes, wait_until
 
 LATENCY_MS = 1500
 
@@ -17,9 +22,10 @@ class StaticReload(E2ETest):
                            overrides={"platform": {"request_timeout": "4s", "all_down_grace": "1s"},
                                       "edge": {"drain_spread": "100ms"}})
         self.emx.wait_ready()
-        want = [2 if i in ports_used else 0 for i in range(3)]
+        want = [pipes() if i in ports_used else 0 for i in range(3)]
         wait_until(lambda: self.plat.pipes_connected() == want, 10, what="pipes %r" % want)
         self.e = self.emx.edge(app_key=self.env.app_key)
+        self.addCleanup(self.e.close)
         code, self.sid = self.e.auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
         self.rid = 1
@@ -44,7 +50,9 @@ class StaticReload(E2ETest):
         _, d = self.burst(30)
         self.assertEqual(d[2], 0)
         self.emx.write_instances(self.plat.ports, rename=rename)
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 10, what="pipes to the new instance")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 3, 10,
+                   what="pipes to the new instance")
+        self.assertTrue(every_worker_piped(self.plat, 2, self.emx.name), self.plat.stats())
         _, d = self.burst(30)
         self.assertGreaterEqual(d[2], 8, "the new instance gets no traffic: %r" % d)
         self.assertEqual(sum(d), 30)
@@ -59,8 +67,8 @@ class StaticReload(E2ETest):
         held = self.plat.msgs_in()[1] - before[1]
         self.assertGreater(held, 0)
         self.emx.write_instances([self.plat.ports[0], self.plat.ports[2]], rename=rename)
-        wait_until(lambda: "127.0.0.1:%d) left discovery: draining" % port in self.emx.log(), 5,
-                   what="instance 2 draining")
+        wait_until(lambda: by_every_worker(self.emx.log(), "127.0.0.1:%d) left discovery: draining" % port),
+                   5, what="instance 2 draining (every worker)")
         # No new request goes to the drained instance ...
         later, _ = self.burst(9, wait=False)
         # ... and what it held is answered by it, not cut off (0xA3).
@@ -72,8 +80,9 @@ class StaticReload(E2ETest):
         self.assertEqual(after[1] - before[1], held, "new requests reached the drained instance")
         # Then its pipes are closed and the instance is gone.
         wait_until(lambda: self.plat.pipes_connected()[1] == 0, 5, what="drained pipes closed")
-        self.assertIn("127.0.0.1:%d) drained and removed" % port, self.emx.log())
-        self.assertEqual(self.plat.pipes_connected(), [2, 0, 2])
+        self.assertTrue(by_every_worker(self.emx.log(), "127.0.0.1:%d) drained and removed" % port),
+                        self.emx.log())
+        self.assertEqual(self.plat.pipes_connected(), [pipes(), 0, pipes()])
         self.assertEqual(self.plat.stats()["violations"], 0)
 
     def test_added_instance_gets_traffic_rename(self):

@@ -10,7 +10,7 @@ import zlib
 
 from harness import (AUTH, BAD_REQUEST, GET, INTERNAL_ERROR, KEEP_ALIVE, SUCCESS, E2ETest,
                      Edgemux, Platform, ao_auth, ao_bind, ao_header, ao_parse, ao_request,
-                     edge_sim, wait_until)
+                     edge_sim, pipes, wait_until)
 
 
 class EdgeOutcomes(E2ETest):
@@ -18,7 +18,7 @@ class EdgeOutcomes(E2ETest):
         self.plat = Platform(self.env, instances, extra=psim_extra)
         self.emx = Edgemux(self.env, "emx-a", self.plat.ports, overrides=overrides)
         self.emx.wait_ready()
-        wait_until(lambda: all(n == 2 for n in self.plat.pipes_connected()), 10,
+        wait_until(lambda: all(n == pipes() for n in self.plat.pipes_connected()), 10,
                    what="every pipe connected")
 
     def test_round_robin_across_three_instances(self):
@@ -182,6 +182,11 @@ class EdgeOutcomes(E2ETest):
         for n in (1, 2, 3):
             self.plat.cmd("restore %d" % n)
         self.emx.wait_ready(10)
+        # /ready is 200 once any worker has a pipe again; e2's worker may
+        # reconnect a moment later (each worker has its own pipes), so wait
+        # for every pipe of every worker before its AUTH.
+        wait_until(lambda: all(n == pipes() for n in self.plat.pipes_connected()), 10,
+                   what="every pipe reconnected")
         self.assertEqual(e2.auth(self.env.app_key, request_id=2)[0], SUCCESS)
 
 

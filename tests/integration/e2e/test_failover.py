@@ -7,9 +7,9 @@ import struct
 import time
 import unittest
 
-from harness import (GATEWAY_TIMEOUT, GET, SERVICE_UNAVAILABLE, SUCCESS, UNAUTHORIZED, E2ETest,
+from harness import (GATEWAY_TIMEOUT, GET, SERVICE_UNAVAILABLE, SUCCESS, UNAUTHORIZED, WORKERS, E2ETest,
                      Edgemux, Platform, ao_auth, ao_header, ao_infotable_blob, ao_parse, ao_request,
-                     ao_str, wait_until)
+                     ao_str, pipes, wait_until)
 
 
 def big_request(request_id, session_id, size):
@@ -34,7 +34,7 @@ class KilledInstance(E2ETest):
                       overrides={"platform": {"request_timeout": "5s", "all_down_grace": "1s"},
                                  "edge": {"drain_spread": "100ms"}})
         emx.wait_ready()
-        wait_until(lambda: all(p.pipes_connected() == [2] for p in plats), 10,
+        wait_until(lambda: all(p.pipes_connected() == [pipes()] for p in plats), 10,
                    what="every pipe connected")
 
         # AUTH: find the process that issued the edge's session.
@@ -71,6 +71,13 @@ class KilledInstance(E2ETest):
 
         # Nothing more goes to the killed instance: every message a new edge
         # sends lands at a survivor, and every request is answered by one.
+        # (A new edge may land on another worker, with pipes of its own:
+        # every worker has seen them close first; with one worker, e's 0xA3
+        # answers already say so.)
+        prefixes = [""] if WORKERS == 1 else ["w%d: " % k for k in range(WORKERS)]
+        wait_until(lambda: all("%sinstance 127.0.0.1:%d pipe %d closed" % (w, victim.ports[0], i)
+                               in emx.log() for w in prefixes for i in (0, 1)), 5,
+                   what="every worker saw the killed instance's pipes close")
         counts = [p.msgs_in()[0] for p in survivors]
         e2 = emx.edge(app_key=self.env.app_key)
         code, sid2 = e2.auth(self.env.app_key)
@@ -98,7 +105,7 @@ class StoppedReader(E2ETest):
               "edge": dict({"drain_spread": "100ms"}, **(edge_overrides or {}))}
         self.emx = Edgemux(self.env, "emx-slow", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 10, what="every pipe connected")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 3, 10, what="every pipe connected")
         self.e = self.emx.edge(app_key=self.env.app_key)
         code, self.sid = self.e.auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
@@ -191,7 +198,7 @@ class AuthInFlight(E2ETest):
                       overrides={"platform": {"request_timeout": "4s", "all_down_grace": "5s"},
                                  "edge": {"drain_spread": "100ms"}})
         emx.wait_ready()
-        wait_until(lambda: plat.pipes_connected() == [2, 2], 10, what="every pipe connected")
+        wait_until(lambda: plat.pipes_connected() == [pipes()] * 2, 10, what="every pipe connected")
         for n in (1, 2):
             self.assertEqual(plat.cmd("stop-reading %d" % n), "ok")
         e = emx.edge(app_key=self.env.app_key)
@@ -205,6 +212,9 @@ class AuthInFlight(E2ETest):
             self.assertEqual(plat.cmd("resume-reading %d" % n), "ok")
             self.assertEqual(plat.cmd("restore %d" % n), "ok")
         emx.wait_ready(5)
+        # /ready is 200 once any worker has a pipe again; the edge's worker
+        # may reconnect a moment later (each worker has its own pipes).
+        wait_until(lambda: plat.pipes_connected() == [pipes()] * 2, 10, what="every pipe reconnected")
         self.assertEqual(e.auth(self.env.app_key, request_id=2)[0], SUCCESS)
 
 

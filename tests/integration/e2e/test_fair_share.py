@@ -9,19 +9,21 @@ refused 0xA3 (its own business), a request that finds no pipe writable reads
 the pipes' queues again before giving up, and the light device gets its
 answers."""
 
+import json
 import threading
 import time
 import unittest
 
-from harness import (GET, INTERNAL_ERROR, PUT, SERVICE_UNAVAILABLE, SLACK, SUCCESS, E2ETest, Edgemux,
+from harness import (GET, INTERNAL_ERROR, PUT, SERVICE_UNAVAILABLE, SLACK, SUCCESS, WORKERS, E2ETest, Edgemux,
                      Platform, ao_chunk_ids, ao_header, ao_infotable_blob, ao_parse, ao_str,
-                     wait_until)
+                     pipes, wait_until)
 
 KIB = 1024
 HEAVY_DEVICES = 4
 HEAVY_BURST = 32
 HEAVY_SIZE = 256 * KIB
 SECONDS = 8.0
+SHIFT = 28  # the top 4 bits of an endpointId name the worker (protocol.md §6.2)
 
 
 def get(request_id, session_id, name, thing="SteamSensor"):
@@ -41,13 +43,42 @@ class FairShare(E2ETest):
         ov = {"edge": dict(edge or {})}
         self.emx = Edgemux(self.env, "emx-fair", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2], 10, what="every pipe connected")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 2, 10, what="every pipe connected")
 
     def authed_edge(self):
         e = self.emx.edge(app_key=self.env.app_key, timeout=30)
         code, sid = e.auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
         return e, sid
+
+    def worker_of(self, e):
+        """The worker holding edge e (its endpointId in the admin API)."""
+        port = e.sock.getsockname()[1]
+        status, body = self.emx.http("/edges")
+        self.assertEqual(status, 200)
+        for x in json.loads(body)["edges"]:
+            if x["peer"].endswith(":%d" % port):
+                return x["endpointId"] >> SHIFT
+        self.fail("edge from port %d not in /edges: %s" % (port, body))
+
+    def authed_edges_on_one_worker(self, n):
+        """n AUTHed edges held by one worker. Pipes, their watermarks and
+        the shares are a worker's own: the heavy devices and the light one
+        must meet on the same worker's pipes for the test to mean anything,
+        so with several workers edges on other workers are closed again."""
+        kept, target = [], None
+        for _ in range(40 * n):
+            e, sid = self.authed_edge()
+            k = self.worker_of(e) if WORKERS > 1 else 0
+            if target is None:
+                target = k
+            if k == target:
+                kept.append((e, sid))
+                if len(kept) == n:
+                    return kept
+            else:
+                e.close()
+        self.fail("%d edges did not reach one worker" % n)
 
     def heavy(self, e, sid, stop, codes, errors):
         """Bursts of HEAVY_BURST big PUTs; the next burst once all are answered."""
@@ -70,8 +101,7 @@ class FairShare(E2ETest):
             errors.append(repr(ex))
 
     def run_load(self):
-        heavies = [self.authed_edge() for _ in range(HEAVY_DEVICES)]
-        light, lsid = self.authed_edge()
+        *heavies, (light, lsid) = self.authed_edges_on_one_worker(HEAVY_DEVICES + 1)
         stop = threading.Event()
         heavy_codes, errors = {}, []
         threads = [threading.Thread(target=self.heavy, args=(e, sid, stop, heavy_codes, errors),

@@ -13,7 +13,7 @@ import time
 import unittest
 
 from harness import (GET, POST, SUCCESS, Edgemux, Platform, RawEdge, ao_bind, ao_header,
-                     ao_multipart_request, ao_str, wait_until)
+                     ao_multipart_request, ao_str, pipes, wait_until)
 from hostile import (HostilePlatform, HostileSuite, Reader, client_frame, cpu_seconds, edges, flood,
                      send_all, ws_frame)
 
@@ -35,20 +35,21 @@ class HostilePlatforms(HostileSuite):
         shared.update(emx=emx, plat=plat, hostile=hostile)
 
     def wait_topology(self, shared):
-        wait_until(lambda: len(shared["hostile"].live_pipes()) >= 2, 10, what="pipes to the hostile platform")
+        wait_until(lambda: len(shared["hostile"].live_pipes()) >= pipes(), 10, what="pipes to the hostile platform")
 
     def setUp(self):
         super().setUp()
         self.plat = self.shared["plat"]
         self.hostile = self.shared["hostile"]
         self.hostile.reading.set()
-        # the hostile instance holds two pipes that edgemux reads before each
-        # attack (an attack that left them unread is failed by its own test;
-        # the platform then hangs up so the next attack starts clean)
+        # the hostile instance holds two pipes per worker loop (pipes()) that
+        # edgemux reads before each attack (an attack that left them unread
+        # is failed by its own test; the platform then hangs up so the next
+        # attack starts clean)
         if not self.hostile.pipes_answering(5.0):
             self.hostile.drop_pipes()
         wait_until(lambda: self.hostile.pipes_answering(1.0) and
-                   self.emx.http("/instances")[1].count('"pipes_up":2') == 2, 15,
+                   self.emx.http("/instances")[1].count('"pipes_up":%d' % pipes()) == 2, 15,
                    what="both instances' pipes connected and read")
 
     def device(self):
@@ -129,7 +130,8 @@ class HostilePlatforms(HostileSuite):
     def test_endless_answer_to_deaf_platform(self):
         def run(obs):
             s, sid, eid, r = self.device()
-            pipe = self.hostile.live_pipes()[0]
+            # a pipe of the worker holding the device (protocol.md §6.2)
+            pipe = self.hostile.pipe_for(eid)
             req = ao_header(GET, 0x4242, eid, 0x5000) + b"\x0A" + ao_str("SteamSensor") + b"\x01" + \
                 ao_str("p") + b"\x00\xff"
             pipe.send(req)

@@ -3,14 +3,22 @@ instances stalled the loop and ran the process out of files):
 discovery.max_instances refuses a larger set and keeps the last good one,
 a set whose pipes would eat the open-file budget is refused the same way,
 and a large accepted set opens its pipes a few at a time while /health and
-the devices keep being served."""
+the devices keep being served.
+
+With several worker loops (server.workers) every worker opens
+pipes_per_instance pipes to every instance, and the open-file limit is the
+process's: a set is weighed by the pipes of all workers (pipes() per
+instance) against the same process-wide budget, so 1/N as many instances
+fit. The tests keep the process's pipe counts of the single loop and take
+1/N of the instances."""
 
 import os
 import resource
 import time
 import unittest
 
-from harness import GET, SUCCESS, E2ETest, Edgemux, Platform, ao_parse, ao_request, free_port, wait_until
+from harness import (GET, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_parse, ao_request, free_port,
+                     pipes, wait_until)
 
 
 def write_instances(path, ports):
@@ -75,7 +83,8 @@ class LargeSets(E2ETest):
             self.skipTest("hard open-file limit %d below 1024" % hard)
         plat = Platform(self.env, 1)
         # edgemux inherits 1024 open files: (1024 - 256) / 2 = 384 pipes, 192
-        # instances at 2 pipes each.
+        # instances at 2 pipes each; with N workers 2 * N pipes each (the
+        # budget is the process's, not a worker's).
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
         try:
             emx = Edgemux(self.env, "emx-budget", plat.ports)
@@ -84,11 +93,22 @@ class LargeSets(E2ETest):
         emx.wait_ready()
         write_instances(emx.instances_file, plat.ports + closed_ports(299, plat.ports))
         wait_until(lambda: "exceed the open-file budget" in emx.log(), 10, what="budget refusal")
-        self.assertIn("set of 300 instances refused: its 600 pipes (2 per instance) exceed the "
-                      "open-file budget of 384", emx.log())
+        self.assertIn("set of 300 instances refused: its %d pipes (%d per instance%s) exceed the "
+                      "open-file budget of 384" % (300 * pipes(), pipes(),
+                                                   ", all workers" if WORKERS > 1 else ""),
+                      emx.log())
         self.assertEqual(len(self.instances(emx)["instances"]), 1)
-        write_instances(emx.instances_file, plat.ports + closed_ports(150, plat.ports))
-        wait_until(lambda: len(self.instances(emx)["instances"]) == 151, 10, what="151 instances")
+        if WORKERS > 1:
+            # 151 instances fit one loop (302 pipes) but not N of them: the
+            # process would hold 151 * pipes() pipes.
+            write_instances(emx.instances_file, plat.ports + closed_ports(150, plat.ports))
+            wait_until(lambda: "set of 151 instances refused: its %d pipes" % (151 * pipes())
+                       in emx.log(), 10, what="budget refusal of 151 instances")
+            self.assertEqual(len(self.instances(emx)["instances"]), 1)
+        # About 300 pipes of the process: accepted.
+        n = 1 + 150 // WORKERS
+        write_instances(emx.instances_file, plat.ports + closed_ports(n - 1, plat.ports))
+        wait_until(lambda: len(self.instances(emx)["instances"]) == n, 10, what="%d instances" % n)
         self.request_ok(emx, 4)
 
     def test_large_set_keeps_the_loop_serving(self):
@@ -111,8 +131,11 @@ class LargeSets(E2ETest):
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         emx.wait_ready()
         # 20 live instances among 3,000: 6,000 pipes, most refused at once
-        # and retried with backoff.
-        write_instances(emx.instances_file, plat.ports + closed_ports(2980, plat.ports))
+        # and retried with backoff. With N workers 3,000 / N instances make
+        # the same 6,000 pipes of the process (3,000 would need 6,000 * N
+        # files of the limit's half: the set would be refused).
+        count = 6000 // pipes()
+        write_instances(emx.instances_file, plat.ports + closed_ports(count - 20, plat.ports))
         worst = 0.0
         t_end = time.monotonic() + 8
         while time.monotonic() < t_end:
@@ -125,9 +148,10 @@ class LargeSets(E2ETest):
         # waits; the margin is for sanitizer builds and tests run in parallel.
         self.assertLess(worst, 1.0, "/health took %.3f s at worst" % worst)
         self.assertLess(self.request_ok(emx, 5), 1.5)
-        wait_until(lambda: len(self.instances(emx)["instances"]) == 3000, 10, what="3000 instances")
-        # Every live instance gets its pipes.
-        wait_until(lambda: all(n >= 2 for n in plat.pipes_connected()), 30, what="live pipes")
+        wait_until(lambda: len(self.instances(emx)["instances"]) == count, 10,
+                   what="%d instances" % count)
+        # Every live instance gets its pipes (every worker's).
+        wait_until(lambda: all(n >= pipes() for n in plat.pipes_connected()), 30, what="live pipes")
         self.assertEqual(emx.proc.stop(), 0)
 
 

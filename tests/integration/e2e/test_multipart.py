@@ -5,7 +5,7 @@ of its chunks reaches another instance."""
 import unittest
 
 from harness import (GET, INTERNAL_ERROR, PUT, SUCCESS, E2ETest, Edgemux, Platform,
-                     ao_multipart_request, ao_request, check_ledger, edge_sim, wait_until)
+                     ao_multipart_request, ao_request, check_ledger, edge_sim, pipes, wait_until)
 
 MIB = 1024 * 1024
 
@@ -19,7 +19,7 @@ class Multipart(E2ETest):
             ov.setdefault(k, {}).update(v)
         self.emx = Edgemux(self.env, "emx-mp", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
-        n = int(ov["platform"].get("pipes_per_instance", 2))
+        n = pipes(int(ov["platform"].get("pipes_per_instance", 2)))
         wait_until(lambda: self.plat.pipes_connected() == [n, n, n], 10,
                    what="every pipe connected")
 

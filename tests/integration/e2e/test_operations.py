@@ -10,8 +10,9 @@ import socket
 import time
 import unittest
 
-from harness import (BIND, GET, SERVICE_UNAVAILABLE, SUCCESS, E2ETest, Edgemux, Platform,
-                     ao_auth, ao_bind, ao_parse, ao_request, edge_sim, free_port, wait_until)
+from harness import (BIND, GET, SERVICE_UNAVAILABLE, SUCCESS, WORKERS, E2ETest, Edgemux, Platform,
+                     ao_auth, ao_bind, ao_parse, ao_request, edge_sim, free_port, pipes,
+                     wait_until)
 
 FORBIDDEN = 0x83
 
@@ -68,7 +69,7 @@ class Operations(E2ETest):
         self.emx = Edgemux(self.env, "emx-ops", self.plat.ports, overrides=overrides,
                            admin_token=True)
         self.emx.wait_ready()
-        wait_until(lambda: all(n == 2 for n in self.plat.pipes_connected()), 10,
+        wait_until(lambda: all(n == pipes() for n in self.plat.pipes_connected()), 10,
                    what="every pipe connected")
 
     def authed_edge(self, **kw):
@@ -103,7 +104,7 @@ class Operations(E2ETest):
         self.assertEqual(metric(m, "emx_edges_accepted_total"), 2)
         self.assertEqual(metric(m, "emx_edge_auth_total", result="ok"), 1)
         self.assertEqual(metric(m, "emx_edge_auth_total", result="failed"), 1)
-        self.assertEqual(metric(m, "emx_pipes_connected"), 4)
+        self.assertEqual(metric(m, "emx_pipes_connected"), 2 * pipes())
         self.assertEqual(metric(m, "emx_ready"), 1)
         # 11 requests forwarded (AUTH + 10 GETs) and the bad AUTH
         self.assertEqual(metric(m, "emx_request_latency_seconds_count"), 12)
@@ -113,12 +114,18 @@ class Operations(E2ETest):
         self.assertEqual(routed, 12)
         to_platform = sum(metric(m, "emx_instance_messages_total", instance=i,
                                  direction="to_platform") for i in self.instance_ids())
-        # pipe AUTHs (4) + 12 requests
-        self.assertEqual(to_platform, 16)
+        # pipe AUTHs (one per pipe: 2 instances × pipes()) + 12 requests
+        self.assertEqual(to_platform, 2 * pipes() + 12)
         for i in self.instance_ids():
-            self.assertEqual(metric(m, "emx_pipes", instance=i, state="up"), 2)
-            self.assertEqual(metric(m, "emx_pipe_writable", instance=i, pipe="0"), 1)
-        self.assertGreaterEqual(metric(m, "emx_discovery_updates_total", plugin="static"), 1)
+            # every worker's pipes to the instance
+            self.assertEqual(metric(m, "emx_pipes", instance=i, state="up"), pipes())
+            # pipe labels are "<worker>.<index>" with several workers
+            for k in range(WORKERS):
+                label = "%d.0" % k if WORKERS > 1 else "0"
+                self.assertEqual(metric(m, "emx_pipe_writable", instance=i, pipe=label), 1)
+        # the one set the file gave (static reports changes only), counted
+        # once however many workers got a copy of it
+        self.assertEqual(metric(m, "emx_discovery_updates_total", plugin="static"), 1)
         self.assertIsNotNone(metric(m, "emx_discovery_last_good_age_seconds", plugin="static"))
         # edgemux's own answers by reason
         self.assertEqual(metric(before, "emx_answers_total", reason="keep_alive"), 0)
@@ -145,7 +152,7 @@ class Operations(E2ETest):
             self.assertIn(i["port"], self.plat.ports)
             self.assertEqual(i["state"], "active")
             self.assertFalse(i["maintenance"])
-            self.assertEqual(len(i["pipes"]), 2)
+            self.assertEqual(len(i["pipes"]), pipes())
             self.assertTrue(all(p["state"] == "up" and p["writable"] for p in i["pipes"]))
         self.assertNotIn(self.env.app_key, body)
         first = inst[0]["id"]
@@ -306,7 +313,7 @@ class Operations(E2ETest):
                             ["instances"] if i["state"] == "active"] == [self.plat.ports[1]],
                    10, what="discovery switched")
         self.assertIn("discovery changed", self.emx.log())
-        wait_until(lambda: self.plat.pipes_connected()[1] == 2, 10, what="new pipes")
+        wait_until(lambda: self.plat.pipes_connected()[1] == pipes(), 10, what="new pipes")
         e.send(ao_request(GET, 5, sid))
         self.assertEqual(ao_parse(e.recv())[0], SUCCESS)
 
@@ -435,7 +442,12 @@ class Operations(E2ETest):
         tags = set()
         for l in lines:
             obj = json.loads(l)  # every line is one JSON object
-            self.assertEqual(set(obj), {"ts", "level", "tag", "msg"})
+            keys = {"ts", "level", "tag", "msg"}
+            if WORKERS > 1 and "worker" in obj:
+                # with several workers each worker's lines say which one
+                self.assertIn(obj["worker"], range(WORKERS), l)
+                keys.add("worker")
+            self.assertEqual(set(obj), keys)
             tags.add(obj["tag"])
         self.assertIn("server", tags)
         self.assertTrue(any(t.startswith("discovery:static") for t in tags), tags)

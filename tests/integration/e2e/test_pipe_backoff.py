@@ -11,7 +11,7 @@ import threading
 import time
 import unittest
 
-from harness import SUCCESS, E2ETest, Edgemux, ao_parse, ao_response
+from harness import SUCCESS, WORKERS, E2ETest, Edgemux, ao_parse, ao_response
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -29,6 +29,7 @@ class AuthThenClose:
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
         self.authed = 0
+        self.by_server = {}  # upgrades per X-Edgemux-Server (one per worker)
         self.stop = False
         self.thread = threading.Thread(target=self.loop, daemon=True)
         self.thread.start()
@@ -66,6 +67,10 @@ class AuthThenClose:
             req += chunk
         key = [l.split(b":", 1)[1].strip() for l in req.split(b"\r\n")
                if l.lower().startswith(b"sec-websocket-key:")][0]
+        server = [l.split(b":", 1)[1].strip().decode() for l in req.split(b"\r\n")
+                  if l.lower().startswith(b"x-edgemux-server:")]
+        server = server[0] if server else "?"
+        self.by_server[server] = self.by_server.get(server, 0) + 1
         accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
         c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                   b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
@@ -99,17 +104,26 @@ class PipeBackoff(E2ETest):
                                                   "reconnect_max": "2s"}})
             time.sleep(6)
             accepted, authed = plat.accepted, plat.authed
+            by_server = dict(plat.by_server)
         finally:
             plat.close()
         log = emx.log()
         self.assertGreaterEqual(authed, 3, "the platform should have seen AUTHs")
-        # 100 ms doubling to 2 s (jittered down to half): at most ~10 in 6 s;
-        # without backoff it is one every 50-100 ms (60+).
-        self.assertLessEqual(accepted, 14, "%d reconnects in 6 s" % accepted)
-        warn = [l for l in log.splitlines() if " warn " in l and "pipe 0 closed" in l]
-        self.assertGreaterEqual(len(warn), 1)
-        self.assertLessEqual(len(warn), 2, "\n".join(warn))
-        self.assertIn("ms up", warn[0])
+        self.assertEqual(sum(by_server.values()), accepted)
+        # Each worker has its own pipe and backs it off on its own: the
+        # bounds below hold per worker (identity name/k with several).
+        names = ["emx-backoff"] if WORKERS == 1 else ["emx-backoff/%d" % k for k in range(WORKERS)]
+        self.assertEqual(sorted(by_server), sorted(names), by_server)
+        prefixes = [""] if WORKERS == 1 else ["w%d: " % k for k in range(WORKERS)]
+        for name, prefix in zip(names, prefixes):
+            # 100 ms doubling to 2 s (jittered down to half): at most ~10 in
+            # 6 s; without backoff it is one every 50-100 ms (60+).
+            self.assertLessEqual(by_server[name], 14, "%d reconnects of %s in 6 s" % (by_server[name], name))
+            warn = [l for l in log.splitlines()
+                    if " warn " in l and "] %sinstance" % prefix in l and "pipe 0 closed" in l]
+            self.assertGreaterEqual(len(warn), 1, name)
+            self.assertLessEqual(len(warn), 2, "\n".join(warn))
+            self.assertIn("ms up", warn[0])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ edgemux runs in its own mount namespace (unshare -m, as root) with a
 resolv.conf that points at a DNS server this test runs on port 53 of a
 loopback address:
 it answers good.edgemux.test with 127.0.0.1, missing.edgemux.test with
-NXDOMAIN, and never answers stuck.edgemux.test."""
+NXDOMAIN, and never answers stuck.edgemux.test.
+
+With several worker loops (server.workers) every worker dials every
+instance: pipe counts are per worker (pipes())."""
 
 import os
 import random
@@ -21,7 +24,7 @@ import time
 import unittest
 
 from harness import (GET, SLACK, SUCCESS, E2ETest, Edgemux, HAProxyTCP, PKI, Platform, ao_parse, ao_request,
-                     free_port, wait_until)
+                     free_port, pipes, wait_until)
 
 
 class FakeDNS:
@@ -129,7 +132,7 @@ class PipeDNS(E2ETest):
                                          ("stuck.edgemux.test", dead.getsockname()[1])],
                              overrides={"platform": {"connect_timeout": "2s"}})
         # a name that resolves is dialled by its address
-        wait_until(lambda: plat.pipes_connected() == [2, 2], 15, what="pipes to both platform instances")
+        wait_until(lambda: plat.pipes_connected() == [pipes(), pipes()], 15, what="pipes to both platform instances")
         wait_until(lambda: self.dns.count("stuck.") > 0, 10, what="a lookup of the stuck name")
         e = emx.edge(app_key=self.env.app_key)
         code, sid = e.auth(self.env.app_key)
@@ -189,9 +192,9 @@ class PipeDNS(E2ETest):
         emx = self.start_emx("emx-dns-tls", [("good.edgemux.test", good_port, True),
                                              ("good.edgemux.test", other_port, True)],
                              overrides={"platform": {"tls_ca": pki.cert, "reconnect_max": "300ms"}})
-        wait_until(lambda: plat.pipes_connected()[0] == 2, 15, what="pipes over TLS by name")
+        wait_until(lambda: plat.pipes_connected()[0] == pipes(), 15, what="pipes over TLS by name")
         time.sleep(1)
-        self.assertEqual(plat.pipes_connected(), [2, 0])
+        self.assertEqual(plat.pipes_connected(), [pipes(), 0])
         self.assertEqual(plat.stats()["instances"][1]["accepted"], 0)
         self.assertRegex(emx.log().lower(), r"ssl error: .*(mismatch|verif|certificate)")
 

@@ -13,15 +13,26 @@ import threading
 import time
 import unittest
 
-from harness import (GET, SERVICE_UNAVAILABLE, SUCCESS, E2ETest, Edgemux, Platform, ao_header,
-                     ao_parse, ao_str, start_edge_sim, wait_until)
+from harness import (GET, SERVICE_UNAVAILABLE, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_header,
+                     ao_parse, ao_str, pipes, start_edge_sim, wait_until)
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WORKER_SHIFT = 28  # the top 4 bits of an endpointId name its worker (protocol.md §3)
+
+
+def worker_of_identity(identity):
+    """The worker an X-Edgemux-Server identity names: `<name>/<k>` with
+    several workers, the bare name (worker 0) with one (protocol.md §6.1)."""
+    name, sep, k = identity.rpartition(b"/")
+    return int(k) if sep and name and k.isdigit() else 0
 
 
 class FakePlatform:
     """Accepts pipes; answers each pipe's AUTH with SUCCESS; records what
-    edgemux sends; lets the test push raw messages down every pipe."""
+    edgemux sends; lets the test push raw messages down every pipe (a
+    message about an endpointId built per pipe, with the pipe's worker in
+    its top 4 bits, as a platform keying on the pipe identity sends it:
+    protocol.md §6.2)."""
 
     def __init__(self):
         self.lsock = socket.socket()
@@ -29,6 +40,7 @@ class FakePlatform:
         self.lsock.listen(16)
         self.port = self.lsock.getsockname()[1]
         self.pipes = []
+        self.workers = []   # per pipe index: the worker its identity names
         self.received = []  # (pipe index, message)
         self.headers = []
         self.lock = threading.Lock()
@@ -61,6 +73,7 @@ class FakePlatform:
         with self.lock:
             idx = len(self.pipes)
             self.pipes.append(c)
+            self.workers.append(worker_of_identity(hdrs.get(b"x-edgemux-server", b"")))
             self.headers.append(hdrs)
         try:
             while True:
@@ -113,17 +126,24 @@ class FakePlatform:
         c.sendall(hdr + msg)
 
     def send_all(self, msg, opcode=0x2):
+        """msg down every pipe; a callable msg is called with the pipe's
+        worker index for the message to send down it."""
         with self.lock:
-            pipes = list(self.pipes)
-        for c in pipes:
+            pipes = list(zip(self.pipes, self.workers))
+        for c, k in pipes:
             try:
-                self.send(c, msg, opcode)
+                self.send(c, msg(k) if callable(msg) else msg, opcode)
             except OSError:
                 pass
 
     def answers(self):
         with self.lock:
             return [ao_parse(m) for _, m in self.received if ao_parse(m)[0] >= 0x40]
+
+    def answers_by_pipe(self):
+        """[(worker of the pipe, parsed answer)] for the answers edgemux sent."""
+        with self.lock:
+            return [(self.workers[i], ao_parse(m)) for i, m in self.received if ao_parse(m)[0] >= 0x40]
 
     def close(self):
         self.stop = True
@@ -143,22 +163,37 @@ class PlatformBadInput(E2ETest):
         emx = Edgemux(self.env, "emx-pbad", [plat.ports[0], fake.port],
                       overrides={"platform": {"request_timeout": "2s", "stall_after": "1s"}})
         emx.wait_ready()
-        wait_until(lambda: len(fake.pipes) == 2, 10, what="pipes to the fake platform")
-        # the pipe upgrade carried the contract's headers
+        wait_until(lambda: len(fake.pipes) == pipes(), 10, what="pipes to the fake platform")
+        # every worker's pipes connected (AUTH answered), so no canary
+        # device lands on a worker that has none yet
+        wait_until(lambda: emx.http("/instances")[1].count('"pipes_up":%d' % pipes()) == 2, 10,
+                   what="every pipe connected")
+        # the pipe upgrade carried the contract's headers: the server name,
+        # or <name>/<k> for each of several workers (two pipes each), and
+        # one boot id for the process
         for h in fake.headers:
             self.assertEqual(h.get(b"appkey"), self.env.app_key.encode())
-            self.assertEqual(h.get(b"x-edgemux-server"), b"emx-pbad")
             self.assertRegex(h.get(b"x-edgemux-boot", b"").decode(), r"^[0-9a-f]{16}$")
+        if WORKERS == 1:
+            self.assertEqual(sorted(h.get(b"x-edgemux-server") for h in fake.headers), [b"emx-pbad"] * 2)
+        else:
+            self.assertEqual(sorted(h.get(b"x-edgemux-server") for h in fake.headers),
+                             sorted(b"emx-pbad/%d" % k for k in range(WORKERS) for _ in range(2)))
+        self.assertEqual(len({h.get(b"x-edgemux-boot") for h in fake.headers}), 1)
         canary, ledger = start_edge_sim(self.env, emx.edge_port, "--edges", 4, "--rate", 10,
                                         "--duration", "6s", "--drain", "6s")
         time.sleep(1)
-        # a request for an endpointId nobody has → 0xA3 back on that pipe
-        get = ao_header(GET, 0x777, 0x0ABCDEF, 42) + b"\x0A" + ao_str("Ghost") + b"\x01" + ao_str("p") + b"\x00\xff"
-        fake.send_all(get)
-        wait_until(lambda: any(a[0] == SERVICE_UNAVAILABLE and a[1] == 0x777 and a[2] == 0x0ABCDEF
-                               for a in fake.answers()), 5, what="0xA3 for an unknown endpoint")
+        # a request for an endpointId nobody has (of the pipe's worker) →
+        # 0xA3 back on that pipe
+        def ghost(k):
+            return (ao_header(GET, 0x777, (k << WORKER_SHIFT) | 0x0ABCDEF, 42) + b"\x0A" + ao_str("Ghost") +
+                    b"\x01" + ao_str("p") + b"\x00\xff")
+        fake.send_all(ghost)
+        wait_until(lambda: any(a[0] == SERVICE_UNAVAILABLE and a[1] == 0x777 and
+                               a[2] == (k << WORKER_SHIFT) | 0x0ABCDEF
+                               for k, a in fake.answers_by_pipe()), 5, what="0xA3 for an unknown endpoint")
         # answers to nothing pending, garbage, a text frame: dropped, nothing breaks
-        fake.send_all(ao_header(SUCCESS, 0x12345, 1, 1) + b"\x00\xff")
+        fake.send_all(lambda k: ao_header(SUCCESS, 0x12345, (k << WORKER_SHIFT) | 1, 1) + b"\x00\xff")
         fake.send_all(b"\x01\x02\x03")
         fake.send_all(b"\x07" * 40)
         fake.send_all(b"hello", opcode=0x1)

@@ -6,8 +6,10 @@ import json
 import threading
 import unittest
 
-from harness import (BIND, GET, SUCCESS, E2ETest, Edgemux, Platform, ao_bind, ao_parse,
-                     ao_response, check_ledger, start_edge_sim, wait_until)
+from harness import (BIND, GET, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_bind, ao_parse,
+                     ao_response, check_ledger, pipes, start_edge_sim, wait_until)
+
+SHIFT = 28  # the top 4 bits of an endpointId name the worker (protocol.md §6.2)
 
 
 class PlatformRequests(E2ETest):
@@ -19,7 +21,7 @@ class PlatformRequests(E2ETest):
             ov.setdefault(k, {}).update(v)
         self.emx = Edgemux(self.env, "emx-pr", self.plat.ports, overrides=ov)
         self.emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 2, 2], 10, what="every pipe connected")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes()] * 3, 10, what="every pipe connected")
 
     def bound_edge(self, things):
         """A raw edge that AUTHed and BOUND things; returns (edge, session,
@@ -35,8 +37,18 @@ class PlatformRequests(E2ETest):
         binds = self.plat.binds()["things"]
         for t in things:
             self.assertIn(t, binds)
-            self.assertEqual(binds[t]["server"], "emx-pr")
+            self.assertEqual(binds[t]["server"], self.identity(binds[t]["endpoint"]))
+        if WORKERS > 1:  # the endpointId the platform saw is the edge's own
+            status, body = self.emx.http("/edges")
+            self.assertEqual(status, 200)
+            self.assertEqual([e_["endpointId"] for e_ in json.loads(body)["edges"]],
+                             [binds[things[0]]["endpoint"]])
         return e, sid, deltas.index(1) + 1
+
+    def identity(self, endpoint):
+        """The X-Edgemux-Server of the pipes that carry the edge with this
+        endpointId: the server name, or name/worker with several workers."""
+        return "emx-pr" if WORKERS == 1 else "emx-pr/%d" % (endpoint >> SHIFT)
 
     def platform_get(self, instance, thing, prop="Temperature"):
         """Sends `get` on the control channel in a thread; returns a
@@ -102,8 +114,11 @@ class PlatformRequests(E2ETest):
         e, sid, bound_at = self.bound_edge(["Dev-C"])
         self.assertEqual(self.plat.cmd("crash %d" % bound_at), "ok")
         port = self.plat.ports[bound_at - 1]
-        wait_until(lambda: all("instance 127.0.0.1:%d pipe %d closed" % (port, i) in self.emx.log()
-                               for i in (0, 1)), 5, what="edgemux saw the crashed instance's pipes close")
+        # every worker (its lines start "wK: ") has its own pipes to it
+        prefixes = [""] if WORKERS == 1 else ["w%d: " % k for k in range(WORKERS)]
+        wait_until(lambda: all("%sinstance 127.0.0.1:%d pipe %d closed" % (w, port, i) in self.emx.log()
+                               for w in prefixes for i in (0, 1)), 5,
+                   what="edgemux saw the crashed instance's pipes close")
         e.close()
         wait_until(lambda: "Dev-C" not in self.plat.binds()["things"], 5, what="Dev-C unbound")
         self.assertEqual(self.plat.stats()["violations"], 0)

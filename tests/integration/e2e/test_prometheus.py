@@ -18,7 +18,8 @@ import urllib.parse
 import urllib.request
 
 import promql
-from harness import E2ETest, Edgemux, Platform, Proc, free_port, start_edge_sim, wait_until
+from harness import (WORKERS, E2ETest, Edgemux, Platform, Proc, free_port, pipes, start_edge_sim,
+                     wait_until)
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -192,8 +193,19 @@ class PrometheusScrape(E2ETest):
             key = ("emx_instance_requests_total", frozenset({("instance", labels["exported_instance"])}))
             self.assertEqual(value, now[key], labels)
         self.assertGreater(sum(r[1] for r in res), 0)
+        # an instance's pipes are every worker's (pipes_per_instance each)
         up = prom.query('sum by (exported_instance) (emx_pipes{job="edgemux",state="up"})')
-        self.assertEqual({r[0]["exported_instance"]: r[1] for r in up}, {i: 2 for i in ids})
+        self.assertEqual({r[0]["exported_instance"]: r[1] for r in up}, {i: pipes() for i in ids})
+        self.assertEqual(now[("emx_pipes_connected", frozenset())], 2 * pipes())
+        # the per-worker series add up to the process totals
+        for name, total in (("emx_worker_pipes_connected", "emx_pipes_connected"),
+                            ("emx_worker_edges_accepted_total", "emx_edges_accepted_total")):
+            res = prom.query('%s{job="edgemux"}' % name)
+            self.assertEqual(sorted(r[0]["worker"] for r in res),
+                             sorted(str(k) for k in range(WORKERS)), name)
+            self.assertEqual(sum(r[1] for r in res), now[(total, frozenset())], name)
+        # discovery reported one set: counted once, not once per worker
+        self.assertEqual(now[("emx_discovery_updates_total", frozenset({("plugin", "static")}))], 1)
 
         # The latency histogram works with histogram_quantile.
         q = prom.query('histogram_quantile(0.5, sum by (le) (rate(emx_request_latency_seconds_bucket{job="edgemux"}[1m])))')

@@ -21,8 +21,8 @@ import time
 import unittest
 from html.parser import HTMLParser
 
-from harness import (GET, SUCCESS, E2ETest, Edgemux, Platform, ao_bind, ao_parse, ao_request,
-                     wait_until)
+from harness import (GET, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_bind, ao_parse,
+                     ao_request, pipes, wait_until)
 
 from test_operations import metric, parse_metrics
 
@@ -65,7 +65,7 @@ class Dom(HTMLParser):
             if t == "td" and self._stack and self._stack[-1][0] == "tr":
                 cls = a.get("class", "")
                 self._stack[-1][1].setdefault("_cells", []).append((cls, text))
-            if t == "tr" and a.get("class") in ("instance", "edge", "event", "answer"):
+            if t == "tr" and a.get("class") in ("instance", "edge", "event", "answer", "worker"):
                 self.rows.append(a)
             if t == tag:
                 break
@@ -130,7 +130,7 @@ class StatusPage(E2ETest):
         self.plat = Platform(self.env, instances)
         self.emx = Edgemux(self.env, "emx-status", self.plat.ports, admin_token=True, **kw)
         self.emx.wait_ready()
-        wait_until(lambda: all(n == 2 for n in self.plat.pipes_connected()), 10,
+        wait_until(lambda: all(n == pipes() for n in self.plat.pipes_connected()), 10,
                    what="every pipe connected")
         self.url = "http://127.0.0.1:%d/" % self.emx.admin_port
 
@@ -194,7 +194,27 @@ class StatusPage(E2ETest):
         self.assertEqual(int(dom.ids["edges-closed"]), metric(m, "emx_edges_closed_total"))
         self.assertEqual(int(dom.ids["pipes-connected"]), metric(m, "emx_pipes_connected"))
         self.assertEqual(int(dom.ids["reloads-ok"]), metric(m, "emx_reloads_total", result="ok"))
-        self.assertEqual(int(dom.ids["workers"]), 1)
+        self.assertEqual(int(dom.ids["discovery-updates"]),
+                         metric(m, "emx_discovery_updates_total", plugin="static"))
+        self.assertEqual(int(dom.ids["workers"]), WORKERS)
+        # the devices listed are every worker's: the newest 25 of /edges
+        shown = sorted(r["data-endpoint"] for r in dom.rows_of("edge"))
+        self.assertEqual(len(shown), min(edges["count"], 25))
+        if edges["count"] <= 25:
+            self.assertEqual(shown, sorted(e["endpointIdHex"] for e in edges["edges"]))
+        # with several workers, each one's share, adding up to the totals
+        workers = dom.rows_of("worker")
+        self.assertEqual(len(workers), WORKERS if WORKERS > 1 else 0)
+        if workers:
+            self.assertEqual(sum(int(Dom.cell(r, "edges")) for r in workers),
+                             metric(m, "emx_edges_connected"))
+            self.assertEqual(sum(int(Dom.cell(r, "pipes")) for r in workers),
+                             metric(m, "emx_pipes_connected"))
+            for r in workers:
+                self.assertEqual(int(Dom.cell(r, "edges")),
+                                 metric(m, "emx_worker_edges_connected", worker=r["data-worker"]))
+                self.assertEqual(int(Dom.cell(r, "pipes")),
+                                 metric(m, "emx_worker_pipes_connected", worker=r["data-worker"]))
         for row in dom.rows_of("answer"):
             self.assertEqual(int(Dom.cell(row, "count")),
                              metric(m, "emx_answers_total", reason=row["data-reason"]),

@@ -7,7 +7,7 @@ import time
 import unittest
 
 from harness import (GET, SUCCESS, E2ETest, Edgemux, HAProxyTCP, PKI, Platform, ao_parse,
-                     ao_request, free_port, wait_until)
+                     ao_request, free_port, pipes, wait_until)
 
 
 class TLS(E2ETest):
@@ -28,7 +28,7 @@ class TLS(E2ETest):
         emx.write_instances([tls_port], tls=True)
         emx.start()
         emx.wait_ready()
-        wait_until(lambda: self.plat.pipes_connected() == [2, 0], 10, what="pipes over TLS")
+        wait_until(lambda: self.plat.pipes_connected() == [pipes(), 0], 10, what="pipes over TLS")
         e = emx.edge(app_key=self.env.app_key, tls_ctx=self.pki.client_context())
         self.assertEqual(e.sock.version()[:3], "TLS")
         code, sid = e.auth(self.env.app_key)
