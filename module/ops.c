@@ -322,6 +322,10 @@ static void worker_metrics(struct emx_textbuf *b, struct emx_router *const *rs, 
                 n += wc[k] ? wc[k]->refused[i] : 0;
             worker_sample(b, "emx_worker_edges_refused_total", k, NULL, NULL, n);
         }
+        family(b, "emx_worker_sockets", "gauge",
+               "device sockets open (handshake, edge, tunnel), by worker loop");
+        for (size_t k = 0; k < nr; k++)
+            worker_sample(b, "emx_worker_sockets", k, NULL, NULL, wc[k] ? wc[k]->sockets : 0);
         family(b, "emx_worker_sockets_handed_in_total", "counter",
                "device sockets another worker accepted and handed to this one to even out "
                "the load, by worker loop");

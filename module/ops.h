@@ -27,6 +27,7 @@ struct emx_server_counters {
     uint64_t reloads_ok, reloads_failed;
     uint64_t edges_kicked; /* closed through the admin API */
     uint64_t handed_in;    /* sockets another worker accepted and handed here */
+    uint64_t sockets;      /* edge sockets the worker's transport holds now (workers > 1) */
 };
 
 struct emx_ops_view {

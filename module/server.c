@@ -566,6 +566,7 @@ static void host_edge_count(const struct emx_host *h, int delta)
     struct emx_server *s = host_server(h);
     atomic_uint *n = &s->proc->socks[s->worker];
 
+    s->counters.sockets += (uint64_t)(int64_t)delta; /* the gauge, read while parked */
     if (delta >= 0)
         atomic_fetch_add_explicit(n, (unsigned)delta, memory_order_relaxed);
     else
@@ -578,8 +579,11 @@ static void host_edge_count(const struct emx_host *h, int delta)
  * a quarter by more than 25 % about one time in twelve) and devices stay
  * connected for days, so a skew made in a reconnect storm would last. The
  * slack, 2 plus an eighth of the mean, makes hand-offs rare once each
- * worker holds many sockets, where the hash is even enough. */
-static uint32_t host_edge_balance(const struct emx_host *h)
+ * worker holds many sockets, where the hash is even enough. A worker at
+ * its share of the file budget (cap) hands every socket to one with room,
+ * so devices the kernel sends to it are not refused while others have
+ * room. */
+static uint32_t host_edge_balance(const struct emx_host *h, unsigned cap)
 {
     struct emx_server *s = host_server(h);
     struct emx_proc *P = s->proc;
@@ -595,6 +599,8 @@ static uint32_t host_edge_balance(const struct emx_host *h)
             best = k;
         }
     }
+    if (cap && mine >= cap)
+        return least < cap ? best : s->worker;
     if (mine <= least + 2 + total / (8u * P->n))
         return s->worker;
     return best;
@@ -1308,6 +1314,7 @@ static void ops_sums(struct emx_server *s, struct ops_sums *o)
         o->total.reloads_failed += c->reloads_failed;
         o->total.edges_kicked += c->edges_kicked;
         o->total.handed_in += c->handed_in;
+        o->total.sockets += c->sockets;
     }
 }
 

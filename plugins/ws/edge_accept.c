@@ -63,9 +63,16 @@ static bool shake_room(struct edge_hub *hub)
     return true;
 }
 
+/* A worker at its share of the file budget still accepts while another
+ * worker has room: each socket it takes then goes there (hand_off). */
 static bool accept_allowed(struct edge_hub *hub)
 {
-    return hub->running && !hub->accept_paused && hub->socks < hub->sock_cap;
+    const struct emx_host *h = hub->host;
+
+    if (!hub->running || hub->accept_paused)
+        return false;
+    return hub->socks < hub->sock_cap ||
+           (hub->balance && h->edge_balance(h, hub->sock_cap) != h->worker);
 }
 
 static void accept_cb(uv_poll_t *h, int status, int events);
@@ -162,7 +169,7 @@ static bool hand_off(struct edge_hub *hub, int fd)
 
     if (!hub->balance)
         return false;
-    to = h->edge_balance(h);
+    to = h->edge_balance(h, hub->sock_cap);
     return to != h->worker && h->edge_hand_off(h, to, fd) == 0;
 }
 
@@ -216,8 +223,14 @@ static void accept_cb(uv_poll_t *h, int status, int events)
             break;
         }
         edge_tune_socket(&hub->s, fd);
-        if (!hand_off(hub, fd))
-            accept_one(l, fd);
+        if (hand_off(hub, fd))
+            continue;
+        if (hub->socks >= hub->sock_cap) {
+            /* accepted for a worker with room, which filled up meanwhile */
+            close(fd);
+            continue;
+        }
+        accept_one(l, fd);
     }
     edge_accept_modulate(hub);
 }

@@ -97,13 +97,16 @@ struct emx_host {
      *    and each of them that closed (-1);
      *  - edge_balance: right after accepting a socket, before reading from
      *    it, ask which worker should serve it (this one, or a less loaded
-     *    one);
+     *    one). `cap`: the most sockets one worker may hold (its share of
+     *    the open-file budget; 0: none). A worker holding that many gets
+     *    another worker with room, or itself when none has: it then stops
+     *    accepting, so the process's budget is shared, not cut in N;
      *  - edge_hand_off: give a socket to that worker. 0: the core owns fd
      *    and passes it to that worker's transport (adopt), on its thread;
      *    -errno: the caller still owns fd (serve it here).
      * These three may be called from the instance's own loop thread only. */
     void (*edge_count)(const struct emx_host *host, int delta);
-    uint32_t (*edge_balance)(const struct emx_host *host);
+    uint32_t (*edge_balance)(const struct emx_host *host, unsigned cap);
     int (*edge_hand_off)(const struct emx_host *host, uint32_t worker, int fd);
 };
 

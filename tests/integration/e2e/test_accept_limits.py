@@ -4,17 +4,22 @@ edges are between accept and upgrade. Connections beyond either cap wait in
 the listen backlog (no EMFILE, nothing dropped) and are served once room
 frees up.
 
-Both caps are per worker loop: with server.workers N each worker's
-transport has its own handshake pool of max_http_header_pool and takes an
-even share of the open-file budget (docs/operations.md, "Workers"), and
-each worker has its own SO_REUSEPORT listener and backlog. The kernel hands
-a connection to a listener by a hash of its address and port pair, the
-same for the same pair while the listeners stay: the tests learn which
-source ports reach which worker (through upgrades the admin API shows with
-their worker) and then fill, and wait on, every worker's own cap."""
+With server.workers N each worker's transport has its own handshake pool
+of max_http_header_pool and holds an even share of the open-file budget,
+and each worker has its own SO_REUSEPORT listener and backlog
+(docs/operations.md, "Workers"). The kernel hands a connection to a
+listener by a hash of its address and port pair, the same for the same
+pair while the listeners stay; a worker that holds clearly more sockets
+than another hands new ones over, and a worker at its share hands each new
+one to a worker with room. The tests learn which source ports reach which
+worker (through upgrades the admin API shows with their worker), then
+fill the workers in turn so their counts stay level and the kernel's pick
+stands, and wait on every worker's own caps; the file budget is the
+process's: room on one worker serves sockets waiting at the others."""
 
 import json
 import random
+import re
 import select
 import socket
 import struct
@@ -90,13 +95,31 @@ def edges_by_port(emx):
             for e in json.loads(body)["edges"]}
 
 
-def learn_ports(test, emx, per_worker, batch=16):
+def worker_sockets(emx):
+    """[device sockets each worker's transport holds] (emx_worker_sockets)."""
+    status, body = emx.http("/metrics")
+    assert status == 200, status
+    got = {int(m.group(1)): int(float(m.group(2))) for m in
+           re.finditer(r'^emx_worker_sockets\{worker="(\d+)"\} (\S+)$', body, re.M)}
+    return [got.get(k) for k in range(WORKERS)]
+
+
+def level(emx, n):
+    """With several workers: wait until every worker holds n sockets, so
+    that none gets far enough ahead to hand the next one over."""
+    if WORKERS > 1:
+        wait_until(lambda: worker_sockets(emx) == [n] * WORKERS, 5 * SLACK,
+                   what="%d sockets on every worker" % n)
+
+
+def learn_ports(test, emx, per_worker, batch=2):
     """{worker: [source ports]}, at least per_worker ports for every worker:
-    ports whose connections the kernel hands to that worker's listener."""
+    ports whose connections the kernel hands to that worker's listener.
+    Two at a time: no worker gets far enough ahead to hand one over."""
     found = {k: [] for k in range(WORKERS)}
     tried = set()
     rng = random.Random()
-    for _ in range(100):
+    for _ in range(2000):
         if all(len(v) >= per_worker for v in found.values()):
             return found
         socks = {}
@@ -130,11 +153,11 @@ class AcceptLimits(E2ETest):
         cap = 100 // WORKERS
         late = -(-10 // WORKERS)  # 10 past the cap in all, spread over the workers
         ports = learn_ports(self, emx, cap + late)
-        # every worker filled to its share
+        # every worker filled to its share, in turn (level counts: no hand-off)
         edges = {k: [] for k in range(WORKERS)}
-        for k in range(WORKERS):
-            for p in ports[k][:cap]:
-                s = send_upgrade(emx.edge_port, p)
+        for i in range(cap):
+            for k in range(WORKERS):
+                s = send_upgrade(emx.edge_port, ports[k][i])
                 self.assertTrue(answered(s, 5), "an edge within worker %d's share was not upgraded" % k)
                 edges[k].append(UpgradedEdge(s))
         by_port = edges_by_port(emx)
@@ -146,13 +169,18 @@ class AcceptLimits(E2ETest):
         for k in range(WORKERS):
             for s in waiting[k]:
                 self.assertFalse(answered(s, 0.3), "an edge past worker %d's cap was upgraded" % k)
-        for k in range(WORKERS):
-            for e in edges[k][:late]:
-                e.close()
+        # room on worker 0 only: the budget is the process's, so the
+        # sockets waiting at every worker are served (the full workers
+        # hand theirs to worker 0)
+        freed = late * WORKERS
+        for e in edges[0][:freed]:
+            e.close()
         for k in range(WORKERS):
             for s in waiting[k]:
                 self.assertTrue(answered(s, 5), "a waiting edge was not served once room freed up")
-        self.assertEqual(len(edges_by_port(emx)), cap * WORKERS)
+        by_port = edges_by_port(emx)
+        self.assertEqual(len(by_port), cap * WORKERS)
+        self.assertEqual({by_port[p] for k in range(WORKERS) for p in ports[k][cap:cap + late]}, {0})
         # the ones held all along still work
         code, _ = edges[WORKERS - 1][cap // 2].auth(self.env.app_key)
         self.assertEqual(code, SUCCESS)
@@ -162,7 +190,7 @@ class AcceptLimits(E2ETest):
         for k in range(WORKERS):
             for s in waiting[k]:
                 s.close()
-            for e in edges[k][late:]:
+            for e in edges[k][freed if k == 0 else 0:]:
                 e.close()
 
     def test_handshake_cap_holds_new_edges_until_a_slot_frees(self):
@@ -177,7 +205,10 @@ class AcceptLimits(E2ETest):
         ports = learn_ports(self, emx, 5)
         # every worker's pool full of silent sockets, then one edge more
         # for each worker
-        silent = [connect_from(p, emx.edge_port) for k in range(WORKERS) for p in ports[k][:4]]
+        silent = []
+        for i in range(4):  # in turn, each round accepted everywhere: level counts
+            silent += [connect_from(ports[k][i], emx.edge_port) for k in range(WORKERS)]
+            level(emx, i + 1)
         time.sleep(0.3)  # let edgemux accept them: the cap is now full
         t0 = time.monotonic()
         late = [send_upgrade(emx.edge_port, ports[k][4]) for k in range(WORKERS)]
@@ -213,7 +244,12 @@ class AcceptLimits(E2ETest):
         emx.wait_ready()
         ports = learn_ports(self, emx, 9)
         # twice the pool of silent sockets at every worker
-        silent = {k: [connect_from(p, emx.edge_port) for p in ports[k][:8]] for k in range(WORKERS)}
+        silent = {k: [] for k in range(WORKERS)}
+        for i in range(8):  # in turn, the first pool's worth accepted everywhere: level counts
+            for k in range(WORKERS):
+                silent[k].append(connect_from(ports[k][i], emx.edge_port))
+            if i < 4:
+                level(emx, i + 1)
         time.sleep(0.3)
         for k in range(WORKERS):  # a device behind them, at every worker
             t0 = time.monotonic()
