@@ -125,6 +125,18 @@ def metric_deltas(before, after):
             and after[k] != before.get(k, 0)}
 
 
+def all_pipes_up(emx):
+    """True when every pipe of every instance in /instances (every
+    worker's) is connected: a device then finds a pipe whichever worker
+    the kernel gives it (/ready needs only one worker's)."""
+    status, text = emx.http("/instances")
+    if status != 200:
+        return False
+    data = json.loads(text)
+    insts = data["instances"] if isinstance(data, dict) else data
+    return bool(insts) and all(i["pipes"] and i["pipes_up"] == len(i["pipes"]) for i in insts)
+
+
 def edges(emx):
     """The admin API's /edges as a list of dicts."""
     status, text = emx.http("/edges")
@@ -873,6 +885,7 @@ class HostileSuite(unittest.TestCase):
             cls.shared = shared
             self.setup_topology(env, shared)
             shared["emx"].wait_ready()
+            wait_until(lambda: all_pipes_up(shared["emx"]), 10, what="every pipe connected")
             self.wait_topology(shared)
             shared["canary"] = Canary(env, shared["emx"].edge_port)
         self.env = cls.shared["env"]

@@ -3,7 +3,12 @@ a knotd of the test's own (config, rundir and control socket in the test's
 temp dir, 127.0.0.1:<free port>), platform-sim and edge-sim. The SRV records
 are changed with knotc while edgemux runs: instances join and leave, a backup
 priority tier gets pipes but no traffic, an NXDOMAIN empties the set only
-after empty_confirm, and a DNS outage keeps every healthy pipe."""
+after empty_confirm, and a DNS outage keeps every healthy pipe.
+
+With several worker loops (server.workers) the one dns-srv plugin (worker 0)
+hands every answer to every worker: pipe counts are per worker (pipes()),
+an instance that joins has every worker's pipes and one that leaves is
+drained by every worker."""
 
 import os
 import re
@@ -13,7 +18,8 @@ import tempfile
 import time
 import unittest
 
-from harness import (E2ETest, Edgemux, Platform, Proc, check_ledger, edge_sim, free_port,
+from discovery_workers import by_every_worker, every_worker_piped
+from harness import (SLACK, E2ETest, Edgemux, Platform, Proc, check_ledger, edge_sim, free_port, pipes,
                      wait_until)
 
 KNOTD = shutil.which("knotd") or "/usr/sbin/knotd"
@@ -101,6 +107,7 @@ class DnsSrvDiscovery(E2ETest):
     def test_instances_follow_srv_records(self):
         plat = Platform(self.env, 3)
         p = plat.ports
+        n = pipes()  # per instance, every worker
         knot = Knot(self.env, ["i 1 A 127.0.0.1",
                                "_tw._tcp 1 SRV 0 1 %d i" % p[0],
                                "_tw._tcp 1 SRV 0 1 %d i" % p[1]], self.addCleanup)
@@ -115,7 +122,7 @@ class DnsSrvDiscovery(E2ETest):
             "empty_confirm": "2s",
         })
         emx.wait_ready()
-        wait_until(lambda: plat.pipes_connected() == [2, 2, 0], 10,
+        wait_until(lambda: plat.pipes_connected() == [n, n, 0], 10,
                    what="pipes to the two instances in DNS")
         self.assertIn("instance i.example.test:%d added (127.0.0.1:%d" % (p[0], p[0]), emx.log())
 
@@ -134,15 +141,18 @@ class DnsSrvDiscovery(E2ETest):
 
         # A backup tier (priority 1): pipes, but no traffic while tier 0 is up.
         knot.txn(srv(p[2], prio=1, weight=0))
-        wait_until(lambda: plat.pipes_connected() == [2, 2, 2], 4,
+        wait_until(lambda: plat.pipes_connected() == [n, n, n], 4 * SLACK,
                    what="pipes to the backup instance within TTL + 1 s and a connect")
+        self.assertTrue(every_worker_piped(plat, 2, emx.name), plat.stats())
         got = traffic()
         self.assertEqual(got[2], 0, "the backup tier took traffic: %r" % got)
 
         # An instance removed from DNS is drained and its pipes closed.
         knot.txn(("unset", "_tw._tcp", "SRV", 0, 1, p[0], "i"))
-        wait_until(lambda: plat.pipes_connected() == [0, 2, 2], 5,
+        wait_until(lambda: plat.pipes_connected() == [0, n, n], 5 * SLACK,
                    what="the removed instance's pipes closed")
+        self.assertTrue(by_every_worker(emx.log(), "i.example.test:%d (127.0.0.1:%d) left discovery"
+                                        % (p[0], p[0])), emx.log())
         self.assertRegex(emx.log(), r"instance i\.example\.test:%d .*left discovery" % p[0])
         got = traffic()
         self.assertEqual(got[0], 0, got)
@@ -152,11 +162,11 @@ class DnsSrvDiscovery(E2ETest):
         knot.txn(("unset", "_tw._tcp"))
         wait_until(lambda: "discovery reports no instances" in emx.log(), 4,
                    what="the empty answer reported")
-        self.assertEqual(plat.pipes_connected(), [0, 2, 2], "emptied before empty_confirm")
-        wait_until(lambda: plat.pipes_connected() == [0, 0, 0], 6,
+        self.assertEqual(plat.pipes_connected(), [0, n, n], "emptied before empty_confirm")
+        wait_until(lambda: plat.pipes_connected() == [0, 0, 0], 6 * SLACK,
                    what="the empty set applied after empty_confirm")
         knot.txn(srv(p[0]), srv(p[1]))
-        wait_until(lambda: plat.pipes_connected() == [2, 2, 0], 6, what="instances back")
+        wait_until(lambda: plat.pipes_connected() == [n, n, 0], 6 * SLACK, what="instances back")
         emx.wait_ready()
 
         # DNS down: the source fails, the last good set is kept, pipes stay.
@@ -166,12 +176,12 @@ class DnsSrvDiscovery(E2ETest):
         # ... and stays down for a minute (EMX_DNS_DOWN_SECONDS): nothing changes.
         deadline = time.monotonic() + DOWN_SECONDS
         while time.monotonic() < deadline:
-            self.assertEqual(plat.pipes_connected(), [2, 2, 0])
+            self.assertEqual(plat.pipes_connected(), [n, n, 0])
             self.assertEqual(emx.http("/ready")[0], 200)
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
         got = traffic()
         self.assertGreater(got[0] + got[1], 0, got)
-        self.assertEqual(plat.pipes_connected(), [2, 2, 0])
+        self.assertEqual(plat.pipes_connected(), [n, n, 0])
         self.assertEqual(emx.http("/ready")[0], 200)
         self.assertNotIn("left discovery", emx.log().split("discovery source failed")[-1])
 

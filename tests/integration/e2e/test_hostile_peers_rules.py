@@ -56,15 +56,26 @@ class HostileRules(HostileSuite):
     def test_slow_platform_answers(self):
         """Item 1: a platform that thinks for 2.5 s (stall_after 1 s) on one
         request while it answers others: its pipe is not stalled, the slow
-        request gets its answer, the device's next request gets 0x40."""
+        request gets its answer, the device's next request gets 0x40.
+
+        The others are each device's own quick GETs every 200 ms while it
+        waits (as the canary's are): with several workers the canary
+        shares pipes only with the devices of its own worker, and a
+        worker's pipes that carry nothing but slow requests are stalled
+        by the rule (nothing received for stall_after, protocol.md §6.3)."""
         def one(i, out):
             s, sid, r = self.device()
             t = time.monotonic()
             s.sendall(client_frame(ao_request(GET, 10, sid, thing="Slow")))
-            time.sleep(1.5)  # past stall_after: the slow request is still unanswered
+            quick = []
+            while time.monotonic() < t + 1.5:  # past stall_after: the slow request is still unanswered
+                time.sleep(0.2)
+                quick.append(100 + len(quick))
+                s.sendall(client_frame(ao_request(GET, quick[-1], sid)))
             s.sendall(client_frame(ao_request(GET, 11, sid)))
-            r.wait(lambda r: 10 in r.by_rid and 11 in r.by_rid, 6.0)
-            out[i] = (r.by_rid.get(10), r.by_rid.get(11), round(time.monotonic() - t, 2))
+            r.wait(lambda r: 10 in r.by_rid and 11 in r.by_rid and all(q in r.by_rid for q in quick), 6.0)
+            out[i] = (r.by_rid.get(10), r.by_rid.get(11), round(time.monotonic() - t, 2),
+                      sorted({c for q in quick for c in r.by_rid.get(q, [None])}, key=str))
 
         def run(obs):
             out = {}
@@ -74,10 +85,11 @@ class HostileRules(HostileSuite):
             for t in threads:
                 t.join(15)
             obs["devices"] = {i: {"slow": ["0x%02x" % c for c in (a or [])], "next": ["0x%02x" % c for c in (b or [])],
-                                  "s": s} for i, (a, b, s) in sorted(out.items())}
+                                  "s": s, "quick": [c if c is None else "0x%02x" % c for c in q]}
+                              for i, (a, b, s, q) in sorted(out.items())}
             self.assertEqual(len(out), 4)
-            for a, b, _ in out.values():
-                self.assertEqual((a, b), ([SUCCESS], [SUCCESS]))
+            for a, b, _, q in out.values():
+                self.assertEqual((a, b, q), ([SUCCESS], [SUCCESS], [SUCCESS]))
         self.attack("4 devices each wait 2.5 s for one answer (stall_after 1 s) and send another request meanwhile",
                     run)
 
