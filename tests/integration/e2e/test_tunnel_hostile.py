@@ -31,13 +31,16 @@ import time
 import unittest
 import urllib.parse
 
-from harness import POST, SLACK, Edgemux, Env, Platform, RawEdge, ao_header, ao_str, wait_until
+from harness import POST, SLACK, WORKERS, Edgemux, Env, Platform, RawEdge, ao_header, ao_str, pipes, wait_until
 from hostile import GUID, Canary, HostilePlatform, metrics, parse_frames, rss_kib, ws_frame
 from tunneldevice import TUNNEL_PATH, TunnelDevice, TunnelSocket
 
 KIB = 1024
 MIB = 1024 * 1024
-MAX_TUNNELS = 6                  # edge.max_tunnels of this edgemux (records and sockets)
+# edge.max_tunnels of this edgemux (records and sockets) per worker loop: with
+# server.workers > 1 each worker takes an even share of the configured value
+# (configuration.md), so the edgemux is given MAX_TUNNELS * WORKERS.
+MAX_TUNNELS = 6
 HANDSHAKE_S = 2.0                # transport.handshake_timeout
 CONNECT_S = 1.0                  # transport.tunnel_connect_timeout
 RSS_BOUND_KIB = 16 * 1024 * SLACK
@@ -282,13 +285,12 @@ class FakeOwner(HostilePlatform):
         script(self, c, hdrs.get("sec-websocket-key", "").encode(), hdrs, rest)
 
     def start_tunnel(self, eid, sid, thing, tid):
-        """Send StartTunnel to endpoint `eid` down a pipe: this instance
-        becomes the tunnel's owner."""
-        pipes = self.live_pipes()
-        if not pipes:
-            raise AssertionError("the fake owner has no pipe")
+        """Send StartTunnel to endpoint `eid` down a pipe of the worker
+        holding it (protocol.md §6.2; HostilePlatform.pipe_for): this
+        instance becomes the tunnel's owner."""
+        pipe = self.pipe_for(eid)
         self.rid += 1
-        pipes[0].send(start_tunnel_msg(self.rid, eid, sid, thing, tid))
+        pipe.send(start_tunnel_msg(self.rid, eid, sid, thing, tid))
 
 
 def s_accept(extra=b"", glue=b"", wrong_accept=False, answer_pings=True):
@@ -345,14 +347,17 @@ class TunnelHostile(unittest.TestCase):
         cls.fake = FakeOwner(env.app_key)
         cls.emx = Edgemux(env, "emx-tun-hostile", [cls.plat.ports[0], cls.fake.port], start=False, overrides={
             "log": {"level": "info"},
-            "edge": {"max_tunnels": MAX_TUNNELS, "max_tunnels_per_device": MAX_TUNNELS,
+            "edge": {"max_tunnels": MAX_TUNNELS * WORKERS, "max_tunnels_per_device": MAX_TUNNELS,
                      "tunnel_idle_timeout": "60s"},
             "transport": {"tunnel_connect_timeout": "%dms" % int(CONNECT_S * 1000),
                           "handshake_timeout": "%dms" % int(HANDSHAKE_S * 1000)}})
         cls.emx.write_instances([cls.plat.ports[0], cls.fake.port], priorities=[0, 1])
         cls.emx.start()
         cls.emx.wait_ready()
-        wait_until(lambda: cls.plat.pipes_connected()[0] >= 2 and len(cls.fake.live_pipes()) >= 2, 10,
+        # every worker's pipes to both instances (pipes() each), so no
+        # device lands on a worker whose pipes are still connecting
+        wait_until(lambda: cls.plat.pipes_connected()[0] >= pipes() and len(cls.fake.live_pipes()) >= pipes() and
+                   cls.emx.http("/instances")[1].count('"pipes_up":%d' % pipes()) == 2, 10,
                    what="pipes to both instances")
         cls.stop = threading.Event()
         # the canary AlwaysOn device, in a process of its own
