@@ -540,6 +540,26 @@ static struct emx_tunnel *tunnel_lookup(struct emx_router *r, const void *tid, s
     return t;
 }
 
+/* A place under edge.max_tunnels: the process's count when the workers
+ * share one (taken first, given back when over), else this router's. */
+static bool tunnel_take_place(struct emx_router *r)
+{
+    if (!r->cfg.tunnels_shared)
+        return !r->cfg.max_tunnels || r->ntunnels < r->cfg.max_tunnels;
+    size_t n = atomic_fetch_add_explicit(r->cfg.tunnels_shared, 1, memory_order_relaxed) + 1;
+    if (r->cfg.max_tunnels && n > r->cfg.max_tunnels) {
+        atomic_fetch_sub_explicit(r->cfg.tunnels_shared, 1, memory_order_relaxed);
+        return false;
+    }
+    return true;
+}
+
+static void tunnel_give_place(struct emx_router *r)
+{
+    if (r->cfg.tunnels_shared)
+        atomic_fetch_sub_explicit(r->cfg.tunnels_shared, 1, memory_order_relaxed);
+}
+
 static void tunnel_end(struct emx_router *r, struct emx_tunnel *t, enum emx_tunnel_end why)
 {
     r->stats.tunnels_ended[why]++;
@@ -556,6 +576,7 @@ static void tunnel_end(struct emx_router *r, struct emx_tunnel *t, enum emx_tunn
     }
     HASH_DELETE(hh, r->tunnels, t);
     r->ntunnels--;
+    tunnel_give_place(r);
     emx_free(t); /* the strings live in the same block */
 }
 
@@ -645,12 +666,12 @@ static int tunnel_start(struct emx_router *r, struct emx_pipe *p, struct emx_edg
     if (tunnel_lookup(r, m->tid.ptr, m->tid.len)) {
         why = EMX_TUN_REFUSE_DUPLICATE;
         reason = "tunnel id in use";
-    } else if (r->cfg.max_tunnels && r->ntunnels >= r->cfg.max_tunnels) {
-        why = EMX_TUN_REFUSE_PROCESS_LIMIT;
-        reason = "too many tunnels";
     } else if (r->cfg.max_tunnels_per_device && e->ntunnels >= r->cfg.max_tunnels_per_device) {
         why = EMX_TUN_REFUSE_DEVICE_LIMIT;
         reason = "too many tunnels for this device";
+    } else if (!tunnel_take_place(r)) {
+        why = EMX_TUN_REFUSE_PROCESS_LIMIT;
+        reason = "too many tunnels";
     } else {
         size_t thing_len = m->thing.len < TUNNEL_THING_MAX ? m->thing.len : TUNNEL_THING_MAX;
         size_t inst_len = strlen(p->inst->id);
@@ -694,6 +715,7 @@ static int tunnel_start(struct emx_router *r, struct emx_pipe *p, struct emx_edg
             *out = t;
             return 0;
         }
+        tunnel_give_place(r);
         why = EMX_TUN_REFUSE_NO_MEMORY;
         code = EMX_AO_INTERNAL_ERROR;
         ans = EMX_ANS_NO_INSTANCE;
@@ -799,6 +821,30 @@ int emx_router_tunnel_detach(struct emx_router *r, const char *tid, size_t tid_l
     (void)now;
     struct emx_tunnel *t = tunnel_lookup(r, tid, tid_len);
     if (!t)
+        return -ENOENT;
+    tunnel_end(r, t, EMX_TUN_END_DETACHED);
+    return 0;
+}
+
+int emx_router_tunnel_claim(struct emx_router *r, const char *tid, size_t tid_len,
+                            const char *instance_id, uint64_t key)
+{
+    struct emx_tunnel *t = tunnel_lookup(r, tid, tid_len);
+    if (!t || !key || strcmp(t->instance_id, instance_id) != 0)
+        return -ENOENT;
+    if (t->attached)
+        return -EBUSY;
+    t->attached = true;
+    t->claim_key = key;
+    emx_list_unlink(&t->timer_link);
+    tunnel_log(r, t, "socket attached on another worker");
+    return 0;
+}
+
+int emx_router_tunnel_release(struct emx_router *r, const char *tid, size_t tid_len, uint64_t key)
+{
+    struct emx_tunnel *t = tunnel_lookup(r, tid, tid_len);
+    if (!t || !key || !t->attached || t->claim_key != key)
         return -ENOENT;
     tunnel_end(r, t, EMX_TUN_END_DETACHED);
     return 0;

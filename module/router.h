@@ -15,6 +15,7 @@
 #ifndef EMX_ROUTER_H
 #define EMX_ROUTER_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -154,6 +155,7 @@ struct emx_tunnel {
     uint32_t edge_id; /* the edge it went to; kept after the edge left */
     bool edge_gone;
     bool attached; /* claimed by a relay socket */
+    uint64_t claim_key; /* claimed from another worker: that claim's key; 0: here */
     enum emx_tunnel_state state;
     uint64_t started_at, deadline;
     char type[16];                   /* "tcp", "file", ... (truncated) */
@@ -208,6 +210,10 @@ struct emx_router_config {
                                    * are refused (needs io->edge_buffered); 0: off */
     uint64_t max_memory;          /* all edges' in-flight + backlog bytes; 0: off */
     uint32_t max_tunnels;         /* tunnel records at once; 0: off */
+    /* With several workers: the process's count of records, which
+     * max_tunnels then bounds (every router adds its own); NULL: this
+     * router's alone. */
+    atomic_size_t *tunnels_shared;
     uint32_t max_tunnels_per_device; /* per edge connection; 0: off */
     uint64_t tunnel_connect_timeout; /* ms an unattached record lives */
     const char *app_key;         /* pipe AUTH; copied by the router; never logged */
@@ -404,6 +410,12 @@ const struct emx_tunnel *emx_router_tunnel_find(struct emx_router *r, const char
 int emx_router_tunnel_attach(struct emx_router *r, const char *tid, size_t tid_len, uint64_t now);
 /* The relay socket is gone: the record ends. Returns 0 or -ENOENT. */
 int emx_router_tunnel_detach(struct emx_router *r, const char *tid, size_t tid_len, uint64_t now);
+/* The same for a relay socket on another worker of this process (a nonzero
+ * key names it): claim attaches a record of that owner; release ends the
+ * record only while that claim holds it. Return 0, -ENOENT or -EBUSY. */
+int emx_router_tunnel_claim(struct emx_router *r, const char *tid, size_t tid_len,
+                            const char *instance_id, uint64_t key);
+int emx_router_tunnel_release(struct emx_router *r, const char *tid, size_t tid_len, uint64_t key);
 size_t emx_router_tunnel_count(const struct emx_router *r);
 /* Iterate the records, oldest first: first with NULL. */
 const struct emx_tunnel *emx_router_tunnel_next(struct emx_router *r,

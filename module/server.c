@@ -228,6 +228,8 @@ struct emx_proc {
     uint64_t iso_gen;           /* bumped by each release: parked workers return */
     bool done[EMX_WORKERS_MAX]; /* worker k's loop has ended */
     atomic_size_t edges;        /* edges of every worker (edge.max_connections) */
+    atomic_size_t tunnels;      /* tunnel records of every worker (edge.max_tunnels) */
+    atomic_size_t relays;       /* tunnel sockets relayed by every worker (edge.max_tunnels) */
     /* Edge sockets each worker's transport holds (edge_count), read by
      * every worker to balance (edge_balance): relaxed, a hint only. */
     atomic_uint socks[EMX_WORKERS_MAX];
@@ -1934,7 +1936,7 @@ static unsigned report_restart_keys(struct emx_server *s, const struct emx_confi
     return k;
 }
 
-static struct emx_router_config router_config(const struct emx_setup *st, unsigned workers);
+static struct emx_router_config router_config(const struct emx_setup *st, struct emx_proc *P);
 static int make_header(char **out, const char *name, const char *value);
 
 /* SIGHUP with TLS on the edge listener: read the certificate and key again
@@ -2167,7 +2169,7 @@ static void reload_config(struct emx_server *s)
     /* What every worker reads changes while they are parked; what changes
      * a worker's router or transport is posted to it. */
     struct emx_proc *P = s->proc;
-    struct emx_router_config rc_new = router_config(ns, P->n);
+    struct emx_router_config rc_new = router_config(ns, P);
     rc_new.pipes_per_instance = emx_router_config(s->router)->pipes_per_instance;
     workers_isolate(s);
     emx_cidr_list_free(&P->trusted);
@@ -2277,10 +2279,11 @@ static int make_header(char **out, const char *name, const char *value)
     return 0;
 }
 
-/* A worker's router settings. Limits that bound the whole process
- * (edge.max_memory, edge.max_tunnels) are split evenly over the workers. */
-static struct emx_router_config router_config(const struct emx_setup *st, unsigned workers)
+/* A worker's router settings. edge.max_memory is split evenly over the
+ * workers; edge.max_tunnels bounds a count every worker adds to. */
+static struct emx_router_config router_config(const struct emx_setup *st, struct emx_proc *P)
 {
+    unsigned workers = P->n;
     const struct emx_config *c = st->cfg;
     uint64_t nw = workers ? workers : 1;
     struct emx_router_config rc = {
@@ -2307,7 +2310,8 @@ static struct emx_router_config router_config(const struct emx_setup *st, unsign
                                   ? c->edge.max_answer_backlog
                                   : c->edge.max_queued / 2,
         .max_memory = c->edge.max_memory ? (c->edge.max_memory + nw - 1) / nw : 0,
-        .max_tunnels = c->edge.max_tunnels ? (uint32_t)((c->edge.max_tunnels + nw - 1) / nw) : 0,
+        .max_tunnels = (uint32_t)c->edge.max_tunnels, /* the process's count: tunnels_shared */
+        .tunnels_shared = workers > 1 ? &P->tunnels : NULL,
         .max_tunnels_per_device = (uint32_t)c->edge.max_tunnels_per_device,
         .tunnel_connect_timeout = c->edge.tunnel_connect_timeout,
         .app_key = st->app_key,
@@ -2328,6 +2332,54 @@ static void close_own_handles(struct emx_server *s)
     for (size_t i = 0; i < n; i++)
         if (!uv_is_closing(hs[i]))
             uv_close(hs[i], NULL);
+}
+
+/* A tunnel record's claim or release, for another worker (tunnel_relay.h). */
+struct tunnel_claim_job {
+    struct emx_server *to;
+    uint64_t key;
+    bool claim;
+    char *tid;  /* both in this block */
+    char *owner;
+};
+
+static void tunnel_claim_run(void *arg)
+{
+    struct tunnel_claim_job *j = arg;
+    struct emx_router *r = j->to->router;
+    if (j->claim)
+        emx_router_tunnel_claim(r, j->tid, strlen(j->tid), j->owner, j->key);
+    else
+        emx_router_tunnel_release(r, j->tid, strlen(j->tid), j->key);
+    free(j);
+}
+
+/* Tunnel sockets are few: every other worker is asked, the one holding the
+ * record answers to the key. */
+static void relay_elsewhere(void *ctx, const char *owner, const char *tid, uint64_t key, bool claim)
+{
+    struct emx_server *s = ctx;
+    struct emx_proc *P = s->proc;
+    size_t lt = strlen(tid) + 1, lo = strlen(owner) + 1;
+
+    for (unsigned k = 0; k < P->n; k++) {
+        if (k == s->worker)
+            continue;
+        struct tunnel_claim_job *j = malloc(sizeof(*j) + lt + lo); /* freed on worker k */
+        if (!j) {
+            emx_logf(&s->log, EMX_LOG_ERROR, "tunnel", "out of memory telling worker %u of a tunnel socket", k);
+            continue;
+        }
+        j->to = P->w[k];
+        j->key = key;
+        j->claim = claim;
+        j->tid = (char *)(j + 1);
+        j->owner = j->tid + lt;
+        memcpy(j->tid, tid, lt);
+        memcpy(j->owner, owner, lo);
+        if (worker_post(P->w[k], tunnel_claim_run, j) != 0)
+            free(j); /* that worker has stopped */
+    }
 }
 
 /* One worker: its loop, handles, router and transport instance with its
@@ -2392,7 +2444,7 @@ static int worker_new(struct emx_proc *P, unsigned k, struct emx_setup *setup, u
         s->sigterm.data = s->sigint.data = s->sighup.data = s;
     }
 
-    struct emx_router_config rcfg = router_config(setup, P->n);
+    struct emx_router_config rcfg = router_config(setup, P);
     rcfg.worker = k;
     struct emx_router_io io = {
         .ctx = s,
@@ -2421,7 +2473,10 @@ static int worker_new(struct emx_proc *P, unsigned k, struct emx_setup *setup, u
         .stopping = &s->stopping,
         .now = relay_now,
         .now_ctx = s,
-        .share = P->n,
+        .relays_shared = P->n > 1 ? &P->relays : NULL,
+        .elsewhere = P->n > 1 ? relay_elsewhere : NULL,
+        .elsewhere_ctx = s,
+        .worker = k,
     };
     emx_relays_init(&s->relays, &renv);
     s->relays_ok = true;
@@ -2566,6 +2621,8 @@ int emx_server_run(struct emx_setup *setup)
     pthread_cond_init(&P->cond, NULL);
     pthread_mutex_init(&P->src_mu, NULL);
     atomic_init(&P->edges, 0);
+    atomic_init(&P->tunnels, 0);
+    atomic_init(&P->relays, 0);
     for (unsigned k = 0; k < EMX_WORKERS_MAX; k++)
         atomic_init(&P->socks[k], 0);
     signal(SIGPIPE, SIG_IGN);

@@ -111,6 +111,35 @@ static void peer_ip_text(const char *peer, char *out, size_t cap)
     snprintf(out, cap, "%.*s", (int)n, peer);
 }
 
+/* A place under edge.max_tunnels: the process's count when the workers
+ * share one (taken first, given back when over), else this worker's. */
+static bool relay_take_place(struct emx_relays *rs, const struct emx_config *cfg)
+{
+    uint64_t limit = cfg->edge.max_tunnels > 0 ? (uint64_t)cfg->edge.max_tunnels : 0;
+
+    if (!rs->env.relays_shared)
+        return !limit || rs->n < limit;
+    size_t n = atomic_fetch_add_explicit(rs->env.relays_shared, 1, memory_order_relaxed) + 1;
+    if (limit && n > limit) {
+        atomic_fetch_sub_explicit(rs->env.relays_shared, 1, memory_order_relaxed);
+        return false;
+    }
+    return true;
+}
+
+static void relay_give_place(struct emx_relays *rs)
+{
+    if (rs->env.relays_shared)
+        atomic_fetch_sub_explicit(rs->env.relays_shared, 1, memory_order_relaxed);
+}
+
+static void *refuse_placed(struct emx_relays *rs, const struct emx_tunnel_request *req,
+                           enum emx_relay_refusal why, int http, int *status)
+{
+    relay_give_place(rs);
+    return refuse(rs, req, why, http, status);
+}
+
 void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
                            const struct emx_tunnel_request *req, struct emx_tunnel_route *route,
                            int *status)
@@ -129,11 +158,7 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
         return refuse(rs, req, EMX_RELAY_REFUSE_DISABLED, 404, status);
     if (*rs->env.stopping)
         return refuse(rs, req, EMX_RELAY_REFUSE_DRAINING, 503, status);
-    /* with several workers each takes its share of the process's limit, as
-     * the records do (rounded up) */
-    uint64_t share = rs->env.share ? rs->env.share : 1;
-    uint64_t limit = cfg->edge.max_tunnels > 0 ? ((uint64_t)cfg->edge.max_tunnels + share - 1) / share : 0;
-    if (limit && rs->n >= limit)
+    if (!relay_take_place(rs, cfg))
         return refuse(rs, req, EMX_RELAY_REFUSE_LIMIT, 429, status);
     /* The owner: named by the tid's token (any edgemux can tell), else
      * this edgemux's record of a StartTunnel it forwarded. */
@@ -141,7 +166,7 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
     if (emx_tunnel_token_split(req->tid, tid_len, &ptid, &ptid_len)) {
         inst = emx_router_instance_by_token(r, req->tid, tid_len);
         if (!inst)
-            return refuse(rs, req, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
+            return refuse_placed(rs, req, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
     }
     const struct emx_tunnel *rec = emx_router_tunnel_find(r, ptid, ptid_len);
     struct emx_instance *probe[EMX_RELAY_PROBE_MAX];
@@ -155,27 +180,27 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
             if (i->up_pipes > 0)
                 probe[nprobe++] = i;
         if (!nprobe)
-            return refuse(rs, req, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
+            return refuse_placed(rs, req, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
         inst = probe[0];
     }
     if (!inst) {
         if (!rec)
-            return refuse(rs, req, EMX_RELAY_REFUSE_UNKNOWN_TID, 404, status);
+            return refuse_placed(rs, req, EMX_RELAY_REFUSE_UNKNOWN_TID, 404, status);
         inst = emx_router_instance_find(r, rec->instance_id);
         if (!inst)
-            return refuse(rs, req, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
+            return refuse_placed(rs, req, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
     }
     if (rec && strcmp(rec->instance_id, inst->id) != 0)
         rec = NULL; /* a record of another owner's tunnel with the same tid */
     if (inst->up_pipes == 0)
-        return refuse(rs, req, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
+        return refuse_placed(rs, req, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
     if (rec && side == EMX_RELAY_SIDE_SERVER && rec->attached)
-        return refuse(rs, req, EMX_RELAY_REFUSE_CLAIMED, 404, status);
+        return refuse_placed(rs, req, EMX_RELAY_REFUSE_CLAIMED, 404, status);
 
     struct emx_relay *rl = emx_calloc(1, sizeof(*rl));
     char ip[64], xff_head[1200];
     if (!rl)
-        return refuse(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+        return refuse_placed(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
     rl->rs = rs;
     rl->conn = conn;
     rl->id = ++rs->next_id;
@@ -206,7 +231,7 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
     if (!rl->tid || !rl->platform_tid || !rl->owner || (rec && !rl->thing) || !rl->host ||
         !rl->path || !rl->hdr_xff) {
         relay_free(rl);
-        return refuse(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+        return refuse_placed(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
     }
     memcpy(rl->platform_tid, ptid, ptid_len);
     snprintf(rl->path, plen, "%s%s",
@@ -215,6 +240,12 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
     if (rec && side == EMX_RELAY_SIDE_SERVER &&
         emx_router_tunnel_attach(r, ptid, ptid_len, now) == 0)
         rl->attached = true;
+    if (!rec && side == EMX_RELAY_SIDE_SERVER && rs->env.elsewhere) {
+        /* the StartTunnel may have reached the device through another
+         * worker of this process: its record lives and ends with this socket */
+        rl->claim_key = ((uint64_t)(rs->env.worker + 1) << 48) | rl->id;
+        rs->env.elsewhere(rs->env.elsewhere_ctx, rl->owner, rl->platform_tid, rl->claim_key, true);
+    }
     rl->headers[0] = rl->hdr_xff;
     rl->headers[1] = *rs->env.server_header;
     if (cfg->edge.tunnel_headers_to_copy.count) {
@@ -256,7 +287,7 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
             if (rl->attached)
                 emx_router_tunnel_detach(r, ptid, ptid_len, now);
             relay_free(rl);
-            return refuse(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+            return refuse_placed(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
         }
         /* rl->owner names the first one asked until another answers 101 */
         route->alternates = rl->alts;
@@ -336,8 +367,11 @@ void emx_relays_on_end(void *relay, const struct emx_tunnel_result *res)
     rs->st.msgs_to_peer += res->msgs_to_peer;
     if (rl->attached)
         emx_router_tunnel_detach(rs->env.router, rl->platform_tid, strlen(rl->platform_tid), now);
+    if (rl->claim_key)
+        rs->env.elsewhere(rs->env.elsewhere_ctx, rl->owner, rl->platform_tid, rl->claim_key, false);
     emx_list_unlink(&rl->link);
     rs->n--;
+    relay_give_place(rs);
     relay_free(rl);
 }
 

@@ -7,6 +7,7 @@
 #ifndef EMX_TUNNEL_RELAY_H
 #define EMX_TUNNEL_RELAY_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -58,6 +59,7 @@ struct emx_relay {
     unsigned side;
     bool open;     /* the peer got its 101 */
     bool attached; /* claimed this edgemux's record of the tid */
+    uint64_t claim_key; /* asked the other workers to claim their record: this key */
     bool closing;  /* edgemux closed it (drain, owner removed, admin) */
     uint64_t started_ms, opened_ms;
     char *tid;          /* as the peer sent it */
@@ -89,7 +91,16 @@ struct emx_relay_env {
     const bool *stopping;
     uint64_t (*now)(void *ctx); /* loop time, ms */
     void *now_ctx;
-    unsigned share; /* server.workers: each worker's relays take 1/share of edge.max_tunnels */
+    /* With several workers: the process's count of relayed sockets, which
+     * edge.max_tunnels bounds (every worker adds its own); NULL: rs->n. */
+    atomic_size_t *relays_shared;
+    /* With several workers: a device socket whose record is not on this
+     * worker asks the others to claim it (claim true) and, when it ends,
+     * to release it, so the record there lives and ends with the socket.
+     * NULL with one worker. */
+    void (*elsewhere)(void *ctx, const char *owner, const char *tid, uint64_t key, bool claim);
+    void *elsewhere_ctx;
+    unsigned worker;
 };
 
 struct emx_relays {

@@ -31,15 +31,14 @@ import time
 import unittest
 import urllib.parse
 
-from harness import POST, SLACK, WORKERS, Edgemux, Env, Platform, RawEdge, ao_header, ao_str, pipes, wait_until
+from harness import POST, SLACK, Edgemux, Env, Platform, RawEdge, ao_header, ao_str, pipes, wait_until
 from hostile import GUID, Canary, HostilePlatform, metrics, parse_frames, rss_kib, ws_frame
 from tunneldevice import TUNNEL_PATH, TunnelDevice, TunnelSocket
 
 KIB = 1024
 MIB = 1024 * 1024
-# edge.max_tunnels of this edgemux (records and sockets) per worker loop: with
-# server.workers > 1 each worker takes an even share of the configured value
-# (configuration.md), so the edgemux is given MAX_TUNNELS * WORKERS.
+# edge.max_tunnels of this edgemux (records and sockets); with several
+# workers it bounds the process's counts, which every worker adds to.
 MAX_TUNNELS = 6
 HANDSHAKE_S = 2.0                # transport.handshake_timeout
 CONNECT_S = 1.0                  # transport.tunnel_connect_timeout
@@ -347,7 +346,7 @@ class TunnelHostile(unittest.TestCase):
         cls.fake = FakeOwner(env.app_key)
         cls.emx = Edgemux(env, "emx-tun-hostile", [cls.plat.ports[0], cls.fake.port], start=False, overrides={
             "log": {"level": "info"},
-            "edge": {"max_tunnels": MAX_TUNNELS * WORKERS, "max_tunnels_per_device": MAX_TUNNELS,
+            "edge": {"max_tunnels": MAX_TUNNELS, "max_tunnels_per_device": MAX_TUNNELS,
                      "tunnel_idle_timeout": "60s"},
             "transport": {"tunnel_connect_timeout": "%dms" % int(CONNECT_S * 1000),
                           "handshake_timeout": "%dms" % int(HANDSHAKE_S * 1000)}})

@@ -10,7 +10,7 @@ import re
 import struct
 import time
 
-from harness import (POST, SUCCESS, WORKERS, E2ETest, Edgemux, ao_header, ao_parse, ao_response, ao_str,
+from harness import (POST, SUCCESS, E2ETest, Edgemux, ao_header, ao_parse, ao_response, ao_str,
                      wait_until)
 from hostile import HostilePlatform
 
@@ -47,7 +47,7 @@ class TunnelOwner(E2ETest):
         # process limit stays well above the per-device one on the worker
         # holding the devices, as with one loop.
         self.emx = Edgemux(self.env, "emx-tun", [self.plat.port], overrides={
-            "edge": {"max_tunnels": 200 * WORKERS, "max_tunnels_per_device": 50,
+            "edge": {"max_tunnels": 200, "max_tunnels_per_device": 50,
                      "tunnel_connect_timeout": "30s"}})
         self.emx.wait_ready()
         # Every pipe connected and read by edgemux (its AUTH answered), so a
