@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds edgemux and runs every test tier: the warnings-as-errors build with
-# every test, the AddressSanitizer + UndefinedBehaviorSanitizer build, and
-# each libFuzzer target for a bounded time. Installs what it needs first.
+# every test, the AddressSanitizer + UndefinedBehaviorSanitizer build, the
+# ThreadSanitizer build with four worker loops, and each libFuzzer target
+# for a bounded time. Installs what it needs first.
 #   scripts/test.sh            everything
 #   EMX_TEST_TIERS="unit abi" scripts/test.sh   only those ctest labels
 set -euo pipefail
@@ -39,23 +40,16 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:quarantine_size_mb=32 UBSAN_OPTIONS
   ctest --test-dir build/asan --output-on-failure -j "$jobs" -L 'unit|abi|e2e' -E valgrind
 
 step "thread sanitizer build (server.workers)"
-# ThreadSanitizer over the multi-worker paths: the workers e2e test, and a
-# representative set of e2e tests run with four workers (EMX_E2E_WORKERS).
-# The whole e2e tier under TSan would not fit the CI budget.
+# ThreadSanitizer over the multi-worker paths: the whole end-to-end tier
+# with four worker loops in every edgemux (EMX_E2E_WORKERS; test_workers
+# sets its own four). The valgrind scenario runs in the plain build only.
 CC=clang cmake -S . -B build/tsan -DCMAKE_BUILD_TYPE=Debug -DEMX_WERROR=ON \
   -DEMX_SANITIZE=thread >/dev/null
-cmake --build build/tsan -j "$jobs" --target edgemux emx-transport-ws emx-discovery-static \
-  platform-sim edge-sim
+cmake --build build/tsan -j "$jobs"
 # The harness fails a test whose processes printed a TSan report.
-tsan_opts="second_deadlock_stack=1 suppressions=$root/tests/integration/e2e/tsan.supp"
-TSAN_OPTIONS=$tsan_opts ctest --test-dir build/tsan --output-on-failure -R '^e2e\.test_workers$'
-# (tests that count a platform's pipes, check its identity string or the
-# per-loop accept limits expect one worker and are left out, and so are
-# those whose Python fake platform sends to a device down a pipe of its
-# own choosing instead of following the name/k identity rule)
-TSAN_OPTIONS=$tsan_opts EMX_E2E_WORKERS=4 \
-  ctest --test-dir build/tsan --output-on-failure -j "$jobs" \
-  -R '^e2e\.(test_bad_input|test_edge_frames|test_edge_handshake|test_tunnels)$'
+TSAN_OPTIONS="second_deadlock_stack=1 suppressions=$root/tests/integration/e2e/tsan.supp" \
+  EMX_E2E_WORKERS=4 \
+  ctest --test-dir build/tsan --output-on-failure -j "$jobs" -L e2e -E valgrind
 
 step "fuzz targets (${fuzz_seconds}s each)"
 CC=clang cmake -S . -B build/fuzz -DCMAKE_BUILD_TYPE=Debug -DEMX_FUZZ=ON \
