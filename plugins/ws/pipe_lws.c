@@ -3,6 +3,8 @@
  * and the transport calls for pipes. */
 #include "ws_int.h"
 
+#include <openssl/x509.h>
+
 /* ---- connection list and reaping ---------------------------------------- */
 
 void conn_link(struct ws_instance *inst, struct emx_conn *c)
@@ -617,11 +619,26 @@ int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, v
                          (const char *)b + 2);
         }
         return 0;
+    case LWS_CALLBACK_OPENSSL_PERFORM_SERVER_CERT_VERIFICATION:
+        /* user: the X509_STORE_CTX, len: OpenSSL's verdict; lws decides */
+        c = lws_wsi_user(wsi);
+        if (c && c->pp && !len && user)
+            c->pp->tls_verify_error =
+                X509_verify_cert_error_string(X509_STORE_CTX_get_error((X509_STORE_CTX *)user));
+        return 0;
     case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
         c = lws_wsi_user(wsi);
         if (c) {
+            char why[WS_REASON_MAX + 1];
+
             c->wsi = c->wsi ? c->wsi : wsi;
-            conn_gone(c, 1006, in ? (const char *)in : "connect failed");
+            if (c->pp && c->pp->tls_verify_error) {
+                snprintf(why, sizeof(why), "certificate check failed: %s",
+                         c->pp->tls_verify_error);
+                conn_gone(c, 1006, why);
+            } else {
+                conn_gone(c, 1006, in ? (const char *)in : "connect failed");
+            }
         }
         return 0;
     case LWS_CALLBACK_CLOSED:

@@ -251,7 +251,14 @@ static int ws_start(void *instance)
     init_tables(inst);
     if (!log_host) {
         log_host = inst->host;
-        lws_set_log_level(LLL_ERR | LLL_WARN, lws_log_emit);
+        /* lws 4.1 formats every log line in one static buffer: with several
+         * worker threads, each with its own lws context, lines would race
+         * on it (ThreadSanitizer reports it). Pipes log what matters
+         * themselves (a failed certificate check names its reason). */
+        if (EMX_HOST_HAS(inst->host, workers) && inst->host->workers > 1)
+            lws_set_log_level(0, NULL);
+        else
+            lws_set_log_level(LLL_ERR | LLL_WARN, lws_log_emit);
     }
     memset(&info, 0, sizeof(info));
     info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_EXPLICIT_VHOSTS |

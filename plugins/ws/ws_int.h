@@ -176,6 +176,9 @@ struct ws_pipe {
     uint64_t ctl_flood_since; /* raw: first of the ticks that used up the budget; 0: none */
     uint64_t tx_ok;           /* uv_now() ms when writes last progressed or nothing waited */
     uint8_t pong[125];
+    /* wss: why the platform's certificate failed the check, for the close
+     * reason (lws's own line about it is off with several workers, ws.c) */
+    const char *tls_verify_error;
 };
 
 /* One host name lookup. Connects to the same name share it; it outlives
