@@ -64,21 +64,19 @@ class FairShare(E2ETest):
     def authed_edges_on_one_worker(self, n):
         """n AUTHed edges held by one worker. Pipes, their watermarks and
         the shares are a worker's own: the heavy devices and the light one
-        must meet on the same worker's pipes for the test to mean anything,
-        so with several workers edges on other workers are closed again."""
-        kept, target = [], None
-        for _ in range(40 * n):
+        must meet on the same worker's pipes for the test to mean anything.
+        With several workers, edges land on every worker (the workers keep
+        their counts level), so edges are opened until one worker holds n;
+        the others stay open and idle until the test ends."""
+        by = {}
+        for _ in range(WORKERS * n + 8):
             e, sid = self.authed_edge()
             k = self.worker_of(e) if WORKERS > 1 else 0
-            if target is None:
-                target = k
-            if k == target:
-                kept.append((e, sid))
-                if len(kept) == n:
-                    return kept
-            else:
-                e.close()
-        self.fail("%d edges did not reach one worker" % n)
+            by.setdefault(k, []).append((e, sid))
+            if len(by[k]) == n:
+                self.idle = [x for w, lst in by.items() if w != k for x in lst]
+                return by[k]
+        self.fail("%d edges did not reach one worker: %r" % (n, {k: len(v) for k, v in by.items()}))
 
     def heavy(self, e, sid, stop, codes, errors):
         """Bursts of HEAVY_BURST big PUTs; the next burst once all are answered."""
