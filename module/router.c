@@ -666,12 +666,13 @@ static int tunnel_start(struct emx_router *r, struct emx_pipe *p, struct emx_edg
     if (tunnel_lookup(r, m->tid.ptr, m->tid.len)) {
         why = EMX_TUN_REFUSE_DUPLICATE;
         reason = "tunnel id in use";
-    } else if (r->cfg.max_tunnels_per_device && e->ntunnels >= r->cfg.max_tunnels_per_device) {
-        why = EMX_TUN_REFUSE_DEVICE_LIMIT;
-        reason = "too many tunnels for this device";
     } else if (!tunnel_take_place(r)) {
         why = EMX_TUN_REFUSE_PROCESS_LIMIT;
         reason = "too many tunnels";
+    } else if (r->cfg.max_tunnels_per_device && e->ntunnels >= r->cfg.max_tunnels_per_device) {
+        tunnel_give_place(r);
+        why = EMX_TUN_REFUSE_DEVICE_LIMIT;
+        reason = "too many tunnels for this device";
     } else {
         size_t thing_len = m->thing.len < TUNNEL_THING_MAX ? m->thing.len : TUNNEL_THING_MAX;
         size_t inst_len = strlen(p->inst->id);

@@ -2339,7 +2339,7 @@ struct tunnel_claim_job {
     struct emx_server *to;
     uint64_t key;
     bool claim;
-    char *tid;  /* both in this block */
+    char *tid; /* both in this block */
     char *owner;
 };
 
@@ -2367,7 +2367,8 @@ static void relay_elsewhere(void *ctx, const char *owner, const char *tid, uint6
             continue;
         struct tunnel_claim_job *j = malloc(sizeof(*j) + lt + lo); /* freed on worker k */
         if (!j) {
-            emx_logf(&s->log, EMX_LOG_ERROR, "tunnel", "out of memory telling worker %u of a tunnel socket", k);
+            emx_logf(&s->log, EMX_LOG_ERROR, "tunnel",
+                     "out of memory telling worker %u of a tunnel socket", k);
             continue;
         }
         j->to = P->w[k];

@@ -633,8 +633,7 @@ int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, v
 
             c->wsi = c->wsi ? c->wsi : wsi;
             if (c->pp && c->pp->tls_verify_error) {
-                snprintf(why, sizeof(why), "certificate check failed: %s",
-                         c->pp->tls_verify_error);
+                snprintf(why, sizeof(why), "certificate check failed: %s", c->pp->tls_verify_error);
                 conn_gone(c, 1006, why);
             } else {
                 conn_gone(c, 1006, in ? (const char *)in : "connect failed");
