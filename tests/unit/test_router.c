@@ -3236,6 +3236,52 @@ static void tunnel_deadline_attach_detach_and_edge_leaving(void **state)
     assert_int_equal(emx_router_tunnel_count(f->r), 0);
 }
 
+/* server.workers > 1: a device socket on another worker claims and
+ * releases the record by key, and edge.max_tunnels bounds the count every
+ * worker's router adds to. */
+static void tunnel_claim_from_another_worker_and_shared_limit(void **state)
+{
+    struct fx *f = *state;
+    atomic_size_t shared;
+    atomic_init(&shared, 1); /* another worker's record */
+    f->cfg.max_tunnels = 2;
+    f->cfg.tunnels_shared = &shared;
+    f->cfg.tunnel_connect_timeout = 30000;
+    f->cfg.edge_request_timeout = 60000;
+    start_equal(f, 1);
+    struct emx_edge *e = edge_authed(f);
+    struct emx_pipe *p = &f->inst[0]->pipes[0];
+    struct emx_ao_header r1 = start_tunnel(f, p, e, 0x740, "w1");
+    assert_int_equal(r1.code, EMX_AO_POST);
+    edge_answer(f, e, EMX_AO_SUCCESS, &r1);
+    assert_int_equal(atomic_load(&shared), 2);
+    /* the process is full though this router holds one */
+    size_t m = f->nev;
+    assert_int_equal(start_tunnel(f, p, e, 0x741, "w2").code, 0);
+    assert_non_null(find_pipe_send(f, m, EMX_AO_SERVICE_UNAVAILABLE, 0x741, e->id));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_refused[EMX_TUN_REFUSE_PROCESS_LIMIT], 1);
+    assert_int_equal(atomic_load(&shared), 2);
+
+    const char *owner = f->inst[0]->id;
+    uint64_t key = (2ull << 48) | 7;
+    assert_int_equal(emx_router_tunnel_claim(f->r, "w1", 2, "other:1", key), -ENOENT);
+    assert_int_equal(emx_router_tunnel_claim(f->r, "w1", 2, owner, 0), -ENOENT);
+    assert_int_equal(emx_router_tunnel_claim(f->r, "nope", 4, owner, key), -ENOENT);
+    assert_int_equal(emx_router_tunnel_claim(f->r, "w1", 2, owner, key), 0);
+    assert_int_equal(emx_router_tunnel_claim(f->r, "w1", 2, owner, key + 1), -EBUSY);
+    assert_int_equal(emx_router_tunnel_attach(f->r, "w1", 2, f->now), -EBUSY);
+    tick_at(f, f->now + 30000); /* claimed: no deadline */
+    assert_non_null(tunnel(f, "w1"));
+    /* only the claim's own key releases it */
+    assert_int_equal(emx_router_tunnel_release(f->r, "w1", 2, key + 1), -ENOENT);
+    assert_non_null(tunnel(f, "w1"));
+    assert_int_equal(emx_router_tunnel_release(f->r, "w1", 2, key), 0);
+    assert_null(tunnel(f, "w1"));
+    assert_int_equal(emx_router_stats(f->r)->tunnels_ended[EMX_TUN_END_DETACHED], 1);
+    assert_int_equal(atomic_load(&shared), 1);
+    assert_int_equal(emx_router_tunnel_release(f->r, "w1", 2, key), -ENOENT);
+}
+
 static void tunnel_device_cancel_ends_record_and_is_forwarded(void **state)
 {
     struct fx *f = *state;
@@ -3973,6 +4019,7 @@ int main(void)
         T(tunnel_non_success_answer_or_a4_ends_record),
         T(tunnel_limits_refuse_with_a3_and_do_not_forward),
         T(tunnel_deadline_attach_detach_and_edge_leaving),
+        T(tunnel_claim_from_another_worker_and_shared_limit),
         T(tunnel_tids_carry_the_owner_token),
         T(tunnel_device_cancel_ends_record_and_is_forwarded),
     };
