@@ -543,12 +543,16 @@ if has_part workers; then
           --json "$OUT/wk$k-$i-$j.json" >"$OUT/wk$k-$i-$j.txt" 2>&1 &
         bp+=($!)
       done
+      # the edges are connected during the window (the bench processes
+      # close them when they end)
+      sleep 6
+      mx=$(curl -s "http://127.0.0.1:$((BASE_PORT + 11))/metrics")
+      edges=$(awk '/^emx_worker_edges_connected\{/ {split($1, a, "\""); printf "%sw%s=%s", sep, a[2], $2; sep=" "} END {print ""}' <<<"$mx")
+      handed=$(awk '/^emx_worker_sockets_handed_in_total\{/ {split($1, a, "\""); printf "%sw%s=%s", sep, a[2], $2; sep=" "} END {print ""}' <<<"$mx")
       for p in "${bp[@]}"; do wait "$p" || true; done
       t1=$(cpu_ticks "$ep"); p1=$(cpu_ticks "$PSIM_PID")
       spread=$(curl -s "http://127.0.0.1:$((BASE_PORT + 11))/metrics" |
         awk '/^emx_worker_edge_messages_total\{worker="[0-9]+",direction="to_edge"\}/ {split($1, a, "\""); printf "%sw%s=%s", sep, a[2], $2; sep=" "} END {print ""}')
-      edges=$(curl -s "http://127.0.0.1:$((BASE_PORT + 11))/metrics" |
-        awk '/^emx_worker_edges_connected\{/ {split($1, a, "\""); printf "%sw%s=%s", sep, a[2], $2; sep=" "} END {print ""}')
       cleanup
       tp=$(jq -s 'map(.throughput) | add' "$OUT/wk$k-$i-0.json" "$OUT/wk$k-$i-1.json")
       gen=$(jq -s 'map(.generator_cpu_s) | add' "$OUT/wk$k-$i-0.json" "$OUT/wk$k-$i-1.json")
@@ -559,7 +563,7 @@ if has_part workers; then
       # (warm-up included: a lower bound)
       per=$(awk -v t="$tp" -v c="$cpu" 'BEGIN{printf "%.0f", t * 8 / c}')
       echo "$per" >"$OUT/wk$k-$i.per"
-      log "workers $k round $i: $tp answers/s; edgemux CPU $cpu s, platform-sim $pcpu s, generators $gen s (8 s window); >= $per answers per edgemux CPU-second; edges per worker: $edges; answers per worker: $spread"
+      log "workers $k round $i: $tp answers/s; edgemux CPU $cpu s, platform-sim $pcpu s, generators $gen s (8 s window); >= $per answers per edgemux CPU-second; edges per worker: $edges (sockets handed over: ${handed:-none}); answers per worker: $spread"
     done
   done
   m1=$(cat "$OUT"/wk1-*.tp | median); m2=$(cat "$OUT"/wk2-*.tp | median)

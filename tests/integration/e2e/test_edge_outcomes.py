@@ -10,7 +10,7 @@ import zlib
 
 from harness import (AUTH, BAD_REQUEST, GET, INTERNAL_ERROR, KEEP_ALIVE, SUCCESS, E2ETest,
                      Edgemux, Platform, ao_auth, ao_bind, ao_header, ao_parse, ao_request,
-                     edge_sim, pipes, wait_until)
+                     WORKERS, edge_sim, pipes, wait_until)
 
 
 class EdgeOutcomes(E2ETest):
@@ -174,6 +174,13 @@ class EdgeOutcomes(E2ETest):
         self.assertEqual(e.expect_close(timeout=8), 1013)
         self.assertGreater(time.monotonic() - t0, 0.8)  # not before all_down_grace
         wait_until(lambda: self.emx.http("/ready")[0] == 503, 5, what="/ready 503")
+        if WORKERS > 1:
+            # each worker times its own all-down grace: wait until every one
+            # has closed its edges, or the new edge below may land on a
+            # worker whose grace ends just after it connected
+            wait_until(lambda: len(set(re.findall(r"\] w(\d+): no platform pipe for ",
+                                                  self.emx.log()))) == WORKERS, 5,
+                       what="every worker's all-down")
         # A new edge is still accepted, and its request is answered 0xA0.
         e2 = self.emx.edge(app_key=self.env.app_key)
         e2.send(ao_auth(1, self.env.app_key))
