@@ -8,6 +8,34 @@
 #include <string.h>
 #include <unistd.h>
 
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define EMX_SANITIZER_BUILD 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define EMX_SANITIZER_BUILD 1
+#endif
+
+#ifdef EMX_SANITIZER_BUILD
+#include <sanitizer/common_interface_defs.h>
+
+/* Sanitizer builds (scripts/test.sh): the sanitizer names the functions of
+ * a report through a helper process it starts at its first report. Started
+ * after the switch, the helper could no longer read a binary kept in a
+ * directory only root may enter, and a report would show bare addresses
+ * (which the suppressions cannot match): start it now. */
+static void sanitizer_symbolizer_start(void)
+{
+    char buf[128];
+    __sanitizer_symbolize_pc(__builtin_return_address(0), "%F", buf, sizeof(buf));
+}
+#else
+static void sanitizer_symbolizer_start(void)
+{
+}
+#endif
+
 static int fail(char *err, size_t errlen, int rc, const char *fmt, const char *user)
 {
     if (err && errlen)
@@ -19,6 +47,8 @@ int emx_drop_privileges(const char *user, char *err, size_t errlen)
 {
     if (!user || !user[0])
         return fail(err, errlen, -EINVAL, "server.user '%s': empty user name (%s)", "");
+    if (geteuid() == 0)
+        sanitizer_symbolizer_start();
     struct passwd pwbuf, *pw = NULL;
     char buf[4096];
     int e = getpwnam_r(user, &pwbuf, buf, sizeof(buf), &pw);

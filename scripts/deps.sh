@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config clang libclang-rt-14-dev
+  llvm
   libuv1-dev libyaml-dev libcmocka-dev uthash-dev libssl-dev zlib1g-dev
   libwebsockets-dev libwebsockets-evlib-uv libcurl4-openssl-dev libjansson-dev
   libhttp-parser-dev
