@@ -31,9 +31,7 @@ static void sanitizer_symbolizer_start(void)
     __sanitizer_symbolize_pc(__builtin_return_address(0), "%F", buf, sizeof(buf));
 }
 #else
-static void sanitizer_symbolizer_start(void)
-{
-}
+static void sanitizer_symbolizer_start(void) {}
 #endif
 
 static int fail(char *err, size_t errlen, int rc, const char *fmt, const char *user)
