@@ -55,6 +55,25 @@ SLACK = 4 if SANITIZED else 1
 WORKERS = int(os.environ.get("EMX_E2E_WORKERS") or 1)
 
 
+# The top 4 bits of an endpointId name the worker that holds the edge
+# (docs/protocol.md §3); a pipe's identity is `<name>/<worker>` (§6.1).
+WORKER_SHIFT = 28
+
+
+def worker_of(endpoint_id):
+    """The worker an endpointId belongs to."""
+    return (endpoint_id >> WORKER_SHIFT) & 0xF
+
+
+def worker_of_identity(identity):
+    """The worker an X-Edgemux-Server identity (str or bytes) names:
+    `<name>/<k>` with several workers, the bare name (worker 0) with one."""
+    if isinstance(identity, bytes):
+        identity = identity.decode(errors="replace")
+    name, sep, k = identity.rpartition("/")
+    return int(k) if sep and name and k.isdigit() else 0
+
+
 def pipes(per_instance=2):
     """Pipes one edgemux of this run opens to each instance with
     platform.pipes_per_instance = per_instance (the harness default: 2)."""

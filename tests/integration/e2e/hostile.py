@@ -39,12 +39,11 @@ import threading
 import time
 import unittest
 
-from harness import (AUTH, GET, SLACK, SUCCESS, Env, Proc, ao_chunk_ids, ao_header, ao_parse, ao_request,
-                     ao_str, pipes, wait_until)
+from harness import (AUTH, GET, SLACK, SUCCESS, WORKER_SHIFT, Env, Proc, ao_chunk_ids, ao_header,
+                     ao_parse, ao_request, ao_str, pipes, wait_until, worker_of, worker_of_identity)
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MIB = 1 << 20
-WORKER_SHIFT = 28        # the top 4 bits of an endpointId name its worker (protocol.md §3)
 
 CANARY_PERIOD = 0.2      # a GET every 200 ms
 # The bounds of issue 12; under a sanitizer build (harness.SLACK) CPU,
@@ -206,19 +205,6 @@ def thing_of(msg):
         return msg[off + 5:off + 5 + min(n, 256)].decode(errors="replace")
     except (IndexError, struct.error):
         return ""
-
-
-def worker_of_identity(identity):
-    """The worker index an X-Edgemux-Server identity names (protocol.md
-    §6.1): `<name>/<k>` with several workers, the bare name (worker 0)
-    with one."""
-    name, sep, k = identity.rpartition("/")
-    return int(k) if sep and name and k.isdigit() else 0
-
-
-def worker_of(eid):
-    """The worker an endpointId belongs to: its top 4 bits (protocol.md §3)."""
-    return (eid >> WORKER_SHIFT) & 0xF
 
 
 class Pipe:

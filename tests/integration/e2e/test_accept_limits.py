@@ -26,13 +26,13 @@ import struct
 import time
 import unittest
 
-from harness import SLACK, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, RawEdge, wait_until
+from harness import (SLACK, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, RawEdge, wait_until,
+                     worker_of)
 
 UPGRADE = ("GET /Thingworx/WS HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
 
-SHIFT = 28  # the top 4 bits of an endpointId name the worker (protocol.md §6.2)
 
 
 def connect_from(src_port, port):
@@ -91,7 +91,7 @@ def edges_by_port(emx):
     """{source port: worker} of every upgraded edge the admin API lists."""
     status, body = emx.http("/edges")
     assert status == 200, (status, body)
-    return {int(e["peer"].rsplit(":", 1)[1]): e["endpointId"] >> SHIFT
+    return {int(e["peer"].rsplit(":", 1)[1]): worker_of(e["endpointId"])
             for e in json.loads(body)["edges"]}
 
 

@@ -14,16 +14,15 @@ import threading
 import time
 import unittest
 
-from harness import (GET, INTERNAL_ERROR, PUT, SERVICE_UNAVAILABLE, SLACK, SUCCESS, WORKERS, E2ETest, Edgemux,
-                     Platform, ao_chunk_ids, ao_header, ao_infotable_blob, ao_parse, ao_str,
-                     pipes, wait_until)
+from harness import (GET, INTERNAL_ERROR, PUT, SERVICE_UNAVAILABLE, SLACK, SUCCESS, WORKERS, E2ETest,
+                     Edgemux, Platform, ao_chunk_ids, ao_header, ao_infotable_blob, ao_parse, ao_str,
+                     pipes, wait_until, worker_of)
 
 KIB = 1024
 HEAVY_DEVICES = 4
 HEAVY_BURST = 32
 HEAVY_SIZE = 256 * KIB
 SECONDS = 8.0
-SHIFT = 28  # the top 4 bits of an endpointId name the worker (protocol.md §6.2)
 
 
 def get(request_id, session_id, name, thing="SteamSensor"):
@@ -58,7 +57,7 @@ class FairShare(E2ETest):
         self.assertEqual(status, 200)
         for x in json.loads(body)["edges"]:
             if x["peer"].endswith(":%d" % port):
-                return x["endpointId"] >> SHIFT
+                return worker_of(x["endpointId"])
         self.fail("edge from port %d not in /edges: %s" % (port, body))
 
     def authed_edges_on_one_worker(self, n):

@@ -16,14 +16,13 @@ import threading
 import time
 import unittest
 
-from harness import (GET, INTERNAL_ERROR, SLACK, SUCCESS, E2ETest, Edgemux, Platform, ao_header,
-                     ao_parse, ao_request, ao_str, pipes, wait_until)
+from harness import (GET, INTERNAL_ERROR, SLACK, SUCCESS, WORKER_SHIFT, E2ETest, Edgemux, Platform,
+                     ao_header, ao_parse, ao_request, ao_str, pipes, wait_until)
 import base64
 import hashlib
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 AUTH = 0x14
-WORKER_SHIFT = 28  # the top 4 bits of an endpointId name its worker (protocol.md §3)
 
 
 def proc_cpu(pid):

@@ -13,18 +13,11 @@ import threading
 import time
 import unittest
 
-from harness import (GET, SERVICE_UNAVAILABLE, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_header,
-                     ao_parse, ao_str, pipes, start_edge_sim, wait_until)
+from harness import (GET, SERVICE_UNAVAILABLE, SUCCESS, WORKER_SHIFT, WORKERS, E2ETest, Edgemux,
+                     Platform, ao_header, ao_parse, ao_str, pipes, start_edge_sim, wait_until,
+                     worker_of_identity)
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-WORKER_SHIFT = 28  # the top 4 bits of an endpointId name its worker (protocol.md §3)
-
-
-def worker_of_identity(identity):
-    """The worker an X-Edgemux-Server identity names: `<name>/<k>` with
-    several workers, the bare name (worker 0) with one (protocol.md §6.1)."""
-    name, sep, k = identity.rpartition(b"/")
-    return int(k) if sep and name and k.isdigit() else 0
 
 
 class FakePlatform:

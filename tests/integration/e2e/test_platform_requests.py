@@ -7,9 +7,8 @@ import threading
 import unittest
 
 from harness import (BIND, GET, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_bind, ao_parse,
-                     ao_response, check_ledger, pipes, start_edge_sim, wait_until)
+                     ao_response, check_ledger, pipes, start_edge_sim, wait_until, worker_of)
 
-SHIFT = 28  # the top 4 bits of an endpointId name the worker (protocol.md §6.2)
 
 
 class PlatformRequests(E2ETest):
@@ -48,7 +47,7 @@ class PlatformRequests(E2ETest):
     def identity(self, endpoint):
         """The X-Edgemux-Server of the pipes that carry the edge with this
         endpointId: the server name, or name/worker with several workers."""
-        return "emx-pr" if WORKERS == 1 else "emx-pr/%d" % (endpoint >> SHIFT)
+        return "emx-pr" if WORKERS == 1 else "emx-pr/%d" % (worker_of(endpoint))
 
     def platform_get(self, instance, thing, prop="Temperature"):
         """Sends `get` on the control channel in a thread; returns a

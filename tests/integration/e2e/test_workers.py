@@ -14,11 +14,10 @@ import threading
 import time
 import unittest
 
-from harness import (GET, SUCCESS, SLACK, E2ETest, Edgemux, Platform, ao_bind, ao_parse,
-                     ao_request, ao_response, check_ledger, start_edge_sim, wait_until)
+from harness import (GET, SUCCESS, SLACK, E2ETest, Edgemux, Platform, ao_bind, ao_parse, ao_request,
+                     ao_response, check_ledger, start_edge_sim, wait_until, worker_of)
 
 WORKERS = 4
-SHIFT = 28  # the top 4 bits of an endpointId name the worker
 
 
 def parse_metrics(text):
@@ -78,7 +77,7 @@ class Workers(E2ETest):
             known = {eid for lst in by.values() for _, _, eid in lst}
             new = [x for x in ids if x not in known]
             self.assertEqual(len(new), 1, body)
-            by[new[0] >> SHIFT].append((e, sid, new[0]))
+            by[worker_of(new[0])].append((e, sid, new[0]))
             if all(len(v) >= per_worker_min for v in by.values()):
                 return by
         self.fail("edges did not reach every worker: %r" % {k: len(v) for k, v in by.items()})
@@ -166,7 +165,7 @@ class Workers(E2ETest):
                 msg = e.recv(timeout=5)
                 code, prid, peid, psid, _ = ao_parse(msg)
                 self.assertEqual(code, GET)
-                self.assertEqual(peid >> SHIFT, k)
+                self.assertEqual(worker_of(peid), k)
                 e.send(ao_response(SUCCESS, prid, peid, psid))
                 self.assertEqual(reply(), "answer 0x40 SUCCESS", "worker %d instance %d" % (k, inst))
         st = self.plat.stats()
