@@ -621,7 +621,9 @@ static bool transport_adopts(const struct emx_transport_plugin *tp)
 }
 
 /* Runs on the worker the socket was handed to. Once that worker has closed
- * its listener (stopping), the socket is closed: the device reconnects. */
+ * its listener (stopping), the socket is closed: the device reconnects.
+ * The place the hand-off reserved is given back once the transport has
+ * counted the socket itself (or not, when it could not take it). */
 static void hand_off_run(void *arg)
 {
     struct hand_off *ho = arg;
@@ -631,10 +633,11 @@ static void hand_off_run(void *arg)
     free(ho);
     if (!s->listener) {
         close(fd);
-        return;
+    } else {
+        s->counters.handed_in++;
+        s->tp->adopt(s->listener, fd); /* owns fd, also on failure */
     }
-    s->counters.handed_in++;
-    s->tp->adopt(s->listener, fd); /* owns fd, also on failure */
+    atomic_fetch_sub_explicit(&s->proc->socks[s->worker], 1, memory_order_relaxed);
 }
 
 static int host_edge_hand_off(const struct emx_host *h, uint32_t worker, int fd)
@@ -652,8 +655,12 @@ static int host_edge_hand_off(const struct emx_host *h, uint32_t worker, int fd)
         return -ENOMEM;
     ho->to = to;
     ho->fd = fd;
+    /* counted for its worker at once: sockets on their way count when the
+     * next one is placed, or a burst would all go to the same worker */
+    atomic_fetch_add_explicit(&P->socks[worker], 1, memory_order_relaxed);
     int rc = worker_post(to, hand_off_run, ho);
     if (rc) {
+        atomic_fetch_sub_explicit(&P->socks[worker], 1, memory_order_relaxed);
         free(ho);
         return rc;
     }
