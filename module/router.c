@@ -546,18 +546,13 @@ static bool tunnel_take_place(struct emx_router *r)
 {
     if (!r->cfg.tunnels_shared)
         return !r->cfg.max_tunnels || r->ntunnels < r->cfg.max_tunnels;
-    size_t n = atomic_fetch_add_explicit(r->cfg.tunnels_shared, 1, memory_order_relaxed) + 1;
-    if (r->cfg.max_tunnels && n > r->cfg.max_tunnels) {
-        atomic_fetch_sub_explicit(r->cfg.tunnels_shared, 1, memory_order_relaxed);
-        return false;
-    }
-    return true;
+    return emx_shared_take(r->cfg.tunnels_shared, r->cfg.max_tunnels);
 }
 
 static void tunnel_give_place(struct emx_router *r)
 {
     if (r->cfg.tunnels_shared)
-        atomic_fetch_sub_explicit(r->cfg.tunnels_shared, 1, memory_order_relaxed);
+        emx_shared_give(r->cfg.tunnels_shared);
 }
 
 static void tunnel_end(struct emx_router *r, struct emx_tunnel *t, enum emx_tunnel_end why)

@@ -402,6 +402,24 @@ bool emx_tunnel_token_split(const char *tid, size_t len, const char **rest, size
 struct emx_instance *emx_router_instance_by_token(struct emx_router *r, const char *tid,
                                                   size_t len);
 
+/* A place in a count several workers share, under limit (0: none): taken
+ * first and given back when over, so workers racing for the last place
+ * never pass the limit together. */
+static inline bool emx_shared_take(atomic_size_t *count, uint64_t limit)
+{
+    size_t n = atomic_fetch_add_explicit(count, 1, memory_order_relaxed) + 1;
+    if (limit && n > limit) {
+        atomic_fetch_sub_explicit(count, 1, memory_order_relaxed);
+        return false;
+    }
+    return true;
+}
+
+static inline void emx_shared_give(atomic_size_t *count)
+{
+    atomic_fetch_sub_explicit(count, 1, memory_order_relaxed);
+}
+
 /* The record of a tid (not NUL-terminated; tid_len bytes), or NULL. */
 const struct emx_tunnel *emx_router_tunnel_find(struct emx_router *r, const char *tid,
                                                 size_t tid_len);

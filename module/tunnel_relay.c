@@ -119,18 +119,13 @@ static bool relay_take_place(struct emx_relays *rs, const struct emx_config *cfg
 
     if (!rs->env.relays_shared)
         return !limit || rs->n < limit;
-    size_t n = atomic_fetch_add_explicit(rs->env.relays_shared, 1, memory_order_relaxed) + 1;
-    if (limit && n > limit) {
-        atomic_fetch_sub_explicit(rs->env.relays_shared, 1, memory_order_relaxed);
-        return false;
-    }
-    return true;
+    return emx_shared_take(rs->env.relays_shared, limit);
 }
 
 static void relay_give_place(struct emx_relays *rs)
 {
     if (rs->env.relays_shared)
-        atomic_fetch_sub_explicit(rs->env.relays_shared, 1, memory_order_relaxed);
+        emx_shared_give(rs->env.relays_shared);
 }
 
 static void *refuse_placed(struct emx_relays *rs, const struct emx_tunnel_request *req,
