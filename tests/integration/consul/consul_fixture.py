@@ -294,6 +294,8 @@ def main():
     ap.add_argument("--lifetime", type=float, default=300.0)
     ap.add_argument("--tls-cert", help="PEM server certificate (and chain): serve HTTPS")
     ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    ap.add_argument("--preload", help="JSON file: a list of register bodies in place before the "
+                    "first query (a source that comes back with its whole set at once)")
     args = ap.parse_args()
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")
@@ -301,6 +303,12 @@ def main():
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
         FixtureServer.tls = ctx
+    if args.preload:
+        with open(args.preload) as f, STATE.cond:
+            for req in json.load(f):
+                svc = STATE.service(req["service"])
+                svc["entries"][req["id"]] = dict(req)
+                STATE.bump(svc)
     for attempt in range(50):
         try:
             server = FixtureServer(("127.0.0.1", args.port), Handler)

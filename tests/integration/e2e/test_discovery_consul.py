@@ -29,15 +29,32 @@ LATENCY_MS = 1500
 DOWN_SECONDS = float(os.environ.get("EMX_CONSUL_DOWN_SECONDS", "60"))
 
 
+def entry(port, ident):
+    return dict(service=SERVICE, node="node-%s" % ident, id=ident, address="127.0.0.1", port=port)
+
+
+def preload_file(env, instances):
+    """--preload arguments registering (port, ident) pairs before the fixture
+    listens: a source that comes back answers with its whole set, never with
+    the part a test had registered when edgemux's first query arrived."""
+    if not instances:
+        return []
+    path = env.path("consul-preload-%d.json" % len(env.procs))
+    with open(path, "w") as f:
+        json.dump([entry(port, ident) for port, ident in instances], f)
+    return ["--preload", path]
+
+
 class Fixture:
     """consul_fixture.py as a process of the test's Env, on a fixed port once
     started so it can come back where edgemux looks for it."""
 
-    def __init__(self, env, port=0):
+    def __init__(self, env, port=0, instances=()):
         self.env = env
         self.port_file = env.path("consul-port-%d" % len(env.procs))
+        preload = preload_file(env, instances)
         self.proc = Proc([sys_python(), FIXTURE, "--port-file", self.port_file, "--port", str(port),
-                          "--lifetime", str(DOWN_SECONDS + 240)],
+                          "--lifetime", str(DOWN_SECONDS + 240)] + preload,
                          env.path("consul-fixture-%d.log" % len(env.procs)), cwd=env.dir)
         env.procs.append(self.proc)
 
@@ -59,8 +76,7 @@ class Fixture:
             return json.loads(r.read())
 
     def register(self, port, ident):
-        return self.ctl("register", service=SERVICE, node="node-%s" % ident, id=ident,
-                        address="127.0.0.1", port=port)
+        return self.ctl("register", **entry(port, ident))
 
     def deregister(self, ident):
         return self.ctl("deregister", service=SERVICE, id=ident)
@@ -176,9 +192,7 @@ class ConsulDiscovery(E2ETest):
         self.assertEqual(self.emx.http("/ready")[0], 200)
         # The source comes back on its port with the same instances: still
         # nothing changes, and the plugin says it answers again.
-        self.consul = Fixture(self.env, port)
-        for i in range(3):
-            self.consul.register(self.plat.ports[i], "tw-%d" % i)
+        self.consul = Fixture(self.env, port, [(self.plat.ports[i], "tw-%d" % i) for i in range(3)])
         wait_until(lambda: "consul answers again" in self.emx.log(), 10, what="source back")
         _, d = self.burst(9)
         self.assertTrue(all(x > 0 for x in d), d)

@@ -41,17 +41,27 @@ BAD_CA = r"SSL certificate problem: (unable to get local issuer certificate|self
 BAD_NAME = r"SSL: no alternative certificate subject name matches target host name '127\.0\.0\.1'"
 
 
+def entry(port, ident):
+    return dict(service=SERVICE, node="node-%s" % ident, id=ident, address="127.0.0.1", port=port)
+
+
 class TLSFixture:
     """consul_fixture.py over HTTPS with the given certificate and key; its
     control endpoint is reached over HTTPS too (trusting `ca`, no name check:
     the test drives it even when its certificate names another host)."""
 
-    def __init__(self, env, cert, key, ca, port=0):
+    def __init__(self, env, cert, key, ca, port=0, instances=()):
         self.env = env
         n = len(env.procs)
         self.port_file = env.path("consul-port-%d" % n)
+        preload = []
+        if instances:
+            # In place before the first query: edgemux never sees part of the set.
+            preload = ["--preload", env.path("consul-preload-%d.json" % n)]
+            with open(preload[1], "w") as f:
+                json.dump([entry(port_, ident) for port_, ident in instances], f)
         self.proc = Proc([sys.executable, FIXTURE, "--port-file", self.port_file, "--port", str(port),
-                          "--lifetime", "120", "--tls-cert", cert, "--tls-key", key],
+                          "--lifetime", "120", "--tls-cert", cert, "--tls-key", key] + preload,
                          env.path("consul-fixture-%d.log" % n), cwd=env.dir)
         env.procs.append(self.proc)
         self.ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
@@ -75,8 +85,7 @@ class TLSFixture:
             return json.loads(r.read())
 
     def register(self, port, ident):
-        return self.ctl("register", service=SERVICE, node="node-%s" % ident, id=ident,
-                        address="127.0.0.1", port=port)
+        return self.ctl("register", **entry(port, ident))
 
     def stop(self):
         self.proc.stop(5)
@@ -188,9 +197,8 @@ class ConsulDiscoveryTLS(E2ETest):
         # The good certificate back, same instances: the plugin answers again
         # and nothing changes.
         consul.stop()
-        consul = TLSFixture(self.env, self.good[0], self.good[1], self.pki.cert, port=port)
-        for i in range(3):
-            consul.register(self.plat.ports[i], "tw-%d" % i)
+        consul = TLSFixture(self.env, self.good[0], self.good[1], self.pki.cert, port=port,
+                            instances=[(self.plat.ports[i], "tw-%d" % i) for i in range(3)])
         wait_until(lambda: "consul answers again" in emx.log(), 10, what="source back")
         time.sleep(0.3)
         self.assertNotIn("left discovery", emx.log())
