@@ -239,11 +239,11 @@ static void relay_metrics(struct emx_textbuf *b, const struct emx_relays *rs)
     sample1(b, "emx_tunnel_sockets_closed_total", "by", "owner", st->closed_by_owner);
     sample1(b, "emx_tunnel_sockets_closed_total", "by", "edgemux", st->closed_by_edgemux);
     family(b, "emx_tunnel_bytes_total", "counter",
-           "tunnel message bytes relayed (of ended tunnels), by direction");
+           "tunnel message bytes relayed (open tunnels so far, and ended ones), by direction");
     sample1(b, "emx_tunnel_bytes_total", "direction", "to_owner", st->bytes_to_owner);
     sample1(b, "emx_tunnel_bytes_total", "direction", "to_peer", st->bytes_to_peer);
     family(b, "emx_tunnel_messages_total", "counter",
-           "tunnel messages relayed (of ended tunnels), by direction");
+           "tunnel messages relayed (open tunnels so far, and ended ones), by direction");
     sample1(b, "emx_tunnel_messages_total", "direction", "to_owner", st->msgs_to_owner);
     sample1(b, "emx_tunnel_messages_total", "direction", "to_peer", st->msgs_to_peer);
 }
@@ -702,9 +702,17 @@ void emx_ops_tunnels_json_n(struct emx_textbuf *b, struct emx_router *const *rs,
         emx_textbuf_json_str(b, rl->thing ? rl->thing : "");
         json_key(b, "from", false);
         emx_textbuf_json_str(b, rl->addr);
-        emx_textbuf_printf(b, ",\"state\":\"%s\",\"record_here\":%s,\"age_ms\":%" PRIu64 "}",
+        emx_textbuf_printf(b, ",\"state\":\"%s\",\"record_here\":%s,\"age_ms\":%" PRIu64,
                            rl->open ? "open" : "connecting", rl->attached ? "true" : "false",
                            now >= rl->started_ms ? now - rl->started_ms : 0);
+        struct emx_tunnel_result sofar;
+        if (emx_relay_counts(rl, &sofar) == 0)
+            emx_textbuf_printf(b,
+                               ",\"bytes_to_owner\":%" PRIu64 ",\"bytes_to_peer\":%" PRIu64
+                               ",\"messages_to_owner\":%" PRIu64 ",\"messages_to_peer\":%" PRIu64,
+                               sofar.bytes_to_owner, sofar.bytes_to_peer, sofar.msgs_to_owner,
+                               sofar.msgs_to_peer);
+        emx_textbuf_puts(b, "}");
     }
     }
     emx_textbuf_printf(b, "],\"sockets_count\":%zu}\n", nsockets);

@@ -1311,7 +1311,9 @@ static void ops_sums(struct emx_server *s, struct ops_sums *o)
                        "emx_relay_stats holds uint64_t fields only");
         uint64_t src[sizeof(struct emx_relay_stats) / sizeof(uint64_t)],
             dst[sizeof(struct emx_relay_stats) / sizeof(uint64_t)];
-        memcpy(src, &rl->st, sizeof(src));
+        struct emx_relay_stats now;
+        emx_relays_stats_now(rl, &now); /* open tunnels' bytes too */
+        memcpy(src, &now, sizeof(src));
         memcpy(dst, &o->relays_sum.st, sizeof(dst));
         for (size_t i = 0; i < sizeof(src) / sizeof(src[0]); i++)
             dst[i] += src[i];

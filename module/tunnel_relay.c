@@ -56,6 +56,34 @@ static void relay_free(struct emx_relay *rl)
     emx_free(rl);
 }
 
+int emx_relay_counts(const struct emx_relay *rl, struct emx_tunnel_result *sofar)
+{
+    const struct emx_transport_plugin *tp = rl->rs->env.tp;
+
+    memset(sofar, 0, sizeof(*sofar));
+    if (!tp ||
+        tp->hdr.struct_size <
+            offsetof(struct emx_transport_plugin, tunnel_counts) + sizeof(tp->tunnel_counts) ||
+        !tp->tunnel_counts)
+        return -ENOTSUP;
+    return tp->tunnel_counts(rl->conn, sofar);
+}
+
+void emx_relays_stats_now(const struct emx_relays *rs, struct emx_relay_stats *out)
+{
+    *out = rs->st;
+    for (struct emx_list *l = rs->all.next; l != &rs->all; l = l->next) {
+        const struct emx_relay *rl = emx_container_of(l, struct emx_relay, link);
+        struct emx_tunnel_result sofar;
+        if (emx_relay_counts(rl, &sofar) != 0)
+            continue;
+        out->bytes_to_owner += sofar.bytes_to_owner;
+        out->bytes_to_peer += sofar.bytes_to_peer;
+        out->msgs_to_owner += sofar.msgs_to_owner;
+        out->msgs_to_peer += sofar.msgs_to_peer;
+    }
+}
+
 void emx_relays_free(struct emx_relays *rs)
 {
     struct emx_list *pos, *tmp;

@@ -112,6 +112,13 @@ struct emx_relays {
 };
 
 void emx_relays_init(struct emx_relays *rs, const struct emx_relay_env *env);
+/* rs->st plus what the open relays have carried so far (when the transport
+ * can tell, ABI 1.5): byte and message counters that grow while a long
+ * tunnel runs, and do not jump back when it ends. */
+void emx_relays_stats_now(const struct emx_relays *rs, struct emx_relay_stats *out);
+/* One relay's byte and message counts so far; -ENOTSUP: the transport
+ * cannot tell (before ABI 1.5). */
+int emx_relay_counts(const struct emx_relay *rl, struct emx_tunnel_result *sofar);
 /* Only once every relay has ended (the transport stopped). */
 void emx_relays_free(struct emx_relays *rs);
 

@@ -988,6 +988,15 @@ int edge_set_message_limit(struct emx_conn *conn, size_t limit)
     return 0;
 }
 
+int edge_tunnel_counts(struct emx_conn *conn, struct emx_tunnel_result *sofar)
+{
+    struct edge_conn *c = E(conn);
+
+    if (!c || !c->tunnel)
+        return -ENOENT;
+    return tunnel_counts(c, sofar);
+}
+
 /* ---- the hub -------------------------------------------------------------- */
 
 struct edge_hub *edge_hub_new(uv_loop_t *loop, const struct emx_host *host,

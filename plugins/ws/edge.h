@@ -76,5 +76,7 @@ size_t edge_buffered(struct emx_conn *conn);
 int edge_pause_read(struct emx_conn *conn, bool pause);
 void edge_close(struct emx_conn *conn, uint16_t code, const char *reason);
 int edge_set_message_limit(struct emx_conn *conn, size_t limit);
+/* transport op tunnel_counts: a tunnel peer's relayed counts so far */
+int edge_tunnel_counts(struct emx_conn *conn, struct emx_tunnel_result *sofar);
 
 #endif

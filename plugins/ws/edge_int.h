@@ -192,6 +192,7 @@ void tunnel_drained(struct edge_conn *c);
 void tunnel_conn_freed(struct edge_conn *c);
 void tunnel_be_poll(struct edge_conn *be, int status, int events);
 void tunnel_close(struct edge_conn *dev, uint16_t code, const char *reason);
+int tunnel_counts(struct edge_conn *dev, struct emx_tunnel_result *sofar);
 void tunnel_hub_free(struct edge_hub *hub);
 
 /* edge_accept.c */

@@ -199,6 +199,19 @@ void tunnel_close(struct edge_conn *dev, uint16_t code, const char *reason)
     close_side(t->be, code ? code : 1001, reason);
 }
 
+int tunnel_counts(struct edge_conn *dev, struct emx_tunnel_result *sofar)
+{
+    struct tunnel *t = T(dev);
+
+    if (!t)
+        return -ENOENT;
+    sofar->bytes_to_owner = t->bytes_to_owner;
+    sofar->bytes_to_peer = t->bytes_to_peer;
+    sofar->msgs_to_owner = t->msgs_to_owner;
+    sofar->msgs_to_peer = t->msgs_to_peer;
+    return 0;
+}
+
 void tunnel_conn_freed(struct edge_conn *c)
 {
     struct tunnel *t = T(c);

@@ -471,6 +471,11 @@ static int ws_adopt(struct emx_listener *listener, int fd)
     return edge_adopt(listener, fd);
 }
 
+static int ws_tunnel_counts(struct emx_conn *c, struct emx_tunnel_result *sofar)
+{
+    return ws_is_edge(c) ? edge_tunnel_counts(c, sofar) : -ENOENT;
+}
+
 static int ws_reload_tls(struct emx_listener *listener, const char *cert, const char *key)
 {
     return edge_reload_tls(listener, cert, key);
@@ -499,4 +504,5 @@ EMX_PLUGIN_EXPORT const struct emx_transport_plugin emx_transport_plugin = {
     .reload_tls = ws_reload_tls,
     .set_message_limit = ws_set_message_limit,
     .adopt = ws_adopt,
+    .tunnel_counts = ws_tunnel_counts,
 };

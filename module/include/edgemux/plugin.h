@@ -24,7 +24,7 @@ extern "C" {
 
 #define EMX_PLUGIN_MAGIC 0x504D5845u /* "EXMP" read little-endian: 'E','X','M','P' */
 #define EMX_ABI_MAJOR 1
-#define EMX_ABI_MINOR 4
+#define EMX_ABI_MINOR 5
 
 #define EMX_TRANSPORT_SYMBOL "emx_transport_plugin"
 #define EMX_DISCOVERY_SYMBOL "emx_discovery_plugin"

@@ -208,6 +208,15 @@ struct emx_transport_plugin {
      * transport owns fd from the call on, also when it fails. May be NULL
      * (the core then refuses hand-offs to this transport). */
     int (*adopt)(struct emx_listener *listener, int fd);
+
+    /* ---- ABI 1.5 ---- */
+
+    /* What a tunnel has relayed so far: the byte and message counts of
+     * struct emx_tunnel_result (the other fields are left alone), for a
+     * `conn` given to on_tunnel and not yet ended. Counters of open tunnels
+     * grow while they run, not only when they end. Returns 0, or -ENOENT
+     * when conn is not a tunnel. May be NULL. */
+    int (*tunnel_counts)(struct emx_conn *conn, struct emx_tunnel_result *sofar);
 };
 
 #ifdef __cplusplus

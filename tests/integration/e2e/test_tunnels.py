@@ -171,6 +171,46 @@ class Tunnels(E2ETest):
         _, body = self.emx[0].http("/tunnels")
         self.assertEqual([x["tid"] for x in json.loads(body)["tunnels"]], ["t-cross"])
 
+    def test_bytes_counted_while_the_tunnel_runs(self):
+        """A long session (SSH, VNC) shows its bytes in /metrics and /tunnels
+        while it runs, not only once it ends; the counters never go back."""
+        dev = self.device("Dev8", port=self.emx[0].edge_port)
+        ts, rac, _ = self.start(1, "Dev8", "t-live", dev, port=self.emx[1].edge_port)
+        self.assertEqual(ts.status, 101, ts.head)
+        self.echo(ts)
+        payload = os.urandom(300 * KIB)
+        s, back = self.rac_roundtrip(rac, payload)
+        self.assertEqual(back, payload)
+
+        def counted(text):
+            return {d: metric(text, "emx_tunnel_bytes_total", '{direction="%s"}' % d)
+                    for d in ("to_owner", "to_peer")}
+
+        # still open: the echo went to the owner, the RAC's bytes to the peer
+        text = self.metrics(self.emx[1])
+        self.assertEqual(metric(text, "emx_tunnel_sockets_open", '{side="server"}'), 1)
+        live = counted(text)
+        self.assertGreaterEqual(live["to_owner"], len(payload), live)
+        self.assertGreaterEqual(live["to_peer"], len(payload), live)
+        msgs = metric(text, "emx_tunnel_messages_total", '{direction="to_owner"}')
+        self.assertGreater(msgs, 0)
+        _, body = self.emx[1].http("/tunnels")
+        row = [x for x in json.loads(body)["sockets"] if x["tid"] == "t-live"][0]
+        self.assertEqual(row["state"], "open")
+        self.assertGreaterEqual(row["bytes_to_owner"], len(payload), row)
+        self.assertGreaterEqual(row["bytes_to_peer"], len(payload), row)
+        self.assertGreater(row["messages_to_peer"], 0, row)
+        # the edgemux that carries no tunnel counts none
+        self.assertEqual(counted(self.metrics(self.emx[0])), {"to_owner": 0, "to_peer": 0})
+        # ended: the counters keep what they showed (and the close's few bytes)
+        s.close()
+        ts.close()
+        wait_until(lambda: metric(self.metrics(self.emx[1]), "emx_tunnel_sockets_open",
+                                  '{side="server"}') == 0, 10, what="tunnel socket ended")
+        after = counted(self.metrics(self.emx[1]))
+        for d in live:
+            self.assertGreaterEqual(after[d], live[d], (live, after))
+
     def test_client_side_reaches_the_owner_from_either_edgemux(self):
         """The remote access client knows the platform's tid only: the
         edgemux that forwarded the StartTunnel takes it to the owner from its
