@@ -94,26 +94,38 @@ def _ephemeral_range():
         return 32768, 60999
 
 
+_PORTS_GIVEN = set()  # never hand out one port twice in a test process
+
+
 def free_port():
     """A free TCP port on 127.0.0.1, below the kernel's ephemeral range when
     there is room: a port from that range can be taken as the local port of
     any outgoing connection (edge-sim's devices, pipes, a parallel test)
     between this check and the server's bind, which then fails with
-    EADDRINUSE."""
+    EADDRINUSE. A port is given once per process: two picks not yet bound
+    (an edgemux's edge and admin ports) could otherwise be the same."""
     lo, _ = _ephemeral_range()
     if lo - 1 - 10000 >= 1000:
         rnd = random.SystemRandom()
         for _ in range(64):
             port = rnd.randint(10000, lo - 1)
+            if port in _PORTS_GIVEN:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
                     continue
-                return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            _PORTS_GIVEN.add(port)
+            return port
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
+    raise OSError("no free port")
 
 
 def wait_until(pred, timeout, interval=0.05, what="condition"):
