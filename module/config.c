@@ -1084,6 +1084,8 @@ const struct emx_option emx_core_options_edge[] = {
         "answered 0xA3 and not forwarded; 0: unlimited"),
     OPT(edge, max_tunnels_per_device, NULL, INT, "50", false,
         "tunnels at once through one device connection (over: 0xA3); 0: unlimited"),
+    OPT(edge, max_tunnels_per_source, NULL, INT, "0", false,
+        "tunnel sockets relayed at once from one device address (over: 429); 0: unlimited"),
     OPT(edge, tunnel_connect_timeout, NULL, DURATION, "30s", false,
         "a tunnel record no tunnel socket claimed is dropped after this (the SDK dials within "
         "ms of StartTunnel and gives up after 10 s)"),
@@ -1448,6 +1450,8 @@ static void check_config(struct binder *b, const struct emx_config *cfg)
     check_range(b, cfg, S_EDGE, "max_things", cfg->edge.max_things, 0, 1000000);
     check_range(b, cfg, S_EDGE, "max_tunnels", cfg->edge.max_tunnels, 0, 1000000);
     check_range(b, cfg, S_EDGE, "max_tunnels_per_device", cfg->edge.max_tunnels_per_device, 0,
+                1000000);
+    check_range(b, cfg, S_EDGE, "max_tunnels_per_source", cfg->edge.max_tunnels_per_source, 0,
                 1000000);
     if (cfg->edge.tunnel_connect_timeout < 1000)
         check(b, cfg, S_EDGE, "tunnel_connect_timeout", "must be at least 1s (got %llu ms)",

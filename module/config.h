@@ -131,6 +131,7 @@ struct emx_config {
         uint64_t max_memory;          /* in-flight + unread bytes of all devices; 0: off */
         int64_t max_tunnels;          /* tunnel records at once; 0: off */
         int64_t max_tunnels_per_device;  /* per device connection; 0: off */
+        int64_t max_tunnels_per_source;  /* tunnel sockets from one address; 0: off */
         uint64_t tunnel_connect_timeout; /* an unclaimed tunnel record lives this long */
         bool tunnels;                    /* relay tunnel sockets (else 404) */
         uint64_t tunnel_idle_timeout;    /* a relayed tunnel with no message this long closes */

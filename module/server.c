@@ -45,7 +45,8 @@
 /* Edges per real device address (edge.max_connections_per_source). */
 struct source_count {
     UT_hash_handle hh;
-    uint32_t n;
+    uint32_t n;       /* edges (edge.max_connections_per_source) */
+    uint32_t tunnels; /* tunnel sockets relayed (edge.max_tunnels_per_source) */
     char addr[EMX_ADDR_MAX];
 };
 
@@ -704,17 +705,65 @@ static struct source_count *source_find(struct emx_proc *P, const char *addr)
     return sc;
 }
 
+/* The caller holds proc->src_mu. */
+static void source_forget_unused(struct emx_proc *P, struct source_count *sc)
+{
+    if (sc->n == 0 && sc->tunnels == 0) {
+        HASH_DEL(P->sources, sc);
+        free(sc);
+    }
+}
+
 static void source_release(struct emx_server *s, const char *addr)
 {
     struct emx_proc *P = s->proc;
     pthread_mutex_lock(&P->src_mu);
     struct source_count *sc = source_find(P, addr);
-    if (sc && --sc->n == 0) {
-        HASH_DEL(P->sources, sc);
-        free(sc);
+    if (sc && sc->n > 0) {
+        sc->n--;
+        source_forget_unused(P, sc);
     }
     pthread_mutex_unlock(&P->src_mu);
     atomic_fetch_sub_explicit(&P->edges, 1, memory_order_relaxed);
+}
+
+/* A tunnel socket's place under edge.max_tunnels_per_source (tunnel_relay.h):
+ * the same table as the edges', so every worker counts the address. */
+static int source_take_tunnel(void *ctx, const char *addr, uint64_t limit)
+{
+    struct emx_server *s = ctx;
+    struct emx_proc *P = s->proc;
+    int rc = 0;
+    pthread_mutex_lock(&P->src_mu);
+    struct source_count *sc = source_find(P, addr);
+    if (sc && limit && sc->tunnels >= limit) {
+        rc = -EBUSY;
+    } else if (!sc) {
+        sc = calloc(1, sizeof(*sc)); /* freed by whichever worker releases it last */
+        if (sc) {
+            snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
+            HASH_ADD_STR(P->sources, addr, sc);
+        } else {
+            rc = -ENOMEM;
+        }
+    }
+    if (rc == 0)
+        sc->tunnels++;
+    pthread_mutex_unlock(&P->src_mu);
+    return rc;
+}
+
+static void source_give_tunnel(void *ctx, const char *addr)
+{
+    struct emx_server *s = ctx;
+    struct emx_proc *P = s->proc;
+    pthread_mutex_lock(&P->src_mu);
+    struct source_count *sc = source_find(P, addr);
+    if (sc && sc->tunnels > 0) {
+        sc->tunnels--;
+        source_forget_unused(P, sc);
+    }
+    pthread_mutex_unlock(&P->src_mu);
 }
 
 static void *edge_on_accept(void *listener_user, struct emx_conn *conn,
@@ -2485,6 +2534,9 @@ static int worker_new(struct emx_proc *P, unsigned k, struct emx_setup *setup, u
         .now_ctx = s,
         .relays_shared = P->n > 1 ? &P->relays : NULL,
         .elsewhere = P->n > 1 ? relay_elsewhere : NULL,
+        .source_take = source_take_tunnel,
+        .source_give = source_give_tunnel,
+        .source_ctx = s,
         .elsewhere_ctx = s,
         .worker = k,
     };

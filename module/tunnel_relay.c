@@ -22,6 +22,7 @@ static const char *const refusal_names[EMX_RELAY_REFUSE__COUNT] = {
     [EMX_RELAY_REFUSE_OWNER] = "owner_refused",
     [EMX_RELAY_REFUSE_UNREACHABLE] = "owner_unreachable",
     [EMX_RELAY_REFUSE_PEER_LEFT] = "peer_left",
+    [EMX_RELAY_REFUSE_SOURCE_LIMIT] = "source_limit",
 };
 
 const char *emx_relay_refusal_name(enum emx_relay_refusal r)
@@ -150,16 +151,27 @@ static bool relay_take_place(struct emx_relays *rs, const struct emx_config *cfg
     return emx_shared_take(rs->env.relays_shared, limit);
 }
 
-static void relay_give_place(struct emx_relays *rs)
+/* The places a socket holds while it is relayed: one under edge.max_tunnels
+ * and, when that limit is on, one of its address's under
+ * edge.max_tunnels_per_source. */
+struct relay_place {
+    const char *addr;
+    bool source_counted;
+};
+
+static void relay_give_place(struct emx_relays *rs, const struct relay_place *pl)
 {
     if (rs->env.relays_shared)
         emx_shared_give(rs->env.relays_shared);
+    if (pl->source_counted)
+        rs->env.source_give(rs->env.source_ctx, pl->addr);
 }
 
 static void *refuse_placed(struct emx_relays *rs, const struct emx_tunnel_request *req,
-                           enum emx_relay_refusal why, int http, int *status)
+                           const struct relay_place *pl, enum emx_relay_refusal why, int http,
+                           int *status)
 {
-    relay_give_place(rs);
+    relay_give_place(rs, pl);
     return refuse(rs, req, why, http, status);
 }
 
@@ -183,13 +195,27 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
         return refuse(rs, req, EMX_RELAY_REFUSE_DRAINING, 503, status);
     if (!relay_take_place(rs, cfg))
         return refuse(rs, req, EMX_RELAY_REFUSE_LIMIT, 429, status);
+    /* the device's address: X-Forwarded-For only from a trusted proxy */
+    char addr[EMX_ADDR_MAX];
+    emx_real_address(rs->env.trusted, req->peer, req->forwarded_for, addr, sizeof(addr));
+    struct relay_place place = {.addr = addr};
+    if (cfg->edge.max_tunnels_per_source > 0 && rs->env.source_take) {
+        int rc = rs->env.source_take(rs->env.source_ctx, addr,
+                                     (uint64_t)cfg->edge.max_tunnels_per_source);
+        if (rc != 0)
+            return refuse_placed(rs, req, &place,
+                                 rc == -EBUSY ? EMX_RELAY_REFUSE_SOURCE_LIMIT
+                                              : EMX_RELAY_REFUSE_NO_MEMORY,
+                                 rc == -EBUSY ? 429 : 503, status);
+        place.source_counted = true;
+    }
     /* The owner: named by the tid's token (any edgemux can tell), else
      * this edgemux's record of a StartTunnel it forwarded. */
     struct emx_instance *inst = NULL;
     if (emx_tunnel_token_split(req->tid, tid_len, &ptid, &ptid_len)) {
         inst = emx_router_instance_by_token(r, req->tid, tid_len);
         if (!inst)
-            return refuse_placed(rs, req, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
+            return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
     }
     const struct emx_tunnel *rec = emx_router_tunnel_find(r, ptid, ptid_len);
     struct emx_instance *probe[EMX_RELAY_PROBE_MAX];
@@ -203,33 +229,34 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
             if (i->up_pipes > 0)
                 probe[nprobe++] = i;
         if (!nprobe)
-            return refuse_placed(rs, req, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
+            return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
         inst = probe[0];
     }
     if (!inst) {
         if (!rec)
-            return refuse_placed(rs, req, EMX_RELAY_REFUSE_UNKNOWN_TID, 404, status);
+            return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_UNKNOWN_TID, 404, status);
         inst = emx_router_instance_find(r, rec->instance_id);
         if (!inst)
-            return refuse_placed(rs, req, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
+            return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_UNKNOWN_OWNER, 404, status);
     }
     if (rec && strcmp(rec->instance_id, inst->id) != 0)
         rec = NULL; /* a record of another owner's tunnel with the same tid */
     if (inst->up_pipes == 0)
-        return refuse_placed(rs, req, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
+        return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
     if (rec && side == EMX_RELAY_SIDE_SERVER && rec->attached)
-        return refuse_placed(rs, req, EMX_RELAY_REFUSE_CLAIMED, 404, status);
+        return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_CLAIMED, 404, status);
 
     struct emx_relay *rl = emx_calloc(1, sizeof(*rl));
     char ip[64], xff_head[1200];
     if (!rl)
-        return refuse_placed(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+        return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
     rl->rs = rs;
     rl->conn = conn;
     rl->id = ++rs->next_id;
     rl->side = side;
     rl->started_ms = now;
-    emx_real_address(rs->env.trusted, req->peer, req->forwarded_for, rl->addr, sizeof(rl->addr));
+    memcpy(rl->addr, addr, sizeof(rl->addr));
+    rl->source_counted = place.source_counted;
     /* X-Forwarded-For: the chain a trusted proxy gave, plus the peer */
     peer_ip_text(req->peer, ip, sizeof(ip));
     {
@@ -254,7 +281,7 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
     if (!rl->tid || !rl->platform_tid || !rl->owner || (rec && !rl->thing) || !rl->host ||
         !rl->path || !rl->hdr_xff) {
         relay_free(rl);
-        return refuse_placed(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+        return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
     }
     memcpy(rl->platform_tid, ptid, ptid_len);
     snprintf(rl->path, plen, "%s%s",
@@ -310,7 +337,7 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
             if (rl->attached)
                 emx_router_tunnel_detach(r, ptid, ptid_len, now);
             relay_free(rl);
-            return refuse_placed(rs, req, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+            return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
         }
         /* rl->owner names the first one asked until another answers 101 */
         route->alternates = rl->alts;
@@ -394,7 +421,7 @@ void emx_relays_on_end(void *relay, const struct emx_tunnel_result *res)
         rs->env.elsewhere(rs->env.elsewhere_ctx, rl->owner, rl->platform_tid, rl->claim_key, false);
     emx_list_unlink(&rl->link);
     rs->n--;
-    relay_give_place(rs);
+    relay_give_place(rs, &(struct relay_place){rl->addr, rl->source_counted});
     relay_free(rl);
 }
 

@@ -36,6 +36,7 @@ enum emx_relay_refusal {
     EMX_RELAY_REFUSE_OWNER,        /* the owner refused the upgrade: its status passed on */
     EMX_RELAY_REFUSE_UNREACHABLE,  /* 502/504: the owner could not be reached in time */
     EMX_RELAY_REFUSE_PEER_LEFT,    /* the peer left before the owner answered */
+    EMX_RELAY_REFUSE_SOURCE_LIMIT, /* 429: edge.max_tunnels_per_source from its address */
     EMX_RELAY_REFUSE__COUNT
 };
 const char *emx_relay_refusal_name(enum emx_relay_refusal r);
@@ -61,6 +62,7 @@ struct emx_relay {
     bool attached; /* claimed this edgemux's record of the tid */
     uint64_t claim_key; /* asked the other workers to claim their record: this key */
     bool closing;  /* edgemux closed it (drain, owner removed, admin) */
+    bool source_counted; /* holds a place of its address (edge.max_tunnels_per_source) */
     uint64_t started_ms, opened_ms;
     char *tid;          /* as the peer sent it */
     char *platform_tid; /* as the owner knows it */
@@ -100,6 +102,12 @@ struct emx_relay_env {
      * NULL with one worker. */
     void (*elsewhere)(void *ctx, const char *owner, const char *tid, uint64_t key, bool claim);
     void *elsewhere_ctx;
+    /* A tunnel socket from a device address, counted for the process
+     * (edge.max_tunnels_per_source): take returns 0, -EBUSY at `limit`, or
+     * -ENOMEM; give hands a taken place back. */
+    int (*source_take)(void *ctx, const char *addr, uint64_t limit);
+    void (*source_give)(void *ctx, const char *addr);
+    void *source_ctx;
     unsigned worker;
 };
 

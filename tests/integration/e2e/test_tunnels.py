@@ -40,24 +40,9 @@ def recv_exact(sock, n, timeout=60):
     return bytes(buf)
 
 
-class Tunnels(E2ETest):
-    EDGE = {"max_tunnels": 100, "max_tunnels_per_device": 50, "tunnel_idle_timeout": "60s",
-            "tunnel_drain_timeout": "3s"}
-
-    def setUp(self):
-        super().setUp()
-        self.plat = Platform(self.env, instances=3)
-        self.emx = [Edgemux(self.env, "emx-t%d" % i, self.plat.ports, overrides={"edge": dict(self.EDGE)})
-                    for i in (1, 2)]
-        for e in self.emx:
-            e.wait_ready()
-        self.hap = HAProxy(self.env, self.emx[0], self.emx[1])
-        wait_until(lambda: all(n >= 4 for n in self.plat.pipes_connected()), 10,
-                   what="every instance's pipes up")
-        self.stop = threading.Event()
-        self.addCleanup(self.stop.set)
-
-    # ---- helpers ----
+class TunnelHelpers:
+    """Devices, tunnels and views for the tunnel tests (self.plat, self.emx
+    and self.stop set by setUp; self.hap when tunnels go through HAProxy)."""
 
     def device(self, thing, port=None):
         edge = RawEdge(port or self.hap.edge_port, app_key=self.env.app_key)
@@ -69,10 +54,11 @@ class Tunnels(E2ETest):
         WSTunnelClient socket (not the RAC port)."""
         return self.start(inst, thing, tid, dev)
 
-    def start(self, inst, thing, tid, dev, port=None, chunksize=8192):
+    def start(self, inst, thing, tid, dev, port=None, chunksize=8192, source_address=None):
         """platform-sim sends StartTunnel via instance `inst`; the device
-        answers and dials (through HAProxy unless `port`). Returns (tunnel
-        socket, RAC port, the tid the device saw)."""
+        answers and dials (through HAProxy unless `port`; from
+        source_address when given). Returns (tunnel socket, RAC port, the
+        tid the device saw)."""
         out = {}
 
         def ctl():
@@ -81,7 +67,8 @@ class Tunnels(E2ETest):
         t = threading.Thread(target=ctl)
         t.start()
         seen, cs = dev.take_start()
-        ts = TunnelSocket(port or self.hap.edge_port, seen, self.env.app_key, chunksize=cs)
+        ts = TunnelSocket(port or self.hap.edge_port, seen, self.env.app_key, chunksize=cs,
+                          source_address=source_address)
         self.addCleanup(ts.drop)
         t.join(20)
         m = re.match(r"answer 0x40 SUCCESS port (\d+)", out.get("reply", ""))
@@ -103,6 +90,19 @@ class Tunnels(E2ETest):
         w.join(10)
         return s, back
 
+    def echoed_across(self, inst, thing, tid, size):
+        """AlwaysOn straight to edgemux 1, the tunnel socket forced onto 2;
+        `size` random bytes echoed through it. Returns (tunnel socket, RAC
+        socket), both still open."""
+        dev = self.device(thing, port=self.emx[0].edge_port)
+        ts, rac, _ = self.start(inst, thing, tid, dev, port=self.emx[1].edge_port)
+        self.assertEqual(ts.status, 101, ts.head)
+        self.echo(ts)
+        payload = os.urandom(size)
+        s, back = self.rac_roundtrip(rac, payload)
+        self.assertEqual(back, payload)
+        return ts, s
+
     def sim_tunnels(self):
         rows, totals = {}, {}
         for line in self.plat.cmd("tunnels").splitlines():
@@ -121,6 +121,25 @@ class Tunnels(E2ETest):
         status, text = emx.http("/metrics")
         self.assertEqual(status, 200)
         return text
+
+
+
+class Tunnels(TunnelHelpers, E2ETest):
+    EDGE = {"max_tunnels": 100, "max_tunnels_per_device": 50, "tunnel_idle_timeout": "60s",
+            "tunnel_drain_timeout": "3s"}
+
+    def setUp(self):
+        super().setUp()
+        self.plat = Platform(self.env, instances=3)
+        self.emx = [Edgemux(self.env, "emx-t%d" % i, self.plat.ports, overrides={"edge": dict(self.EDGE)})
+                    for i in (1, 2)]
+        for e in self.emx:
+            e.wait_ready()
+        self.hap = HAProxy(self.env, self.emx[0], self.emx[1])
+        wait_until(lambda: all(n >= 4 for n in self.plat.pipes_connected()), 10,
+                   what="every instance's pipes up")
+        self.stop = threading.Event()
+        self.addCleanup(self.stop.set)
 
     # ---- tests ----
 
@@ -154,14 +173,7 @@ class Tunnels(E2ETest):
         self.assertNotIn(self.env.app_key, logs)
 
     def test_socket_on_the_edgemux_that_did_not_see_the_start(self):
-        # AlwaysOn straight to edgemux 1; the tunnel socket forced onto 2
-        dev = self.device("Dev2", port=self.emx[0].edge_port)
-        ts, rac, seen = self.start(2, "Dev2", "t-cross", dev, port=self.emx[1].edge_port)
-        self.assertEqual(ts.status, 101, ts.head)
-        self.echo(ts)
-        payload = os.urandom(256 * KIB)
-        _, back = self.rac_roundtrip(rac, payload)
-        self.assertEqual(back, payload)
+        self.echoed_across(2, "Dev2", "t-cross", 256 * KIB)
         rows, totals = self.sim_tunnels()
         self.assertEqual(rows["t-cross"]["instance"], "2")
         self.assertEqual(totals["wrong_instance"], "0")
@@ -174,13 +186,8 @@ class Tunnels(E2ETest):
     def test_bytes_counted_while_the_tunnel_runs(self):
         """A long session (SSH, VNC) shows its bytes in /metrics and /tunnels
         while it runs, not only once it ends; the counters never go back."""
-        dev = self.device("Dev8", port=self.emx[0].edge_port)
-        ts, rac, _ = self.start(1, "Dev8", "t-live", dev, port=self.emx[1].edge_port)
-        self.assertEqual(ts.status, 101, ts.head)
-        self.echo(ts)
-        payload = os.urandom(300 * KIB)
-        s, back = self.rac_roundtrip(rac, payload)
-        self.assertEqual(back, payload)
+        size = 300 * KIB
+        ts, s = self.echoed_across(1, "Dev8", "t-live", size)
 
         def counted(text):
             return {d: metric(text, "emx_tunnel_bytes_total", '{direction="%s"}' % d)
@@ -190,15 +197,15 @@ class Tunnels(E2ETest):
         text = self.metrics(self.emx[1])
         self.assertEqual(metric(text, "emx_tunnel_sockets_open", '{side="server"}'), 1)
         live = counted(text)
-        self.assertGreaterEqual(live["to_owner"], len(payload), live)
-        self.assertGreaterEqual(live["to_peer"], len(payload), live)
+        self.assertGreaterEqual(live["to_owner"], size, live)
+        self.assertGreaterEqual(live["to_peer"], size, live)
         msgs = metric(text, "emx_tunnel_messages_total", '{direction="to_owner"}')
         self.assertGreater(msgs, 0)
         _, body = self.emx[1].http("/tunnels")
         row = [x for x in json.loads(body)["sockets"] if x["tid"] == "t-live"][0]
         self.assertEqual(row["state"], "open")
-        self.assertGreaterEqual(row["bytes_to_owner"], len(payload), row)
-        self.assertGreaterEqual(row["bytes_to_peer"], len(payload), row)
+        self.assertGreaterEqual(row["bytes_to_owner"], size, row)
+        self.assertGreaterEqual(row["bytes_to_peer"], size, row)
         self.assertGreater(row["messages_to_peer"], 0, row)
         # the edgemux that carries no tunnel counts none
         self.assertEqual(counted(self.metrics(self.emx[0])), {"to_owner": 0, "to_peer": 0})
@@ -391,3 +398,57 @@ class Tunnels(E2ETest):
         self.assertGreaterEqual(took, 2.5)
         self.assertLess(took, 3 + 6 * SLACK)
         self.assertIn("tunnel drain bound reached: closing 1 tunnel(s)", self.emx[1].log())
+
+
+class TunnelsPerSource(TunnelHelpers, E2ETest):
+    """edge.max_tunnels_per_source: one device address holds at most that
+    many relayed tunnel sockets at once, counted over every worker; another
+    address is not affected, and a place comes back when a tunnel ends."""
+
+    LIMIT = 2
+
+    def setUp(self):
+        super().setUp()
+        self.plat = Platform(self.env, instances=1)
+        self.emx = Edgemux(self.env, "emx-src", self.plat.ports, overrides={"edge": {
+            "max_tunnels": 100, "max_tunnels_per_source": self.LIMIT, "tunnel_idle_timeout": "60s"}})
+        self.emx.wait_ready()
+        self.stop = threading.Event()
+        self.addCleanup(self.stop.set)
+
+    def open_from(self, dev, tid, source):
+        ts, rac, _ = self.start(1, dev.thing, tid, dev, port=self.emx.edge_port,
+                                source_address=(source, 0))
+        return ts, rac
+
+    def test_one_address_over_its_limit_gets_429(self):
+        dev = self.device("SrcDev", port=self.emx.edge_port)
+        held = []
+        for i in range(self.LIMIT):
+            ts, rac = self.open_from(dev, "t-src-%d" % i, "127.0.0.1")
+            self.assertEqual(ts.status, 101, ts.head)
+            self.echo(ts)
+            held.append((ts, rac))
+        over, _ = self.open_from(dev, "t-src-over", "127.0.0.1")
+        self.assertEqual(over.status, 429, over.head)
+        text = self.metrics(self.emx)
+        self.assertEqual(metric(text, "emx_tunnel_sockets_refused_total", '{reason="source_limit"}'), 1)
+        self.assertIn("refused 429: source_limit", self.emx.log())
+        # another address has places of its own
+        other, orac = self.open_from(dev, "t-src-other", "127.0.0.2")
+        self.assertEqual(other.status, 101, other.head)
+        self.echo(other)
+        _, back = self.rac_roundtrip(orac, b"from another address")
+        self.assertEqual(back, b"from another address")
+        # the tunnels within the limit carry data
+        for _, rac in held:
+            _, back = self.rac_roundtrip(rac, b"x" * 1000)
+            self.assertEqual(back, b"x" * 1000)
+        # a tunnel that ends gives its place back
+        held[0][0].close()
+        wait_until(lambda: metric(self.metrics(self.emx), "emx_tunnel_sockets_open",
+                                  '{side="server"}') == self.LIMIT, 10, what="one tunnel socket ended")
+        again, _ = self.open_from(dev, "t-src-again", "127.0.0.1")
+        self.assertEqual(again.status, 101, again.head)
+        self.assertEqual(metric(self.metrics(self.emx), "emx_tunnel_sockets_refused_total",
+                                '{reason="source_limit"}'), 1)

@@ -83,12 +83,14 @@ class TunnelSocket:
     """The tunnel WebSocket as the SDK opens and uses it."""
 
     def __init__(self, port, tid, app_key, chunksize=8192, host="127.0.0.1", timeout=10,
-                 path=TUNNEL_PATH, cookie=None):
+                 path=TUNNEL_PATH, cookie=None, source_address=None):
         """With path=CLIENT_PATH and a cookie: a remote access client's
-        socket (WSTunnelClient) instead of the device's."""
+        socket (WSTunnelClient) instead of the device's. source_address:
+        (ip, 0) to dial from another loopback address."""
         self.chunksize = chunksize
         self.max_frame = chunksize * 4 // 3
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=source_address)
         key = base64.b64encode(os.urandom(16)).decode()
         req = ("GET %s%s HTTP/1.1\r\nUser-Agent: ThingWorx C SDK\r\nUpgrade: websocket\r\n"
                "Connection: Upgrade\r\nHost: %s\r\nSec-WebSocket-Version: 13\r\n"
