@@ -14,7 +14,8 @@
 #
 # Knobs (environment): RUNS (5), LAT_RUNS (5), STORM_RATE (none), EDGES (1000), SIZE (512), WINDOW (1),
 # WARMUP (2s), DURATION (10s), SERVER_CPU (0), LOAD_CPU (1), IDLE_EDGES (19000),
-# CG_WHO ("edgemux haproxy"), CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests), BASE_PORT (23000),
+# CG_WHO ("edgemux haproxy"), CG_EDGES (100), CG_SHORT/CG_LONG (20000/60000 requests),
+# CG_WORKERS (1: server.workers of the main edgemux, as in the callgrind and syscalls parts), BASE_PORT (23000),
 # BUSY_EDGES (2000), BUSY_PROCS (1), WSS_EDGES (9000),
 # SDKW_ROUNDS (3), SDKW_REQUESTS (300), SDKW_TLS (0; 1: also wss direct), SDKW_MULTIPART (0; bytes:
 # also multipart PUTs of that size, 8 KiB chunks, direct), SDKW_ROUTE (none; an unused
@@ -103,6 +104,7 @@ EOF
   cat >"$OUT/edgemux.yaml" <<EOF
 server:
   name: bench-1
+  workers: ${CG_WORKERS:-1}
 log:
   level: warn
 edge:
