@@ -705,6 +705,18 @@ static struct source_count *source_find(struct emx_proc *P, const char *addr)
     return sc;
 }
 
+/* A new, empty count for addr, or NULL without memory. The caller holds
+ * proc->src_mu; the count is freed by whichever worker releases it last. */
+static struct source_count *source_new(struct emx_proc *P, const char *addr)
+{
+    struct source_count *sc = calloc(1, sizeof(*sc));
+    if (sc) {
+        snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
+        HASH_ADD_STR(P->sources, addr, sc);
+    }
+    return sc;
+}
+
 /* The caller holds proc->src_mu. */
 static void source_forget_unused(struct emx_proc *P, struct source_count *sc)
 {
@@ -736,18 +748,11 @@ static int source_take_tunnel(void *ctx, const char *addr, uint64_t limit)
     int rc = 0;
     pthread_mutex_lock(&P->src_mu);
     struct source_count *sc = source_find(P, addr);
-    if (sc && limit && sc->tunnels >= limit) {
+    if (sc && limit && sc->tunnels >= limit)
         rc = -EBUSY;
-    } else if (!sc) {
-        sc = calloc(1, sizeof(*sc)); /* freed by whichever worker releases it last */
-        if (sc) {
-            snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
-            HASH_ADD_STR(P->sources, addr, sc);
-        } else {
-            rc = -ENOMEM;
-        }
-    }
-    if (rc == 0)
+    else if (!sc && !(sc = source_new(P, addr)))
+        rc = -ENOMEM;
+    else
         sc->tunnels++;
     pthread_mutex_unlock(&P->src_mu);
     return rc;
@@ -788,15 +793,8 @@ static void *edge_on_accept(void *listener_user, struct emx_conn *conn,
     else if (s->cfg->edge.max_connections_per_source > 0 && sc &&
              sc->n >= (uint64_t)s->cfg->edge.max_connections_per_source)
         why = EMX_REFUSE_PER_SOURCE;
-    if (why == EMX_REFUSE__COUNT && !sc) {
-        sc = calloc(1, sizeof(*sc)); /* freed by whichever worker releases it last */
-        if (sc) {
-            snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
-            HASH_ADD_STR(P->sources, addr, sc);
-        } else {
-            why = EMX_REFUSE_NO_MEMORY;
-        }
-    }
+    if (why == EMX_REFUSE__COUNT && !sc && !(sc = source_new(P, addr)))
+        why = EMX_REFUSE_NO_MEMORY;
     if (why == EMX_REFUSE__COUNT)
         sc->n++; /* taken now, so a sibling worker counts it at once */
     pthread_mutex_unlock(&P->src_mu);
