@@ -231,6 +231,7 @@ struct emx_proc {
     atomic_size_t edges;        /* edges of every worker (edge.max_connections) */
     atomic_size_t tunnels;      /* tunnel records of every worker (edge.max_tunnels) */
     atomic_size_t relays;       /* tunnel sockets relayed by every worker (edge.max_tunnels) */
+    struct emx_relay_device_set devices; /* device tunnel sockets relayed by every worker */
     /* Edge sockets each worker's transport holds (edge_count), read by
      * every worker to balance (edge_balance): relaxed, a hint only. */
     atomic_uint socks[EMX_WORKERS_MAX];
@@ -2535,6 +2536,7 @@ static int worker_new(struct emx_proc *P, unsigned k, struct emx_setup *setup, u
         .source_take = source_take_tunnel,
         .source_give = source_give_tunnel,
         .source_ctx = s,
+        .devices = &P->devices,
         .elsewhere_ctx = s,
         .worker = k,
     };
@@ -2683,6 +2685,7 @@ int emx_server_run(struct emx_setup *setup)
     atomic_init(&P->edges, 0);
     atomic_init(&P->tunnels, 0);
     atomic_init(&P->relays, 0);
+    emx_relay_device_set_init(&P->devices);
     for (unsigned k = 0; k < EMX_WORKERS_MAX; k++)
         atomic_init(&P->socks[k], 0);
     signal(SIGPIPE, SIG_IGN);
@@ -2842,6 +2845,7 @@ out:
         free(sc);
     }
     pthread_mutex_destroy(&P->src_mu);
+    emx_relay_device_set_free(&P->devices); /* empty: the workers' relays are gone */
     pthread_cond_destroy(&P->cond);
     pthread_mutex_destroy(&P->mu);
     emx_free(P);

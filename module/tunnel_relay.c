@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "uthash.h"
 
 static const char *const refusal_names[EMX_RELAY_REFUSE__COUNT] = {
     [EMX_RELAY_REFUSE_DISABLED] = "disabled",
@@ -24,6 +25,62 @@ static const char *const refusal_names[EMX_RELAY_REFUSE__COUNT] = {
     [EMX_RELAY_REFUSE_PEER_LEFT] = "peer_left",
     [EMX_RELAY_REFUSE_SOURCE_LIMIT] = "source_limit",
 };
+
+struct emx_relay_device {
+    UT_hash_handle hh;
+    char key[]; /* "owner\ntid" */
+};
+
+void emx_relay_device_set_init(struct emx_relay_device_set *set)
+{
+    set->all = NULL;
+    pthread_mutex_init(&set->mu, NULL); /* default attributes: cannot fail on Linux */
+}
+
+void emx_relay_device_set_free(struct emx_relay_device_set *set)
+{
+    struct emx_relay_device *d, *tmp;
+    HASH_ITER(hh, set->all, d, tmp)
+    {
+        HASH_DEL(set->all, d);
+        free(d);
+    }
+    pthread_mutex_destroy(&set->mu);
+}
+
+/* 0 and *out: listed now; -EEXIST: that tunnel's device socket is relayed
+ * already. */
+static int device_set_add(struct emx_relay_device_set *set, const char *owner, const char *tid,
+                          struct emx_relay_device **out)
+{
+    size_t lo = strlen(owner), lt = strlen(tid);
+    struct emx_relay_device *d = malloc(sizeof(*d) + lo + lt + 2), *old;
+    if (!d)
+        return -ENOMEM;
+    memcpy(d->key, owner, lo);
+    d->key[lo] = '\n';
+    memcpy(d->key + lo + 1, tid, lt + 1);
+    pthread_mutex_lock(&set->mu);
+    HASH_FIND_STR(set->all, d->key, old);
+    if (!old)
+        HASH_ADD_STR(set->all, key, d);
+    pthread_mutex_unlock(&set->mu);
+    if (old) {
+        free(d);
+        return -EEXIST;
+    }
+    *out = d;
+    return 0;
+}
+
+/* Only the relay that listed d takes it out. */
+static void device_set_del(struct emx_relay_device_set *set, struct emx_relay_device *d)
+{
+    pthread_mutex_lock(&set->mu);
+    HASH_DEL(set->all, d);
+    pthread_mutex_unlock(&set->mu);
+    free(d);
+}
 
 const char *emx_relay_refusal_name(enum emx_relay_refusal r)
 {
@@ -44,6 +101,8 @@ void emx_relays_init(struct emx_relays *rs, const struct emx_relay_env *env)
 
 static void relay_free(struct emx_relay *rl)
 {
+    if (rl->device)
+        device_set_del(rl->rs->env.devices, rl->device);
     for (size_t i = 0; i < rl->nalts; i++)
         emx_free((char *)rl->alts[i].host);
     emx_free(rl->alts);
@@ -245,11 +304,25 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
         return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
     if (rec && side == EMX_RELAY_SIDE_SERVER && rec->attached)
         return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_CLAIMED, 404, status);
+    /* one device socket per tunnel, whichever worker (or no record) has it */
+    struct emx_relay_device *listed = NULL;
+    if (side == EMX_RELAY_SIDE_SERVER && rs->env.devices) {
+        int rc = device_set_add(rs->env.devices, inst->id, ptid, &listed);
+        if (rc != 0)
+            return refuse_placed(rs, req, &place,
+                                 rc == -EEXIST ? EMX_RELAY_REFUSE_CLAIMED
+                                               : EMX_RELAY_REFUSE_NO_MEMORY,
+                                 rc == -EEXIST ? 404 : 503, status);
+    }
 
     struct emx_relay *rl = emx_calloc(1, sizeof(*rl));
     char ip[64], xff_head[1200];
-    if (!rl)
+    if (!rl) {
+        if (listed)
+            device_set_del(rs->env.devices, listed);
         return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_NO_MEMORY, 503, status);
+    }
+    rl->device = listed;
     rl->rs = rs;
     rl->conn = conn;
     rl->id = ++rs->next_id;

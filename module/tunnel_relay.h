@@ -7,6 +7,7 @@
 #ifndef EMX_TUNNEL_RELAY_H
 #define EMX_TUNNEL_RELAY_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -31,7 +32,7 @@ enum emx_relay_refusal {
     EMX_RELAY_REFUSE_UNKNOWN_TID,  /* 404: no token and no record here */
     EMX_RELAY_REFUSE_UNKNOWN_OWNER, /* 404: a token no known instance has */
     EMX_RELAY_REFUSE_OWNER_DOWN,   /* 503: the owner has no pipe up */
-    EMX_RELAY_REFUSE_CLAIMED,      /* 404: the record's device socket is already relayed */
+    EMX_RELAY_REFUSE_CLAIMED,      /* 404: the tunnel's device socket is relayed already */
     EMX_RELAY_REFUSE_NO_MEMORY,    /* 503 */
     EMX_RELAY_REFUSE_OWNER,        /* the owner refused the upgrade: its status passed on */
     EMX_RELAY_REFUSE_UNREACHABLE,  /* 502/504: the owner could not be reached in time */
@@ -63,6 +64,7 @@ struct emx_relay {
     uint64_t claim_key; /* asked the other workers to claim their record: this key */
     bool closing;  /* edgemux closed it (drain, owner removed, admin) */
     bool source_counted; /* holds a place of its address (edge.max_tunnels_per_source) */
+    struct emx_relay_device *device; /* its entry in env.devices, or NULL */
     uint64_t started_ms, opened_ms;
     char *tid;          /* as the peer sent it */
     char *platform_tid; /* as the owner knows it */
@@ -80,6 +82,18 @@ struct emx_relay {
 /* A WSTunnelClient socket whose owner is not known here asks at most this
  * many instances (each one that does not own it answers 404). */
 #define EMX_RELAY_PROBE_MAX 16
+
+/* The device sockets (WSTunnelServer) the process relays, by owner and
+ * platform tid, for every worker: a second device socket for a tunnel
+ * already relayed is refused 404 "already_connected", whichever worker
+ * each lands on. */
+struct emx_relay_device_set {
+    pthread_mutex_t mu;
+    struct emx_relay_device *all; /* uthash by "owner\ntid" */
+};
+void emx_relay_device_set_init(struct emx_relay_device_set *set);
+/* Only once no relay is left. */
+void emx_relay_device_set_free(struct emx_relay_device_set *set);
 
 /* What the relays read of the server. The pointers stay valid for the
  * server's life; *cfg changes with reloads. */
@@ -108,6 +122,7 @@ struct emx_relay_env {
     int (*source_take)(void *ctx, const char *addr, uint64_t limit);
     void (*source_give)(void *ctx, const char *addr);
     void *source_ctx;
+    struct emx_relay_device_set *devices; /* the process's; NULL: none kept */
     unsigned worker;
 };
 

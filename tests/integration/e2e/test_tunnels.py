@@ -183,6 +183,28 @@ class Tunnels(TunnelHelpers, E2ETest):
         _, body = self.emx[0].http("/tunnels")
         self.assertEqual([x["tid"] for x in json.loads(body)["tunnels"]], ["t-cross"])
 
+    def test_second_device_socket_for_a_tunnel_refused(self):
+        """One device socket per tunnel: more for the same tid get 404
+        already_connected, whichever worker each lands on (with several
+        workers, eight sockets land on others than the first's), and the
+        first keeps working."""
+        dev = self.device("Dev9", port=self.emx[0].edge_port)
+        ts, rac, seen = self.start(3, "Dev9", "t-twice", dev, port=self.emx[0].edge_port)
+        self.assertEqual(ts.status, 101, ts.head)
+        self.echo(ts)
+        for _ in range(8):
+            again = TunnelSocket(self.emx[0].edge_port, seen, self.env.app_key)
+            self.addCleanup(again.drop)
+            self.assertEqual(again.status, 404, again.head)
+        text = self.metrics(self.emx[0])
+        self.assertEqual(metric(text, "emx_tunnel_sockets_refused_total", '{reason="already_connected"}'), 8)
+        self.assertEqual(metric(text, "emx_tunnel_sockets_open", '{side="server"}'), 1)
+        _, back = self.rac_roundtrip(rac, b"still one tunnel")
+        self.assertEqual(back, b"still one tunnel")
+        rows, totals = self.sim_tunnels()
+        self.assertEqual(rows["t-twice"]["instance"], "3")
+        self.assertEqual(totals["unknown_tid"], "0")
+
     def test_bytes_counted_while_the_tunnel_runs(self):
         """A long session (SSH, VNC) shows its bytes in /metrics and /tunnels
         while it runs, not only once it ends; the counters never go back."""
