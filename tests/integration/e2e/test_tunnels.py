@@ -123,7 +123,6 @@ class TunnelHelpers:
         return text
 
 
-
 class Tunnels(TunnelHelpers, E2ETest):
     EDGE = {"max_tunnels": 100, "max_tunnels_per_device": 50, "tunnel_idle_timeout": "60s",
             "tunnel_drain_timeout": "3s"}
