@@ -205,7 +205,9 @@ struct emx_server {
  *    log settings, trusted proxies, pipe headers). Actions that change a
  *    worker's router or transport are posted to it instead.
  *  - proc->sources (src_mu) and proc->edges (atomic): the per-source and
- *    process-wide connection limits.
+ *    process-wide connection limits (edges, and tunnel sockets per source).
+ *  - proc->devices (its own mutex): the device tunnel sockets relayed, so
+ *    a second one for a tunnel is refused on any worker.
  *  - proc->socks (atomic) and edge hand-off: each worker's transport
  *    counts its edge sockets; one that holds clearly more than the least
  *    loaded worker hands a just-accepted socket (a bare fd, nothing read
@@ -1584,6 +1586,8 @@ static size_t top_sources(struct emx_server *s, struct emx_status_source *out, s
     /* Worker 0 holds src_mu while the page is built (emx_status_html reads
      * the addresses): admin_status takes it. */
     for (struct source_count *sc = s->proc->sources; sc; sc = sc->hh.next) {
+        if (sc->n == 0)
+            continue; /* an address with tunnel sockets only */
         (*total)++;
         size_t i;
         if (n < cap)
@@ -1616,6 +1620,7 @@ static void admin_status(struct emx_server *s, struct emx_admin_response *resp)
     ops_view(s, &ov);
     ops_sums(s, &o);
     ov.counters = &o.total;
+    ov.relays = &o.relays_sum; /* every worker's tunnel sockets, with open ones' bytes */
     struct emx_status_source top[TOP_SOURCES];
     size_t total;
     pthread_mutex_lock(&s->proc->src_mu);

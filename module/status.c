@@ -10,6 +10,7 @@
 
 #include "alloc.h"
 #include "codec.h"
+#include "tunnel_relay.h"
 
 #define RATE_EVERY_MS 1000 /* requests per second: one sample a second */
 #define NAMES_MAX     120  /* instance ids listed in one event's text */
@@ -540,6 +541,30 @@ static void page_answers(struct emx_textbuf *b, const struct emx_router_stats *r
     emx_textbuf_printf(b, "%s</p>\n</section>\n", any ? "" : " none");
 }
 
+/* Remote Access: records of StartTunnels forwarded, the sockets relayed now
+ * and the bytes so far (open tunnels' too); each socket is on /tunnels. */
+static void page_tunnels(struct emx_textbuf *b, struct emx_router *const *rs, size_t nr,
+                         const struct emx_status_view *v)
+{
+    const struct emx_relays *rl = v->ops->relays;
+    uint64_t records = 0, refused = 0;
+    for (size_t k = 0; k < nr; k++)
+        records += emx_router_tunnel_count(rs[k]);
+    if (rl)
+        for (unsigned i = 0; i < EMX_RELAY_REFUSE__COUNT; i++)
+            refused += rl->st.refused[i];
+    emx_textbuf_puts(b, "<section id=\"tunnels\">\n<h2>Remote Access tunnels</h2>\n");
+    kv(b, "tunnel-records", "StartTunnels recorded", records);
+    kv(b, "tunnel-device-sockets", "device sockets relayed",
+       rl ? rl->nopen[EMX_RELAY_SIDE_SERVER] : 0);
+    kv(b, "tunnel-client-sockets", "client sockets relayed",
+       rl ? rl->nopen[EMX_RELAY_SIDE_CLIENT] : 0);
+    kv(b, "tunnel-bytes-to-owner", "bytes to owners", rl ? rl->st.bytes_to_owner : 0);
+    kv(b, "tunnel-bytes-to-peer", "bytes to devices and clients", rl ? rl->st.bytes_to_peer : 0);
+    kv(b, "tunnel-sockets-refused", "sockets refused", refused);
+    emx_textbuf_puts(b, "</section>\n");
+}
+
 static void edge_row(struct emx_textbuf *b, const struct emx_edge *e, uint64_t now)
 {
     emx_textbuf_printf(b,
@@ -711,11 +736,13 @@ void emx_status_html_n(struct emx_textbuf *b, struct emx_router *const *rs,
     emx_textbuf_puts(b,
                      "</span> &middot; <span id=\"live\">a snapshot: reload the page to update "
                      "it</span> &middot; JSON and metrics: <a href=\"/instances\">/instances</a> "
-                     "<a href=\"/edges\">/edges</a> <a href=\"/metrics\">/metrics</a></p>\n");
+                     "<a href=\"/edges\">/edges</a> <a href=\"/tunnels\">/tunnels</a> "
+                     "<a href=\"/metrics\">/metrics</a></p>\n");
     page_process(b, rs, nr, &sum, v, now);
     page_instances(b, rs, sts, nr, v, now);
     page_edges(b, rs, nr, &sum, v, now);
     page_answers(b, &sum);
+    page_tunnels(b, rs, nr, v);
     page_events(b, sts[0], now);
     emx_textbuf_puts(b, "</main>\n<script src=\"/status.js\"></script>\n</body>\n</html>\n");
 }

@@ -14,6 +14,7 @@
 #include "codec.h"
 #include "status.h"
 #include "textbuf.h"
+#include "tunnel_relay.h"
 
 static char *html_of(const char *s)
 {
@@ -287,11 +288,17 @@ static void page_numbers_and_escaping(void **state)
     emx_status_event(&st, EMX_EV_RELOAD, 1, 1000, 0, "reload refused: '%s'", "<svg onload=x>");
 
     struct emx_server_counters c = {.reloads_ok = 3, .reloads_failed = 1};
+    struct emx_relays relays = {.nopen = {2, 1}};
+    relays.st.bytes_to_owner = 123456;
+    relays.st.bytes_to_peer = 654321;
+    relays.st.refused[EMX_RELAY_REFUSE_SOURCE_LIMIT] = 4;
+    relays.st.refused[EMX_RELAY_REFUSE_UNKNOWN_TID] = 1;
     struct emx_ops_view ov = {.counters = &c,
                               .discovery_plugin = "static",
                               .ready = true,
                               .agent_weight = 100,
-                              .start_ms = 0};
+                              .start_ms = 0,
+                              .relays = &relays};
     struct emx_status_source src[] = {{.addr = "<u>x</u>", .n = 7}};
     struct emx_status_view v = {.ops = &ov,
                                 .server_name = "emx<1>",
@@ -336,6 +343,13 @@ static void page_numbers_and_escaping(void **state)
     assert_non_null(strstr(t, "<td class=\"n requests\">42</td>"));
     assert_non_null(strstr(t, "data-reason=\"timeout\"><td>timeout</td><td>0xA4</td>"));
     assert_non_null(strstr(t, "data-kind=\"reload\""));
+    /* tunnels: the sockets relayed now and the bytes so far */
+    assert_non_null(strstr(t, "id=\"tunnel-records\">0<"));
+    assert_non_null(strstr(t, "id=\"tunnel-device-sockets\">2<"));
+    assert_non_null(strstr(t, "id=\"tunnel-client-sockets\">1<"));
+    assert_non_null(strstr(t, "id=\"tunnel-bytes-to-owner\">123456<"));
+    assert_non_null(strstr(t, "id=\"tunnel-bytes-to-peer\">654321<"));
+    assert_non_null(strstr(t, "id=\"tunnel-sockets-refused\">5<"));
     assert_null(strstr(t, "secret-app-key-xyz"));
     emx_textbuf_free(&b);
     emx_status_free(&st);
