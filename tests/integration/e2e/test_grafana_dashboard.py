@@ -135,11 +135,15 @@ class DashboardStatic(unittest.TestCase):
 
     def test_covers_the_areas(self):
         """Traffic and answers per instance, pipes and writability, devices,
-        latency quantiles, reloads and discovery each have a panel."""
+        latency quantiles, reloads and discovery, tunnels and worker loops
+        each have a panel."""
         exprs = "\n".join(e for _, e in promql.dashboard_queries(self.dash))
         for needle in ("emx_instance_requests_total", "emx_answers_total", "emx_pipes{",
                        "emx_pipe_writable", "emx_edges_connected", "emx_reloads_total",
-                       "emx_discovery_updates_total", "emx_discovery_failures_total"):
+                       "emx_discovery_updates_total", "emx_discovery_failures_total",
+                       "emx_tunnel_sockets_open", "emx_tunnel_bytes_total",
+                       "emx_tunnel_sockets_refused_total", "emx_worker_sockets{",
+                       "emx_worker_pipes_connected"):
             self.assertIn(needle, exprs)
         self.assertRegex(exprs, r"histogram_quantile\(0\.99, sum by \([^)]*\ble\b[^)]*\) "
                                 r"\(rate\(emx_request_latency_seconds_bucket\{")
