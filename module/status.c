@@ -681,34 +681,109 @@ static void page_edges(struct emx_textbuf *b, struct emx_router *const *rs, size
                         "<code>?endpoint=ID</code>).</p>\n</section>\n");
 }
 
-static void page_events(struct emx_textbuf *b, const struct emx_status *st, uint64_t now)
+/* Two workers saw the same event when kind and text match within this
+ * much wall time (a discovery set reaches every worker within it). */
+#define EVENT_SAME_WITHIN_MS 5000
+
+/* Does worker j's ring hold ev (the same event seen there too)? */
+static bool event_seen_by(const struct emx_status *st, const struct emx_event *ev)
 {
-    emx_textbuf_printf(b, "<section>\n<h2>Last events</h2>\n<table id=\"events\">\n<thead><tr>"
-                          "<th>time (UTC)</th><th>when</th><th>kind</th><th>what</th>"
-                          "<th class=\"n\">times</th></tr></thead>\n<tbody>\n");
-    const struct emx_event *ev;
-    for (size_t i = 0; (ev = emx_status_event_at(st, i)) != NULL; i++) {
-        emx_textbuf_printf(b, "<tr class=\"event\" data-kind=\"%s\"><td>",
-                           emx_event_kind_name(ev->kind));
-        wall_time(b, ev->wall_ms);
-        emx_textbuf_puts(b, "</td><td class=\"muted\">");
-        ago(b, now, ev->at_ms);
-        emx_textbuf_printf(b, "</td><td>%s</td><td class=\"text\">", emx_event_kind_name(ev->kind));
-        html(b, ev->text);
-        emx_textbuf_printf(b, "</td><td class=\"n\">%" PRIu64, ev->count);
-        if (ev->count > 1 && ev->first_wall_ms != ev->wall_ms) {
-            emx_textbuf_puts(b, " <span class=\"muted\">since ");
-            wall_time(b, ev->first_wall_ms);
-            emx_textbuf_puts(b, "</span>");
-        }
-        emx_textbuf_puts(b, "</td></tr>\n");
+    const struct emx_event *o;
+    for (size_t i = 0; (o = emx_status_event_at(st, i)) != NULL; i++) {
+        int64_t d = o->wall_ms - ev->wall_ms;
+        if (o->kind == ev->kind && d <= EVENT_SAME_WITHIN_MS && d >= -EVENT_SAME_WITHIN_MS &&
+            strcmp(o->text, ev->text) == 0)
+            return true;
     }
-    if (st->nevents == 0)
-        emx_textbuf_puts(b, "<tr><td colspan=\"5\" class=\"muted\">none yet</td></tr>\n");
+    return false;
+}
+
+static void event_row(struct emx_textbuf *b, const struct emx_event *ev, uint64_t now,
+                      const char *workers)
+{
+    emx_textbuf_printf(b, "<tr class=\"event\" data-kind=\"%s\"", emx_event_kind_name(ev->kind));
+    if (workers)
+        emx_textbuf_printf(b, " data-workers=\"%s\"", workers);
+    emx_textbuf_puts(b, "><td>");
+    wall_time(b, ev->wall_ms);
+    emx_textbuf_puts(b, "</td><td class=\"muted\">");
+    ago(b, now, ev->at_ms);
+    emx_textbuf_printf(b, "</td><td>%s</td>", emx_event_kind_name(ev->kind));
+    if (workers)
+        emx_textbuf_printf(b, "<td class=\"workers\">%s</td>", workers);
+    emx_textbuf_puts(b, "<td class=\"text\">");
+    html(b, ev->text);
+    emx_textbuf_printf(b, "</td><td class=\"n\">%" PRIu64, ev->count);
+    if (ev->count > 1 && ev->first_wall_ms != ev->wall_ms) {
+        emx_textbuf_puts(b, " <span class=\"muted\">since ");
+        wall_time(b, ev->first_wall_ms);
+        emx_textbuf_puts(b, "</span>");
+    }
+    emx_textbuf_puts(b, "</td></tr>\n");
+}
+
+/* The newest events of every worker, newest first. An event more than one
+ * worker recorded (an instance added, a reload) is one row naming the
+ * workers that saw it ("all" when each did); one only some workers saw
+ * (their pipes went down) names those. One worker: its events as they are. */
+static void page_events(struct emx_textbuf *b, const struct emx_status *const *sts, size_t nr,
+                        uint64_t now)
+{
+    bool multi = nr > 1;
     emx_textbuf_printf(b,
-                       "</tbody>\n</table>\n<p class=\"muted\">The last %d are kept; %" PRIu64
-                       " in all since the start.</p>\n</section>\n",
-                       EMX_EVENTS_MAX, st->events_total);
+                       "<section>\n<h2>Last events</h2>\n<table id=\"events\">\n<thead><tr>"
+                       "<th>time (UTC)</th><th>when</th><th>kind</th>%s<th>what</th>"
+                       "<th class=\"n\">times</th></tr></thead>\n<tbody>\n",
+                       multi ? "<th>workers</th>" : "");
+    size_t at[EMX_STATUS_WORKERS_MAX] = {0}, rows = 0;
+    uint64_t total = 0;
+    for (size_t k = 0; k < nr; k++)
+        total += sts[k]->events_total;
+    while (rows < EMX_EVENTS_MAX) {
+        /* the newest event not shown yet, over the workers */
+        const struct emx_event *ev = NULL;
+        size_t from = 0;
+        for (size_t k = 0; k < nr; k++) {
+            const struct emx_event *e = emx_status_event_at(sts[k], at[k]);
+            if (e && (!ev || e->wall_ms > ev->wall_ms)) {
+                ev = e;
+                from = k;
+            }
+        }
+        if (!ev)
+            break;
+        at[from]++;
+        if (!multi) {
+            event_row(b, ev, now, NULL);
+            rows++;
+            continue;
+        }
+        /* shown already from a worker that saw it too */
+        bool shown = false;
+        for (size_t k = 0; k < from && !shown; k++)
+            shown = event_seen_by(sts[k], ev);
+        if (shown)
+            continue;
+        char workers[64] = "";
+        size_t len = 0, seen = 0;
+        for (size_t k = 0; k < nr; k++)
+            if (k == from || event_seen_by(sts[k], ev)) {
+                seen++;
+                int w = snprintf(workers + len, sizeof(workers) - len, "%s%zu", len ? " " : "", k);
+                if (w > 0 && (size_t)w < sizeof(workers) - len)
+                    len += (size_t)w;
+            }
+        event_row(b, ev, now, seen == nr ? "all" : workers);
+        rows++;
+    }
+    if (rows == 0)
+        emx_textbuf_printf(b, "<tr><td colspan=\"%d\" class=\"muted\">none yet</td></tr>\n",
+                           multi ? 6 : 5);
+    emx_textbuf_printf(b,
+                       "</tbody>\n</table>\n<p class=\"muted\">The last %d%s are kept; %" PRIu64
+                       " in all since the start%s.</p>\n</section>\n",
+                       EMX_EVENTS_MAX, multi ? " of each worker" : "", total,
+                       multi ? ", counted by every worker that saw them" : "");
 }
 
 void emx_status_html(struct emx_textbuf *b, struct emx_router *r, const struct emx_status *st,
@@ -743,7 +818,7 @@ void emx_status_html_n(struct emx_textbuf *b, struct emx_router *const *rs,
     page_edges(b, rs, nr, &sum, v, now);
     page_answers(b, &sum);
     page_tunnels(b, rs, nr, v);
-    page_events(b, sts[0], now);
+    page_events(b, sts, nr, now);
     emx_textbuf_puts(b, "</main>\n<script src=\"/status.js\"></script>\n</body>\n</html>\n");
 }
 

@@ -106,7 +106,8 @@ void emx_status_html(struct emx_textbuf *b, struct emx_router *r, const struct e
  * worker k's router and status. Instances are listed as worker 0 has them,
  * with every worker's pipes, requests, rates and pipe errors added by id;
  * devices and counters are every worker's (the newest devices of all
- * workers by connection time); the events are worker 0's (sts[0]). The
+ * workers by connection time); the events are every worker's, newest
+ * first, one row for an event several workers recorded. The
  * caller makes sure no router or status changes meanwhile (isolation). At
  * most EMX_STATUS_WORKERS_MAX. */
 #define EMX_STATUS_WORKERS_MAX (1u << EMX_WORKER_BITS)

@@ -387,6 +387,9 @@ static void page_adds_up_every_worker(void **state)
     struct emx_edge *young = emx_router_edge_open(rs[0], (void *)3, 1800);
     assert_true(old && mid && young);
 
+    /* an event only worker 1 saw, newer than the set both workers got */
+    emx_status_event(&st1, EMX_EV_PIPE_AUTH, 1, 2500, 9000, "pipe AUTH refused by plain");
+
     struct emx_server_counters c = {0};
     struct emx_ops_view ov = {.counters = &c, .discovery_plugin = "static", .ready = true};
     struct emx_status_view v = {.ops = &ov, .server_name = "emx", .version = "9", .workers = 2};
@@ -407,6 +410,15 @@ static void page_adds_up_every_worker(void **state)
     assert_non_null(strstr(t, "id=\"edges-accepted\">3<"));
     /* one discovery set, handed to both workers: counted once */
     assert_non_null(strstr(t, "id=\"discovery-updates\">1<"));
+    /* events: the instance both workers added is one row, for all; the
+     * refusal only worker 1 saw names it, and comes first (newest) */
+    const char *added = strstr(t, "instance plain added");
+    assert_non_null(added);
+    assert_null(strstr(added + 1, "instance plain added"));
+    const char *auth = strstr(t, "data-kind=\"pipe-auth\" data-workers=\"1\"");
+    const char *all = strstr(t, "data-kind=\"discovery\" data-workers=\"all\"");
+    assert_true(auth && all && auth < all);
+    assert_non_null(strstr(t, "<td class=\"workers\">1</td><td class=\"text\">pipe AUTH refused by plain"));
     /* the devices of both workers, newest first */
     char hex[3][32];
     snprintf(hex[0], sizeof(hex[0]), "data-endpoint=\"%08" PRIx32 "\"", young->id);
