@@ -685,7 +685,7 @@ static void page_edges(struct emx_textbuf *b, struct emx_router *const *rs, size
  * much wall time (a discovery set reaches every worker within it). */
 #define EVENT_SAME_WITHIN_MS 5000
 
-/* Does worker j's ring hold ev (the same event seen there too)? */
+/* Does this worker's ring hold ev (the same event, seen there too)? */
 static bool event_seen_by(const struct emx_status *st, const struct emx_event *ev)
 {
     const struct emx_event *o;
