@@ -431,16 +431,42 @@ class TunnelsPerSource(TunnelHelpers, E2ETest):
     def setUp(self):
         super().setUp()
         self.plat = Platform(self.env, instances=1)
+        # HAProxy (option forwardfor) from 127.0.0.1 is trusted: behind it
+        # the device's address is the one X-Forwarded-For names
         self.emx = Edgemux(self.env, "emx-src", self.plat.ports, overrides={"edge": {
-            "max_tunnels": 100, "max_tunnels_per_source": self.LIMIT, "tunnel_idle_timeout": "60s"}})
+            "max_tunnels": 100, "max_tunnels_per_source": self.LIMIT, "tunnel_idle_timeout": "60s",
+            "trusted_proxies": "[127.0.0.1]"}})
         self.emx.wait_ready()
         self.stop = threading.Event()
         self.addCleanup(self.stop.set)
 
-    def open_from(self, dev, tid, source):
-        ts, rac, _ = self.start(1, dev.thing, tid, dev, port=self.emx.edge_port,
+    def open_from(self, dev, tid, source, port=None):
+        ts, rac, _ = self.start(1, dev.thing, tid, dev, port=port or self.emx.edge_port,
                                 source_address=(source, 0))
         return ts, rac
+
+    def test_behind_haproxy_each_device_address_counts(self):
+        """Every socket reaches edgemux from HAProxy's address; the limit
+        counts the address X-Forwarded-For names, so one busy address gets
+        429 while another behind the same HAProxy does not."""
+        hap = HAProxy(self.env, self.emx, self.emx)
+        dev = self.device("NatDev", port=self.emx.edge_port)
+        for i in range(self.LIMIT):
+            ts, _ = self.open_from(dev, "t-nat-%d" % i, "127.0.0.2", port=hap.edge_port)
+            self.assertEqual(ts.status, 101, ts.head)
+            self.echo(ts)
+        over, _ = self.open_from(dev, "t-nat-over", "127.0.0.2", port=hap.edge_port)
+        self.assertEqual(over.status, 429, over.head)
+        other, orac = self.open_from(dev, "t-nat-other", "127.0.0.3", port=hap.edge_port)
+        self.assertEqual(other.status, 101, other.head)
+        self.echo(other)
+        _, back = self.rac_roundtrip(orac, b"behind the same proxy")
+        self.assertEqual(back, b"behind the same proxy")
+        self.assertEqual(metric(self.metrics(self.emx), "emx_tunnel_sockets_refused_total",
+                                '{reason="source_limit"}'), 1)
+        _, body = self.emx.http("/tunnels")
+        sources = sorted(x["from"] for x in json.loads(body)["sockets"])
+        self.assertEqual(sources, ["127.0.0.2"] * self.LIMIT + ["127.0.0.3"])
 
     def test_one_address_over_its_limit_gets_429(self):
         dev = self.device("SrcDev", port=self.emx.edge_port)
