@@ -96,6 +96,19 @@ def _ephemeral_range():
 
 _PORTS_GIVEN = set()  # never hand out one port twice in a test process
 
+# Ports nobody listens on, for instances that must refuse connects at once
+# (closed_ports); free_port never hands one out, so no test's server (an
+# edgemux, HAProxy, a fixture) is ever among them.
+CLOSED_LO, CLOSED_HI = 20000, 24000
+
+
+def closed_ports(n, avoid=()):
+    """n ports on loopback nobody listens on, from the reserved range."""
+    out = [p for p in range(CLOSED_LO + 1, CLOSED_HI) if p not in avoid][:n]
+    if len(out) < n:
+        raise ValueError("only %d closed ports reserved" % len(out))
+    return out
+
 
 def free_port():
     """A free TCP port on 127.0.0.1, below the kernel's ephemeral range when
@@ -103,13 +116,15 @@ def free_port():
     any outgoing connection (edge-sim's devices, pipes, a parallel test)
     between this check and the server's bind, which then fails with
     EADDRINUSE. A port is given once per process: two picks not yet bound
-    (an edgemux's edge and admin ports) could otherwise be the same."""
+    (an edgemux's edge and admin ports) could otherwise be the same. Never
+    one of closed_ports()'s: a test's instance list of ports nobody listens
+    on must not reach another test's server."""
     lo, _ = _ephemeral_range()
     if lo - 1 - 10000 >= 1000:
         rnd = random.SystemRandom()
         for _ in range(64):
             port = rnd.randint(10000, lo - 1)
-            if port in _PORTS_GIVEN:
+            if port in _PORTS_GIVEN or CLOSED_LO <= port < CLOSED_HI:
                 continue
             with socket.socket() as s:
                 try:

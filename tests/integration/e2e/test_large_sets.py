@@ -17,8 +17,8 @@ import resource
 import time
 import unittest
 
-from harness import (GET, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_parse, ao_request, free_port,
-                     pipes, wait_until)
+from harness import (GET, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, ao_parse, ao_request,
+                     closed_ports, pipes, wait_until)
 
 
 def write_instances(path, ports):
@@ -29,16 +29,6 @@ def write_instances(path, ports):
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.rename(tmp, path)
-
-
-def closed_ports(n, avoid):
-    """Ports on loopback nobody listens on (connects are refused at once)."""
-    out, p = [], 20000
-    while len(out) < n:
-        p += 1
-        if p not in avoid:
-            out.append(p)
-    return out
 
 
 class LargeSets(E2ETest):
