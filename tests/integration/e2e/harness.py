@@ -96,9 +96,10 @@ def _ephemeral_range():
 
 _PORTS_GIVEN = set()  # never hand out one port twice in a test process
 
-# Ports nobody listens on, for instances that must refuse connects at once
-# (closed_ports); free_port never hands one out, so no test's server (an
-# edgemux, HAProxy, a fixture) is ever among them.
+# Ports no test server listens on: instances that must refuse connects at
+# once (closed_ports), and source ports a test binds for its clients.
+# free_port never hands one out, so no test's server (an edgemux, HAProxy, a
+# fixture) is ever among them.
 CLOSED_LO, CLOSED_HI = 20000, 24000
 
 

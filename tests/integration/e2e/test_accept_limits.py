@@ -26,8 +26,8 @@ import struct
 import time
 import unittest
 
-from harness import (SLACK, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, RawEdge, wait_until,
-                     worker_of)
+from harness import (CLOSED_HI, CLOSED_LO, SLACK, SUCCESS, WORKERS, E2ETest, Edgemux, Platform, RawEdge,
+                     wait_until, worker_of)
 
 UPGRADE = ("GET /Thingworx/WS HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -124,7 +124,9 @@ def learn_ports(test, emx, per_worker, batch=2):
             return found
         socks = {}
         while len(socks) < batch:
-            p = rng.randrange(20000, 32000)  # below the ephemeral range
+            # below the ephemeral range, among the ports no test's server
+            # takes (a source port held here would make its bind fail)
+            p = rng.randrange(CLOSED_LO, CLOSED_HI)
             if p in tried:
                 continue
             tried.add(p)

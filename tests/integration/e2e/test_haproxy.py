@@ -6,7 +6,7 @@ device's address from HAProxy's X-Forwarded-For."""
 import unittest
 
 from harness import (GET, SUCCESS, WORKERS, E2ETest, Edgemux, HAProxy, Platform, RawEdge, ao_parse,
-                     ao_request, check_ledger, edge_sim, free_port, pipes, wait_until)
+                     ao_request, check_ledger, closed_ports, edge_sim, pipes, wait_until)
 
 OVERRIDES = {"platform": {"request_timeout": "2s", "all_down_grace": "1s"},
              "edge": {"drain_spread": "100ms"}}
@@ -60,7 +60,7 @@ class FrontEnd(E2ETest):
 
     def test_haproxy_skips_edgemux_that_is_not_ready(self):
         # emx-2's only instance does not exist: /ready stays 503.
-        self.two_edgemux(second_ports=[free_port()])
+        self.two_edgemux(second_ports=closed_ports(1))
         self.assertEqual(self.emx2.http("/ready")[0], 503)
         wait_until(lambda: "edgemux-2 is DOWN" in self.hap.proc.output(), 10,
                    what="HAProxy marks emx-2 down")
