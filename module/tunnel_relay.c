@@ -302,11 +302,10 @@ void *emx_relays_on_tunnel(void *relays, struct emx_conn *conn,
         rec = NULL; /* a record of another owner's tunnel with the same tid */
     if (inst->up_pipes == 0)
         return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_OWNER_DOWN, 503, status);
-    if (rec && side == EMX_RELAY_SIDE_SERVER && rec->attached)
-        return refuse_placed(rs, req, &place, EMX_RELAY_REFUSE_CLAIMED, 404, status);
-    /* one device socket per tunnel, whichever worker (or no record) has it */
+    /* one device socket per tunnel, whichever worker (or no record) has it:
+     * a record here that a socket claimed has that socket in this list */
     struct emx_relay_device *listed = NULL;
-    if (side == EMX_RELAY_SIDE_SERVER && rs->env.devices) {
+    if (side == EMX_RELAY_SIDE_SERVER) {
         int rc = device_set_add(rs->env.devices, inst->id, ptid, &listed);
         if (rc != 0)
             return refuse_placed(rs, req, &place,

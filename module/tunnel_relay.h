@@ -122,7 +122,7 @@ struct emx_relay_env {
     int (*source_take)(void *ctx, const char *addr, uint64_t limit);
     void (*source_give)(void *ctx, const char *addr);
     void *source_ctx;
-    struct emx_relay_device_set *devices; /* the process's; NULL: none kept */
+    struct emx_relay_device_set *devices; /* the process's (one set for every worker) */
     unsigned worker;
 };
 

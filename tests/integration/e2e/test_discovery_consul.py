@@ -19,30 +19,14 @@ import time
 import unittest
 import urllib.request
 
+from consul_set import SERVICE, entry, preload_args
 from discovery_workers import by_every_worker, every_worker_piped
 from harness import (GET, SLACK, SOURCE_DIR, SUCCESS, E2ETest, Edgemux, Platform, Proc, ao_request,
                      pipes, wait_until)
 
 FIXTURE = os.path.join(SOURCE_DIR, "tests", "integration", "consul", "consul_fixture.py")
-SERVICE = "thingworx"
 LATENCY_MS = 1500
 DOWN_SECONDS = float(os.environ.get("EMX_CONSUL_DOWN_SECONDS", "60"))
-
-
-def entry(port, ident):
-    return dict(service=SERVICE, node="node-%s" % ident, id=ident, address="127.0.0.1", port=port)
-
-
-def preload_file(env, instances):
-    """--preload arguments registering (port, ident) pairs before the fixture
-    listens: a source that comes back answers with its whole set, never with
-    the part a test had registered when edgemux's first query arrived."""
-    if not instances:
-        return []
-    path = env.path("consul-preload-%d.json" % len(env.procs))
-    with open(path, "w") as f:
-        json.dump([entry(port, ident) for port, ident in instances], f)
-    return ["--preload", path]
 
 
 class Fixture:
@@ -52,7 +36,7 @@ class Fixture:
     def __init__(self, env, port=0, instances=()):
         self.env = env
         self.port_file = env.path("consul-port-%d" % len(env.procs))
-        preload = preload_file(env, instances)
+        preload = preload_args(env, instances)
         self.proc = Proc([sys_python(), FIXTURE, "--port-file", self.port_file, "--port", str(port),
                           "--lifetime", str(DOWN_SECONDS + 240)] + preload,
                          env.path("consul-fixture-%d.log" % len(env.procs)), cwd=env.dir)

@@ -29,20 +29,16 @@ import time
 import unittest
 import urllib.request
 
+from consul_set import SERVICE, entry, preload_args
 from discovery_workers import every_worker_piped, worker0_lines
 from harness import (PKI, SOURCE_DIR, E2ETest, Edgemux, Platform, Proc, check_ledger, edge_sim,
                      pipes, wait_until)
 
 FIXTURE = os.path.join(SOURCE_DIR, "tests", "integration", "consul", "consul_fixture.py")
-SERVICE = "thingworx"
 # libcurl's (OpenSSL) wording of a failed verification: an unknown issuer, or
 # a certificate for another name.
 BAD_CA = r"SSL certificate problem: (unable to get local issuer certificate|self[- ]signed)"
 BAD_NAME = r"SSL: no alternative certificate subject name matches target host name '127\.0\.0\.1'"
-
-
-def entry(port, ident):
-    return dict(service=SERVICE, node="node-%s" % ident, id=ident, address="127.0.0.1", port=port)
 
 
 class TLSFixture:
@@ -54,12 +50,7 @@ class TLSFixture:
         self.env = env
         n = len(env.procs)
         self.port_file = env.path("consul-port-%d" % n)
-        preload = []
-        if instances:
-            # In place before the first query: edgemux never sees part of the set.
-            preload = ["--preload", env.path("consul-preload-%d.json" % n)]
-            with open(preload[1], "w") as f:
-                json.dump([entry(port_, ident) for port_, ident in instances], f)
+        preload = preload_args(env, instances)
         self.proc = Proc([sys.executable, FIXTURE, "--port-file", self.port_file, "--port", str(port),
                           "--lifetime", "120", "--tls-cert", cert, "--tls-key", key] + preload,
                          env.path("consul-fixture-%d.log" % n), cwd=env.dir)
